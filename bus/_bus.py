@@ -1,0 +1,788 @@
+"""The bus: one connection to NATS, typed publish / consume / broadcast / request-reply.
+
+Delivery rules of a durable consumer (:meth:`Bus.consume`):
+
+* the handler returns            -> ``ack`` (awaited: the server has it when we move on);
+* it raises an error             -> ``nak`` with the error's ``retry_delay`` or the consumer's backoff;
+* the error is ``non_retryable``,
+  or this was the last delivery  -> ``term`` and a copy to the dead-letter subject with the reason;
+* the input is bad (not JSON, wrong shape, unknown type or version, oversize)
+                                 -> ``term`` and dead letter at once, the handler never sees it;
+* the handler was cancelled      -> never acked: ``nak`` so another process gets it.
+
+A message is terminated only after its dead-letter copy is stored, so rejected input is never lost.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import enum
+import hashlib
+import logging
+import os
+import socket
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+import nats
+import nats.errors
+import nats.js.errors
+import pydantic
+from anyio.abc import TaskStatus
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from schemas import DEFAULT_PREFIX, DeadLetter, Event, Subjects, check_token
+
+from ._codec import MAX_EVENT_BYTES, decode, encode
+from ._config import ConnectOptions, Timeouts
+from ._exceptions import (
+    BusError,
+    CadenzaError,
+    ConnectError,
+    PublishError,
+    RemoteError,
+    RequestError,
+    ValidationError,
+)
+from ._server import EmbeddedServer
+from ._topology import ConsumerSpec, Topology
+from ._tracing import SYSTEM, extract_context, inject_headers, tracer
+
+__all__ = ("Bus", "BusState", "Delivery", "PublishResult", "connect")
+
+_log = logging.getLogger("cadenza.bus")
+
+E = TypeVar("E", bound=Event)
+M = TypeVar("M", bound=pydantic.BaseModel)
+R = TypeVar("R", bound=pydantic.BaseModel)
+
+
+class BusState(enum.Enum):
+    """Lifecycle of a :class:`Bus`."""
+
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """What the server said about a stored event."""
+
+    stream: str
+    seq: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Facts about the message a handler is processing."""
+
+    subject: str
+    headers: Mapping[str, str]
+    stream_seq: int
+    deliveries: int
+    consumer: str
+
+
+class _Acked:
+    """Stream sequences a consumer has acknowledged recently (bounded).
+
+    A server that dies right after acknowledging an ack may come back with an older ack floor and
+    redeliver; the handler must not see an event twice in that case, so the consumer acks it again
+    without calling the handler.
+    """
+
+    def __init__(self, size: int = 100_000) -> None:
+        self._size = size
+        self._seen: OrderedDict[int, None] = OrderedDict()
+
+    def add(self, seq: int) -> None:
+        self._seen[seq] = None
+        if len(self._seen) > self._size:
+            self._seen.popitem(last=False)
+
+    def __contains__(self, seq: int) -> bool:
+        return seq in self._seen
+
+
+@dataclass
+class BusStats:
+    """Counters a service can expose (and tests can read)."""
+
+    published: int = 0
+    handled: int = 0
+    retried: int = 0
+    dead_letters: int = 0
+    redeliveries_skipped: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+def _hostname() -> str:
+    return socket.gethostname()
+
+
+class Bus:
+    """A connection to NATS JetStream that speaks cadenza events.
+
+    Create one with :func:`connect`. Every public method is safe to call from many tasks.
+
+    Args:
+        nc: a connected nats-py client (the bus closes it on :meth:`close`).
+        topology: the installation's streams and buckets.
+        timeouts: bounds of every wait.
+        source: this process's name in the ``source`` field of the events it publishes.
+        server: an embedded server the bus owns and stops on close.
+    """
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        *,
+        topology: Topology,
+        timeouts: Timeouts,
+        source: str,
+        server: EmbeddedServer | None = None,
+    ) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=timeouts.publish)
+        self.topology = topology
+        self.subjects: Subjects = topology.subjects
+        self.timeouts = timeouts
+        self.source = source
+        self.server = server
+        self.state = BusState.OPEN
+        self.stats = BusStats()
+        self._kv: dict[str, KeyValue] = {}
+
+    def __repr__(self) -> str:
+        return f"<Bus {self.url} prefix={self.subjects.prefix!r} {self.state.value}>"
+
+    @property
+    def url(self) -> str:
+        """The URL of the server this bus is connected to."""
+        cur = self.nc.connected_url
+        return cur.geturl() if cur is not None else "(not connected)"
+
+    def _check_open(self) -> None:
+        if self.state is not BusState.OPEN:
+            raise BusError("the bus is closed")
+
+    # ---------------------------------------------------------------- publish
+
+    def subject_of(self, event: Event) -> str:
+        """The subject an event is published on."""
+        return self.subjects.build(event.DOMAIN, event.subject_id(), event.EVENT)
+
+    async def publish(
+        self,
+        event: Event,
+        *,
+        subject: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> PublishResult:
+        """Store ``event`` on JetStream and wait for the server's acknowledgement.
+
+        The event id is the ``Nats-Msg-Id``, so a retry after a lost acknowledgement (done here,
+        ``Timeouts.publish_retries`` times) or a second publish of the same event stores it once.
+
+        Raises:
+            ValidationError: the event is too large or its subject id is not a valid token.
+            PublishError: no acknowledgement after the retries; the event may not be stored.
+        """
+        self._check_open()
+        if not event.source:
+            event = event.model_copy(update={"source": self.source})
+        try:
+            subject = subject or self.subject_of(event)
+        except ValueError as exc:
+            raise ValidationError(str(exc), kind="bad_subject") from exc
+        body, hdrs = encode(event)
+        if headers:
+            hdrs.update(headers)
+        timeout = self.timeouts.publish if timeout is None else timeout
+        with tracer.start_as_current_span(
+            f"send {subject}",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": SYSTEM,
+                "messaging.operation.type": "send",
+                "messaging.operation.name": "send",
+                "messaging.destination.name": subject,
+                "messaging.message.id": event.event_id,
+                "messaging.message.body.size": len(body),
+            },
+        ) as span:
+            inject_headers(hdrs)
+            result = await self._publish_raw(subject, body, hdrs, timeout)
+            span.set_attribute("messaging.nats.stream_sequence", result.seq)
+            self.stats.published += 1
+            return result
+
+    async def _publish_raw(self, subject: str, body: bytes, headers: dict[str, str], timeout: float) -> PublishResult:
+        last: BaseException | None = None
+        for attempt in range(self.timeouts.publish_retries + 1):
+            try:
+                ack = await self.js.publish(subject, body, timeout=timeout, headers=headers)
+                return PublishResult(ack.stream, ack.seq, bool(ack.duplicate))
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionReconnectingError,
+                    nats.js.errors.ServiceUnavailableError) as exc:  # fmt: skip
+                # Safe to retry: the same Nats-Msg-Id makes a second store a no-op.
+                last = exc
+                await anyio.sleep(min(0.1 * 2**attempt, 2.0))
+            except nats.js.errors.APIError as exc:
+                raise PublishError(f"the server refused the publish to {subject}: {exc}", non_retryable=True) from exc
+            except nats.errors.Error as exc:
+                raise PublishError(f"publish to {subject} failed: {exc}") from exc
+        raise PublishError(
+            f"no acknowledgement for {subject} after {self.timeouts.publish_retries + 1} attempts ({last!r}); "
+            f"is the server at {self.url} up and does a stream take this subject?"
+        ) from last
+
+    async def publish_core(self, event: Event, *, subject: str | None = None) -> None:
+        """Send ``event`` without storing it (core NATS, fire-and-forget broadcast)."""
+        self._check_open()
+        subject = subject or self.subject_of(event)
+        body, hdrs = encode(event)
+        with tracer.start_as_current_span(
+            f"send {subject}", kind=SpanKind.PRODUCER,
+            attributes={"messaging.system": SYSTEM, "messaging.destination.name": subject,
+                        "messaging.operation.type": "send"},
+        ):  # fmt: skip
+            inject_headers(hdrs)
+            await self.nc.publish(subject, body, headers=hdrs)
+
+    # ---------------------------------------------------------------- dead letters
+
+    async def dead_letter(
+        self,
+        *,
+        consumer: str,
+        subject: str,
+        data: bytes,
+        headers: Mapping[str, str] | None,
+        reason: str,
+        error_type: str,
+        stream: str = "",
+        stream_seq: int = 0,
+        deliveries: int = 1,
+    ) -> None:
+        """Store a copy of rejected input on ``<prefix>.dlq.<consumer>.rejected``.
+
+        Raises:
+            PublishError: the copy could not be stored (the caller must not drop the input then).
+        """
+        try:
+            text = data.decode("utf-8")
+            encoding = "utf-8"
+            copy = text[: DeadLetter.MAX_COPY]
+        except UnicodeDecodeError:
+            encoding = "base64"
+            copy = base64.b64encode(data[: DeadLetter.MAX_COPY]).decode()
+        letter = DeadLetter(
+            event_id=f"dlq-{stream}-{stream_seq}" if stream_seq else DeadLetter.model_fields["event_id"].get_default(
+                call_default_factory=True),
+            consumer=consumer, stream=stream, stream_seq=stream_seq, subject=subject, reason=reason[:4000],
+            error_type=error_type, deliveries=deliveries,
+            headers={k: str(v)[:1024] for k, v in list((headers or {}).items())[:64]},
+            payload=copy, payload_encoding=encoding, payload_size=len(data),
+            payload_sha256=hashlib.sha256(data).hexdigest(), truncated=len(data) > DeadLetter.MAX_COPY,
+            source=self.source,
+        )  # fmt: skip
+        dlq_subject = self.subjects.build("dlq", _token(consumer), "rejected")
+        body = letter.model_dump_json().encode()
+        hdrs = {"Nats-Msg-Id": letter.event_id, "Content-Type": "application/json",
+                "Cadenza-Event-Type": letter.type, "Cadenza-Schema-Version": "1"}  # fmt: skip
+        await self._publish_raw(dlq_subject, body, hdrs, self.timeouts.publish)
+        self.stats.dead_letters += 1
+        self.stats.reasons[error_type] = self.stats.reasons.get(error_type, 0) + 1
+        _log.warning("dead-lettered %s from %s (%s): %s", subject, consumer, error_type, reason[:300])
+
+    # ---------------------------------------------------------------- consume
+
+    async def consume(
+        self,
+        spec: ConsumerSpec,
+        accept: Sequence[type[E]],
+        handler: Callable[[E, Delivery], Awaitable[None]],
+        *,
+        domain: str | None = None,
+        concurrency: int = 16,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run a durable pull consumer until cancelled; use with ``await tg.start(bus.consume, ...)``.
+
+        Args:
+            spec: the consumer (durable name, filter, redelivery policy).
+            accept: the event classes this consumer takes; other types are dead-lettered.
+            handler: called with each validated event; see the module doc for ack rules.
+            domain: the stream's domain (default: the domain of ``accept[0]``).
+            concurrency: handlers running at once in this process.
+
+        Raises:
+            TopologyError: the consumer could not be declared.
+        """
+        self._check_open()
+        if not accept:
+            raise ValueError("accept must name at least one event class")
+        domain = domain or accept[0].DOMAIN
+        stream = self.topology.stream_name(domain)
+        await self.topology.ensure_consumer(self.js, domain, spec)
+        sub = await self.js.pull_subscribe_bind(spec.durable, stream=stream)
+        acked = _Acked()
+        sem = anyio.Semaphore(concurrency)
+        try:
+            async with anyio.create_task_group() as tg:
+                task_status.started()
+                errors_in_row = 0
+                while True:
+                    await sem.acquire()
+                    taken = 1
+                    while taken < min(concurrency, 256):
+                        try:
+                            sem.acquire_nowait()
+                        except anyio.WouldBlock:
+                            break
+                        taken += 1
+                    try:
+                        msgs = await sub.fetch(taken, timeout=self.timeouts.fetch)
+                        errors_in_row = 0
+                    except nats.errors.TimeoutError:
+                        msgs = []
+                    except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+                        msgs = []
+                        errors_in_row += 1
+                        _log.info("consumer %s: fetch failed (%r); retrying", spec.durable, exc)
+                        for _ in range(taken):
+                            sem.release()
+                        await anyio.sleep(min(0.05 * 2**errors_in_row, 2.0))
+                        continue
+                    for _ in range(taken - len(msgs)):
+                        sem.release()
+                    for msg in msgs:
+                        tg.start_soon(self._handle, msg, spec, accept, handler, acked, sem)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeouts.shutdown):
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def _handle(
+        self,
+        msg: Msg,
+        spec: ConsumerSpec,
+        accept: Sequence[type[E]],
+        handler: Callable[[E, Delivery], Awaitable[None]],
+        acked: _Acked,
+        sem: anyio.Semaphore,
+    ) -> None:
+        try:
+            meta = msg.metadata
+            seq, deliveries = meta.sequence.stream, meta.num_delivered
+            headers = dict(msg.headers or {})
+            if seq in acked:
+                self.stats.redeliveries_skipped += 1
+                await self._settle(msg, "ack")
+                return
+            try:
+                event = decode(msg.data, headers, accept)
+            except ValidationError as exc:
+                await self._reject(msg, spec.durable, exc.message, exc.kind, seq, deliveries)
+                return
+            delivery = Delivery(msg.subject, headers, seq, deliveries, spec.durable)
+            with tracer.start_as_current_span(
+                f"process {msg.subject}",
+                context=extract_context(headers),
+                kind=SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": SYSTEM,
+                    "messaging.operation.type": "process",
+                    "messaging.operation.name": "process",
+                    "messaging.destination.name": msg.subject,
+                    "messaging.consumer.group.name": spec.durable,
+                    "messaging.message.id": event.event_id,
+                    "messaging.nats.stream_sequence": seq,
+                    "messaging.nats.delivery_count": deliveries,
+                },
+            ) as span:
+                try:
+                    async with anyio.create_task_group() as keepalive:
+                        keepalive.start_soon(self._keep_alive, msg, spec.ack_wait)
+                        await handler(event, delivery)
+                        keepalive.cancel_scope.cancel()
+                except anyio.get_cancelled_exc_class():
+                    # Never ack a cancelled handler: hand the message back at once.
+                    with anyio.CancelScope(shield=True):
+                        await self._settle(msg, "nak")
+                    raise
+                except Exception as exc:
+                    span.record_exception(exc)
+                    span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
+                    await self._failed(msg, spec, exc, seq, deliveries)
+                    return
+                if await self._settle(msg, "ack"):
+                    acked.add(seq)
+                    self.stats.handled += 1
+        finally:
+            sem.release()
+
+    async def _keep_alive(self, msg: Msg, ack_wait: float) -> None:
+        # Long handlers tell the server they are still working, so it does not redeliver.
+        while True:
+            await anyio.sleep(max(ack_wait / 3, 0.5))
+            with contextlib.suppress(nats.errors.Error):
+                await msg.in_progress()
+
+    async def _failed(self, msg: Msg, spec: ConsumerSpec, exc: Exception, seq: int, deliveries: int) -> None:
+        non_retryable = bool(getattr(exc, "non_retryable", False))
+        if non_retryable or deliveries >= spec.max_deliver:
+            why = "non-retryable error" if non_retryable else f"failed {deliveries} deliveries (max_deliver)"
+            kind = getattr(exc, "kind", None) or ("handler_rejected" if non_retryable else "max_deliver")
+            await self._reject(msg, spec.durable, f"{why}: {type(exc).__name__}: {exc}", kind, seq, deliveries)
+            return
+        delay = getattr(exc, "retry_delay", None)
+        delay = spec.delay_for(deliveries) if delay is None else float(delay)
+        self.stats.retried += 1
+        _log.info("handler of %s failed (delivery %d, retry in %.2fs): %r", spec.durable, deliveries, delay, exc)
+        await self._settle(msg, "nak", delay)
+
+    async def _reject(self, msg: Msg, consumer: str, reason: str, kind: str, seq: int, deliveries: int) -> None:
+        try:
+            await self.dead_letter(
+                consumer=consumer, subject=msg.subject, data=msg.data, headers=msg.headers, reason=reason,
+                error_type=kind, stream=msg.metadata.stream, stream_seq=seq, deliveries=deliveries,
+            )  # fmt: skip
+        except CadenzaError as exc:
+            # The copy is not stored: keep the original for a later try rather than lose it.
+            _log.error("cannot dead-letter %s (%s); will retry", msg.subject, exc)
+            await self._settle(msg, "nak", 1.0)
+            return
+        await self._settle(msg, "term")
+
+    async def _settle(self, msg: Msg, how: str, delay: float | None = None) -> bool:
+        try:
+            with anyio.fail_after(self.timeouts.ack):
+                if how == "ack":
+                    await msg.ack_sync(timeout=self.timeouts.ack)
+                elif how == "nak":
+                    await msg.nak(delay=delay)
+                else:
+                    await msg.term()
+            return True
+        except (TimeoutError, nats.errors.Error) as exc:
+            # The server will redeliver after ack_wait; the handler is idempotent per event id.
+            _log.info("could not %s %s: %r", how, msg.subject, exc)
+            return False
+
+    # ---------------------------------------------------------------- broadcast
+
+    async def listen(
+        self,
+        filter_subject: str,
+        accept: Sequence[type[E]],
+        handler: Callable[[E, str], Awaitable[None]],
+        *,
+        name: str,
+        queue: str = "",
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Follow a core (broadcast) subscription until cancelled.
+
+        Every process listening gets every message (unless ``queue`` groups them). Bad input is
+        dead-lettered under ``name``; a handler error is logged and the listener goes on.
+
+        Args:
+            filter_subject: subject or wildcard, from :class:`schemas.Subjects`.
+            accept: event classes taken.
+            handler: called with the event and the concrete subject.
+            name: the listener's name in dead-letter entries.
+        """
+        self._check_open()
+        sub = await self.nc.subscribe(filter_subject, queue=queue, pending_msgs_limit=1_000_000)
+        try:
+            task_status.started()
+            async for msg in sub.messages:
+                headers = dict(msg.headers or {})
+                try:
+                    event = decode(msg.data, headers, accept)
+                except ValidationError as exc:
+                    with contextlib.suppress(CadenzaError):
+                        await self.dead_letter(consumer=name, subject=msg.subject, data=msg.data, headers=headers,
+                                               reason=exc.message, error_type=exc.kind)  # fmt: skip
+                    continue
+                with tracer.start_as_current_span(
+                    f"process {msg.subject}", context=extract_context(headers), kind=SpanKind.CONSUMER,
+                    attributes={"messaging.system": SYSTEM, "messaging.destination.name": msg.subject,
+                                "messaging.operation.type": "process"},
+                ):  # fmt: skip
+                    try:
+                        await handler(event, msg.subject)
+                    except Exception:
+                        _log.exception("listener %s failed on %s", name, msg.subject)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeouts.shutdown):
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    # ---------------------------------------------------------------- request / reply
+
+    def rpc_subject(self, service: str, method: str) -> str:
+        """``<prefix>.rpc.<service>.<method>``."""
+        return self.subjects.build("rpc", service, method)
+
+    async def request(
+        self, subject: str, payload: pydantic.BaseModel, reply: type[R], *, timeout: float | None = None
+    ) -> R:
+        """Send a request and wait for its typed reply.
+
+        Raises:
+            RemoteError: the service answered with an error (``remote_code`` says which).
+            RequestError: nobody answers on ``subject`` or no reply came in time.
+        """
+        self._check_open()
+        timeout = self.timeouts.request if timeout is None else timeout
+        hdrs = inject_headers({"Content-Type": "application/json"})
+        try:
+            msg = await self.nc.request(subject, payload.model_dump_json().encode(), timeout=timeout, headers=hdrs)
+        except nats.errors.NoRespondersError as exc:
+            raise RequestError(f"no service answers on {subject}; is it running?") from exc
+        except nats.errors.TimeoutError as exc:
+            raise RequestError(f"no reply on {subject} within {timeout:g}s") from exc
+        except nats.errors.Error as exc:
+            raise RequestError(f"request on {subject} failed: {exc}") from exc
+        try:
+            envelope = _Reply.model_validate_json(msg.data)
+        except pydantic.ValidationError as exc:
+            raise RequestError(f"the reply on {subject} is not a cadenza reply: {exc.errors()[0]['msg']}") from exc
+        if not envelope.ok:
+            err = envelope.error or _ReplyError(code="error", message="(no message)")
+            raise RemoteError(err.message, code=err.code)
+        try:
+            return reply.model_validate(envelope.result)
+        except pydantic.ValidationError as exc:
+            raise RequestError(f"the reply on {subject} is not a {reply.__name__}: {exc}") from exc
+
+    async def serve(
+        self,
+        subject: str,
+        request: type[M],
+        handler: Callable[[M], Awaitable[pydantic.BaseModel]],
+        *,
+        name: str,
+        queue: str | None = None,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Answer requests on ``subject`` until cancelled (replicas share them through ``queue``).
+
+        A request that does not validate gets an error reply with code ``validation`` and a
+        dead-letter entry; a :class:`CadenzaError` from the handler becomes an error reply with its
+        code; any other exception becomes code ``internal`` (and is logged).
+        """
+        self._check_open()
+        sub = await self.nc.subscribe(subject, queue=queue or name, pending_msgs_limit=100_000)
+        try:
+            async with anyio.create_task_group() as tg:
+                task_status.started()
+                async for msg in sub.messages:
+                    tg.start_soon(self._answer, msg, request, handler, name)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeouts.shutdown):
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def _answer(
+        self, msg: Msg, request: type[M], handler: Callable[[M], Awaitable[pydantic.BaseModel]], name: str
+    ) -> None:
+        headers = dict(msg.headers or {})
+        reply: _Reply
+        with tracer.start_as_current_span(
+            f"process {msg.subject}", context=extract_context(headers), kind=SpanKind.SERVER,
+            attributes={"messaging.system": SYSTEM, "messaging.destination.name": msg.subject,
+                        "messaging.operation.type": "process"},
+        ):  # fmt: skip
+            try:
+                if len(msg.data) > MAX_EVENT_BYTES:
+                    raise ValidationError(f"request is {len(msg.data)} bytes, over {MAX_EVENT_BYTES}", kind="oversize")
+                try:
+                    req = request.model_validate_json(msg.data)
+                except pydantic.ValidationError as exc:
+                    errs = "; ".join(
+                        f"{'.'.join(map(str, e['loc'])) or '(body)'}: {e['msg']}" for e in exc.errors()[:5]
+                    )
+                    raise ValidationError(f"not a valid {request.__name__}: {errs}", kind="bad_request") from None
+                result = await handler(req)
+                reply = _Reply(ok=True, result=result.model_dump(mode="json"))
+            except ValidationError as exc:
+                reply = _Reply(ok=False, error=_ReplyError(code="validation", message=exc.message))
+                with contextlib.suppress(CadenzaError):
+                    await self.dead_letter(consumer=name, subject=msg.subject, data=msg.data, headers=headers,
+                                           reason=exc.message, error_type=exc.kind)  # fmt: skip
+            except RemoteError as exc:
+                reply = _Reply(ok=False, error=_ReplyError(code=exc.remote_code, message=exc.message))
+            except CadenzaError as exc:
+                reply = _Reply(ok=False, error=_ReplyError(code=exc.code, message=exc.message))
+            except Exception as exc:
+                _log.exception("%s failed on %s", name, msg.subject)
+                reply = _Reply(ok=False, error=_ReplyError(code="internal", message=f"{type(exc).__name__}: {exc}"))
+        if msg.reply:
+            with contextlib.suppress(nats.errors.Error):
+                await msg.respond(reply.model_dump_json(exclude_none=True).encode())
+
+    # ---------------------------------------------------------------- key-value
+
+    async def kv(self, key: str) -> KeyValue:
+        """The key-value bucket ``key`` of the topology (``sessions``, ``workers``, ``activities``)."""
+        self._check_open()
+        bucket = self._kv.get(key)
+        if bucket is None:
+            try:
+                bucket = await self.js.key_value(self.topology.bucket_name(key))
+            except nats.errors.Error as exc:
+                raise BusError(f"key-value bucket {self.topology.bucket_name(key)} is not available: {exc}") from exc
+            self._kv[key] = bucket
+        return bucket
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def close(self) -> None:
+        """Drain the connection and stop an owned embedded server. Safe to call twice."""
+        if self.state is BusState.CLOSED:
+            return
+        self.state = BusState.CLOSED
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeouts.shutdown):
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+        with contextlib.suppress(Exception):
+            await self.nc.close()
+        if self.server is not None:
+            self.server.stop()
+
+
+class _ReplyError(pydantic.BaseModel):
+    code: str
+    message: str
+
+
+class _Reply(pydantic.BaseModel):
+    ok: bool
+    result: Any = None
+    error: _ReplyError | None = None
+
+
+def _split(urls: str) -> tuple[str, ...]:
+    return tuple(u.strip() for u in urls.split(",") if u.strip())
+
+
+def _token(value: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "_-" else "_" for c in value)[:200] or "unknown"
+    return check_token(cleaned)
+
+
+async def _open_nats(opts: ConnectOptions, timeouts: Timeouts) -> NatsClient:
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        if len(errors) > 5:
+            del errors[0]
+
+    async def on_disconnect() -> None:
+        _log.info("disconnected from NATS; reconnecting")
+
+    async def on_reconnect() -> None:
+        _log.info("reconnected to NATS")
+
+    kwargs: dict[str, Any] = {
+        "servers": list(opts.servers),
+        "name": opts.name,
+        "connect_timeout": min(2.0, timeouts.connect),
+        "max_reconnect_attempts": opts.max_reconnect_attempts,
+        "reconnect_time_wait": opts.reconnect_time_wait,
+        "allow_reconnect": True,
+        "error_cb": on_error,
+        "disconnected_cb": on_disconnect,
+        "reconnected_cb": on_reconnect,
+    }
+    if opts.user:
+        kwargs["user"], kwargs["password"] = opts.user, opts.password
+    if opts.token:
+        kwargs["token"] = opts.token
+    if opts.creds:
+        kwargs["user_credentials"] = opts.creds
+    tls = opts.tls_context()
+    if tls is not None:
+        kwargs["tls"] = tls
+    urls = ", ".join(opts.servers)
+    try:
+        with anyio.fail_after(timeouts.connect):
+            # max_reconnect_attempts=-1 makes nats-py retry the first connection too; the
+            # deadline above bounds it.
+            return await nats.connect(**kwargs)
+    except TimeoutError:
+        detail = f" (last error: {errors[-1]})" if errors else ""
+        raise ConnectError(f"no NATS server answered at {urls} within {timeouts.connect:g}s{detail}") from None
+    except (nats.errors.Error, OSError) as exc:
+        raise ConnectError(f"cannot connect to NATS at {urls}: {exc}") from exc
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    server: str | None = None,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    options: ConnectOptions | None = None,
+    timeouts: Timeouts | None = None,
+    name: str = "cadenza",
+    ensure_topology: bool = True,
+    store_dir: str | os.PathLike[str] | None = None,
+) -> AsyncIterator[Bus]:
+    """Connect to NATS (or start the embedded server) and yield a :class:`Bus`.
+
+    The server is ``server``, else ``NATS_URL``, else an embedded nats-server on a free loopback
+    port (stopped when the block exits; ``store_dir`` keeps its data).
+
+    Args:
+        server: URL(s), comma-separated.
+        prefix: subject prefix of this installation.
+        options: credentials and TLS (default: from the environment).
+        timeouts: bounds of every wait.
+        name: this process's name (client name, ``source`` of its events).
+        ensure_topology: declare the streams and buckets (idempotent).
+
+    Raises:
+        ConnectError: no server answered; ServerStartError: the embedded server would not start;
+        TopologyError: the streams could not be declared.
+    """
+    timeouts = timeouts or Timeouts()
+    if options is None:
+        opts = ConnectOptions.from_env(servers=server, name=name)
+    else:
+        opts = dataclasses.replace(options, servers=_split(server)) if server else options
+    embedded: EmbeddedServer | None = None
+    if not opts.servers:
+        embedded = EmbeddedServer(store_dir, start_timeout=timeouts.server_start)
+        # Started from this thread on purpose: the server is bound to the life of the thread that
+        # forks it (PR_SET_PDEATHSIG), and worker threads come and go.
+        embedded.start()
+        opts = ConnectOptions.from_env(env={}, servers=embedded.url, name=name)
+    try:
+        nc = await _open_nats(opts, timeouts)
+    except BaseException:
+        if embedded is not None:
+            embedded.stop()
+        raise
+    bus = Bus(nc, topology=Topology(prefix), timeouts=timeouts, source=f"{name}@{_hostname()}", server=embedded)
+    try:
+        if ensure_topology:
+            await bus.topology.ensure(bus.js)
+        yield bus
+    finally:
+        await bus.close()

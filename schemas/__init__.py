@@ -1,0 +1,38 @@
+"""The contracts of cadenza: every event as a pydantic model, and the subject grammar.
+
+Nothing here does I/O or imports the rest of cadenza.
+"""
+
+from __future__ import annotations
+
+from ._dlq import DeadLetter as DeadLetter
+from ._envelope import Event as Event
+from ._envelope import event_types as event_types
+from ._envelope import lookup_event_type as lookup_event_type
+from ._envelope import new_event_id as new_event_id
+from ._envelope import utcnow as utcnow
+from ._jsonschema import export_json_schemas as export_json_schemas
+from ._jsonschema import json_schemas as json_schemas
+from ._subjects import DEFAULT_PREFIX as DEFAULT_PREFIX
+from ._subjects import DOMAINS as DOMAINS
+from ._subjects import SubjectError as SubjectError
+from ._subjects import SubjectParts as SubjectParts
+from ._subjects import Subjects as Subjects
+from ._subjects import check_token as check_token
+
+__all__ = (
+    "DEFAULT_PREFIX",
+    "DOMAINS",
+    "DeadLetter",
+    "Event",
+    "SubjectError",
+    "SubjectParts",
+    "Subjects",
+    "check_token",
+    "event_types",
+    "export_json_schemas",
+    "json_schemas",
+    "lookup_event_type",
+    "new_event_id",
+    "utcnow",
+)

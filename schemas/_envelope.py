@@ -1,0 +1,88 @@
+"""The common envelope every cadenza event carries, and the registry of event types."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["Event", "event_types", "lookup_event_type", "new_event_id", "utcnow"]
+
+_REGISTRY: dict[str, type[Event]] = {}
+
+
+def new_event_id() -> str:
+    """A fresh event id (UUID4, lower-case hex with dashes)."""
+    return str(uuid.uuid4())
+
+
+def utcnow() -> datetime:
+    """The current time as an aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+class Event(BaseModel):
+    """Base of every event on the wire.
+
+    Subclasses set ``DOMAIN`` and ``EVENT`` (the first and last words after the prefix of their
+    subject) and implement :meth:`subject_id` (the identifier token of their subject).
+    ``SCHEMA_VERSION`` is the newest version of the shape this code understands; a message that
+    claims a newer one is rejected by consumers.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    DOMAIN: ClassVar[str] = ""
+    EVENT: ClassVar[str] = ""
+    SCHEMA_VERSION: ClassVar[int] = 1
+
+    event_id: str = Field(default_factory=new_event_id, min_length=1, max_length=128)
+    type: str = Field(default="", description="'<domain>.<event>', fixed per event class")
+    schema_version: int = Field(default=1, ge=1)
+    time: datetime = Field(default_factory=utcnow)
+    source: str = Field(default="", max_length=256, description="who published it (service or host)")
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if cls.DOMAIN and cls.EVENT:
+            name = cls.type_name()
+            other = _REGISTRY.get(name)
+            if other is not None and other.__qualname__ != cls.__qualname__:
+                raise TypeError(f"event type {name!r} is declared twice ({other!r} and {cls!r})")
+            _REGISTRY[name] = cls
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_type(cls, data: Any) -> Any:
+        # The type is implied by the class; fill it in so callers never spell it, and refuse a
+        # payload that claims to be another type.
+        if isinstance(data, dict) and cls.DOMAIN:
+            name = cls.type_name()
+            claimed = data.get("type", "")
+            if claimed in ("", None):
+                data = {**data, "type": name}
+            elif claimed != name:
+                raise ValueError(f"type is {claimed!r} but this is a {name!r} event")
+        return data
+
+    @classmethod
+    def type_name(cls) -> str:
+        """'<domain>.<event>' of this class."""
+        return f"{cls.DOMAIN}.{cls.EVENT}"
+
+    def subject_id(self) -> str:
+        """The identifier token of this event's subject (an activity id, a session id, ...)."""
+        raise NotImplementedError(f"{type(self).__name__} does not name its subject id")
+
+
+def event_types() -> dict[str, type[Event]]:
+    """Every registered event class by its type name, sorted."""
+    return dict(sorted(_REGISTRY.items()))
+
+
+def lookup_event_type(name: str) -> type[Event] | None:
+    """The event class registered under ``name`` ('<domain>.<event>'), or None."""
+    return _REGISTRY.get(name)
