@@ -6,17 +6,25 @@ Sessions, tracked activities and the worker runtime build on this module.
 
 from __future__ import annotations
 
+from schemas import CancelCause as CancelCause
+from schemas import CancelKind as CancelKind
+
 from ._bus import Bus as Bus
 from ._bus import BusState as BusState
 from ._bus import BusStats as BusStats
 from ._bus import Delivery as Delivery
 from ._bus import PublishResult as PublishResult
 from ._bus import connect as connect
+from ._cancel import CancelRouter as CancelRouter
+from ._cancel import request_cancel as request_cancel
 from ._codec import MAX_EVENT_BYTES as MAX_EVENT_BYTES
 from ._codec import decode as decode
 from ._codec import encode as encode
 from ._config import ConnectOptions as ConnectOptions
 from ._config import Timeouts as Timeouts
+from ._context import CancelToken as CancelToken
+from ._context import Context as Context
+from ._context import background as background
 from ._exceptions import ActivityError as ActivityError
 from ._exceptions import BusError as BusError
 from ._exceptions import CadenzaError as CadenzaError
@@ -45,9 +53,14 @@ __all__ = (
     "BusState",
     "BusStats",
     "CadenzaError",
+    "CancelCause",
+    "CancelKind",
+    "CancelRouter",
+    "CancelToken",
     "ConnectError",
     "ConnectOptions",
     "ConsumerSpec",
+    "Context",
     "Delivery",
     "EmbeddedServer",
     "PublishError",
@@ -61,9 +74,11 @@ __all__ = (
     "Topology",
     "TopologyError",
     "ValidationError",
+    "background",
     "configure_tracing",
     "connect",
     "decode",
     "encode",
     "find_server_binary",
+    "request_cancel",
 )

@@ -5,6 +5,9 @@ Nothing here does I/O or imports the rest of cadenza.
 
 from __future__ import annotations
 
+from ._cancel import CancelCause as CancelCause
+from ._cancel import CancelKind as CancelKind
+from ._cancel import CancelRequested as CancelRequested
 from ._dlq import DeadLetter as DeadLetter
 from ._envelope import Event as Event
 from ._envelope import event_types as event_types
@@ -23,6 +26,9 @@ from ._subjects import check_token as check_token
 __all__ = (
     "DEFAULT_PREFIX",
     "DOMAINS",
+    "CancelCause",
+    "CancelKind",
+    "CancelRequested",
     "DeadLetter",
     "Event",
     "SubjectError",

@@ -1,0 +1,163 @@
+"""The immutable ``Context`` passed through the session and activity APIs, and cancellation with
+a cause.
+
+Go passes a ``context.Context``; cadenza passes a :class:`Context`: a frozen value holding the
+current session info, the current activity id and a :class:`CancelToken`. Deriving a context
+(:meth:`Context.derive`, :meth:`Context.child`) never changes the parent. Work runs inside
+``with ctx.token.scope():`` (an anyio cancel scope); cancelling the token, with a
+:class:`~schemas.CancelCause`, cancels every scope bound to it and every child token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import anyio
+
+from schemas import CancelCause, CancelKind
+
+__all__ = ("CancelToken", "Context", "background")
+
+
+class CancelToken:
+    """A cancellation handle that remembers why it was cancelled.
+
+    The first cause wins: cancelling twice keeps the first cause. A child token is cancelled
+    with its parent's cause when the parent is; cancelling a child leaves the parent alone.
+
+    Args:
+        parent: the token this one derives from.
+    """
+
+    __slots__ = ("_cause", "_children", "_event", "_scopes", "parent")
+
+    def __init__(self, parent: CancelToken | None = None) -> None:
+        self.parent = parent
+        self._cause: CancelCause | None = None
+        self._children: list[CancelToken] = []
+        self._scopes: list[anyio.CancelScope] = []
+        self._event: anyio.Event | None = None
+        if parent is not None:
+            if parent._cause is not None:
+                self._cause = parent._cause
+            else:
+                parent._children.append(self)
+
+    def __repr__(self) -> str:
+        return f"<CancelToken {'cancelled: ' + self._cause.text() if self._cause else 'live'}>"
+
+    @property
+    def cause(self) -> CancelCause | None:
+        """The cause, or None while not cancelled."""
+        return self._cause
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cause is not None
+
+    def child(self) -> CancelToken:
+        """A new token cancelled when this one is."""
+        return CancelToken(self)
+
+    def cancel(self, cause: CancelCause) -> bool:
+        """Cancel with ``cause``; returns False when it was already cancelled (the first cause stays)."""
+        if self._cause is not None:
+            return False
+        self._cause = cause
+        for scope in self._scopes:
+            scope.cancel()
+        children, self._children = self._children, []
+        for child in children:
+            child.cancel(cause)
+        if self._event is not None:
+            self._event.set()
+        if self.parent is not None:
+            # Let the parent forget us: a long-lived token must not collect dead children.
+            try:
+                self.parent._children.remove(self)
+            except ValueError:
+                pass
+        return True
+
+    def release(self) -> None:
+        """Detach from the parent without cancelling (the work ended normally)."""
+        if self.parent is not None:
+            try:
+                self.parent._children.remove(self)
+            except ValueError:
+                pass
+
+    @contextmanager
+    def scope(self) -> Iterator[anyio.CancelScope]:
+        """A cancel scope bound to this token: cancelled at once if the token already is, or when it is."""
+        scope = anyio.CancelScope()
+        if self._cause is not None:
+            scope.cancel()
+        self._scopes.append(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._scopes.remove(scope)
+
+    async def wait(self) -> CancelCause:
+        """Wait until cancelled; returns the cause. Callers bound it with ``anyio.fail_after``."""
+        if self._cause is None:
+            if self._event is None:
+                self._event = anyio.Event()
+            await self._event.wait()
+        assert self._cause is not None
+        return self._cause
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """An immutable bag of what the current work belongs to.
+
+    Attributes:
+        token: cancellation of the current work.
+        session: the current session's info (``bus.SessionInfo``) or None.
+        activity_id: the tracked activity this work reports to, or "".
+        values: anything else a caller wants to carry (read-only).
+    """
+
+    token: CancelToken = field(default_factory=CancelToken)
+    session: Any = None
+    activity_id: str = ""
+    values: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def cause(self) -> CancelCause | None:
+        """Why this context was cancelled, or None."""
+        return self.token.cause
+
+    @property
+    def cancelled(self) -> bool:
+        return self.token.cancelled
+
+    def derive(self, **changes: Any) -> Context:
+        """A copy with some attributes replaced (same token unless ``token`` is given)."""
+        if "values" in changes:
+            changes["values"] = MappingProxyType(dict(changes["values"]))
+        return dataclasses.replace(self, **changes)
+
+    def child(self, **changes: Any) -> Context:
+        """A copy with a child token: cancelling the child leaves this context alone."""
+        return self.derive(token=self.token.child(), **changes)
+
+    def with_value(self, key: str, value: object) -> Context:
+        return self.derive(values={**self.values, key: value})
+
+
+def background() -> Context:
+    """A fresh root context: no session, no activity, never cancelled by anyone but its owner."""
+    return Context()
+
+
+#: The cause used when a process shuts down its own work.
+SHUTDOWN = CancelCause(kind=CancelKind.SHUTDOWN, who="", reason="the process is shutting down")
