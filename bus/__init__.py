@@ -36,6 +36,9 @@ from ._exceptions import ServerStartError as ServerStartError
 from ._exceptions import SessionError as SessionError
 from ._exceptions import TopologyError as TopologyError
 from ._exceptions import ValidationError as ValidationError
+from ._heartbeat import Heartbeater as Heartbeater
+from ._heartbeat import ProcessLoad as ProcessLoad
+from ._heartbeat import new_worker_id as new_worker_id
 from ._server import EmbeddedServer as EmbeddedServer
 from ._server import find_server_binary as find_server_binary
 from ._topology import BucketSpec as BucketSpec
@@ -63,6 +66,8 @@ __all__ = (
     "Context",
     "Delivery",
     "EmbeddedServer",
+    "Heartbeater",
+    "ProcessLoad",
     "PublishError",
     "PublishResult",
     "RemoteError",
@@ -80,5 +85,6 @@ __all__ = (
     "decode",
     "encode",
     "find_server_binary",
+    "new_worker_id",
     "request_cancel",
 )

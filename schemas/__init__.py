@@ -22,6 +22,9 @@ from ._subjects import SubjectError as SubjectError
 from ._subjects import SubjectParts as SubjectParts
 from ._subjects import Subjects as Subjects
 from ._subjects import check_token as check_token
+from ._worker import WorkerHeartbeat as WorkerHeartbeat
+from ._worker import WorkerStarted as WorkerStarted
+from ._worker import WorkerStopped as WorkerStopped
 
 __all__ = (
     "DEFAULT_PREFIX",
@@ -34,6 +37,9 @@ __all__ = (
     "SubjectError",
     "SubjectParts",
     "Subjects",
+    "WorkerHeartbeat",
+    "WorkerStarted",
+    "WorkerStopped",
     "check_token",
     "event_types",
     "export_json_schemas",

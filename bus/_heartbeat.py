@@ -1,0 +1,108 @@
+"""One heartbeat per process per interval: the liveness signal brokers and recorders watch."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+from anyio.abc import TaskStatus
+
+from schemas import WorkerHeartbeat, WorkerStarted, WorkerStopped
+
+from ._bus import Bus
+from ._exceptions import CadenzaError
+
+__all__ = ("Heartbeater", "ProcessLoad", "new_worker_id")
+
+_log = logging.getLogger("cadenza.heartbeat")
+
+
+def new_worker_id(stem: str = "w") -> str:
+    """A fresh worker id: ``<stem>-<host>-<pid>-<8 hex>``, valid as a subject token."""
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:40] or "host"
+    return f"{stem}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessLoad:
+    """What a heartbeat reports about the process right now."""
+
+    open_sessions: int = 0
+    running_activities: int = 0
+
+
+@dataclass
+class Heartbeater:
+    """Announces a process, heartbeats every ``interval`` seconds, and says goodbye on a graceful stop.
+
+    Run with ``await tg.start(hb.run)``: ``started`` is published before ``task_status.started()``.
+    Cancelling the task publishes ``stopped`` (shielded, bounded by the bus shutdown timeout)
+    unless :meth:`mark_crashed` was called.
+
+    Args:
+        bus: the bus to publish on.
+        worker_id: identity of this process start (:func:`new_worker_id`).
+        interval: seconds between heartbeats.
+        load: returns the current load for each heartbeat.
+        tasklist, sessions_enabled, max_sessions: what a session worker serves.
+    """
+
+    bus: Bus
+    worker_id: str = field(default_factory=new_worker_id)
+    interval: float = 5.0
+    load: Callable[[], ProcessLoad] = ProcessLoad
+    tasklist: str = ""
+    sessions_enabled: bool = False
+    max_sessions: int = 0
+    stop_reason: str = "shutdown"
+    _seq: int = 0
+    _graceful: bool = True
+
+    def _fields(self) -> dict[str, object]:
+        load = self.load()
+        self._seq += 1
+        return {
+            "worker_id": self.worker_id,
+            "host_name": socket.gethostname(),
+            "pid": os.getpid(),
+            "tasklist": self.tasklist,
+            "sessions_enabled": self.sessions_enabled,
+            "max_sessions": self.max_sessions,
+            "open_sessions": load.open_sessions,
+            "running_activities": load.running_activities,
+            "interval": self.interval,
+            "seq": self._seq,
+        }
+
+    async def beat(self) -> None:
+        """Publish one heartbeat now."""
+        await self.bus.publish(WorkerHeartbeat.model_validate(self._fields()))
+
+    def mark_crashed(self) -> None:
+        """Do not publish ``stopped`` on exit (used to simulate or report a crash)."""
+        self._graceful = False
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        await self.bus.publish(WorkerStarted.model_validate(self._fields()))
+        task_status.started()
+        try:
+            while True:
+                await anyio.sleep(self.interval)
+                try:
+                    await self.beat()
+                except CadenzaError as exc:
+                    # A missed beat is not fatal: the next one may get through; watchers allow
+                    # a whole heartbeat timeout.
+                    _log.warning("heartbeat of %s not stored: %s", self.worker_id, exc)
+        finally:
+            if self._graceful:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self.bus.timeouts.shutdown):
+                    with contextlib.suppress(CadenzaError):
+                        fields = self._fields()
+                        await self.bus.publish(WorkerStopped.model_validate({**fields, "reason": self.stop_reason}))

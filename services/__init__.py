@@ -1,0 +1,1 @@
+"""cadenza's runnable services (broker, recorder) and the ``cadenza`` command line."""
