@@ -14,6 +14,7 @@ from ._envelope import event_types as event_types
 from ._envelope import lookup_event_type as lookup_event_type
 from ._envelope import new_event_id as new_event_id
 from ._envelope import utcnow as utcnow
+from ._jsonschema import JSON_DIR as JSON_DIR
 from ._jsonschema import export_json_schemas as export_json_schemas
 from ._jsonschema import json_schemas as json_schemas
 from ._subjects import DEFAULT_PREFIX as DEFAULT_PREFIX
@@ -28,6 +29,7 @@ from ._worker import WorkerStopped as WorkerStopped
 
 __all__ = (
     "DEFAULT_PREFIX",
+    "JSON_DIR",
     "DOMAINS",
     "CancelCause",
     "CancelKind",
