@@ -413,20 +413,28 @@ class Bus:
                     "messaging.nats.delivery_count": deliveries,
                 },
             ) as span:
+                failure: Exception | None = None
                 try:
                     async with anyio.create_task_group() as keepalive:
                         keepalive.start_soon(self._keep_alive, msg, spec.ack_wait)
-                        await handler(event, delivery)
-                        keepalive.cancel_scope.cancel()
+                        try:
+                            await handler(event, delivery)
+                        except Exception as exc:
+                            # Kept out of the task group so the decision sees the error itself,
+                            # not an exception group around it.
+                            failure = exc
+                        finally:
+                            keepalive.cancel_scope.cancel()
                 except anyio.get_cancelled_exc_class():
-                    # Never ack a cancelled handler: hand the message back at once.
+                    # Never ack a cancelled handler: hand the message back. The delay outlives this
+                    # process's last pull request, which the server would otherwise hand it to.
                     with anyio.CancelScope(shield=True):
-                        await self._settle(msg, "nak")
+                        await self._settle(msg, "nak", self.timeouts.fetch + 0.5)
                     raise
-                except Exception as exc:
-                    span.record_exception(exc)
-                    span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
-                    await self._failed(msg, spec, exc, seq, deliveries)
+                if failure is not None:
+                    span.record_exception(failure)
+                    span.set_status(Status(StatusCode.ERROR, str(failure)[:200]))
+                    await self._failed(msg, spec, failure, seq, deliveries)
                     return
                 if await self._settle(msg, "ack"):
                     acked.add(seq)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -127,12 +128,21 @@ class EmbeddedServer:
             if not self.port:
                 self.port = _free_port(self.host)
             self.store_dir.mkdir(parents=True, exist_ok=True)
+            # Streams reserve their max_bytes against max_file_store, not against the disk; a
+            # generous budget lets many installations (prefixes) share one dev or test server.
+            conf = self.store_dir / "nats-server.conf"
+            conf.write_text(
+                "jetstream {\n"
+                f"  store_dir: {json.dumps(str(self.store_dir))}\n"
+                "  max_file_store: 64TB\n"
+                "  max_memory_store: 256MB\n"
+                "}\n"
+            )
             args = [
                 binary,
+                "-c", str(conf),
                 "-a", self.host,
                 "-p", str(self.port),
-                "-js",
-                "-sd", str(self.store_dir),
                 "-n", f"cadenza-embedded-{self.port}",
                 "-l", str(self._log_path),
                 *self.extra_args,

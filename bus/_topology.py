@@ -104,21 +104,21 @@ class ConsumerSpec:
 
 #: Every stream cadenza uses, by domain. ``rpc`` is core request/reply and is not stored.
 STREAMS: Final[tuple[StreamSpec, ...]] = (
-    StreamSpec("session", "session lifecycle events", max_age=7 * DAY, max_bytes=4 * GIB),
+    StreamSpec("session", "session lifecycle events", max_age=7 * DAY, max_bytes=2 * GIB),
     StreamSpec(
         "worker", "worker lifecycle and heartbeats (last of each per worker)", max_age=1 * DAY,
         max_bytes=GIB, max_msgs_per_subject=1,
     ),
     StreamSpec(
         "task", "activity tasks, removed once a worker acknowledges them", max_age=1 * DAY,
-        max_bytes=4 * GIB, retention=RetentionPolicy.WORK_QUEUE,
+        max_bytes=2 * GIB, retention=RetentionPolicy.WORK_QUEUE,
     ),
-    StreamSpec("activity", "tracked activity events", max_age=30 * DAY, max_bytes=16 * GIB),
+    StreamSpec("activity", "tracked activity events", max_age=30 * DAY, max_bytes=8 * GIB),
     StreamSpec(
         "cancel", "cancellation requests with their cause (last per target)", max_age=1 * DAY,
         max_bytes=GIB, max_msgs_per_subject=1,
     ),
-    StreamSpec("dlq", "rejected input with the reason", max_age=30 * DAY, max_bytes=4 * GIB, max_msg_size=-1),
+    StreamSpec("dlq", "rejected input with the reason", max_age=30 * DAY, max_bytes=2 * GIB, max_msg_size=-1),
 )  # fmt: skip
 
 #: Every key-value bucket cadenza uses.

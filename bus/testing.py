@@ -15,8 +15,9 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
+import anyio
 import pytest
 
 from ._bus import Bus, connect
@@ -28,10 +29,24 @@ __all__ = (
     "ServiceProcess",
     "cadenza_bus",
     "embedded_server",
+    "eventually",
     "nats_server",
     "pytest_addoption",
     "unique_prefix",
 )
+
+
+async def eventually(
+    predicate: Callable[[], bool], *, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"
+) -> None:
+    """Poll ``predicate`` until it is true; fail with ``what`` after ``timeout`` seconds.
+
+    Tests synchronise on observable state this way, never on fixed sleeps.
+    """
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(interval)
+    return None
 
 
 def unique_prefix(stem: str = "t") -> str:

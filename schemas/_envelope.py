@@ -37,6 +37,8 @@ class Event(BaseModel):
     DOMAIN: ClassVar[str] = ""
     EVENT: ClassVar[str] = ""
     SCHEMA_VERSION: ClassVar[int] = 1
+    #: False keeps a class out of the registry (test fixtures, private events).
+    REGISTER: ClassVar[bool] = True
 
     event_id: str = Field(default_factory=new_event_id, min_length=1, max_length=128)
     type: str = Field(default="", description="'<domain>.<event>', fixed per event class")
@@ -47,7 +49,7 @@ class Event(BaseModel):
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
-        if cls.DOMAIN and cls.EVENT:
+        if cls.DOMAIN and cls.EVENT and cls.__dict__.get("REGISTER", True):
             name = cls.type_name()
             other = _REGISTRY.get(name)
             if other is not None and other.__qualname__ != cls.__qualname__:

@@ -65,9 +65,28 @@ def run_service(main: Callable[[], Awaitable[None]]) -> int:
 
     try:
         anyio.run(runner)
-    except bus.CadenzaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except BaseException as exc:
+        errors = _cadenza_errors(exc)
+        if not errors:
+            raise
+        for err in errors:
+            print(f"cadenza: {err}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _cadenza_errors(exc: BaseException) -> list[bus.CadenzaError]:
+    """The cadenza errors in ``exc`` (looking inside exception groups), or [] if anything else is there."""
+    if isinstance(exc, bus.CadenzaError):
+        return [exc]
+    if isinstance(exc, BaseExceptionGroup):
+        found: list[bus.CadenzaError] = []
+        for inner in exc.exceptions:
+            sub = _cadenza_errors(inner)
+            if not sub:
+                return []
+            found += sub
+        return found
+    return []
