@@ -44,7 +44,7 @@ async def eventually(
     Tests synchronise on observable state this way, never on fixed sleeps.
     """
     with anyio.fail_after(timeout):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110 - polling observable state is the point of this helper
             await anyio.sleep(interval)
     return None
 

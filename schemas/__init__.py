@@ -29,8 +29,8 @@ from ._worker import WorkerStopped as WorkerStopped
 
 __all__ = (
     "DEFAULT_PREFIX",
-    "JSON_DIR",
     "DOMAINS",
+    "JSON_DIR",
     "CancelCause",
     "CancelKind",
     "CancelRequested",
