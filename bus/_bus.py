@@ -94,11 +94,12 @@ class Delivery:
 
 
 class _Acked:
-    """Stream sequences a consumer has acknowledged recently (bounded).
+    """Stream sequences whose handler finished in this process (bounded).
 
-    A server that dies right after acknowledging an ack may come back with an older ack floor and
-    redeliver; the handler must not see an event twice in that case, so the consumer acks it again
-    without calling the handler.
+    An ack can be lost when the server dies (before the ack arrives, or before it persisted the
+    ack floor); the server then redelivers. The handler must not see an event twice in that case,
+    so the consumer acks the redelivery without calling the handler. Across processes delivery
+    stays at-least-once: handlers that can run elsewhere are idempotent by event id.
     """
 
     def __init__(self, size: int = 100_000) -> None:
@@ -436,9 +437,11 @@ class Bus:
                     span.set_status(Status(StatusCode.ERROR, str(failure)[:200]))
                     await self._failed(msg, spec, failure, seq, deliveries)
                     return
-                if await self._settle(msg, "ack"):
-                    acked.add(seq)
-                    self.stats.handled += 1
+                # Remembered even if the ack is lost (server down): a redelivery to this process
+                # is then acked without running the handler again.
+                acked.add(seq)
+                self.stats.handled += 1
+                await self._settle(msg, "ack")
         finally:
             sem.release()
 
