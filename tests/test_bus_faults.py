@@ -80,10 +80,10 @@ async def test_server_killed_and_restarted_loses_no_acknowledged_event_and_repea
 
 def test_no_orphan_server_when_its_owner_is_killed() -> None:
     code = (
-        "import sys, time; sys.path.insert(0, %r)\n"
+        f"import sys, time; sys.path.insert(0, {os.getcwd()!r})\n"
         "from bus import EmbeddedServer\n"
         "s = EmbeddedServer(); s.start(); print(s.pid, flush=True); time.sleep(60)\n"
-    ) % os.getcwd()
+    )
     owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert owner.stdout is not None
     server_pid = int(owner.stdout.readline())
@@ -98,10 +98,10 @@ def test_no_orphan_server_when_its_owner_is_killed() -> None:
 
 def test_no_orphan_server_when_its_owner_exits_without_stopping_it() -> None:
     code = (
-        "import sys; sys.path.insert(0, %r)\n"
+        f"import sys; sys.path.insert(0, {os.getcwd()!r})\n"
         "from bus import EmbeddedServer\n"
         "s = EmbeddedServer(); s.start(); print(s.pid, flush=True)\n"
-    ) % os.getcwd()
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
     server_pid = int(out.stdout.split()[0])
     deadline = time.monotonic() + 10
@@ -155,8 +155,9 @@ async def test_topology_is_idempotent_and_upgrades_limits_without_losing_data(
 async def test_topology_refuses_a_change_the_server_cannot_make_in_place(
     cadenza_bus: bus.Bus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import bus._topology as t
     from nats.js.api import RetentionPolicy
+
+    import bus._topology as t
 
     changed = tuple(
         s
