@@ -1,0 +1,74 @@
+"""The foundation's CLI commands, run as a user would run them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import bus
+from bus.testing import unique_prefix
+
+
+def cadenza(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    full_env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "services", *args], capture_output=True, text=True, timeout=timeout, env=full_env
+    )
+
+
+def test_subjects_prints_every_stream_and_bucket() -> None:
+    out = cadenza("subjects", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    streams = {r["stream"] for r in rows}
+    for domain in ("SESSION", "WORKER", "TASK", "ACTIVITY", "CANCEL", "DLQ"):
+        assert f"CADENZA_{domain}" in streams
+
+
+def test_schemas_check_passes_on_a_clean_tree() -> None:
+    out = cadenza("schemas", "check")
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_schemas_check_fails_on_a_stale_directory(tmp_path: object) -> None:
+    out = cadenza("schemas", "check", "--dir", str(tmp_path))
+    assert out.returncode == 1 and "stale" in out.stdout
+
+
+def test_publish_rejects_bad_json_and_wrong_shapes_with_a_clear_message() -> None:
+    out = cadenza("publish", "worker.heartbeat", "{not json", "--server", "nats://127.0.0.1:1")
+    assert out.returncode == 2 and "not JSON" in out.stderr
+    out = cadenza("publish", "worker.heartbeat", '{"worker_id": "a b"}', "--server", "nats://127.0.0.1:1")
+    assert out.returncode == 2 and "worker_id" in out.stderr and "schemas/json/worker.heartbeat.json" in out.stderr
+    out = cadenza("publish", "no.such", "{}")
+    assert out.returncode == 2 and "unknown event type" in out.stderr
+
+
+def test_publish_without_a_server_says_how_to_give_one() -> None:
+    out = cadenza("publish", "worker.heartbeat", '{"worker_id": "w1"}')
+    assert out.returncode == 2 and "--server" in out.stderr and "NATS_URL" in out.stderr
+
+
+def test_publish_and_tail_against_a_real_server(nats_server: bus.EmbeddedServer) -> None:
+    prefix = unique_prefix()
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "services", "tail", "worker.>", "--json", "--count", "1", "--timeout", "30",
+         "--server", nats_server.url, "--prefix", prefix],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert tail.stderr is not None
+        assert "following" in tail.stderr.readline()
+        out = cadenza("publish", "worker.heartbeat", '{"worker_id": "w1", "seq": 3}',
+                      "--server", nats_server.url, "--prefix", prefix)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert f"{prefix}.worker.w1.heartbeat" in out.stdout
+        stdout, _ = tail.communicate(timeout=30)
+    finally:
+        tail.kill()
+    event = json.loads(stdout.splitlines()[0])
+    assert event["type"] == "worker.heartbeat" and event["seq"] == 3
