@@ -748,7 +748,7 @@ async def _open_nats(opts: ConnectOptions, timeouts: Timeouts) -> NatsClient:
 async def connect(
     server: str | None = None,
     *,
-    prefix: str = DEFAULT_PREFIX,
+    prefix: str | None = None,
     options: ConnectOptions | None = None,
     timeouts: Timeouts | None = None,
     name: str = "cadenza",
@@ -762,7 +762,7 @@ async def connect(
 
     Args:
         server: URL(s), comma-separated.
-        prefix: subject prefix of this installation.
+        prefix: subject prefix of this installation (default: ``CADENZA_PREFIX`` or ``cadenza``).
         options: credentials and TLS (default: from the environment).
         timeouts: bounds of every wait.
         name: this process's name (client name, ``source`` of its events).
@@ -790,6 +790,7 @@ async def connect(
         if embedded is not None:
             embedded.stop()
         raise
+    prefix = prefix or os.environ.get("CADENZA_PREFIX") or DEFAULT_PREFIX
     bus = Bus(nc, topology=Topology(prefix), timeouts=timeouts, source=f"{name}@{_hostname()}", server=embedded)
     try:
         if ensure_topology:
