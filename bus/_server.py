@@ -78,6 +78,7 @@ class EmbeddedServer:
         port: client port; 0 picks a free one at first start, restarts reuse it.
         host: bind address, loopback by default (never expose a test server).
         extra_args: more nats-server flags.
+        include: a nats-server config file to include (accounts, TLS, ...), e.g. deploy/nats/accounts.conf.
 
     Use as a context manager (sync or async) or call :meth:`start` / :meth:`stop`.
     """
@@ -89,8 +90,10 @@ class EmbeddedServer:
         port: int = 0,
         host: str = "127.0.0.1",
         extra_args: tuple[str, ...] = (),
+        include: str | os.PathLike[str] | None = None,
         start_timeout: float = 20.0,
     ) -> None:
+        self.include = Path(include).resolve() if include is not None else None
         self._own_store = store_dir is None
         self.store_dir = Path(store_dir) if store_dir is not None else Path(tempfile.mkdtemp(prefix="cadenza-js-"))
         self.host = host
@@ -136,8 +139,11 @@ class EmbeddedServer:
                 f"  store_dir: {json.dumps(str(self.store_dir))}\n"
                 "  max_file_store: 64TB\n"
                 "  max_memory_store: 256MB\n"
-                "}\n"
+                "}\n" + ("include ./included.conf\n" if self.include else "")
             )
+            if self.include is not None:
+                # nats-server resolves includes relative to the including file only.
+                shutil.copyfile(self.include, self.store_dir / "included.conf")
             args = [
                 binary,
                 "-c", str(conf),

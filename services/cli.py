@@ -185,6 +185,22 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return run_service(go)
 
 
+# ------------------------------------------------------------------ setup
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    """Declare (or upgrade) every stream and bucket: run once as the admin user."""
+    if _no_server(args):
+        return _fail(_NO_SERVER)
+
+    async def go() -> None:
+        async with bus.connect(args.server, prefix=args.prefix, name="cadenza-setup") as b:
+            for subject, stream, limits, _ in b.topology.table():
+                print(f"ok  {stream:<28} {subject:<28} {limits}")
+
+    return run_service(go)
+
+
 # ------------------------------------------------------------------ dev
 
 
@@ -281,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=0, help="stop after this many seconds")
     add_server_args(s)
     s.set_defaults(func=cmd_tail)
+
+    s = sub.add_parser("setup", help="declare or upgrade the streams and buckets (run as the admin user)")
+    add_server_args(s)
+    s.set_defaults(func=cmd_setup)
 
     s = sub.add_parser("dev", help="embedded server + recorder + broker + demo worker, in the foreground")
     s.add_argument("--store", default=None, help="JetStream store directory (default: a temporary one)")
