@@ -72,3 +72,31 @@ def test_publish_and_tail_against_a_real_server(nats_server: bus.EmbeddedServer)
         tail.kill()
     event = json.loads(stdout.splitlines()[0])
     assert event["type"] == "worker.heartbeat" and event["seq"] == 3
+
+
+def test_server_command_runs_the_embedded_server_and_stops_on_sigterm() -> None:
+    import signal
+
+    import nats
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services", "server", "--port", "0"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(3)]
+        url = next(line.split("=", 1)[1].strip() for line in lines if line.startswith("export NATS_URL="))
+        assert "cadenza: ready" in lines[2]
+
+        async def ping() -> None:
+            nc = await nats.connect(url)
+            await nc.flush()
+            await nc.close()
+
+        import anyio
+
+        anyio.run(ping)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        proc.kill()
