@@ -55,7 +55,7 @@ from ._exceptions import (
 )
 from ._server import EmbeddedServer
 from ._topology import ConsumerSpec, Topology
-from ._tracing import SYSTEM, extract_context, inject_headers, tracer
+from ._tracing import SYSTEM, extract_context, inject_headers, instruments, tracer
 
 __all__ = ("Bus", "BusState", "Delivery", "PublishResult", "connect")
 
@@ -227,6 +227,7 @@ class Bus:
             result = await self._publish_raw(subject, body, hdrs, timeout)
             span.set_attribute("messaging.nats.stream_sequence", result.seq)
             self.stats.published += 1
+            instruments.published.add(1, {"messaging.destination.name": event.type})
             return result
 
     async def _publish_raw(self, subject: str, body: bytes, headers: dict[str, str], timeout: float) -> PublishResult:
@@ -305,6 +306,7 @@ class Bus:
                 "Cadenza-Event-Type": letter.type, "Cadenza-Schema-Version": "1"}  # fmt: skip
         await self._publish_raw(dlq_subject, body, hdrs, self.timeouts.publish)
         self.stats.dead_letters += 1
+        instruments.dead_letters.add(1, {"consumer": consumer, "error.type": error_type})
         self.stats.reasons[error_type] = self.stats.reasons.get(error_type, 0) + 1
         _log.warning("dead-lettered %s from %s (%s): %s", subject, consumer, error_type, reason[:300])
 
@@ -441,6 +443,7 @@ class Bus:
                 # is then acked without running the handler again.
                 acked.add(seq)
                 self.stats.handled += 1
+                instruments.handled.add(1, {"consumer": spec.durable})
                 await self._settle(msg, "ack")
         finally:
             sem.release()
@@ -462,6 +465,7 @@ class Bus:
         delay = getattr(exc, "retry_delay", None)
         delay = spec.delay_for(deliveries) if delay is None else float(delay)
         self.stats.retried += 1
+        instruments.retried.add(1, {"consumer": spec.durable})
         _log.info("handler of %s failed (delivery %d, retry in %.2fs): %r", spec.durable, deliveries, delay, exc)
         await self._settle(msg, "nak", delay)
 

@@ -13,12 +13,26 @@ import os
 from collections.abc import Mapping
 
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import metrics, propagate, trace
 
-__all__ = ("configure_tracing", "extract_context", "inject_headers", "tracer")
+__all__ = ("configure_tracing", "extract_context", "inject_headers", "instruments", "tracer")
 
 _log = logging.getLogger("cadenza.tracing")
 tracer = trace.get_tracer("cadenza")
+meter = metrics.get_meter("cadenza")
+
+
+class _Instruments:
+    """The bus's metrics (OpenTelemetry API; recorded only if the application set a meter provider)."""
+
+    def __init__(self) -> None:
+        self.published = meter.create_counter("cadenza.messages.published", description="events stored")
+        self.handled = meter.create_counter("cadenza.messages.handled", description="events handled and acked")
+        self.retried = meter.create_counter("cadenza.messages.retried", description="handler failures naked")
+        self.dead_letters = meter.create_counter("cadenza.dead_letters", description="inputs dead-lettered")
+
+
+instruments = _Instruments()
 
 SYSTEM = "nats"
 
