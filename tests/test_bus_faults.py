@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import anyio
 import pytest
@@ -31,7 +32,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-async def test_server_killed_and_restarted_loses_no_acknowledged_event_and_repeats_none(tmp_path: object) -> None:
+async def test_server_killed_and_restarted_loses_no_acknowledged_event_and_repeats_none() -> None:
     server = bus.EmbeddedServer()
     server.start()
     try:
@@ -78,11 +79,11 @@ async def test_server_killed_and_restarted_loses_no_acknowledged_event_and_repea
         server.stop()
 
 
-def test_no_orphan_server_when_its_owner_is_killed() -> None:
+def test_no_orphan_server_when_its_owner_is_killed(tmp_path: Path) -> None:
     code = (
         f"import sys, time; sys.path.insert(0, {os.getcwd()!r})\n"
         "from bus import EmbeddedServer\n"
-        "s = EmbeddedServer(); s.start(); print(s.pid, flush=True); time.sleep(60)\n"
+        f"s = EmbeddedServer({str(tmp_path)!r}); s.start(); print(s.pid, flush=True); time.sleep(60)\n"
     )
     owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert owner.stdout is not None
@@ -96,11 +97,11 @@ def test_no_orphan_server_when_its_owner_is_killed() -> None:
     assert not _alive(server_pid), "nats-server outlived the process that started it"
 
 
-def test_no_orphan_server_when_its_owner_exits_without_stopping_it() -> None:
+def test_no_orphan_server_when_its_owner_exits_without_stopping_it(tmp_path: Path) -> None:
     code = (
         f"import sys; sys.path.insert(0, {os.getcwd()!r})\n"
         "from bus import EmbeddedServer\n"
-        "s = EmbeddedServer(); s.start(); print(s.pid, flush=True)\n"
+        f"s = EmbeddedServer({str(tmp_path)!r}); s.start(); print(s.pid, flush=True)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
     server_pid = int(out.stdout.split()[0])
