@@ -1,0 +1,132 @@
+"""What every side of the benchmark shares: sizes, samples, probes, percentiles, process memory."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+__all__ = (
+    "NotAvailable",
+    "Sizes",
+    "now",
+    "percentile",
+    "read_probe",
+    "rss_mb",
+    "wait_probe",
+    "wait_probes",
+    "write_probe",
+)
+
+
+class NotAvailable(Exception):
+    """A system cannot run a scenario in this run; the message says why (it is printed in the table)."""
+
+
+def now() -> float:
+    """Seconds on CLOCK_MONOTONIC: one clock for every process of this machine, so a time taken in a
+    worker process and one taken in the driver can be subtracted."""
+    return time.monotonic()
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``samples`` by nearest rank on the sorted list."""
+    if not samples:
+        return math.nan
+    ordered = sorted(samples)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much each scenario does. ``quick`` is the CI smoke test; ``full`` is the published run."""
+
+    rounds: int
+    create_samples: int  # (a) per round
+    rtt_samples: int  # (b) per round
+    concurrency: tuple[int, ...]  # (c) sessions at once
+    throughput_ops: int  # (c) activities per round, spread over the sessions
+    throughput_rounds: int
+    cancel_samples: int  # (d) per round
+    loss_samples: int  # (e) per round
+    loss_heartbeat_timeout: float  # (e) seconds
+    loss_rounds: int
+    hb_sessions: int  # (f)
+    hb_workers: int  # (f) and (g)
+    hb_heartbeat_timeout: float  # (f)
+    hb_window: float  # (f) seconds counted
+    mem_sessions: int  # (g)
+    fixed_rounds: int  # (f) and (g)
+    workers: int  # worker processes of (a)-(d)
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(
+            rounds=2, create_samples=4, rtt_samples=40, concurrency=(1, 10, 100), throughput_ops=200,
+            throughput_rounds=1, cancel_samples=8, loss_samples=1, loss_heartbeat_timeout=1.0, loss_rounds=1,
+            hb_sessions=100, hb_workers=4, hb_heartbeat_timeout=1.5, hb_window=2.0, mem_sessions=200,
+            fixed_rounds=1, workers=2,
+        )  # fmt: skip
+
+    @classmethod
+    def full(cls) -> Sizes:
+        return cls(
+            rounds=5, create_samples=20, rtt_samples=400, concurrency=(1, 10, 100), throughput_ops=2000,
+            throughput_rounds=3, cancel_samples=60, loss_samples=2, loss_heartbeat_timeout=2.0, loss_rounds=3,
+            hb_sessions=1000, hb_workers=10, hb_heartbeat_timeout=3.0, hb_window=9.0, mem_sessions=10_000,
+            fixed_rounds=1, workers=2,
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------- probes
+# A worker process notes when something happened (the activity started, the cancel reached it) in a
+# small file; the driver reads it. The time is taken before the file is written, so the side channel
+# costs nothing in the measured interval.
+
+
+def write_probe(directory: str | os.PathLike[str], name: str, value: str) -> None:
+    path = Path(directory) / name
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(value)
+    tmp.replace(path)
+
+
+def read_probe(directory: str | os.PathLike[str], name: str) -> str | None:
+    try:
+        return (Path(directory) / name).read_text()
+    except FileNotFoundError:
+        return None
+
+
+async def wait_probe(directory: str | os.PathLike[str], name: str, *, timeout: float) -> str:
+    """Wait for a probe file; raises TimeoutError after ``timeout`` seconds."""
+    with anyio.fail_after(timeout):
+        while True:
+            value = read_probe(directory, name)
+            if value is not None:
+                return value
+            await anyio.sleep(0.001)
+
+
+async def wait_probes(directory: str | os.PathLike[str], prefix: str, count: int, *, timeout: float) -> None:
+    """Wait until ``count`` probe files whose names start with ``prefix`` exist."""
+    with anyio.fail_after(timeout):
+        # Polling on purpose: the files are written by other processes. A directory listing is
+        # a local, cheap call.
+        while sum(1 for p in Path(directory).iterdir() if p.name.startswith(prefix)) < count:  # noqa: ASYNC110, ASYNC240
+            await anyio.sleep(0.05)
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MB (VmRSS from /proc)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return math.nan
