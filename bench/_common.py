@@ -68,7 +68,7 @@ class Sizes:
     @classmethod
     def quick(cls) -> Sizes:
         return cls(
-            rounds=2, create_samples=4, rtt_samples=40, concurrency=(1, 10, 100), throughput_ops=200,
+            rounds=2, create_samples=4, rtt_samples=40, concurrency=(1, 10, 100), throughput_ops=100,
             throughput_rounds=1, cancel_samples=8, loss_samples=1, loss_heartbeat_timeout=1.0, loss_rounds=1,
             hb_sessions=100, hb_workers=4, hb_heartbeat_timeout=1.5, hb_window=2.0, mem_sessions=200,
             fixed_rounds=1, workers=2,

@@ -1,6 +1,6 @@
 """The limit's stand-ins: raw nats-py, no cadenza code. Run as ``python -m bench._limit_worker``.
 
-``--role worker``: pull-consumes its own task subject ``<p>.task.<id>`` of a work-queue stream,
+``--role worker``: pull-consumes (continuous pull) its own task subject ``<p>.task.<id>`` of a work-queue stream,
 acks each task and publishes the result on the core subject the task names; listens on the core
 subject ``<p>.cancel.<id>`` and notes the moment the callback runs; publishes one core heartbeat
 ``<p>.hb.<id>`` per interval.
@@ -27,6 +27,39 @@ from nats.js.api import ConsumerConfig
 
 from ._common import write_probe
 
+_BATCH = 128
+
+
+async def _pull_forever(nc: nats.NATS, stream: str, durable: str, handle: object) -> None:
+    """Continuous pull: keep pull requests outstanding and handle each message as it arrives.
+
+    nats-py's ``fetch`` ends a long poll before it asks again, and a message that lands in that gap
+    waits (we measured 250 ms and more); a floor must not carry that. This is the JetStream pull
+    protocol itself (what nats.go's ``Consume`` does): a request for ``_BATCH`` messages, renewed
+    when half of it is used or when the server says it expired.
+    """
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+
+    async def pull() -> None:
+        req = {"batch": _BATCH, "expires": 5_000_000_000}
+        await nc.publish(subject, json.dumps(req).encode(), reply=inbox)
+
+    await pull()
+    credit = _BATCH
+    async for msg in sub.messages:
+        if not msg.data and msg.headers and msg.headers.get("Status"):
+            # 408 (expired), 409, 404: that request is over; ask again.
+            await pull()
+            credit = _BATCH
+            continue
+        credit -= 1
+        if credit <= _BATCH // 2:
+            await pull()
+            credit += _BATCH
+        await handle(msg)  # type: ignore[operator]
+
 
 async def _worker(args: argparse.Namespace) -> None:
     nc = await nats.connect(args.url, name=f"limit-{args.id}")
@@ -39,10 +72,15 @@ async def _worker(args: argparse.Namespace) -> None:
 
     await nc.subscribe(f"{p}.cancel.{args.id}", cb=on_cancel)
     durable = f"w_{args.id}"
-    sub = await js.pull_subscribe(
-        f"{p}.task.{args.id}", durable=durable, stream=args.stream,
-        config=ConsumerConfig(ack_wait=30, max_ack_pending=10_000),
-    )  # fmt: skip
+    await js.add_consumer(
+        args.stream,
+        ConsumerConfig(durable_name=durable, filter_subject=f"{p}.task.{args.id}", ack_wait=30, max_ack_pending=10_000),
+    )
+
+    async def on_task(msg: nats.aio.msg.Msg) -> None:
+        task = json.loads(msg.data)
+        await msg.ack()
+        await nc.publish(task["r"], json.dumps({"id": task["id"], "w": args.id}).encode())
 
     async def beat() -> None:
         while True:
@@ -52,15 +90,7 @@ async def _worker(args: argparse.Namespace) -> None:
     beats = asyncio.create_task(beat())
     print("cadenza: ready", args.id, flush=True)
     try:
-        while True:
-            try:
-                msgs = await sub.fetch(256, timeout=1.0)
-            except nats.errors.TimeoutError:
-                continue
-            for msg in msgs:
-                task = json.loads(msg.data)
-                await msg.ack()
-                await nc.publish(task["r"], json.dumps({"id": task["id"], "w": args.id}).encode())
+        await _pull_forever(nc, args.stream, durable, on_task)
     finally:
         beats.cancel()
         await nc.close()
@@ -86,10 +116,19 @@ async def _broker(args: argparse.Namespace) -> None:
 
     await nc.subscribe(f"{p}.hb.*", cb=on_beat)
     await nc.subscribe(f"{p}.workers", cb=on_count)
-    sub = await js.pull_subscribe(
-        f"{p}.create.>", durable="broker", stream=args.stream,
-        config=ConsumerConfig(ack_wait=30, max_ack_pending=10_000),
-    )  # fmt: skip
+    await js.add_consumer(
+        args.stream,
+        ConsumerConfig(durable_name="broker", filter_subject=f"{p}.create.>", ack_wait=30, max_ack_pending=10_000),
+    )
+
+    async def on_create(msg: nats.aio.msg.Msg) -> None:
+        nonlocal turn
+        req = json.loads(msg.data)
+        await msg.ack()
+        wid = req.get("w") or (workers[turn % len(workers)] if workers else "")
+        turn += 1
+        sessions[req["id"]] = wid
+        await nc.publish(req["r"], json.dumps({"id": req["id"], "w": wid}).encode())
 
     async def watch() -> None:
         while True:
@@ -104,18 +143,7 @@ async def _broker(args: argparse.Namespace) -> None:
     watcher = asyncio.create_task(watch())
     print("cadenza: ready broker", flush=True)
     try:
-        while True:
-            try:
-                msgs = await sub.fetch(256, timeout=1.0)
-            except nats.errors.TimeoutError:
-                continue
-            for msg in msgs:
-                req = json.loads(msg.data)
-                await msg.ack()
-                wid = req.get("w") or (workers[turn % len(workers)] if workers else "")
-                turn += 1
-                sessions[req["id"]] = wid
-                await nc.publish(req["r"], json.dumps({"id": req["id"], "w": wid}).encode())
+        await _pull_forever(nc, args.stream, "broker", on_create)
     finally:
         watcher.cancel()
         await nc.close()

@@ -180,7 +180,8 @@ async def _main(args: argparse.Namespace) -> None:
         "graceful_shutdown_timeout": timedelta(seconds=1),
     }  # fmt: skip
     shared = Worker(
-        client, task_queue=args.shared, workflows=WORKFLOWS, activities=[get_worker_queue],
+        client, task_queue=args.shared, workflows=[] if args.no_workflows else WORKFLOWS,
+        activities=[get_worker_queue],
         workflow_runner=UnsandboxedWorkflowRunner(), **common,  # type: ignore[arg-type]
     )  # fmt: skip
     own = Worker(client, task_queue=_QUEUE, activities=[work, wait_cancel, keeper], **common)  # type: ignore[arg-type]
@@ -198,6 +199,7 @@ def main() -> None:
     ap.add_argument("--shared", required=True)
     ap.add_argument("--probe", required=True)
     ap.add_argument("--slots", type=int, default=1000)
+    ap.add_argument("--no-workflows", action="store_true", help="serve activities only")
     args = ap.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_main(args))
