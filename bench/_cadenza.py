@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import re
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -33,7 +32,7 @@ import bus
 from bus import EmbeddedServer
 
 from ._common import NotAvailable, Sizes, now, rss_mb, wait_probe
-from ._peer import Peer
+from ._peer import Peer, notes_from
 from ._procs import Proc, start_all, stop_all
 
 __all__ = ("CadenzaPeer",)
@@ -50,7 +49,7 @@ def _missing_session_api() -> str:
 
 class CadenzaPeer(Peer):
     name = "cadenza"
-    notes = {k: v.strip() for k, v in re.findall(r"^\((\w)\) (.*?)(?=^\(\w\)|^The |\Z)", __doc__ or "", re.S | re.M)}
+    notes = notes_from(__doc__)
 
     def __init__(self, sizes: Sizes, workdir: Path) -> None:
         super().__init__(sizes, workdir)

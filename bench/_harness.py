@@ -73,6 +73,7 @@ class Results:
     samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     missing: dict[str, dict[str, str]] = field(default_factory=dict)
     notes: dict[str, dict[str, str]] = field(default_factory=dict)
+    absent: dict[str, str] = field(default_factory=dict)
     meta: dict[str, object] = field(default_factory=dict)
 
     def add(self, key: str, system: str, values: Sequence[float]) -> None:
@@ -239,9 +240,10 @@ def _targets(res: Results, m: Metric, stat: str) -> str:
 
 
 def markdown(res: Results) -> str:
-    systems = [x for x in res.systems if x != "celery"] + (["celery"] if "celery" in res.systems else [])
+    systems = list(res.systems)
     head = ["scenario", "stat", *[LABEL[x] for x in systems], "cadenza/limit", "Temporal/cadenza", "target"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    reasons: list[str] = []
     for m in METRICS:
         if m.key not in res.samples and m.key not in res.missing:
             continue
@@ -250,13 +252,23 @@ def markdown(res: Results) -> str:
             for x in systems:
                 v = res.stat(m.key, x, stat)
                 if math.isnan(v):
-                    why = res.missing.get(m.key, {}).get(x, "not run")
-                    cells.append(f"n/a ({why})" if len(why) < 90 else f"n/a ({why[:87]}...)")
+                    why = f"{LABEL[x]}: {res.missing.get(m.key, {}).get(x, 'not run')}"
+                    if why not in reasons:
+                        reasons.append(why)
+                    cells.append(f"n/a [{reasons.index(why) + 1}]")
                 else:
                     cells.append(_fmt(v, m.unit))
             c, lim, tem = (res.stat(m.key, x, stat) for x in ("cadenza", "limit", "temporal"))
             row = [m.title, stat, *cells, _ratio(c, lim), _ratio(tem, c), _targets(res, m, stat)]
             lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    lines += [f"[{i}] {why}  " for i, why in enumerate(reasons, 1)]
+    for system, why in res.absent.items():
+        lines.append(f"{LABEL[system]}: not run ({why}).  ")
+    lines.append(
+        "Ratios are of the figures in the row (for activities/s, cadenza/limit 0.5x means half the limit's rate; "
+        "Temporal/cadenza 0.1x means a tenth of cadenza's)."
+    )
     return "\n".join(lines)
 
 
@@ -265,7 +277,7 @@ def notes_markdown(res: Results) -> str:
     for system, notes in res.notes.items():
         if notes:
             out.append(f"\n**{LABEL.get(system, system)}** — what each figure measures:\n")
-            out += [f"- ({k}) {v}" for k, v in sorted(notes.items())]
+            out += [f"- ({k}) {' '.join(v.split())}" for k, v in sorted(notes.items())]
     return "\n".join(out)
 
 
@@ -415,8 +427,15 @@ async def main_async(
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="cadenza-bench-"))
     peers: list[Peer] = []
+    if "celery" in systems:
+        from ._celery import celery_missing
+
+        why = celery_missing()
+        if why:
+            res.systems.remove("celery")
+            res.absent["celery"] = why
     try:
-        for system in systems:
+        for system in list(res.systems):
             try:
                 peer = _make_peer(system, sizes, workdir / system)
                 peer.workdir.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from bus import EmbeddedServer
 
 from ._common import Sizes, now, rss_mb, wait_probe
-from ._peer import Peer
+from ._peer import Peer, notes_from
 from ._procs import Proc, start_all, stop_all
 
 __all__ = ("LimitPeer",)
@@ -99,6 +99,7 @@ class _Install:
 
 class LimitPeer(Peer):
     name = "limit"
+    notes = notes_from(__doc__)
 
     def __init__(self, sizes: Sizes, workdir: Path) -> None:
         super().__init__(sizes, workdir)

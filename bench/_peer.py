@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ._common import NotAvailable, Sizes
 
-__all__ = ("Peer",)
+__all__ = ("Peer", "notes_from")
+
+
+def notes_from(doc: str | None) -> dict[str, str]:
+    """The ``(a) ...`` paragraphs of a module docstring, by scenario letter."""
+    found = re.findall(r"^\((\w)\) (.*?)(?=^\(\w\)|^\s*$|\Z)", doc or "", re.S | re.M)
+    return {k: " ".join(v.split()) for k, v in found}
 
 
 class Peer:

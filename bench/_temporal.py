@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import re
 import shutil
 import socket
 import sys
@@ -39,7 +38,7 @@ from pathlib import Path
 import anyio
 
 from ._common import NotAvailable, Sizes, now, rss_mb, wait_probe, wait_probes
-from ._peer import Peer
+from ._peer import Peer, notes_from
 from ._procs import Proc, start_all, stop_all
 
 __all__ = ("TemporalPeer", "find_temporal")
@@ -64,7 +63,7 @@ def _free_port() -> int:
 
 class TemporalPeer(Peer):
     name = "temporal"
-    notes = {k: v.strip() for k, v in re.findall(r"^\((\w)\) (.*?)(?=^\(\w\)|\Z)", __doc__ or "", re.S | re.M)}
+    notes = notes_from(__doc__)
 
     def __init__(self, sizes: Sizes, workdir: Path) -> None:
         super().__init__(sizes, workdir)
