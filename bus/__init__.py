@@ -6,9 +6,36 @@ Sessions, tracked activities and the worker runtime build on this module.
 
 from __future__ import annotations
 
+from schemas import ActivityLevel as ActivityLevel
+from schemas import ActivityRecord as ActivityRecord
+from schemas import ActivityStatus as ActivityStatus
+from schemas import ActivityUser as ActivityUser
 from schemas import CancelCause as CancelCause
 from schemas import CancelKind as CancelKind
+from schemas import MessageRecord as MessageRecord
 
+from ._activity import CANCELLED_BY_USER as CANCELLED_BY_USER
+from ._activity import ActivityCancelledError as ActivityCancelledError
+from ._activity import ActivityFinishedError as ActivityFinishedError
+from ._activity import ActivityNotCancellableError as ActivityNotCancellableError
+from ._activity import ActivityNotFoundError as ActivityNotFoundError
+from ._activity import AppendMessageRequest as AppendMessageRequest
+from ._activity import HandlerOptions as HandlerOptions
+from ._activity import MessageAppender as MessageAppender
+from ._activity import Service as Service
+from ._activity import StartRequest as StartRequest
+from ._activity import Tracker as Tracker
+from ._activity import UpdateRequest as UpdateRequest
+from ._activity import cancelled_by_context as cancelled_by_context
+from ._activity import clamp_progress as clamp_progress
+from ._activity import complete_handler_activity as complete_handler_activity
+from ._activity import run_handler_activity as run_handler_activity
+from ._activity import start_handler_activity_for_user as start_handler_activity_for_user
+from ._activity import status_for_cause as status_for_cause
+from ._activity_client import ActivityClient as ActivityClient
+from ._activity_client import MessageBatch as MessageBatch
+from ._activity_client import read_activity_messages as read_activity_messages
+from ._activity_client import watch_activities as watch_activities
 from ._bus import Bus as Bus
 from ._bus import BusState as BusState
 from ._bus import BusStats as BusStats
@@ -46,12 +73,30 @@ from ._topology import ConsumerSpec as ConsumerSpec
 from ._topology import StreamSpec as StreamSpec
 from ._topology import Topology as Topology
 from ._tracing import configure_tracing as configure_tracing
+from ._tracker import BusActivityService as BusActivityService
+from ._writer import ActivityWriter as ActivityWriter
+from ._writer import flush_writer as flush_writer
+from ._writer import new_writer as new_writer
+from ._writer import write_started_line as write_started_line
 
 __all__ = (
+    "CANCELLED_BY_USER",
     "MAX_EVENT_BYTES",
+    "ActivityCancelledError",
+    "ActivityClient",
     "ActivityError",
+    "ActivityFinishedError",
+    "ActivityLevel",
+    "ActivityNotCancellableError",
+    "ActivityNotFoundError",
+    "ActivityRecord",
+    "ActivityStatus",
+    "ActivityUser",
+    "ActivityWriter",
+    "AppendMessageRequest",
     "BucketSpec",
     "Bus",
+    "BusActivityService",
     "BusError",
     "BusState",
     "BusStats",
@@ -66,25 +111,44 @@ __all__ = (
     "Context",
     "Delivery",
     "EmbeddedServer",
+    "HandlerOptions",
     "Heartbeater",
+    "MessageAppender",
+    "MessageBatch",
+    "MessageRecord",
     "ProcessLoad",
     "PublishError",
     "PublishResult",
     "RemoteError",
     "RequestError",
     "ServerStartError",
+    "Service",
     "SessionError",
+    "StartRequest",
     "StreamSpec",
     "Timeouts",
     "Topology",
     "TopologyError",
+    "Tracker",
+    "UpdateRequest",
     "ValidationError",
     "background",
+    "cancelled_by_context",
+    "clamp_progress",
+    "complete_handler_activity",
     "configure_tracing",
     "connect",
     "decode",
     "encode",
     "find_server_binary",
+    "flush_writer",
     "new_worker_id",
+    "new_writer",
+    "read_activity_messages",
     "request_cancel",
+    "run_handler_activity",
+    "start_handler_activity_for_user",
+    "status_for_cause",
+    "watch_activities",
+    "write_started_line",
 )

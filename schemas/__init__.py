@@ -5,6 +5,27 @@ Nothing here does I/O or imports the rest of cadenza.
 
 from __future__ import annotations
 
+from ._activity import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES
+from ._activity import TERMINAL_STATUSES as TERMINAL_STATUSES
+from ._activity import ActivityCompleted as ActivityCompleted
+from ._activity import ActivityLevel as ActivityLevel
+from ._activity import ActivityMessage as ActivityMessage
+from ._activity import ActivityRecord as ActivityRecord
+from ._activity import ActivityStarted as ActivityStarted
+from ._activity import ActivityStatus as ActivityStatus
+from ._activity import ActivityUpdated as ActivityUpdated
+from ._activity import ActivityUser as ActivityUser
+from ._activity import CancelActivityReply as CancelActivityReply
+from ._activity import CancelActivityRequest as CancelActivityRequest
+from ._activity import GetActivityReply as GetActivityReply
+from ._activity import GetActivityRequest as GetActivityRequest
+from ._activity import ListActivitiesReply as ListActivitiesReply
+from ._activity import ListActivitiesRequest as ListActivitiesRequest
+from ._activity import MessageEntry as MessageEntry
+from ._activity import MessageRecord as MessageRecord
+from ._activity import TailActivityReply as TailActivityReply
+from ._activity import TailActivityRequest as TailActivityRequest
+from ._activity import cut_text as cut_text
 from ._cancel import CancelCause as CancelCause
 from ._cancel import CancelKind as CancelKind
 from ._cancel import CancelRequested as CancelRequested
@@ -31,18 +52,39 @@ __all__ = (
     "DEFAULT_PREFIX",
     "DOMAINS",
     "JSON_DIR",
+    "MAX_MESSAGE_BYTES",
+    "TERMINAL_STATUSES",
+    "ActivityCompleted",
+    "ActivityLevel",
+    "ActivityMessage",
+    "ActivityRecord",
+    "ActivityStarted",
+    "ActivityStatus",
+    "ActivityUpdated",
+    "ActivityUser",
+    "CancelActivityReply",
+    "CancelActivityRequest",
     "CancelCause",
     "CancelKind",
     "CancelRequested",
     "DeadLetter",
     "Event",
+    "GetActivityReply",
+    "GetActivityRequest",
+    "ListActivitiesReply",
+    "ListActivitiesRequest",
+    "MessageEntry",
+    "MessageRecord",
     "SubjectError",
     "SubjectParts",
     "Subjects",
+    "TailActivityReply",
+    "TailActivityRequest",
     "WorkerHeartbeat",
     "WorkerStarted",
     "WorkerStopped",
     "check_token",
+    "cut_text",
     "event_types",
     "export_json_schemas",
     "json_schemas",

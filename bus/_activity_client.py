@@ -1,0 +1,274 @@
+"""Reading activities: the recorder's endpoints as typed calls, the message reader, the live change feed.
+
+Messages are not copied anywhere: they are the ``activity`` stream's ``message`` events (and the
+final message of the first ``completed`` event), read back with a short-lived consumer filtered on
+``<prefix>.activity.<id>.*``. The recorder's folded state is the ``activities`` key-value bucket; a
+dashboard follows it with :func:`watch_activities` (or ``nats kv watch <bucket>``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import nats.errors
+import nats.js.errors
+import pydantic
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from schemas import (
+    ActivityCompleted,
+    ActivityMessage,
+    ActivityRecord,
+    ActivityStarted,
+    ActivityUpdated,
+    CancelActivityReply,
+    CancelActivityRequest,
+    GetActivityReply,
+    GetActivityRequest,
+    ListActivitiesReply,
+    ListActivitiesRequest,
+    MessageRecord,
+    TailActivityReply,
+    TailActivityRequest,
+    cut_text,
+)
+
+from ._activity import clamp_progress
+from ._bus import Bus
+from ._codec import decode
+from ._exceptions import BusError, ValidationError
+
+__all__ = (
+    "ActivityClient",
+    "MessageBatch",
+    "activity_kv_key",
+    "read_activity_messages",
+    "watch_activities",
+)
+
+_KV_SAFE = re.compile(r"[^-_a-zA-Z0-9]")
+_ACTIVITY_EVENTS = (ActivityStarted, ActivityUpdated, ActivityMessage, ActivityCompleted)
+
+
+def activity_kv_key(activity_id: str) -> str:
+    """The key of an activity in the ``activities`` bucket (ids may hold characters keys may not)."""
+    return _KV_SAFE.sub(lambda m: f"={ord(m.group()):02X}", activity_id)
+
+
+@dataclass
+class MessageBatch:
+    """Messages read from the stream, and where to continue.
+
+    Attributes:
+        messages: by seq, oldest first, each seq once.
+        cursor: stream sequence to continue from (pass it back to read only newer events).
+        completed: the activity's first completion event, if it was among the events read.
+        events: stream events read.
+    """
+
+    messages: list[MessageRecord] = field(default_factory=list)
+    cursor: int = 0
+    completed: ActivityCompleted | None = None
+    events: int = 0
+
+
+def _records(activity_id: str, seq: int, entries: list[Any]) -> list[MessageRecord]:
+    out = []
+    for i, e in enumerate(entries):
+        text = cut_text(e.message)
+        if not text:
+            continue
+        out.append(
+            MessageRecord(
+                activity_id=activity_id,
+                seq=seq + i,
+                level=e.level,
+                message=text,
+                payload=e.payload,
+                step=e.step,
+                progress=None if e.progress is None else clamp_progress(e.progress),
+                created_at=e.created_at,
+            )
+        )
+    return out
+
+
+async def read_activity_messages(
+    bus: Bus,
+    activity_id: str,
+    *,
+    after_seq: int = 0,
+    cursor: int = 0,
+    wait: float = 0.0,
+    soft_limit: int = 0,
+) -> MessageBatch:
+    """Read the messages of an activity with seq > ``after_seq`` from the stream.
+
+    Args:
+        after_seq: only messages after this seq.
+        cursor: start at this stream sequence (from an earlier batch) instead of the beginning.
+        wait: when nothing newer is stored, wait up to this long for it (a live tail).
+        soft_limit: stop reading events once this many messages are collected (0: read all).
+
+    Raises:
+        BusError: the stream could not be read.
+    """
+    stream = bus.topology.stream_name("activity")
+    subject = bus.subjects.filter("activity", activity_id)
+    config = ConsumerConfig(
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE if cursor else DeliverPolicy.ALL,
+        opt_start_seq=cursor or None,
+        ack_policy=AckPolicy.NONE,
+        inactive_threshold=30.0,
+        mem_storage=True,
+        filter_subject=subject,
+    )
+    out = MessageBatch(cursor=cursor)
+    seen: dict[int, MessageRecord] = {}
+    try:
+        with anyio.fail_after(bus.timeouts.request + wait):
+            psub = await bus.js.pull_subscribe(subject, stream=stream, config=config)
+    except (TimeoutError, nats.errors.Error) as exc:
+        raise BusError(f"cannot read the messages of activity {activity_id}: {exc!r}") from exc
+    try:
+        pending = (await psub.consumer_info()).num_pending
+        deadline = anyio.current_time() + wait
+        caught_up = pending == 0
+        while True:
+            if caught_up:
+                left = deadline - anyio.current_time()
+                if seen or out.completed is not None or left <= 0:
+                    break
+                batch_size, timeout = 64, left
+            else:
+                batch_size, timeout = 256, bus.timeouts.fetch + 1.0
+            try:
+                msgs = await psub.fetch(batch_size, timeout=timeout)
+            except nats.errors.TimeoutError:
+                msgs = []
+                if not caught_up:
+                    raise BusError(f"reading activity {activity_id}: the server stopped sending") from None
+            for msg in msgs:
+                meta = msg.metadata
+                out.cursor = meta.sequence.stream + 1
+                out.events += 1
+                if meta.num_pending == 0:
+                    caught_up = True
+                try:
+                    event = decode(msg.data, msg.headers, _ACTIVITY_EVENTS)
+                except ValidationError:
+                    continue  # dead-lettered by the recorder; nothing to show
+                if isinstance(event, ActivityMessage):
+                    for rec in _records(activity_id, event.seq, event.entries):
+                        if rec.seq > after_seq:
+                            seen.setdefault(rec.seq, rec)
+                elif isinstance(event, ActivityCompleted) and out.completed is None:
+                    out.completed = event
+                    if event.final is not None and event.final_seq > after_seq:
+                        for rec in _records(activity_id, event.final_seq, [event.final]):
+                            seen.setdefault(rec.seq, rec)
+            if soft_limit and len(seen) >= soft_limit:
+                break
+    except nats.errors.Error as exc:
+        raise BusError(f"cannot read the messages of activity {activity_id}: {exc!r}") from exc
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(bus.timeouts.shutdown):
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()
+            with contextlib.suppress(Exception):
+                info = await psub.consumer_info()
+                await bus.js.delete_consumer(stream, info.name)
+    out.messages = [seen[s] for s in sorted(seen)]
+    return out
+
+
+async def watch_activities(bus: Bus) -> AsyncIterator[ActivityRecord]:
+    """Every activity as the recorder stores it, then each change, live (for a dashboard).
+
+    Raises:
+        BusError: the bucket is not available.
+    """
+    kv = await bus.kv("activities")
+    try:
+        watcher = await kv.watchall()
+    except nats.errors.Error as exc:
+        raise BusError(f"cannot watch the activities bucket: {exc}") from exc
+    try:
+        async for entry in watcher:
+            if entry is None or entry.value is None or entry.operation in ("DEL", "PURGE"):
+                continue
+            try:
+                yield stored_record(entry.value)
+            except pydantic.ValidationError:
+                continue
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(bus.timeouts.shutdown):
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
+
+
+def stored_record(value: bytes) -> ActivityRecord:
+    """The :class:`ActivityRecord` inside a value of the ``activities`` bucket."""
+    return _StoredView.model_validate_json(value).record
+
+
+class _StoredView(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="ignore")
+    record: ActivityRecord
+
+
+class ActivityClient:
+    """The recorder's endpoints (``<prefix>.rpc.recorder.<name>``) as typed calls.
+
+    Raises (every method):
+        RemoteError: the recorder answered with an error; ``remote_code`` is ``not_found``,
+            ``not_cancellable``, ``validation``, ...
+        RequestError: no recorder answered.
+    """
+
+    def __init__(self, bus: Bus, *, timeout: float | None = None) -> None:
+        self.bus = bus
+        self.timeout = timeout
+
+    def _subject(self, name: str) -> str:
+        return self.bus.rpc_subject("recorder", name)
+
+    async def list(self, req: ListActivitiesRequest | None = None, **filters: Any) -> ListActivitiesReply:
+        """Activities of an environment, active first, then newest first."""
+        req = req or ListActivitiesRequest.model_validate(filters)
+        return await self.bus.request(self._subject("list"), req, ListActivitiesReply, timeout=self.timeout)
+
+    async def get(self, activity_id: str, limit: int = 500) -> GetActivityReply:
+        """One activity with its last ``limit`` (<= 500) messages, oldest first."""
+        req = GetActivityRequest(activity_id=activity_id, limit=limit)
+        return await self.bus.request(self._subject("get"), req, GetActivityReply, timeout=self.timeout)
+
+    async def tail(
+        self, activity_id: str, *, after_seq: int = 0, cursor: int = 0, wait: float = 0.0, limit: int = 500
+    ) -> TailActivityReply:
+        """Messages after ``after_seq`` (waiting up to ``wait`` s for some)."""
+        req = TailActivityRequest(activity_id=activity_id, after_seq=after_seq, cursor=cursor, wait=wait, limit=limit)
+        timeout = (self.timeout or self.bus.timeouts.request) + wait
+        return await self.bus.request(self._subject("tail"), req, TailActivityReply, timeout=timeout)
+
+    async def follow(self, activity_id: str, *, after_seq: int = 0, wait: float = 5.0) -> AsyncIterator[MessageRecord]:
+        """Every message after ``after_seq``, live, until the activity ends."""
+        cursor = 0
+        while True:
+            reply = await self.tail(activity_id, after_seq=after_seq, cursor=cursor, wait=wait)
+            for message in reply.messages:
+                yield message
+            after_seq = max(after_seq, reply.last_seq)
+            cursor = reply.cursor
+            if reply.done:
+                return
+
+    async def cancel(self, activity_id: str, *, who: str = "", reason: str = "") -> CancelActivityReply:
+        """Ask for a user's cancellation (``not_found`` / ``not_cancellable`` errors otherwise)."""
+        req = CancelActivityRequest(activity_id=activity_id, who=who, reason=reason)
+        return await self.bus.request(self._subject("cancel"), req, CancelActivityReply, timeout=self.timeout)

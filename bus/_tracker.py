@@ -1,0 +1,461 @@
+"""The bus-backed activity service: :class:`Service`, :class:`MessageAppender` and :class:`Tracker` at once.
+
+``async with BusActivityService(bus) as svc:`` owns a task group with a :class:`CancelRouter` (cancel
+events reach the work of this process in one NATS hop) and, unless told the process heartbeats
+already, a :class:`Heartbeater` (the recorder finalises the activities of a process whose heartbeats
+stop). Each activity's events are published one at a time under a per-activity lock, so its message
+``seq`` is gap-free; an event that was not acknowledged is kept and published again, unchanged,
+before anything newer of that activity (so a retry never re-numbers or duplicates a message).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from schemas import (
+    ActivityCompleted,
+    ActivityLevel,
+    ActivityMessage,
+    ActivityRecord,
+    ActivityStarted,
+    ActivityStatus,
+    ActivityUpdated,
+    CancelKind,
+    Event,
+    MessageEntry,
+    MessageRecord,
+    cut_text,
+    utcnow,
+)
+
+from ._activity import (
+    ActivityFinishedError,
+    AppendMessageRequest,
+    StartRequest,
+    UpdateRequest,
+    clamp_progress,
+)
+from ._bus import Bus
+from ._cancel import CancelRouter
+from ._context import CancelToken, Context
+from ._exceptions import ActivityError, CadenzaError
+from ._heartbeat import Heartbeater, ProcessLoad, new_worker_id
+from ._writer import ActivityWriter, TextSink, flush_writer
+
+__all__ = ("BusActivityService", "ServiceState")
+
+_log = logging.getLogger("cadenza.activity")
+
+_LEVEL_OF = {
+    ActivityStatus.SUCCESS: ActivityLevel.SUCCESS,
+    ActivityStatus.CANCELLED: ActivityLevel.WARNING,
+    ActivityStatus.FAILED: ActivityLevel.ERROR,
+}
+
+
+class ServiceState(enum.Enum):
+    """Lifecycle of a :class:`BusActivityService`."""
+
+    NEW = "new"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass(eq=False)
+class _Track:
+    """What this process knows about one activity it runs."""
+
+    record: ActivityRecord
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+    rev: int = 0
+    next_seq: int = 1
+    #: Events not acknowledged yet, with the batch they carry (to recognise a writer's retry).
+    pending: list[tuple[Event, object]] = field(default_factory=list)
+    registration: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    token: CancelToken | None = None
+    watch: anyio.CancelScope | None = None
+    writers: list[ActivityWriter] = field(default_factory=list)
+    warned: bool = False
+
+
+class BusActivityService:
+    """Tracks activities on the bus (implements ``Service``, ``MessageAppender`` and ``Tracker``).
+
+    Args:
+        bus: the bus to publish on.
+        worker_id: this process's id in the activities' ``worker_id`` (default: a fresh one).
+        heartbeat: run a :class:`Heartbeater` for ``worker_id``; pass False when the process
+            heartbeats already under that id (a session ``Worker`` does).
+        heartbeat_interval: seconds between heartbeats (the recorder's host-lost timeout is a
+            multiple of it).
+        router: a :class:`CancelRouter` already running in this process (default: own one).
+        writer_flush_timeout: bound of :func:`flush_writer` and of flushing writers at completion.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        worker_id: str | None = None,
+        *,
+        heartbeat: bool = True,
+        heartbeat_interval: float = 5.0,
+        router: CancelRouter | None = None,
+        writer_flush_timeout: float = 30.0,
+    ) -> None:
+        self.bus = bus
+        self.worker_id = worker_id or new_worker_id("act")
+        self.state = ServiceState.NEW
+        self.heartbeat = heartbeat
+        self.heartbeat_interval = heartbeat_interval
+        self.writer_flush_timeout = writer_flush_timeout
+        self._own_router = router is None
+        self.router = router or CancelRouter(bus)
+        self.heartbeater: Heartbeater | None = None
+        self._tracks: dict[str, _Track] = {}
+        self._finished: OrderedDict[str, ActivityStatus] = OrderedDict()
+        self._tg: TaskGroup | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+
+    def __repr__(self) -> str:
+        return f"<BusActivityService {self.worker_id} {self.state.value} running={len(self._tracks)}>"
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> BusActivityService:
+        if self.state is not ServiceState.NEW:
+            raise ActivityError("a BusActivityService can be opened once")
+        stack = contextlib.AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            if self._own_router:
+                await self._tg.start(self.router.run)
+            if self.heartbeat:
+                self.heartbeater = Heartbeater(
+                    self.bus,
+                    worker_id=self.worker_id,
+                    interval=self.heartbeat_interval,
+                    load=lambda: ProcessLoad(running_activities=len(self._tracks)),
+                )
+                await self._tg.start(self.heartbeater.run)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await stack.__aexit__(None, None, None)
+            raise
+        self._stack = stack
+        self.state = ServiceState.OPEN
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """End activities still open as ``failed`` (the service stopped), store queued output, stop.
+
+        Safe to call twice. Bounded by the bus's shutdown timeout per activity.
+        """
+        if self.state is not ServiceState.OPEN:
+            self.state = ServiceState.CLOSED
+            return
+        self.state = ServiceState.CLOSED
+        with anyio.CancelScope(shield=True):
+            for activity_id in list(self._tracks):
+                with anyio.move_on_after(self.bus.timeouts.shutdown):
+                    with contextlib.suppress(CadenzaError):
+                        await self.complete_activity(
+                            activity_id,
+                            ActivityStatus.FAILED,
+                            "the service stopped before the activity ended",
+                            "the service stopped before the activity ended",
+                            _closing=True,
+                        )
+        assert self._tg is not None and self._stack is not None
+        self._tg.cancel_scope.cancel()
+        await self._stack.__aexit__(None, None, None)
+
+    def _check_open(self) -> TaskGroup:
+        if self.state is not ServiceState.OPEN or self._tg is None:
+            raise ActivityError("the activity service is not open (use `async with BusActivityService(bus)`)")
+        return self._tg
+
+    def running(self) -> list[str]:
+        """Ids of the activities this service runs now."""
+        return list(self._tracks)
+
+    # ------------------------------------------------------------ publishing
+
+    async def _publish_locked(self, track: _Track, event: Event, batch: object = None) -> None:
+        # Older unacknowledged events first, unchanged: same id, same seq (dedupe on the server).
+        while track.pending:
+            old, old_batch = track.pending[0]
+            await self.bus.publish(old)
+            track.pending.pop(0)
+            if batch is not None and old_batch is batch:
+                return
+        try:
+            await self.bus.publish(event)
+        except CadenzaError as exc:
+            if not exc.non_retryable:
+                track.pending.append((event, batch))
+            raise
+
+    def _track(self, activity_id: str) -> _Track:
+        track = self._tracks.get(activity_id)
+        if track is None:
+            if activity_id in self._finished:
+                raise ActivityFinishedError(
+                    f"activity {activity_id} has finished ({self._finished[activity_id].value})"
+                )
+            raise ActivityError(f"activity {activity_id} is not running in this service", non_retryable=True)
+        return track
+
+    # ------------------------------------------------------------ Service
+
+    async def start_activity(self, req: StartRequest) -> ActivityRecord:
+        """Announce an activity (event id ``<id>.started``).
+
+        Raises:
+            ActivityError: the service is not open, or the id is already running here.
+            PublishError / ValidationError: the announce was not stored.
+        """
+        self._check_open()
+        if req.id in self._tracks or req.id in self._finished:
+            raise ActivityError(f"activity {req.id} was started already", non_retryable=True)
+        now = utcnow()
+        record = ActivityRecord(
+            id=req.id,
+            environment_id=req.environment_id,
+            type=req.type,
+            status=req.status,
+            resource_type=req.resource_type,
+            resource_id=req.resource_id,
+            resource_name=req.resource_name,
+            progress=clamp_progress(req.progress),
+            step=req.step,
+            latest_message=cut_text(req.message),
+            started_by=req.started_by,
+            started_at=now,
+            metadata=req.metadata,
+            batch_id=req.batch_id,
+            worker_id=req.worker_id or self.worker_id,
+            session_id=req.session_id,
+            created_at=now,
+            updated_at=now,
+        )
+        event = ActivityStarted(
+            event_id=f"{req.id}.started",
+            time=now,
+            activity_id=req.id,
+            environment_id=req.environment_id,
+            activity_type=req.type,
+            status=req.status,
+            resource_type=req.resource_type,
+            resource_id=req.resource_id,
+            resource_name=req.resource_name,
+            step=req.step,
+            message=record.latest_message,
+            progress=record.progress,
+            started_by=req.started_by,
+            metadata=req.metadata,
+            batch_id=req.batch_id,
+            worker_id=record.worker_id,
+            session_id=req.session_id,
+        )
+        await self.bus.publish(event)
+        self._tracks[req.id] = _Track(record=record)
+        return record
+
+    async def update_activity(self, activity_id: str, req: UpdateRequest) -> None:
+        """Change step / progress / latest message (and ``queued`` -> ``running``)."""
+        track = self._track(activity_id)
+        async with track.lock:
+            track.rev += 1
+            event = ActivityUpdated(
+                event_id=f"{activity_id}.upd.{track.rev}",
+                activity_id=activity_id,
+                rev=track.rev,
+                status=ActivityStatus.RUNNING if req.running else None,
+                step=req.step,
+                progress=None if req.progress is None else clamp_progress(req.progress),
+                message=None if req.message is None else cut_text(req.message),
+            )
+            await self._publish_locked(track, event)
+
+    async def complete_activity(
+        self,
+        activity_id: str,
+        status: ActivityStatus,
+        final_message: str = "",
+        error: str | None = None,
+        *,
+        final_step: str | None = None,
+        result: Any = None,
+        _closing: bool = False,
+    ) -> ActivityRecord:
+        """End an activity (event id ``<id>.completed``); the first completion wins.
+
+        Output queued in this activity's writers is stored first, so the final message is the last.
+        The cancel registration of the activity is released.
+
+        Raises:
+            ActivityFinishedError: it was completed before.
+            ActivityError: ``status`` is not terminal, or the activity is not running here.
+            PublishError: not stored (the activity stays open here; call again to retry).
+        """
+        if not status.terminal:
+            raise ActivityError(f"{status.value} is not a terminal status", non_retryable=True)
+        track = self._track(activity_id)
+        for writer in list(track.writers):
+            writer.close()
+            with anyio.move_on_after(self.writer_flush_timeout):
+                await flush_writer(writer)
+        await self._warn_cancelled(track)
+        async with track.lock:
+            if activity_id not in self._tracks:
+                raise ActivityFinishedError(f"activity {activity_id} has finished")
+            text = cut_text(final_message)
+            final = MessageEntry(level=_LEVEL_OF[status], message=text, step=final_step) if text else None
+            final_seq = track.next_seq if final is not None else 0
+            track.rev += 1
+            event = ActivityCompleted(
+                event_id=f"{activity_id}.completed",
+                activity_id=activity_id,
+                rev=track.rev,
+                status=status,
+                error=cut_text(error) if error else None,
+                final=final,
+                final_seq=final_seq,
+                step=final_step,
+                result=result,
+            )
+            await self._publish_locked(track, event)
+            if final is not None:
+                track.next_seq += 1
+            self._finish(activity_id, status)
+        record = track.record.model_copy(
+            update={
+                "status": status,
+                "error": event.error,
+                "ended_at": event.time,
+                "latest_message": text or track.record.latest_message,
+                "progress": 100.0 if status is ActivityStatus.SUCCESS else track.record.progress,
+                "result": result,
+                "last_seq": track.next_seq - 1,
+            }
+        )
+        return record
+
+    def _finish(self, activity_id: str, status: ActivityStatus) -> None:
+        track = self._tracks.pop(activity_id)
+        self._finished[activity_id] = status
+        while len(self._finished) > 100_000:
+            self._finished.popitem(last=False)
+        track.registration.close()
+        if track.watch is not None:
+            track.watch.cancel()
+        if track.token is not None:
+            track.token.release()
+
+    # ------------------------------------------------------------ MessageAppender
+
+    async def append_message(self, activity_id: str, req: AppendMessageRequest) -> MessageRecord | None:
+        """Store one message (trimmed, cut to 8192 bytes); blank text is not stored (returns None)."""
+        text = cut_text(req.message)
+        if not text:
+            return None
+        entry = MessageEntry(
+            level=req.level,
+            message=text,
+            payload=req.payload,
+            step=req.step,
+            progress=None if req.progress is None else clamp_progress(req.progress),
+        )
+        seq = await self.append_entries(activity_id, [entry])
+        return MessageRecord(activity_id=activity_id, seq=seq, **entry.model_dump())
+
+    async def append_entries(self, activity_id: str, entries: list[MessageEntry]) -> int:
+        """Store consecutive messages as one event; returns the seq of the last one.
+
+        If the event is not acknowledged it is kept and sent again before anything newer; calling
+        again with the same ``entries`` object only resends it (the writer's retry).
+        """
+        track = self._track(activity_id)
+        async with track.lock:
+            if activity_id not in self._tracks:
+                raise ActivityFinishedError(f"activity {activity_id} has finished")
+            for event, batch in track.pending:
+                if batch is entries:
+                    await self._publish_locked(track, event, batch)
+                    assert isinstance(event, ActivityMessage)
+                    return event.last_seq
+            track.rev += 1
+            event = ActivityMessage(
+                event_id=f"{activity_id}.msg.{track.next_seq}",
+                activity_id=activity_id,
+                rev=track.rev,
+                seq=track.next_seq,
+                entries=entries,
+            )
+            track.next_seq += len(entries)
+            await self._publish_locked(track, event, entries)
+            return event.last_seq
+
+    def open_writer(self, activity_id: str, *, underlying: TextSink | None = None) -> ActivityWriter:
+        """A writer for ``activity_id`` whose pump runs in this service (see :func:`new_writer`)."""
+        tg = self._check_open()
+        track = self._track(activity_id)
+        writer = ActivityWriter(
+            activity_id, self.append_entries, underlying=underlying, flush_timeout=self.writer_flush_timeout
+        )
+        writer._pumping = True
+        track.writers.append(writer)
+        tg.start_soon(writer.pump, name=f"activity-writer-{activity_id}")
+        return writer
+
+    # ------------------------------------------------------------ Tracker
+
+    async def track(self, ctx: Context, activity_id: str) -> Context:
+        """A child of ``ctx`` bound to ``activity_id``: cancel events for it cancel the child's token.
+
+        A cancel stored a moment before this call is found and applied. A user's cancel also appends
+        the warning "Cancellation requested by <name>" to the activity's messages.
+        """
+        tg = self._check_open()
+        track = self._track(activity_id)
+        work = ctx.child(activity_id=activity_id)
+        track.registration.enter_context(self.router.register(activity_id, work.token))
+        track.token = work.token
+        track.watch = anyio.CancelScope()
+        tg.start_soon(self._watch_cancel, track, work.token, name=f"activity-cancel-{activity_id}")
+        await self.router.check_stored(activity_id, work.token)
+        return work
+
+    async def _watch_cancel(self, track: _Track, token: CancelToken) -> None:
+        assert track.watch is not None
+        with track.watch:
+            await token.wait()
+            await self._warn_cancelled(track)
+
+    async def _warn_cancelled(self, track: _Track) -> None:
+        """Append "Cancellation requested by <name>" once, when a user cancelled the activity."""
+        cause = track.token.cause if track.token is not None else None
+        if cause is None or cause.kind is not CancelKind.USER or track.warned:
+            return
+        track.warned = True
+        try:
+            await self.append_message(
+                track.record.id,
+                AppendMessageRequest(
+                    message=f"Cancellation requested by {cause.who or 'user'}", level=ActivityLevel.WARNING
+                ),
+            )
+        except CadenzaError as exc:
+            _log.info("activity %s: cancel warning not stored: %s", track.record.id, exc)
