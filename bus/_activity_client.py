@@ -32,6 +32,7 @@ from schemas import (
     GetActivityRequest,
     ListActivitiesReply,
     ListActivitiesRequest,
+    MessageEntry,
     MessageRecord,
     TailActivityReply,
     TailActivityRequest,
@@ -77,25 +78,17 @@ class MessageBatch:
     events: int = 0
 
 
-def _records(activity_id: str, seq: int, entries: list[Any]) -> list[MessageRecord]:
-    out = []
-    for i, e in enumerate(entries):
-        text = cut_text(e.message)
-        if not text:
-            continue
-        out.append(
-            MessageRecord(
-                activity_id=activity_id,
-                seq=seq + i,
-                level=e.level,
-                message=text,
-                payload=e.payload,
-                step=e.step,
-                progress=None if e.progress is None else clamp_progress(e.progress),
-                created_at=e.created_at,
-            )
-        )
-    return out
+def _record(activity_id: str, seq: int, e: MessageEntry) -> MessageRecord:
+    return MessageRecord(
+        activity_id=activity_id,
+        seq=seq,
+        level=e.level,
+        message=cut_text(e.message),
+        payload=e.payload,
+        step=e.step,
+        progress=None if e.progress is None else clamp_progress(e.progress),
+        created_at=e.created_at,
+    )
 
 
 async def read_activity_messages(
@@ -106,6 +99,7 @@ async def read_activity_messages(
     cursor: int = 0,
     wait: float = 0.0,
     soft_limit: int = 0,
+    keep_last: int = 0,
 ) -> MessageBatch:
     """Read the messages of an activity with seq > ``after_seq`` from the stream.
 
@@ -114,6 +108,7 @@ async def read_activity_messages(
         cursor: start at this stream sequence (from an earlier batch) instead of the beginning.
         wait: when nothing newer is stored, wait up to this long for it (a live tail).
         soft_limit: stop reading events once this many messages are collected (0: read all).
+        keep_last: return only the last this many messages (0: all).
 
     Raises:
         BusError: the stream could not be read.
@@ -129,7 +124,7 @@ async def read_activity_messages(
         filter_subject=subject,
     )
     out = MessageBatch(cursor=cursor)
-    seen: dict[int, MessageRecord] = {}
+    seen: dict[int, MessageEntry] = {}
     try:
         with anyio.fail_after(bus.timeouts.request + wait):
             psub = await bus.js.pull_subscribe(subject, stream=stream, config=config)
@@ -164,14 +159,14 @@ async def read_activity_messages(
                 except ValidationError:
                     continue  # dead-lettered by the recorder; nothing to show
                 if isinstance(event, ActivityMessage):
-                    for rec in _records(activity_id, event.seq, event.entries):
-                        if rec.seq > after_seq:
-                            seen.setdefault(rec.seq, rec)
+                    for i, entry in enumerate(event.entries):
+                        if event.seq + i > after_seq and entry.message.strip():
+                            seen.setdefault(event.seq + i, entry)
                 elif isinstance(event, ActivityCompleted) and out.completed is None:
                     out.completed = event
-                    if event.final is not None and event.final_seq > after_seq:
-                        for rec in _records(activity_id, event.final_seq, [event.final]):
-                            seen.setdefault(rec.seq, rec)
+                    final = event.final
+                    if final is not None and event.final_seq > after_seq and final.message.strip():
+                        seen.setdefault(event.final_seq, final)
             if soft_limit and len(seen) >= soft_limit:
                 break
     except nats.errors.Error as exc:
@@ -183,7 +178,10 @@ async def read_activity_messages(
             with contextlib.suppress(Exception):
                 info = await psub.consumer_info()
                 await bus.js.delete_consumer(stream, info.name)
-    out.messages = [seen[s] for s in sorted(seen)]
+    seqs = sorted(seen)
+    if keep_last:
+        seqs = seqs[-keep_last:]
+    out.messages = [_record(activity_id, s, seen[s]) for s in seqs]
     return out
 
 

@@ -74,6 +74,10 @@ def _readable(obj: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def _entry(level: ActivityLevel, message: str, payload: dict[str, Any] | None = None) -> MessageEntry:
+    return MessageEntry(level=level, message=message, payload=payload)
+
+
 def parse_line(line: str) -> MessageEntry | None:
     """The message one output line becomes, or None for a blank line."""
     text = line.strip()
@@ -86,11 +90,11 @@ def parse_line(line: str) -> MessageEntry | None:
             obj = None
         if isinstance(obj, dict):
             if "error" in obj:
-                return MessageEntry(level=ActivityLevel.ERROR, message=cut_text(_text_of(obj["error"])) or text)
+                return _entry(ActivityLevel.ERROR, cut_text(_text_of(obj["error"])) or cut_text(text))
             if "log" in obj:
-                return MessageEntry(level=ActivityLevel.INFO, message=cut_text(_text_of(obj["log"])) or text)
-            return MessageEntry(level=ActivityLevel.INFO, message=cut_text(_readable(obj)), payload=obj)
-    return MessageEntry(level=ActivityLevel.INFO, message=cut_text(text))
+                return _entry(ActivityLevel.INFO, cut_text(_text_of(obj["log"])) or cut_text(text))
+            return _entry(ActivityLevel.INFO, cut_text(_readable(obj)), obj)
+    return _entry(ActivityLevel.INFO, cut_text(text))
 
 
 def _entry_size(entry: MessageEntry) -> int:

@@ -474,8 +474,10 @@ class Recorder:
 
     async def get(self, req: GetActivityRequest) -> GetActivityReply:
         record = await self._record(req.activity_id)
-        messages = [] if req.limit == 0 else (await read_activity_messages(self.bus, req.activity_id)).messages
-        return GetActivityReply(activity=record, messages=messages[-req.limit :] if req.limit else [])
+        if req.limit == 0:
+            return GetActivityReply(activity=record, messages=[])
+        batch = await read_activity_messages(self.bus, req.activity_id, keep_last=req.limit)
+        return GetActivityReply(activity=record, messages=batch.messages)
 
     async def tail(self, req: TailActivityRequest) -> TailActivityReply:
         record = await self._record(req.activity_id)
