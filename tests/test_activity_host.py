@@ -42,9 +42,10 @@ async def wait_record(
         with anyio.fail_after(timeout):
             while True:
                 try:
-                    reply = await client.get(activity_id)
+                    reply = await client.get(activity_id, limit=0)
                     last = reply.activity
                     if until(reply.activity):
+                        reply = await client.get(activity_id)
                         return reply.activity, reply.messages
                 except bus.RemoteError as exc:
                     if exc.remote_code != "not_found":
@@ -67,13 +68,17 @@ async def _host(args: argparse.Namespace) -> None:
             print(f"worker {svc.worker_id}", flush=True)
             print("cadenza: ready", flush=True)
             if args.mode == "sleep":
-                await anyio.sleep(3600)
+                with work.token.scope():
+                    await anyio.sleep(3600)
+                err = bus.ActivityCancelledError(work.cause) if work.cause else None
+                await bus.complete_handler_activity(work, svc, record.id, "done", err)
+                print("completed", flush=True)
                 return
             w = bus.new_writer(work, svc)
             for i in range(args.lines):
                 w.write(f"line {i}\n")
-                if i % 10 == 0:
-                    await anyio.sleep(0.002)
+                if i % 100 == 0:
+                    await anyio.sleep(0.005)
             await bus.flush_writer(w, timeout=60)
             await svc.complete_activity(record.id, bus.ActivityStatus.SUCCESS, "done")
             print("completed", flush=True)
