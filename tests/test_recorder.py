@@ -53,6 +53,8 @@ async def _seed(b: bus.Bus) -> dict[str, str]:
                     error="disk quota exceeded" if status is ActivityStatus.FAILED else None,
                 )
             )  # fmt: skip
+    for aid, _, _, _, _, _, status in rows:  # the fold is asynchronous: list once every event is in
+        await wait_record(b, aid, (lambda r: r.terminal) if status is not None else (lambda r: True))
     return {r[0]: r[1] for r in rows}
 
 
