@@ -1,7 +1,6 @@
 """cadenza's library: connect to NATS JetStream (or start the embedded server), declare the
-topology, publish and consume typed events.
-
-Sessions, tracked activities and the worker runtime build on this module.
+topology, publish and consume typed events; sessions (client API and worker runtime) and tracked,
+cancellable activities on top.
 """
 
 from __future__ import annotations
@@ -13,6 +12,9 @@ from schemas import ActivityUser as ActivityUser
 from schemas import CancelCause as CancelCause
 from schemas import CancelKind as CancelKind
 from schemas import MessageRecord as MessageRecord
+from schemas import SessionFailure as SessionFailure
+from schemas import SessionRejectReason as SessionRejectReason
+from schemas import SessionState as SessionState
 
 from ._activity import CANCELLED_BY_USER as CANCELLED_BY_USER
 from ._activity import ActivityCancelledError as ActivityCancelledError
@@ -68,12 +70,30 @@ from ._heartbeat import ProcessLoad as ProcessLoad
 from ._heartbeat import new_worker_id as new_worker_id
 from ._server import EmbeddedServer as EmbeddedServer
 from ._server import find_server_binary as find_server_binary
+from ._session import ActivityFailedError as ActivityFailedError
+from ._session import ActivityTimeoutError as ActivityTimeoutError
+from ._session import SessionClient as SessionClient
+from ._session import SessionCreationError as SessionCreationError
+from ._session import SessionFailedError as SessionFailedError
+from ._session import SessionInfo as SessionInfo
+from ._session import SessionOptions as SessionOptions
+from ._session import complete_session as complete_session
+from ._session import create_session as create_session
+from ._session import execute_activity as execute_activity
+from ._session import get_session_info as get_session_info
+from ._session import recreate_session as recreate_session
+from ._session import session as session
 from ._topology import BucketSpec as BucketSpec
 from ._topology import ConsumerSpec as ConsumerSpec
 from ._topology import StreamSpec as StreamSpec
 from ._topology import Topology as Topology
 from ._tracing import configure_tracing as configure_tracing
 from ._tracker import BusActivityService as BusActivityService
+from ._worker import ActivityRegistry as ActivityRegistry
+from ._worker import Worker as Worker
+from ._worker import WorkerState as WorkerState
+from ._worker import activity_context as activity_context
+from ._worker import activity_writer as activity_writer
 from ._writer import ActivityWriter as ActivityWriter
 from ._writer import flush_writer as flush_writer
 from ._writer import new_writer as new_writer
@@ -85,12 +105,15 @@ __all__ = (
     "ActivityCancelledError",
     "ActivityClient",
     "ActivityError",
+    "ActivityFailedError",
     "ActivityFinishedError",
     "ActivityLevel",
     "ActivityNotCancellableError",
     "ActivityNotFoundError",
     "ActivityRecord",
+    "ActivityRegistry",
     "ActivityStatus",
+    "ActivityTimeoutError",
     "ActivityUser",
     "ActivityWriter",
     "AppendMessageRequest",
@@ -123,7 +146,15 @@ __all__ = (
     "RequestError",
     "ServerStartError",
     "Service",
+    "SessionClient",
+    "SessionCreationError",
     "SessionError",
+    "SessionFailedError",
+    "SessionFailure",
+    "SessionInfo",
+    "SessionOptions",
+    "SessionRejectReason",
+    "SessionState",
     "StartRequest",
     "StreamSpec",
     "Timeouts",
@@ -132,21 +163,31 @@ __all__ = (
     "Tracker",
     "UpdateRequest",
     "ValidationError",
+    "Worker",
+    "WorkerState",
+    "activity_context",
+    "activity_writer",
     "background",
     "cancelled_by_context",
     "clamp_progress",
     "complete_handler_activity",
+    "complete_session",
     "configure_tracing",
     "connect",
+    "create_session",
     "decode",
     "encode",
+    "execute_activity",
     "find_server_binary",
     "flush_writer",
+    "get_session_info",
     "new_worker_id",
     "new_writer",
     "read_activity_messages",
+    "recreate_session",
     "request_cancel",
     "run_handler_activity",
+    "session",
     "start_handler_activity_for_user",
     "status_for_cause",
     "watch_activities",

@@ -26,6 +26,7 @@ import socket
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 import anyio
@@ -33,7 +34,7 @@ import nats
 import nats.errors
 import nats.js.errors
 import pydantic
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -44,6 +45,7 @@ from schemas import DEFAULT_PREFIX, DeadLetter, Event, Subjects, check_token
 
 from ._codec import MAX_EVENT_BYTES, decode, encode
 from ._config import ConnectOptions, Timeouts
+from ._context import BUS_KEY, Context
 from ._exceptions import (
     BusError,
     CadenzaError,
@@ -163,6 +165,10 @@ class Bus:
         self.state = BusState.OPEN
         self.stats = BusStats()
         self._kv: dict[str, KeyValue] = {}
+        self._tg: TaskGroup | None = None
+        #: Per-process helpers started on demand (the session client), by name.
+        self.helpers: dict[str, object] = {}
+        self._helper_ready: dict[str, anyio.Event] = {}
 
     def __repr__(self) -> str:
         return f"<Bus {self.url} prefix={self.subjects.prefix!r} {self.state.value}>"
@@ -173,6 +179,31 @@ class Bus:
         cur = self.nc.connected_url
         return cur.geturl() if cur is not None else "(not connected)"
 
+    def context(self) -> Context:
+        """A fresh root :class:`Context` that carries this bus (start session and activity calls from it)."""
+        return Context(values=MappingProxyType({BUS_KEY: self}))
+
+    async def start_helper(self, name: str, helper: Any) -> Any:
+        """Run ``helper.run`` (``task_status`` style) in the bus's task group once per process; returns
+        the helper registered under ``name`` (the first one started)."""
+        self._check_open()
+        existing = self.helpers.get(name)
+        if existing is not None:
+            with anyio.fail_after(self.timeouts.request):
+                await self._helper_ready[name].wait()
+            return existing
+        if self._tg is None:
+            raise BusError("this bus has no task group: open it with `async with bus.connect(...)`")
+        self.helpers[name] = helper
+        ready = self._helper_ready[name] = anyio.Event()
+        try:
+            await self._tg.start(helper.run)
+        except BaseException:
+            self.helpers.pop(name, None)
+            raise
+        ready.set()
+        return helper
+
     def _check_open(self) -> None:
         if self.state is not BusState.OPEN:
             raise BusError("the bus is closed")
@@ -181,7 +212,7 @@ class Bus:
 
     def subject_of(self, event: Event) -> str:
         """The subject an event is published on."""
-        return self.subjects.build(event.DOMAIN, event.subject_id(), event.EVENT)
+        return self.subjects.build(event.DOMAIN, event.subject_id(), event.subject_event())
 
     async def publish(
         self,
@@ -799,6 +830,14 @@ async def connect(
     try:
         if ensure_topology:
             await bus.topology.ensure(bus.js)
-        yield bus
+        # Helpers the bus starts on demand (the session client of this process) live here, so
+        # they end with the block.
+        async with anyio.create_task_group() as tg:
+            bus._tg = tg
+            try:
+                yield bus
+            finally:
+                bus._tg = None
+                tg.cancel_scope.cancel()
     finally:
         await bus.close()

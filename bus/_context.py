@@ -21,7 +21,10 @@ import anyio
 
 from schemas import CancelCause, CancelKind
 
-__all__ = ("CancelToken", "Context", "background")
+__all__ = ("BUS_KEY", "CancelToken", "Context", "background")
+
+#: Where a context carries its bus (``Bus.context()`` puts it there).
+BUS_KEY = "cadenza.bus"
 
 
 class CancelToken:

@@ -35,6 +35,7 @@ class ProcessLoad:
 
     open_sessions: int = 0
     running_activities: int = 0
+    peak_sessions: int = 0
 
 
 @dataclass
@@ -75,6 +76,7 @@ class Heartbeater:
             "sessions_enabled": self.sessions_enabled,
             "max_sessions": self.max_sessions,
             "open_sessions": load.open_sessions,
+            "peak_sessions": load.peak_sessions,
             "running_activities": load.running_activities,
             "interval": self.interval,
             "seq": self._seq,

@@ -73,6 +73,8 @@ class ConsumerSpec:
             longer keep it alive with in-progress acks).
         max_ack_pending: messages out at once for this consumer (across all its processes).
         deliver_new: start at new messages rather than the whole stream.
+        inactive_threshold: seconds without a pull after which the server deletes the consumer
+            (a crashed worker's inbox consumer; None keeps it).
     """
 
     durable: str
@@ -82,6 +84,7 @@ class ConsumerSpec:
     ack_wait: float = 30.0
     max_ack_pending: int = 1000
     deliver_new: bool = False
+    inactive_threshold: float | None = None
 
     def config(self) -> ConsumerConfig:
         return ConsumerConfig(
@@ -93,6 +96,7 @@ class ConsumerSpec:
             max_deliver=self.max_deliver,
             ack_wait=self.ack_wait,
             max_ack_pending=self.max_ack_pending,
+            inactive_threshold=self.inactive_threshold,
         )
 
     def delay_for(self, deliveries: int) -> float:

@@ -38,18 +38,38 @@ from ._envelope import utcnow as utcnow
 from ._jsonschema import JSON_DIR as JSON_DIR
 from ._jsonschema import export_json_schemas as export_json_schemas
 from ._jsonschema import json_schemas as json_schemas
+from ._session import DEFAULT_HEARTBEAT_TIMEOUT as DEFAULT_HEARTBEAT_TIMEOUT
+from ._session import DEFAULT_TASKLIST as DEFAULT_TASKLIST
+from ._session import SessionAssigned as SessionAssigned
+from ._session import SessionCompleted as SessionCompleted
+from ._session import SessionCompleteRequested as SessionCompleteRequested
+from ._session import SessionFailed as SessionFailed
+from ._session import SessionFailure as SessionFailure
+from ._session import SessionRecord as SessionRecord
+from ._session import SessionRejected as SessionRejected
+from ._session import SessionRejectReason as SessionRejectReason
+from ._session import SessionRequested as SessionRequested
+from ._session import SessionState as SessionState
+from ._session import WorkerRecord as WorkerRecord
 from ._subjects import DEFAULT_PREFIX as DEFAULT_PREFIX
 from ._subjects import DOMAINS as DOMAINS
 from ._subjects import SubjectError as SubjectError
 from ._subjects import SubjectParts as SubjectParts
 from ._subjects import Subjects as Subjects
 from ._subjects import check_token as check_token
+from ._task import ActivityResult as ActivityResult
+from ._task import ActivityTask as ActivityTask
+from ._task import SessionClosed as SessionClosed
+from ._task import SessionOpened as SessionOpened
+from ._task import TaskError as TaskError
 from ._worker import WorkerHeartbeat as WorkerHeartbeat
 from ._worker import WorkerStarted as WorkerStarted
 from ._worker import WorkerStopped as WorkerStopped
 
 __all__ = (
+    "DEFAULT_HEARTBEAT_TIMEOUT",
     "DEFAULT_PREFIX",
+    "DEFAULT_TASKLIST",
     "DOMAINS",
     "JSON_DIR",
     "MAX_MESSAGE_BYTES",
@@ -58,8 +78,10 @@ __all__ = (
     "ActivityLevel",
     "ActivityMessage",
     "ActivityRecord",
+    "ActivityResult",
     "ActivityStarted",
     "ActivityStatus",
+    "ActivityTask",
     "ActivityUpdated",
     "ActivityUser",
     "CancelActivityReply",
@@ -75,12 +97,26 @@ __all__ = (
     "ListActivitiesRequest",
     "MessageEntry",
     "MessageRecord",
+    "SessionAssigned",
+    "SessionClosed",
+    "SessionCompleteRequested",
+    "SessionCompleted",
+    "SessionFailed",
+    "SessionFailure",
+    "SessionOpened",
+    "SessionRecord",
+    "SessionRejectReason",
+    "SessionRejected",
+    "SessionRequested",
+    "SessionState",
     "SubjectError",
     "SubjectParts",
     "Subjects",
     "TailActivityReply",
     "TailActivityRequest",
+    "TaskError",
     "WorkerHeartbeat",
+    "WorkerRecord",
     "WorkerStarted",
     "WorkerStopped",
     "check_token",

@@ -79,6 +79,15 @@ class Event(BaseModel):
         """The identifier token of this event's subject (an activity id, a session id, ...)."""
         raise NotImplementedError(f"{type(self).__name__} does not name its subject id")
 
+    def subject_event(self) -> str:
+        """The last token of this event's subject (``EVENT`` unless a class routes by content)."""
+        return self.EVENT
+
+    @classmethod
+    def subject_pattern(cls) -> str:
+        """Where events of this class travel, for docs: ``<prefix>.<domain>.<id>.<event>``."""
+        return f"<prefix>.{cls.DOMAIN}.<id>.{cls.EVENT}"
+
 
 def event_types() -> dict[str, type[Event]]:
     """Every registered event class by its type name, sorted."""

@@ -19,7 +19,7 @@ def json_schemas() -> dict[str, str]:
     for name, cls in event_types().items():
         schema: dict[str, Any] = cls.model_json_schema(mode="serialization")
         schema["$id"] = f"https://cadenza.dev/schemas/v{cls.SCHEMA_VERSION}/{name}.json"
-        schema["x-cadenza-subject"] = f"<prefix>.{cls.DOMAIN}.<id>.{cls.EVENT}"
+        schema["x-cadenza-subject"] = cls.subject_pattern()
         out[f"{name}.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
     return out
 

@@ -26,6 +26,7 @@ class _WorkerEvent(Event):
     sessions_enabled: bool = False
     max_sessions: int = Field(default=0, ge=0)
     open_sessions: int = Field(default=0, ge=0, description="sessions this worker holds, by its own count")
+    peak_sessions: int = Field(default=0, ge=0, description="most sessions held at once since start, own count")
     running_activities: int = Field(default=0, ge=0)
     interval: float = Field(default=5.0, gt=0, description="seconds between heartbeats")
     seq: int = Field(default=0, ge=0, description="heartbeat counter of this process start")

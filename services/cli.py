@@ -80,7 +80,7 @@ def cmd_subjects(args: argparse.Namespace) -> int:
     print()
     print("event types (subject <prefix>.<domain>.<id>.<event>):")
     for name, cls in schemas.event_types().items():
-        print(f"  {name:<24} {args.prefix}.{cls.DOMAIN}.<id>.{cls.EVENT}")
+        print(f"  {name:<24} {cls.subject_pattern().replace('<prefix>', args.prefix)}")
     return 0
 
 

@@ -1,0 +1,652 @@
+"""Sessions, the caller's side: create, recreate, complete, inspect, and execute activities.
+
+A session pins activities to one worker. The caller publishes ``session.<id>.requested``; the broker
+(``services/broker``) reserves a slot on a live worker by compare-and-set and announces
+``assigned`` (or ``rejected`` after ``creation_timeout``). Activities executed with the session's
+context go to that worker's inbox; outside a session (or once it completed) to the tasklist's shared
+queue. When the session ends (completed, or failed because its worker was lost, shut down, or the
+execution timeout passed), its context is cancelled with that cause and every caller waiting on an
+activity in it gets an error at once.
+
+One :class:`SessionClient` per process and bus follows the session announcements and the replies of
+workers (started on first use in the bus's task group).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import anyio
+import nats.errors
+import nats.js.errors
+from anyio.abc import TaskStatus
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from schemas import (
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    DEFAULT_TASKLIST,
+    ActivityCompleted,
+    ActivityResult,
+    ActivityTask,
+    CancelCause,
+    CancelKind,
+    CancelRequested,
+    SessionAssigned,
+    SessionCompleted,
+    SessionCompleteRequested,
+    SessionFailed,
+    SessionRecord,
+    SessionRejected,
+    SessionRequested,
+    SessionState,
+    TaskError,
+    utcnow,
+)
+
+from ._activity import ActivityCancelledError
+from ._bus import Bus
+from ._codec import decode
+from ._context import BUS_KEY, CancelToken, Context
+from ._exceptions import ActivityError, CadenzaError, SessionError, ValidationError
+
+__all__ = (
+    "ActivityFailedError",
+    "ActivityTimeoutError",
+    "SessionClient",
+    "SessionCreationError",
+    "SessionFailedError",
+    "SessionInfo",
+    "SessionOptions",
+    "complete_session",
+    "create_session",
+    "execute_activity",
+    "get_session_info",
+    "recreate_session",
+    "session",
+)
+
+_log = logging.getLogger("cadenza.session")
+
+_TOKEN = r"^[A-Za-z0-9_\-:=+@~]{1,200}$"
+
+
+# ------------------------------------------------------------------ errors
+
+
+class SessionFailedError(SessionError):
+    """An activity was executed in (or was running in) a session that has failed.
+
+    The seed's ``ErrSessionFailed``: the message always contains "session has failed".
+
+    Attributes:
+        session_id: the session.
+        cause: ``worker_lost``, ``worker_shutdown`` or ``execution_timeout`` (or "" when unknown).
+    """
+
+    code = "session_failed"
+    default_non_retryable = True
+
+    def __init__(self, session_id: str, cause: str = "", detail: str = "") -> None:
+        text = f"session has failed ({cause})" if cause else "session has failed"
+        super().__init__(f"{text}: session {session_id}" + (f": {detail}" if detail else ""))
+        self.session_id = session_id
+        self.cause = cause
+
+
+class SessionCreationError(SessionError):
+    """A session could not be created or recreated; ``reason`` is a ``SessionRejectReason`` value
+    (``no_worker``, ``capacity``, ``worker_unavailable``, ``bad_token``) or ``no_broker``."""
+
+    code = "session_rejected"
+    default_non_retryable = True
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ActivityFailedError(ActivityError):
+    """The activity raised on the worker; ``type`` is the exception's class name there."""
+
+    code = "activity_failed"
+
+    def __init__(self, message: str, *, type: str, non_retryable: bool = False) -> None:
+        super().__init__(f"{type}: {message}" if message else type, non_retryable=non_retryable)
+        self.type = type
+
+
+class ActivityTimeoutError(ActivityError):
+    """No result came within the activity's ``start_to_close_timeout`` (the activity was cancelled)."""
+
+    code = "activity_timeout"
+
+
+# ------------------------------------------------------------------ options and info
+
+
+class SessionOptions(BaseModel):
+    """How to create a session.
+
+    Attributes:
+        execution_timeout: how long the session may stay open (seconds or ``timedelta``; required, > 0).
+        creation_timeout: how long to wait for a worker with a free slot (required, > 0).
+        heartbeat_timeout: worker silence after which the session fails with ``worker_lost`` (default 20 s).
+        tasklist: the workers that may hold it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    execution_timeout: float = Field(gt=0)
+    creation_timeout: float = Field(gt=0)
+    heartbeat_timeout: float = Field(default=DEFAULT_HEARTBEAT_TIMEOUT, gt=0)
+    tasklist: str = Field(default=DEFAULT_TASKLIST, pattern=_TOKEN)
+
+    @field_validator("execution_timeout", "creation_timeout", "heartbeat_timeout", mode="before")
+    @classmethod
+    def _seconds(cls, value: Any) -> Any:
+        return value.total_seconds() if isinstance(value, timedelta) else value
+
+
+class SessionInfo(BaseModel):
+    """A session as the caller sees it (a snapshot; :func:`get_session_info` gives the current one).
+
+    Attributes:
+        session_id: fresh per create and recreate.
+        host_name / worker_id: the worker holding it (``resource_id`` is the same as ``worker_id``).
+        tasklist: the workers it was placed among.
+        state: ``open``, ``completed`` or ``failed``.
+        cause: why it failed (``worker_lost``, ``worker_shutdown``, ``execution_timeout``), else "".
+        recreate_token: opaque, signed; :func:`recreate_session` opens a new session on the same worker.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    session_id: str
+    host_name: str = ""
+    worker_id: str = ""
+    tasklist: str = DEFAULT_TASKLIST
+    state: SessionState = SessionState.OPEN
+    cause: str = ""
+    message: str = ""
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
+    expires_at: datetime | None = None
+    recreate_token: bytes = b""
+
+    @property
+    def resource_id(self) -> str:
+        return self.worker_id
+
+
+# ------------------------------------------------------------------ the per-process client
+
+
+@dataclass(eq=False)
+class _Live:
+    """What this process knows of one session it created."""
+
+    info: SessionInfo
+    token: CancelToken
+    ended: anyio.Event = field(default_factory=anyio.Event)
+    #: The broker's announcement of the end arrived.
+    announced: anyio.Event = field(default_factory=anyio.Event)
+    calls: set[str] = field(default_factory=set)
+
+    def end(self, state: SessionState, cause: str, message: str) -> bool:
+        if self.info.state is not SessionState.OPEN:
+            return False
+        self.info = self.info.model_copy(update={"state": state, "cause": cause, "message": message})
+        if state is SessionState.COMPLETED:
+            why = CancelCause(kind=CancelKind.SESSION_COMPLETED, reason="the session was completed")
+        else:
+            why = CancelCause(kind=CancelKind.SESSION_FAILED, reason=f"{cause}: {message}" if message else cause)
+        self.token.cancel(why)
+        self.ended.set()
+        return True
+
+
+@dataclass(eq=False)
+class _Call:
+    session_id: str
+    done: anyio.Event = field(default_factory=anyio.Event)
+    result: ActivityResult | None = None
+    session_failed: SessionFailedError | None = None
+
+
+_SESSION_EVENTS = (SessionRequested, SessionCompleteRequested, SessionAssigned, SessionRejected, SessionCompleted,
+                   SessionFailed)  # fmt: skip
+
+
+class SessionClient:
+    """The session and activity-call bookkeeping of one process (one per bus, see :func:`client_of`)."""
+
+    NAME = "session-client"
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.inbox = ""
+        self._creating: dict[str, tuple[anyio.Event, list[SessionAssigned | SessionRejected]]] = {}
+        self.sessions: OrderedDict[str, _Live] = OrderedDict()
+        self.calls: dict[str, _Call] = {}
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        self.inbox = self.bus.nc.new_inbox()
+        async with anyio.create_task_group() as tg:
+            await tg.start(
+                lambda task_status: self.bus.listen(
+                    self.bus.subjects.domain_wildcard("session"), _SESSION_EVENTS, self._on_session,
+                    name="session-client", task_status=task_status,
+                )
+            )  # fmt: skip
+            await tg.start(
+                lambda task_status: self.bus.listen(
+                    f"{self.inbox}.*", [ActivityResult], self._on_result, name="session-client",
+                    task_status=task_status,
+                )
+            )  # fmt: skip
+            task_status.started()
+
+    # -------------------------------------------------------------- events
+
+    async def _on_session(self, event: Any, subject: str) -> None:
+        sid = event.session_id
+        if isinstance(event, SessionAssigned | SessionRejected):
+            waiting = self._creating.get(sid)
+            if waiting is not None and not waiting[1]:
+                waiting[1].append(event)
+                waiting[0].set()
+        elif isinstance(event, SessionCompleted):
+            self._ended(sid, SessionState.COMPLETED, "", "")
+        elif isinstance(event, SessionFailed):
+            self._ended(sid, SessionState.FAILED, event.cause.value, event.message)
+
+    def _ended(self, sid: str, state: SessionState, cause: str, message: str) -> None:
+        live = self.sessions.get(sid)
+        if live is None:
+            return
+        if state is SessionState.FAILED:
+            # Waiting callers first, so they see the session's failure rather than a bare cancel.
+            for aid in list(live.calls):
+                call = self.calls.get(aid)
+                if call is not None and not call.done.is_set():
+                    call.session_failed = SessionFailedError(sid, cause, message)
+                    call.done.set()
+        live.end(state, cause, message)
+        live.announced.set()
+        self._forget_ended()
+
+    def _forget_ended(self, keep: int = 100_000) -> None:
+        while len(self.sessions) > keep:
+            sid, live = next(iter(self.sessions.items()))
+            if live.info.state is SessionState.OPEN:
+                self.sessions.move_to_end(sid)
+                if all(v.info.state is SessionState.OPEN for v in self.sessions.values()):
+                    return
+                continue
+            del self.sessions[sid]
+
+    async def _on_result(self, event: ActivityResult, subject: str) -> None:
+        call = self.calls.get(event.activity_id)
+        if call is not None and not call.done.is_set():
+            call.result = event
+            call.done.set()
+
+    # -------------------------------------------------------------- sessions
+
+    def live(self, ctx: Context) -> _Live | None:
+        info = ctx.session
+        if not isinstance(info, SessionInfo):
+            return None
+        return self.sessions.get(info.session_id)
+
+    async def open(self, ctx: Context, options: SessionOptions, recreate_token: bytes | None = None) -> Context:
+        token_text: str | None = None
+        if recreate_token is not None:
+            token_text = _token_text(recreate_token)
+        sid = str(uuid.uuid4())
+        request = SessionRequested(
+            session_id=sid, tasklist=options.tasklist, creation_timeout=options.creation_timeout,
+            execution_timeout=options.execution_timeout, heartbeat_timeout=options.heartbeat_timeout,
+            recreate_token=token_text,
+        )  # fmt: skip
+        got: list[SessionAssigned | SessionRejected] = []
+        ready = anyio.Event()
+        self._creating[sid] = (ready, got)
+        try:
+            await self.bus.publish(request)
+            # The broker answers by the creation deadline; the margin covers its work and the trip.
+            with anyio.move_on_after(options.creation_timeout + max(2.0, self.bus.timeouts.request)):
+                await ready.wait()
+            outcome = got[0] if got else await self._outcome_from_store(sid)
+        finally:
+            del self._creating[sid]
+        if outcome is None:
+            # Nobody answered: withdraw the request so a broker that comes back does not open it.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.bus.timeouts.shutdown):
+                with contextlib.suppress(CadenzaError):
+                    await self.bus.publish(SessionCompleteRequested(session_id=sid, reason="abandoned by the caller"))
+            raise SessionCreationError(
+                f"no session broker answered within {options.creation_timeout:g}s (+ margin) for tasklist "
+                f"{options.tasklist!r}; is `cadenza broker` running on {self.bus.url}?",
+                reason="no_broker",
+            )
+        if isinstance(outcome, SessionRejected):
+            raise SessionCreationError(outcome.message, reason=outcome.reason.value)
+        info = SessionInfo(
+            session_id=sid, host_name=outcome.host_name, worker_id=outcome.worker_id, tasklist=outcome.tasklist,
+            state=SessionState.OPEN, heartbeat_timeout=outcome.heartbeat_timeout, expires_at=outcome.expires_at,
+            recreate_token=outcome.recreate_token.encode(),
+        )  # fmt: skip
+        live = _Live(info=info, token=ctx.token.child())
+        self.sessions[sid] = live
+        return ctx.derive(token=live.token, session=info)
+
+    async def _outcome_from_store(self, sid: str) -> SessionAssigned | SessionRejected | None:
+        """The broker's record, for a caller that missed the announcement (a reconnect, say)."""
+        try:
+            kv = await self.bus.kv("sessions")
+            with anyio.fail_after(self.bus.timeouts.request):
+                entry = await kv.get(sid)
+        except (CadenzaError, TimeoutError, nats.errors.Error, nats.js.errors.Error):
+            return None
+        if entry.value is None:
+            return None
+        rec = SessionRecord.model_validate_json(entry.value)
+        if rec.state is SessionState.REJECTED:
+            return SessionRejected(session_id=sid, reason=rec.cause or "capacity", message=rec.message)
+        if rec.state is SessionState.PENDING or not rec.worker_id:
+            return None
+        # Opened (and maybe ended since; the watcher or the next call finds out).
+        return SessionAssigned(
+            session_id=sid, tasklist=rec.tasklist, worker_id=rec.worker_id, host_name=rec.host_name,
+            heartbeat_timeout=rec.heartbeat_timeout, expires_at=rec.expires_at or utcnow(), recreate_token="",
+        )  # fmt: skip
+
+    async def complete(self, ctx: Context) -> None:
+        live = self.live(ctx)
+        if live is None:
+            if isinstance(ctx.session, SessionInfo) and ctx.session.state is SessionState.OPEN:
+                # A session this process did not create (its context was handed over): ask anyway.
+                await self.bus.publish(SessionCompleteRequested(session_id=ctx.session.session_id))
+            return
+        if live.info.state is not SessionState.OPEN:
+            return
+        sid = live.info.session_id
+        # Exact for the caller at once: the session is completed from here on.
+        live.end(SessionState.COMPLETED, "", "")
+        await self.bus.publish(SessionCompleteRequested(session_id=sid))
+        # The slot is free once the broker says so; the request is stored, so a slow broker still
+        # frees it later. Wait a bounded time for the announcement.
+        with anyio.move_on_after(self.bus.timeouts.request):
+            await live.announced.wait()
+
+    # -------------------------------------------------------------- activities
+
+    async def execute(
+        self,
+        ctx: Context,
+        name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        start_to_close_timeout: float,
+        tasklist: str | None,
+        activity_id: str | None,
+    ) -> Any:
+        info = ctx.session if isinstance(ctx.session, SessionInfo) else None
+        live = self.live(ctx)
+        token = ctx.token
+        worker_id = ""
+        sid = ""
+        if info is not None:
+            state = live.info.state if live is not None else info.state
+            if state is SessionState.FAILED:
+                cur = live.info if live is not None else info
+                raise SessionFailedError(info.session_id, cur.cause, cur.message)
+            if state is SessionState.OPEN:
+                worker_id, sid = info.worker_id, info.session_id
+                tasklist = tasklist or info.tasklist
+            elif token.parent is not None:
+                # Completed: the activity runs like one outside the session (Cadence does the
+                # same), so the session's cancellation does not apply to it.
+                token = token.parent
+        if token.cancelled:
+            assert token.cause is not None
+            raise ActivityCancelledError(token.cause)
+        aid = activity_id or str(uuid.uuid4())
+        task = ActivityTask(
+            activity_id=aid, name=name, args=list(args), kwargs=kwargs, tasklist=tasklist or DEFAULT_TASKLIST,
+            worker_id=worker_id, session_id=sid, reply_to=f"{self.inbox}.{aid}",
+            deadline=utcnow() + timedelta(seconds=start_to_close_timeout),
+        )  # fmt: skip
+        call = _Call(session_id=sid)
+        self.calls[aid] = call
+        if live is not None and sid:
+            live.calls.add(aid)
+        try:
+            try:
+                await self.bus.publish(task)
+            except ValidationError:
+                raise
+            with anyio.move_on_after(start_to_close_timeout):
+                with token.scope():
+                    await call.done.wait()
+            if not call.done.is_set():
+                # One look at the stored outcome: the reply may have been lost on a reconnect.
+                stored = await self._stored_result(aid)
+                if stored is not None:
+                    call.result = stored
+                    call.done.set()
+            if call.session_failed is not None:
+                raise call.session_failed
+            if call.result is not None:
+                return _unwrap(call.result, sid)
+            if token.cancelled:
+                assert token.cause is not None
+                await self._cancel_remote(aid, token.cause)
+                if token.cause.kind is CancelKind.SESSION_FAILED and live is not None:
+                    raise SessionFailedError(sid, live.info.cause, live.info.message)
+                raise ActivityCancelledError(token.cause)
+            await self._cancel_remote(
+                aid, CancelCause(kind=CancelKind.DEADLINE, who=self.bus.source,
+                                 reason=f"no result within {start_to_close_timeout:g}s"),
+            )  # fmt: skip
+            raise ActivityTimeoutError(
+                f"activity {name} ({aid}) returned no result within {start_to_close_timeout:g}s; it was cancelled"
+            )
+        finally:
+            self.calls.pop(aid, None)
+            if live is not None:
+                live.calls.discard(aid)
+
+    async def _cancel_remote(self, aid: str, cause: CancelCause) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.bus.timeouts.shutdown):
+            with contextlib.suppress(CadenzaError):
+                await self.bus.publish(CancelRequested(target="activity", target_id=aid, cause=cause))
+
+    async def _stored_result(self, aid: str) -> ActivityResult | None:
+        stream = self.bus.topology.stream_name("activity")
+        try:
+            with anyio.fail_after(self.bus.timeouts.request):
+                msg = await self.bus.js.get_last_msg(stream, self.bus.subjects.build("activity", aid, "completed"))
+            event = decode(msg.data or b"", msg.headers, [ActivityCompleted])
+        except (TimeoutError, CadenzaError, nats.errors.Error, nats.js.errors.Error):
+            return None
+        if event.status.value == "success":
+            return ActivityResult(activity_id=aid, ok=True, result=event.result)
+        error = TaskError(type="ActivityError", message=event.error or event.status.value)
+        return ActivityResult(activity_id=aid, ok=False, error=error)
+
+
+def _unwrap(result: ActivityResult, sid: str) -> Any:
+    if result.ok:
+        return result.result
+    err = result.error or TaskError(type="ActivityError", message="(no error given)")
+    if err.session_failed:
+        raise SessionFailedError(sid, "", err.message)
+    if err.cause is not None:
+        if err.cause.kind is CancelKind.SESSION_FAILED:
+            raise SessionFailedError(sid, err.cause.reason.split(":", 1)[0], err.cause.reason)
+        raise ActivityCancelledError(err.cause)
+    raise ActivityFailedError(err.message, type=err.type, non_retryable=err.non_retryable)
+
+
+def _token_text(token: bytes | str) -> str:
+    text = token.decode("ascii", errors="replace") if isinstance(token, bytes) else token
+    if not text or len(text) > 4096 or "." not in text:
+        raise SessionCreationError(
+            "the recreate token is malformed: pass SessionInfo.recreate_token exactly as it was given",
+            reason="bad_token",
+        )
+    with contextlib.suppress(binascii.Error, ValueError):
+        base64.urlsafe_b64decode(text.split(".", 1)[0] + "==")
+        return text
+    raise SessionCreationError("the recreate token is malformed: it is not a cadenza token", reason="bad_token")
+
+
+# ------------------------------------------------------------------ module functions
+
+
+def bus_of(ctx: Context) -> Bus:
+    """The bus a context carries (``Bus.context()`` or a worker's activity context)."""
+    b = ctx.values.get(BUS_KEY)
+    if not isinstance(b, Bus):
+        raise SessionError(
+            "this context carries no bus: start from `b.context()` (b from `bus.connect()`), or use the context "
+            "given to an activity"
+        )
+    return b
+
+
+async def client_of(ctx: Context | Bus) -> SessionClient:
+    """The :class:`SessionClient` of the context's bus (started on first use)."""
+    b = ctx if isinstance(ctx, Bus) else bus_of(ctx)
+    existing = b.helpers.get(SessionClient.NAME)
+    if isinstance(existing, SessionClient) and existing.inbox:
+        return existing
+    client = await b.start_helper(SessionClient.NAME, SessionClient(b))
+    assert isinstance(client, SessionClient)
+    return client
+
+
+async def create_session(ctx: Context, options: SessionOptions) -> Context:
+    """Open a session and return a context bound to it.
+
+    Activities executed with the returned context run on the session's worker only. Its token is a
+    child of ``ctx``'s: cancelling ``ctx`` cancels the session's work too.
+
+    Raises:
+        SessionError: ``ctx`` already holds an open session ("found existing open session").
+        SessionCreationError: no worker of the tasklist had a free slot within ``creation_timeout``
+            (``reason`` says which case), or no broker answered.
+        pydantic.ValidationError: bad options (raised when building :class:`SessionOptions`).
+    """
+    client = await client_of(ctx)
+    _no_open_session(ctx, client)
+    return await client.open(ctx, options)
+
+
+async def recreate_session(ctx: Context, recreate_token: bytes, options: SessionOptions) -> Context:
+    """Open a **new** session on the worker of the session ``recreate_token`` came from.
+
+    Raises:
+        SessionCreationError: ``reason`` ``bad_token`` (malformed or forged), ``worker_unavailable``
+            (that worker is gone or full until ``creation_timeout``), or as :func:`create_session`.
+    """
+    client = await client_of(ctx)
+    _no_open_session(ctx, client)
+    return await client.open(ctx, options, recreate_token=recreate_token)
+
+
+def _no_open_session(ctx: Context, client: SessionClient) -> None:
+    info = ctx.session
+    if isinstance(info, SessionInfo):
+        live = client.live(ctx)
+        state = live.info.state if live is not None else info.state
+        if state is SessionState.OPEN:
+            raise SessionError(f"found existing open session {info.session_id} in this context; complete it first")
+
+
+async def complete_session(ctx: Context) -> None:
+    """Complete the context's session: cancel its context (cause ``session_completed``), release its slot.
+
+    A no-op when the context has no session or the session is not open (safe to call twice, or on a
+    failed session). Returns once the broker announced the end (bounded by ``Timeouts.request``;
+    the stored request frees the slot later if the broker is slow).
+    """
+    if not isinstance(ctx.session, SessionInfo):
+        return
+    client = await client_of(ctx)
+    await client.complete(ctx)
+
+
+def get_session_info(ctx: Context) -> SessionInfo | None:
+    """The context's session as this process knows it now (state included), or None outside a session."""
+    info = ctx.session
+    if not isinstance(info, SessionInfo):
+        return None
+    b = ctx.values.get(BUS_KEY)
+    client = b.helpers.get(SessionClient.NAME) if isinstance(b, Bus) else None
+    if isinstance(client, SessionClient):
+        live = client.sessions.get(info.session_id)
+        if live is not None:
+            return live.info
+    return info
+
+
+async def execute_activity(
+    ctx: Context,
+    name: str,
+    *args: Any,
+    start_to_close_timeout: float | timedelta = 60.0,
+    tasklist: str | None = None,
+    activity_id: str | None = None,
+    kwargs: dict[str, Any] | None = None,
+) -> Any:
+    """Run activity ``name`` on a worker and return its result.
+
+    In an open session: on the session's worker only. In a failed session: raises at once, nothing
+    is sent. Outside a session, or in a completed one: on any worker of ``tasklist`` (default: the
+    session's tasklist, else ``"default"``).
+
+    Args:
+        args / kwargs: JSON-serialisable arguments.
+        start_to_close_timeout: how long to wait for the result; then the activity is cancelled
+            (cause ``deadline``) and :class:`ActivityTimeoutError` is raised.
+        activity_id: the activity's id (default: a fresh UUID); the recorder lists it under this id.
+
+    Raises:
+        SessionFailedError: the session failed before or while the activity ran.
+        ActivityCancelledError: the context was cancelled (its ``cause`` says why).
+        ActivityFailedError: the activity raised on the worker.
+        ActivityTimeoutError: no result in time.
+    """
+    timeout = start_to_close_timeout.total_seconds() if isinstance(start_to_close_timeout, timedelta) \
+        else float(start_to_close_timeout)  # fmt: skip
+    if timeout <= 0:
+        raise ValidationError("start_to_close_timeout must be > 0", kind="bad_option")
+    client = await client_of(ctx)
+    return await client.execute(
+        ctx, name, args, dict(kwargs or {}), start_to_close_timeout=timeout, tasklist=tasklist,
+        activity_id=activity_id,
+    )  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def session(ctx: Context, options: SessionOptions) -> AsyncIterator[Context]:
+    """``async with session(ctx, options) as sctx:``: create a session, complete it on the way out."""
+    sctx = await create_session(ctx, options)
+    try:
+        yield sctx
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(bus_of(sctx).timeouts.shutdown):
+            with contextlib.suppress(CadenzaError):
+                await complete_session(sctx)

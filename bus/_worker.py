@@ -1,0 +1,461 @@
+"""The worker runtime: runs activities from a tasklist's shared queue and, for sessions, its own inbox.
+
+A :class:`Worker` announces itself and sends **one** heartbeat per interval for the whole process
+(whatever the number of sessions it holds), consumes ``<prefix>.task.<tasklist>.queued`` and, with
+sessions enabled, ``<prefix>.task.<worker_id>.inbox``, and runs each activity in its own cancel
+scope, tracked through the activity API (so session activities show up in the recorder).
+
+Session bookkeeping is the broker's (slots by compare-and-set); the worker keeps its own count from
+the ``session_opened`` / ``session_closed`` notices in its inbox, reports it in its heartbeats
+(``open_sessions``, ``peak_sessions``) and cancels the work of a session that ends.
+
+Inside an activity, :func:`activity_context` gives the context (activity id, session, cancellation),
+and :func:`activity_writer` a writer whose lines become the activity's messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import inspect
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import anyio
+import nats.errors
+import nats.js.errors
+from anyio.abc import TaskGroup, TaskStatus
+
+from schemas import (
+    DEFAULT_TASKLIST,
+    ActivityResult,
+    ActivityStatus,
+    ActivityTask,
+    CancelCause,
+    CancelKind,
+    SessionClosed,
+    SessionOpened,
+    TaskError,
+    WorkerStopped,
+    check_token,
+    utcnow,
+)
+
+from ._activity import StartRequest, status_for_cause
+from ._bus import Bus, Delivery
+from ._cancel import CancelRouter
+from ._codec import encode
+from ._context import BUS_KEY, CancelToken, Context
+from ._exceptions import CadenzaError, SessionError
+from ._heartbeat import Heartbeater, ProcessLoad, new_worker_id
+from ._session import SessionInfo
+from ._topology import ConsumerSpec
+from ._tracker import BusActivityService
+from ._writer import ActivityWriter, flush_writer
+
+__all__ = ("ActivityRegistry", "Worker", "WorkerState", "activity_context", "activity_writer")
+
+_log = logging.getLogger("cadenza.worker")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_current: ContextVar[_Running | None] = ContextVar("cadenza_activity", default=None)
+
+
+class WorkerState(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class ActivityRegistry(dict[str, Callable[..., Any]]):
+    """Activities by name; ``@registry.activity()`` (or ``("name")``) registers a function.
+
+    A module can declare one and ``cadenza worker module:registry`` serves it.
+    """
+
+    def activity(self, name: str | Callable[..., Any] | None = None) -> Any:
+        """Register the decorated function (async or plain) under ``name`` (default: its ``__name__``)."""
+        if callable(name):
+            return self.activity(None)(name)
+
+        def register(fn: F) -> F:
+            key = name or fn.__name__
+            if key in self and self[key] is not fn:
+                raise ValueError(f"an activity named {key!r} is registered already")
+            self[key] = fn
+            return fn
+
+        return register
+
+
+@dataclass(eq=False)
+class _Session:
+    info: SessionInfo
+    token: CancelToken
+    registration: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+
+@dataclass(eq=False)
+class _Running:
+    ctx: Context
+    task: ActivityTask
+    service: BusActivityService
+    writer: ActivityWriter | None = None
+
+
+def activity_context() -> Context:
+    """The context of the activity running in this task: ``activity_id``, ``session``, ``token``/``cause``.
+
+    Raises:
+        SessionError: called outside an activity run by a :class:`Worker`.
+    """
+    run = _current.get()
+    if run is None:
+        raise SessionError("activity_context() is only available inside an activity run by a Worker")
+    return run.ctx
+
+
+def activity_writer() -> ActivityWriter:
+    """A file-like writer whose lines become messages of the running activity (flushed when it ends)."""
+    run = _current.get()
+    if run is None:
+        raise SessionError("activity_writer() is only available inside an activity run by a Worker")
+    if run.writer is None:
+        run.writer = run.service.open_writer(run.task.activity_id)
+    return run.writer
+
+
+class Worker:
+    """Runs registered activities for ``tasklist``; holds sessions when ``enable_sessions``.
+
+    Use ``async with Worker(b, tasklist="gpu") as w:`` (or ``await w.run()``), register activities with
+    ``@w.activity()`` before starting.
+
+    Args:
+        bus: the bus.
+        tasklist: which shared queue it serves and which sessions it may hold.
+        enable_sessions: take sessions (an inbox of its own).
+        max_concurrent_sessions: the most sessions it holds at once (the broker never gives more).
+        max_concurrent_activities: activities running at once in this process.
+        heartbeat_interval: seconds between heartbeats; sessions asking for a ``heartbeat_timeout``
+            under twice this are not placed here.
+        worker_id: identity of this process start (default: a fresh one).
+        activities: activities to serve besides those registered with :meth:`activity`.
+        track_activities: publish activity events (started/completed) for the recorder.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        tasklist: str = DEFAULT_TASKLIST,
+        enable_sessions: bool = True,
+        max_concurrent_sessions: int = 1000,
+        max_concurrent_activities: int = 1000,
+        heartbeat_interval: float = 5.0,
+        worker_id: str | None = None,
+        activities: Mapping[str, Callable[..., Any]] | None = None,
+        track_activities: bool = True,
+    ) -> None:
+        check_token(tasklist, "tasklist")
+        if max_concurrent_sessions < 1 or max_concurrent_activities < 1:
+            raise ValueError("max_concurrent_sessions and max_concurrent_activities must be at least 1")
+        if heartbeat_interval <= 0:
+            raise ValueError("heartbeat_interval must be > 0")
+        self.bus = bus
+        self.tasklist = tasklist
+        self.enable_sessions = enable_sessions
+        self.max_concurrent_sessions = max_concurrent_sessions
+        self.max_concurrent_activities = max_concurrent_activities
+        self.heartbeat_interval = heartbeat_interval
+        self.worker_id = worker_id or new_worker_id("worker")
+        check_token(self.worker_id, "worker_id")
+        self.track_activities = track_activities
+        self.activities = ActivityRegistry(activities or {})
+        self.state = WorkerState.NEW
+        self.peak_sessions = 0
+        self.oversubscribed = 0
+        self._sessions: dict[str, _Session] = {}
+        self._running = 0
+        self._root = CancelToken()
+        self.router = CancelRouter(bus)
+        self.service = BusActivityService(bus, self.worker_id, heartbeat=False, router=self.router)
+        self.heartbeater = Heartbeater(
+            bus, worker_id=self.worker_id, interval=heartbeat_interval, load=self._load, tasklist=tasklist,
+            sessions_enabled=enable_sessions, max_sessions=max_concurrent_sessions if enable_sessions else 0,
+        )  # fmt: skip
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._tg: TaskGroup | None = None
+        self._consumers: list[anyio.CancelScope] = []
+        self._idle = anyio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.worker_id} {self.tasklist} {self.state.value} sessions={len(self._sessions)}>"
+
+    # ------------------------------------------------------------ registration
+
+    def activity(self, name: str | Callable[..., Any] | None = None) -> Any:
+        """Decorator: serve the function as activity ``name`` (default: its ``__name__``)."""
+        return self.activities.activity(name)
+
+    @property
+    def open_sessions(self) -> int:
+        """Sessions this worker holds now, by its own count."""
+        return len(self._sessions)
+
+    def _load(self) -> ProcessLoad:
+        return ProcessLoad(open_sessions=len(self._sessions), running_activities=self._running,
+                           peak_sessions=self.peak_sessions)  # fmt: skip
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Worker:
+        if self.state is not WorkerState.NEW:
+            raise SessionError("a Worker can be started once")
+        stack = contextlib.AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            await self._tg.start(self.router.run)
+            await stack.enter_async_context(self.service)
+            subjects = self.bus.subjects
+            shared = ConsumerSpec(
+                durable=f"tasks-{self.tasklist}", filter_subject=subjects.build("task", self.tasklist, "queued"),
+                ack_wait=30.0, max_ack_pending=100_000,
+            )  # fmt: skip
+            specs: list[tuple[ConsumerSpec, list[Any]]] = [(shared, [ActivityTask])]
+            if self.enable_sessions:
+                inbox = ConsumerSpec(
+                    durable=f"inbox-{self.worker_id}", filter_subject=subjects.build("task", self.worker_id, "inbox"),
+                    ack_wait=30.0, max_ack_pending=100_000, inactive_threshold=3600.0,
+                )  # fmt: skip
+                specs.append((inbox, [ActivityTask, SessionOpened, SessionClosed]))
+            for spec, accept in specs:
+                scope = anyio.CancelScope()
+                self._consumers.append(scope)
+                await self._tg.start(self._consume, scope, spec, accept)
+            # Announced last: the broker places sessions only once the inbox is being read.
+            await self._tg.start(self.heartbeater.run)
+        except BaseException as exc:
+            _log.error("worker %s did not start: %r", self.worker_id, exc)
+            with anyio.CancelScope(shield=True):
+                await stack.__aexit__(None, None, None)
+            raise
+        self._stack = stack
+        self.state = WorkerState.RUNNING
+        return self
+
+    async def _consume(
+        self, scope: anyio.CancelScope, spec: ConsumerSpec, accept: list[Any],
+        *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:  # fmt: skip
+        with scope:
+            await self.bus.consume(spec, accept, self._on_task, domain="task",
+                                   concurrency=self.max_concurrent_activities, task_status=task_status)  # fmt: skip
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled, then shut down gracefully."""
+        async with self:
+            task_status.started()
+            await anyio.sleep_forever()
+
+    async def aclose(self, reason: str = "shutdown") -> None:
+        """Stop gracefully: announce the stop (the broker fails this worker's sessions at once with
+        ``worker_shutdown``), cancel running activities, stop consuming. Safe to call twice."""
+        if self.state is not WorkerState.RUNNING:
+            self.state = WorkerState.STOPPED
+            return
+        self.state = WorkerState.STOPPING
+        assert self._stack is not None
+        timeouts = self.bus.timeouts
+        with anyio.CancelScope(shield=True):
+            # The announcement first, so callers hear "worker_shutdown" rather than a bare cancel.
+            self.heartbeater.mark_crashed()  # the stop is announced here, not by the heartbeater
+            with anyio.move_on_after(timeouts.shutdown), contextlib.suppress(CadenzaError):
+                fields = self.heartbeater._fields()
+                await self.bus.publish(WorkerStopped.model_validate({**fields, "reason": reason}))
+            for sess in list(self._sessions.values()):
+                sess.token.cancel(CancelCause(kind=CancelKind.SESSION_FAILED, who=self.worker_id,
+                                              reason="worker_shutdown: the worker is shutting down"))  # fmt: skip
+            self._root.cancel(CancelCause(kind=CancelKind.SHUTDOWN, who=self.worker_id,
+                                          reason="the worker is shutting down"))  # fmt: skip
+            with anyio.move_on_after(timeouts.shutdown):
+                while self._running:  # noqa: ASYNC110 - a counter, not an event; bounded by the timeout
+                    await anyio.sleep(0.01)
+            for scope in self._consumers:
+                scope.cancel()
+            if self.enable_sessions:
+                with anyio.move_on_after(timeouts.shutdown), contextlib.suppress(Exception):
+                    await self.bus.js.delete_consumer(self.bus.topology.stream_name("task"), f"inbox-{self.worker_id}")
+            for sess in list(self._sessions.values()):
+                sess.registration.close()
+            self._sessions.clear()
+            assert self._tg is not None
+            self._tg.cancel_scope.cancel()
+        # Outside the shield: the task group must be left in the scope it was entered in.
+        await self._stack.__aexit__(None, None, None)
+        self.state = WorkerState.STOPPED
+
+    # ------------------------------------------------------------ inbox
+
+    async def _on_task(self, event: Any, delivery: Delivery) -> None:
+        if isinstance(event, SessionOpened):
+            self._opened(event)
+        elif isinstance(event, SessionClosed):
+            self._closed(event)
+        else:
+            await self._run(event)
+
+    def _opened(self, event: SessionOpened) -> None:
+        if event.worker_id != self.worker_id or event.session_id in self._sessions:
+            return
+        if len(self._sessions) >= self.max_concurrent_sessions:
+            # The broker's slots make this impossible; counted so a test (and an operator) sees it.
+            self.oversubscribed += 1
+            _log.error("worker %s got session %s beyond its %d slots", self.worker_id, event.session_id,
+                       self.max_concurrent_sessions)  # fmt: skip
+        info = SessionInfo(session_id=event.session_id, worker_id=self.worker_id, tasklist=self.tasklist,
+                           expires_at=event.expires_at)  # fmt: skip
+        sess = _Session(info=info, token=self._root.child())
+        sess.registration.enter_context(self.router.register(event.session_id, sess.token))
+        self._sessions[event.session_id] = sess
+        self.peak_sessions = max(self.peak_sessions, len(self._sessions))
+
+    def _closed(self, event: SessionClosed) -> None:
+        sess = self._sessions.pop(event.session_id, None)
+        if sess is None:
+            return
+        sess.token.cancel(event.cause)
+        sess.registration.close()
+
+    # ------------------------------------------------------------ activities
+
+    async def _run(self, task: ActivityTask) -> None:
+        if task.deadline is not None and task.deadline <= utcnow():
+            await self._reply(task, error=TaskError(type="ActivityTimeoutError", non_retryable=True,
+                                                    message="the task arrived after its deadline"))  # fmt: skip
+            return
+        fn = self.activities.get(task.name)
+        if fn is None:
+            known = ", ".join(sorted(self.activities)) or "(none)"
+            await self._reply(task, error=TaskError(
+                type="ActivityNotRegisteredError", non_retryable=True,
+                message=f"worker {self.worker_id} has no activity {task.name!r}; it serves: {known}"))  # fmt: skip
+            return
+        sess: _Session | None = None
+        if task.session_id:
+            sess = self._sessions.get(task.session_id)
+            if sess is None or sess.token.cancelled:
+                await self._reply(task, error=TaskError(
+                    type="SessionFailedError", session_failed=True, non_retryable=True,
+                    message=f"session {task.session_id} is not open on worker {self.worker_id}"))  # fmt: skip
+                return
+        parent = sess.token if sess is not None else self._root
+        ctx = Context(token=parent, session=sess.info if sess is not None else None,
+                      values=MappingProxyType({BUS_KEY: self.bus}))  # fmt: skip
+        self._running += 1
+        try:
+            await self._execute(task, fn, ctx)
+        finally:
+            self._running -= 1
+
+    async def _execute(self, task: ActivityTask, fn: Callable[..., Any], ctx: Context) -> None:
+        aid = task.activity_id
+        svc = self.service
+        if self.track_activities:
+            try:
+                await svc.start_activity(StartRequest(id=aid, type=task.name, worker_id=self.worker_id,
+                                                      session_id=task.session_id or None))  # fmt: skip
+            except CadenzaError as exc:
+                if "started already" not in str(exc):
+                    raise
+                # A redelivery of a task this process runs or ran: the first run answers.
+                return
+            work = await svc.track(ctx, aid)
+        else:
+            work = ctx.child(activity_id=aid)
+        with contextlib.ExitStack() as registration:
+            if not self.track_activities:
+                registration.enter_context(svc.router.register(aid, work.token))
+                await svc.router.check_stored(aid, work.token)
+            await self._body(task, fn, work)
+
+    async def _body(self, task: ActivityTask, fn: Callable[..., Any], work: Context) -> None:
+        aid = task.activity_id
+        svc = self.service
+        run = _Running(ctx=work, task=task, service=svc)
+        reset = _current.set(run)
+        result: Any = None
+        error: TaskError | None = None
+        try:
+            with work.token.scope():
+                result = await _call(fn, task)
+            if work.cause is not None:
+                error = TaskError(type="ActivityCancelledError", message=work.cause.text(), cause=work.cause)
+        except Exception as exc:  # the activity's own error goes back to the caller
+            if work.cause is not None:
+                error = TaskError(type="ActivityCancelledError", message=work.cause.text(), cause=work.cause)
+            else:
+                error = TaskError(type=type(exc).__name__, message=str(exc)[:8000],
+                                  non_retryable=bool(getattr(exc, "non_retryable", False)))  # fmt: skip
+        finally:
+            _current.reset(reset)
+        await self._reply(task, result=result, error=error)
+        if run.writer is not None:
+            with anyio.move_on_after(self.bus.timeouts.shutdown), contextlib.suppress(Exception):
+                await flush_writer(run.writer)
+        if self.track_activities:
+            if error is None:
+                status = ActivityStatus.SUCCESS
+            elif error.cause is not None:
+                status = status_for_cause(error.cause)
+            else:
+                status = ActivityStatus.FAILED
+            with contextlib.suppress(CadenzaError):
+                await svc.complete_activity(aid, status, error=None if error is None else error.message,
+                                            result=_jsonable(result))  # fmt: skip
+
+    async def _reply(self, task: ActivityTask, *, result: Any = None, error: TaskError | None = None) -> None:
+        if not task.reply_to:
+            return
+        reply = ActivityResult(activity_id=task.activity_id, worker_id=self.worker_id, ok=error is None,
+                               result=_jsonable(result) if error is None else None, error=error)  # fmt: skip
+        try:
+            body, headers = encode(reply)
+        except CadenzaError as exc:
+            body, headers = encode(ActivityResult(
+                activity_id=task.activity_id, worker_id=self.worker_id, ok=False,
+                error=TaskError(type="ResultTooLargeError", message=str(exc), non_retryable=True)))  # fmt: skip
+        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+            await self.bus.nc.publish(task.reply_to, body, headers=headers)
+
+
+async def _call(fn: Callable[..., Any], task: ActivityTask) -> Any:
+    if inspect.iscoroutinefunction(fn):
+        return await fn(*task.args, **task.kwargs)
+    result = await anyio.to_thread.run_sync(lambda: fn(*task.args, **task.kwargs), abandon_on_cancel=True)
+    if isinstance(result, Awaitable):
+        return await result
+    return result
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` if it is plain JSON data, else its ``repr`` (a result must cross the wire)."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        dump = getattr(value, "model_dump", None)
+        if callable(dump):
+            return dump(mode="json")
+        return repr(value)
+    return value

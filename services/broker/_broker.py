@@ -1,0 +1,694 @@
+"""The session broker: places sessions on workers, frees slots, fails sessions of lost workers.
+
+State lives in two key-value buckets, changed by compare-and-set only:
+
+* ``workers``: one :class:`~schemas.WorkerRecord` per live session worker; its ``sessions`` list is
+  the slots in use. A session id is added before the session opens (never past ``max_sessions``)
+  and removed after the session ended and the worker was told.
+* ``sessions``: one :class:`~schemas.SessionRecord` per session: ``pending`` -> ``open`` ->
+  ``completed`` / ``failed``, or ``pending`` -> ``rejected``.
+
+Every step is idempotent, so a request redelivered to a restarted broker (or to another replica)
+continues where the last one stopped. Outcomes are announced with fixed event ids, so the stream
+stores each once. Every replica follows both buckets (watchers) and the workers' heartbeats; the
+sweep fails the sessions of silent workers, ends expired sessions, releases slots whose session
+ended, and announces outcomes a crash cut off.
+
+Liveness: the worker stream keeps each worker's last heartbeat; a (re)started broker reads the
+server's timestamps of those, so it does not declare a worker lost merely because it was down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import anyio
+import nats.errors
+import nats.js.errors
+import pydantic
+from anyio.abc import TaskGroup, TaskStatus
+from nats.js.api import DeliverPolicy
+from nats.js.kv import KeyValue
+
+import bus
+from bus import ConsumerSpec, Delivery
+from schemas import (
+    CancelCause,
+    CancelKind,
+    Event,
+    SessionAssigned,
+    SessionClosed,
+    SessionCompleted,
+    SessionCompleteRequested,
+    SessionFailed,
+    SessionFailure,
+    SessionOpened,
+    SessionRecord,
+    SessionRejected,
+    SessionRejectReason,
+    SessionRequested,
+    SessionState,
+    WorkerHeartbeat,
+    WorkerRecord,
+    WorkerStarted,
+    WorkerStopped,
+    utcnow,
+)
+
+from ._tokens import TokenError, TokenSigner, WorkerClaim
+
+__all__ = ("Broker", "BrokerConfig")
+
+_log = logging.getLogger("cadenza.broker")
+
+WORKER_EVENTS = (WorkerStarted, WorkerHeartbeat, WorkerStopped)
+#: Key of the generated token key in the sessions bucket (used only without CADENZA_TOKEN_KEY).
+KEY_ENTRY = "_broker-token-key"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    """Knobs of the broker.
+
+    Attributes:
+        sweep_interval: seconds between checks for lost workers and expired sessions (the detection
+            latency is at most the session's ``heartbeat_timeout`` plus this).
+        placeable_factor: a worker silent for more than this many heartbeat intervals gets no new session.
+        forget_factor: a worker silent this many intervals, with no session left, is removed.
+        request_concurrency: creation requests handled at once (each may wait for a slot).
+        request_ack_wait: seconds before a request held by a dead broker is handed to another.
+        token_key: key of the recreate tokens (default: ``CADENZA_TOKEN_KEY``, else one generated
+            and kept in the sessions bucket).
+    """
+
+    sweep_interval: float = 0.1
+    placeable_factor: float = 2.5
+    forget_factor: float = 6.0
+    request_concurrency: int = 4096
+    request_ack_wait: float = 5.0
+    token_key: bytes | None = None
+
+
+@dataclass
+class _Seen:
+    """A worker's last sign of life, on this broker's monotonic clock."""
+
+    at: float
+    interval: float
+    stopped: str = ""
+
+
+@dataclass
+class _Cached:
+    value: pydantic.BaseModel
+    revision: int
+
+
+class _Conflict(Exception):
+    pass
+
+
+class Broker:
+    """Run with ``await tg.start(Broker(b).run)``; several replicas may run at once."""
+
+    def __init__(self, bus_: bus.Bus, config: BrokerConfig | None = None) -> None:
+        self.bus = bus_
+        self.config = config or BrokerConfig()
+        self.sessions: dict[str, _Cached] = {}
+        self.workers: dict[str, _Cached] = {}
+        self.seen: dict[str, _Seen] = {}
+        self._changed = anyio.Event()
+        self._locks: dict[str, anyio.Lock] = {}
+        self._ending: set[str] = set()
+        self._kv_sessions: KeyValue | None = None
+        self._kv_workers: KeyValue | None = None
+        self._signer: TokenSigner | None = None
+        self._tg: TaskGroup | None = None
+
+    # ------------------------------------------------------------ run
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        b = self.bus
+        self._kv_sessions = await b.kv("sessions")
+        self._kv_workers = await b.kv("workers")
+        self._signer = TokenSigner(await self._token_key())
+        s = b.subjects
+        requests = ConsumerSpec(
+            durable="broker-requests", filter_subject=s.filter("session", event="requested"),
+            ack_wait=self.config.request_ack_wait, max_ack_pending=50_000, max_deliver=50,
+            backoff=(0.1, 0.5, 1.0, 2.0), deliver_new=True,
+        )  # fmt: skip
+        control = ConsumerSpec(
+            durable="broker-control", filter_subject=s.filter("session", event="complete"),
+            ack_wait=10.0, max_ack_pending=50_000, max_deliver=50, backoff=(0.1, 0.5, 1.0, 2.0), deliver_new=True,
+        )  # fmt: skip
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            await tg.start(self._watch, self._kv_workers, self.workers, WorkerRecord)
+            await tg.start(self._watch, self._kv_sessions, self.sessions, SessionRecord)
+            await tg.start(self._follow_workers)
+            await tg.start(lambda task_status: b.consume(
+                requests, [SessionRequested], self._on_request, concurrency=self.config.request_concurrency,
+                task_status=task_status))  # fmt: skip
+            await tg.start(lambda task_status: b.consume(
+                control, [SessionCompleteRequested], self._on_complete, concurrency=256,
+                task_status=task_status))  # fmt: skip
+            tg.start_soon(self._sweep_loop)
+            task_status.started()
+
+    async def _token_key(self) -> bytes:
+        if self.config.token_key:
+            return self.config.token_key
+        env = os.environ.get("CADENZA_TOKEN_KEY", "")
+        if env:
+            return env.encode()
+        assert self._kv_sessions is not None
+        _log.warning("CADENZA_TOKEN_KEY is not set: using a generated key kept in the sessions bucket "
+                     "(set the variable in production; see deploy/)")  # fmt: skip
+        try:
+            await self._kv_sessions.create(KEY_ENTRY, secrets.token_hex(32).encode())
+        except nats.js.errors.KeyWrongLastSequenceError:
+            pass  # another replica made it first
+        entry = await self._kv_sessions.get(KEY_ENTRY)
+        assert entry.value is not None
+        return entry.value
+
+    # ------------------------------------------------------------ caches (every replica)
+
+    async def _watch(
+        self, kv: KeyValue, cache: dict[str, _Cached], model: type[pydantic.BaseModel],
+        *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:  # fmt: skip
+        watcher = await kv.watchall()
+        ready = False
+        try:
+            async for entry in watcher:
+                if entry is not None and not entry.key.startswith("_"):
+                    cur = cache.get(entry.key)
+                    if cur is None or entry.revision > cur.revision:
+                        if entry.operation in ("DEL", "PURGE") or not entry.value:
+                            cache.pop(entry.key, None)
+                        else:
+                            try:
+                                cache[entry.key] = _Cached(model.model_validate_json(entry.value), entry.revision)
+                            except pydantic.ValidationError:
+                                _log.error("%s bucket: key %s does not hold a %s", kv._name, entry.key, model.__name__)
+                        self._notify()
+                if not ready and (entry is None or entry.delta == 0):
+                    ready = True
+                    task_status.started()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.bus.timeouts.shutdown):
+                with contextlib.suppress(Exception):
+                    await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
+
+    def _notify(self) -> None:
+        event, self._changed = self._changed, anyio.Event()
+        event.set()
+
+    def _store(self, cache: dict[str, _Cached], key: str, value: pydantic.BaseModel, revision: int) -> None:
+        cur = cache.get(key)
+        if cur is None or revision > cur.revision:
+            cache[key] = _Cached(value, revision)
+            self._notify()
+
+    async def _cas(
+        self, kv: KeyValue, cache: dict[str, _Cached], model: type[pydantic.BaseModel], key: str,
+        change: Callable[[pydantic.BaseModel | None], pydantic.BaseModel | None],
+    ) -> pydantic.BaseModel | None:  # fmt: skip
+        """Apply ``change`` to the stored value by compare-and-set, retrying on conflicts.
+
+        ``change`` gets the current value (None: no key) and returns the new one, or None for "no
+        change". Returns the value stored afterwards (None if there is none).
+        """
+        cached = cache.get(key)
+        current = cached.value if cached is not None else None
+        revision = cached.revision if cached is not None else 0
+        for _attempt in range(64):
+            new = change(current)
+            if new is None:
+                return current
+            try:
+                data = new.model_dump_json().encode()
+                if revision:
+                    revision = await kv.update(key, data, last=revision)
+                else:
+                    revision = await kv.create(key, data)
+                self._store(cache, key, new, revision)
+                return new
+            except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
+                current, revision = await self._fresh(kv, model, key)
+        raise bus.BusError(f"could not update {key} after 64 conflicting writes")
+
+    async def _fresh(
+        self, kv: KeyValue, model: type[pydantic.BaseModel], key: str
+    ) -> tuple[pydantic.BaseModel | None, int]:
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None, 0
+        except nats.js.errors.KeyDeletedError as exc:
+            # A deleted key is re-created on top of its delete marker.
+            return None, getattr(exc, "entry", None).revision if getattr(exc, "entry", None) else 0  # type: ignore[union-attr]
+        if entry.value is None:
+            return None, entry.revision or 0
+        return model.model_validate_json(entry.value), entry.revision or 0
+
+    async def session_record(self, sid: str) -> tuple[SessionRecord | None, int]:
+        assert self._kv_sessions is not None
+        value, revision = await self._fresh(self._kv_sessions, SessionRecord, sid)
+        assert value is None or isinstance(value, SessionRecord)
+        if value is not None:
+            self._store(self.sessions, sid, value, revision)
+        return value, revision
+
+    async def _cas_session(
+        self, sid: str, change: Callable[[SessionRecord | None], SessionRecord | None]
+    ) -> SessionRecord | None:
+        assert self._kv_sessions is not None
+        out = await self._cas(self._kv_sessions, self.sessions, SessionRecord, sid, change)  # type: ignore[arg-type]
+        assert out is None or isinstance(out, SessionRecord)
+        return out
+
+    async def _cas_worker(
+        self, wid: str, change: Callable[[WorkerRecord | None], WorkerRecord | None]
+    ) -> WorkerRecord | None:
+        assert self._kv_workers is not None
+        out = await self._cas(self._kv_workers, self.workers, WorkerRecord, wid, change)  # type: ignore[arg-type]
+        assert out is None or isinstance(out, WorkerRecord)
+        return out
+
+    def worker(self, wid: str) -> WorkerRecord | None:
+        cached = self.workers.get(wid)
+        return cached.value if cached is not None else None  # type: ignore[return-value]
+
+    def session(self, sid: str) -> SessionRecord | None:
+        cached = self.sessions.get(sid)
+        return cached.value if cached is not None else None  # type: ignore[return-value]
+
+    # ------------------------------------------------------------ workers' signs of life
+
+    async def _follow_workers(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        b = self.bus
+        sub = await b.js.subscribe(
+            b.subjects.domain_wildcard("worker"), stream=b.topology.stream_name("worker"), ordered_consumer=True,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, pending_msgs_limit=1_000_000,
+        )  # fmt: skip
+        try:
+            info = await sub.consumer_info()
+            backlog = info.num_pending
+            if not backlog:
+                task_status.started()
+            async for msg in sub.messages:
+                meta = msg.metadata
+                try:
+                    event = bus.decode(msg.data, msg.headers, WORKER_EVENTS)
+                except bus.ValidationError as exc:
+                    with contextlib.suppress(bus.CadenzaError):
+                        await b.dead_letter(consumer="broker-workers", subject=msg.subject, data=msg.data,
+                                            headers=msg.headers, reason=exc.message, error_type=exc.kind,
+                                            stream=meta.stream, stream_seq=meta.sequence.stream)  # fmt: skip
+                else:
+                    # The server's time of storing, so a broker that was down sees how old a beat is.
+                    age = max(0.0, (utcnow() - meta.timestamp).total_seconds()) if meta.timestamp else 0.0
+                    await self._saw(event, time.monotonic() - age)
+                if backlog and meta.num_pending == 0:
+                    backlog = 0
+                    task_status.started()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(b.timeouts.shutdown):
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def _saw(self, event: Event, at: float) -> None:
+        assert isinstance(event, WORKER_EVENTS)
+        wid = event.worker_id
+        seen = self.seen.get(wid)
+        if seen is not None and seen.stopped:
+            return  # a worker id is one process start: once stopped it stays stopped
+        if isinstance(event, WorkerStopped):
+            self.seen[wid] = _Seen(at, event.interval, event.reason or "stopped")
+            self._spawn(self._worker_stopped, wid, event.reason or "stopped")
+            return
+        if seen is None or at > seen.at:
+            self.seen[wid] = _Seen(at, event.interval)
+        if (
+            event.sessions_enabled and event.max_sessions > 0 and wid not in self.workers
+            and self._placeable(wid)
+        ):  # fmt: skip
+            record = WorkerRecord(
+                worker_id=wid, host_name=event.host_name, pid=event.pid, tasklist=event.tasklist,
+                max_sessions=event.max_sessions, interval=event.interval, started_at=event.time,
+            )  # fmt: skip
+            with contextlib.suppress(bus.CadenzaError, nats.errors.Error):
+                await self._cas_worker(wid, lambda cur: record if cur is None else None)
+        self._notify()
+
+    def silence(self, wid: str) -> float:
+        seen = self.seen.get(wid)
+        return float("inf") if seen is None else time.monotonic() - seen.at
+
+    def _placeable(self, wid: str) -> bool:
+        seen = self.seen.get(wid)
+        if seen is None or seen.stopped:
+            return False
+        return time.monotonic() - seen.at <= self.config.placeable_factor * seen.interval + 0.5
+
+    async def _worker_stopped(self, wid: str, reason: str) -> None:
+        record = self.worker(wid)
+        if record is not None:
+            await self._fail_all(record, SessionFailure.WORKER_SHUTDOWN,
+                                 f"worker {wid} on {record.host_name or '?'} shut down ({reason})")  # fmt: skip
+        await self._forget_worker(wid)
+
+    async def _forget_worker(self, wid: str) -> None:
+        record = self.worker(wid)
+        cached = self.workers.get(wid)
+        if record is None or cached is None or record.sessions:
+            return
+        assert self._kv_workers is not None
+        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+            await self._kv_workers.delete(wid, last=cached.revision)
+            self.workers.pop(wid, None)
+
+    # ------------------------------------------------------------ creating
+
+    async def _on_request(self, req: SessionRequested, delivery: Delivery) -> None:
+        sid = req.session_id
+        deadline = req.time + timedelta(seconds=req.creation_timeout)
+        fresh = SessionRecord(
+            session_id=sid, tasklist=req.tasklist, heartbeat_timeout=req.heartbeat_timeout,
+            execution_timeout=req.execution_timeout, requested_at=req.time, creation_deadline=deadline,
+            requested_by=req.source,
+        )  # fmt: skip
+        record = await self._cas_session(sid, lambda cur: fresh if cur is None else None)
+        assert record is not None
+        if record.state is SessionState.OPEN:
+            await self._announce_open(record)
+            return
+        if record.ended:
+            await self._announce_end(record)
+            return
+        claim: WorkerClaim | None = None
+        if req.recreate_token is not None:
+            assert self._signer is not None
+            try:
+                claim = self._signer.verify(req.recreate_token)
+            except TokenError as exc:
+                await self._reject(sid, SessionRejectReason.BAD_TOKEN, str(exc))
+                return
+        placed = self._holder(sid) or await self._place(req, deadline, claim)
+        if isinstance(placed, tuple):
+            await self._reject(sid, *placed)
+            return
+        worker = placed
+        expires = utcnow() + timedelta(seconds=req.execution_timeout)
+
+        def open_(cur: SessionRecord | None) -> SessionRecord | None:
+            if cur is None or cur.state is not SessionState.PENDING:
+                return None
+            return cur.model_copy(update={
+                "state": SessionState.OPEN, "worker_id": worker.worker_id, "host_name": worker.host_name,
+                "opened_at": utcnow(), "expires_at": expires,
+                "recreated_from": claim.session_id if claim is not None else "",
+            })  # fmt: skip
+
+        record = await self._cas_session(sid, open_)
+        if record is None or record.state is not SessionState.OPEN or record.worker_id != worker.worker_id:
+            # Withdrawn (or rejected) while we placed it: give the slot back.
+            await self._release(worker.worker_id, sid)
+            if record is not None and record.ended:
+                await self._announce_end(record)
+            return
+        await self._announce_open(record)
+
+    def _holder(self, sid: str) -> WorkerRecord | None:
+        """The worker already holding a slot for ``sid`` (a redelivered request after a crash)."""
+        for cached in self.workers.values():
+            record = cached.value
+            assert isinstance(record, WorkerRecord)
+            if sid in record.sessions:
+                return record
+        return None
+
+    def _lock(self, key: str) -> anyio.Lock:
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = anyio.Lock()
+        return lock
+
+    async def _place(
+        self, req: SessionRequested, deadline: datetime, claim: WorkerClaim | None
+    ) -> WorkerRecord | tuple[SessionRejectReason, str]:
+        """Reserve a slot for the session, waiting for one until ``deadline``; else why not."""
+        waited_from = time.monotonic()
+        while True:
+            changed = self._changed
+            async with self._lock(claim.worker_id if claim else req.tasklist):
+                for record in self._candidates(req, claim):
+                    if await self._reserve(record.worker_id, req.session_id):
+                        got = self.worker(record.worker_id)
+                        assert got is not None
+                        return got
+            remaining = (deadline - utcnow()).total_seconds()
+            if remaining <= 0:
+                return self._why_not(req, claim, time.monotonic() - waited_from)
+            with anyio.move_on_after(min(remaining, 1.0)):
+                await changed.wait()
+
+    def _candidates(self, req: SessionRequested, claim: WorkerClaim | None) -> list[WorkerRecord]:
+        out: list[WorkerRecord] = []
+        for cached in self.workers.values():
+            w = cached.value
+            assert isinstance(w, WorkerRecord)
+            if claim is not None and w.worker_id != claim.worker_id:
+                continue
+            if claim is None and w.tasklist != req.tasklist:
+                continue
+            if len(w.sessions) >= w.max_sessions or not self._placeable(w.worker_id):
+                continue
+            if w.interval * 2 > req.heartbeat_timeout:
+                continue  # it would look lost between two of its own heartbeats
+            out.append(w)
+        out.sort(key=lambda w: (len(w.sessions) / max(w.max_sessions, 1), len(w.sessions)))
+        return out
+
+    def _why_not(
+        self, req: SessionRequested, claim: WorkerClaim | None, waited: float
+    ) -> tuple[SessionRejectReason, str]:
+        waited_text = f"waited {waited:.1f}s (creation_timeout {req.creation_timeout:g}s)"
+        if claim is not None:
+            w = self.worker(claim.worker_id)
+            state = "at capacity" if w is not None and self._placeable(w.worker_id) else "gone"
+            return (SessionRejectReason.WORKER_UNAVAILABLE,
+                    f"worker {claim.worker_id} on {claim.host_name or '?'} from the recreate token is not "
+                    f"available ({state}); {waited_text}")  # fmt: skip
+        mine = [c.value for c in self.workers.values()
+                if isinstance(c.value, WorkerRecord) and c.value.tasklist == req.tasklist
+                and self._placeable(c.value.worker_id)]  # fmt: skip
+        if not mine:
+            why = f"no live worker with sessions enabled serves tasklist {req.tasklist!r}; {waited_text}"
+            return SessionRejectReason.NO_WORKER, why
+        slow = [w for w in mine if w.interval * 2 > req.heartbeat_timeout]
+        if len(slow) == len(mine):
+            return (SessionRejectReason.NO_WORKER,
+                    f"the workers of tasklist {req.tasklist!r} heartbeat every {min(w.interval for w in slow):g}s, "
+                    f"too slowly for heartbeat_timeout {req.heartbeat_timeout:g}s (needs an interval of at most "
+                    f"half of it); {waited_text}")  # fmt: skip
+        used = sum(len(w.sessions) for w in mine)
+        slots = sum(w.max_sessions for w in mine)
+        return (SessionRejectReason.CAPACITY,
+                f"all {len(mine)} workers of tasklist {req.tasklist!r} are at capacity ({used}/{slots} sessions); "
+                f"{waited_text}")  # fmt: skip
+
+    async def _reserve(self, wid: str, sid: str) -> bool:
+        def add(cur: WorkerRecord | None) -> WorkerRecord | None:
+            if cur is None or sid in cur.sessions or len(cur.sessions) >= cur.max_sessions:
+                return None
+            return cur.model_copy(update={"sessions": [*cur.sessions, sid]})
+
+        after = await self._cas_worker(wid, add)
+        return after is not None and sid in after.sessions
+
+    async def _release(self, wid: str, sid: str) -> None:
+        def remove(cur: WorkerRecord | None) -> WorkerRecord | None:
+            if cur is None or sid not in cur.sessions:
+                return None
+            return cur.model_copy(update={"sessions": [s for s in cur.sessions if s != sid]})
+
+        await self._cas_worker(wid, remove)
+
+    async def _reject(self, sid: str, reason: SessionRejectReason, message: str) -> None:
+        def reject(cur: SessionRecord | None) -> SessionRecord | None:
+            if cur is None or cur.state is not SessionState.PENDING:
+                return None
+            return cur.model_copy(update={"state": SessionState.REJECTED, "cause": reason.value, "message": message,
+                                          "ended_at": utcnow()})  # fmt: skip
+
+        record = await self._cas_session(sid, reject)
+        if record is not None and record.ended:
+            await self._announce_end(record)
+        elif record is not None and record.state is SessionState.OPEN:
+            await self._announce_open(record)
+
+    async def _announce_open(self, record: SessionRecord) -> None:
+        worker = self.worker(record.worker_id)
+        assert self._signer is not None
+        b = self.bus
+        # The worker hears first, so its inbox holds the session before any task for it.
+        await b.publish(SessionOpened(event_id=f"opened-{record.session_id}", worker_id=record.worker_id,
+                                      session_id=record.session_id, expires_at=record.expires_at))  # fmt: skip
+        token = self._signer.sign(WorkerClaim(record.worker_id, record.host_name, record.tasklist,
+                                              record.session_id, time.time()))  # fmt: skip
+        await b.publish(SessionAssigned(
+            event_id=f"assigned-{record.session_id}", session_id=record.session_id, tasklist=record.tasklist,
+            worker_id=record.worker_id, host_name=record.host_name or (worker.host_name if worker else ""),
+            heartbeat_timeout=record.heartbeat_timeout, expires_at=record.expires_at or utcnow(),
+            recreate_token=token,
+        ))  # fmt: skip
+
+    # ------------------------------------------------------------ ending
+
+    async def _on_complete(self, req: SessionCompleteRequested, delivery: Delivery) -> None:
+        record = self.session(req.session_id) or (await self.session_record(req.session_id))[0]
+        if record is None:
+            return  # never requested (or long pruned): nothing to do
+        if record.state is SessionState.PENDING:
+            await self._reject(record.session_id, SessionRejectReason.ABANDONED,
+                               f"withdrawn by the caller: {req.reason or 'no reason given'}")  # fmt: skip
+            return
+        await self.end(record.session_id, SessionState.COMPLETED, "", req.reason or "completed by the caller")
+
+    async def end(self, sid: str, state: SessionState, cause: str, message: str) -> bool:
+        """End an open session (completed or failed); False if it was not open. Idempotent."""
+        record = self.session(sid) or (await self.session_record(sid))[0]
+        if record is None:
+            return False
+        if record.state is not SessionState.OPEN:
+            if record.ended and not record.announced:
+                await self._announce_end(record)
+            return False
+        kind = CancelKind.SESSION_COMPLETED if state is SessionState.COMPLETED else CancelKind.SESSION_FAILED
+        why = CancelCause(kind=kind, who="broker", reason=f"{cause}: {message}" if cause else message)
+        # The worker hears first: its own count drops before the slot is free for another session.
+        await self.bus.publish(SessionClosed(event_id=f"closed-{sid}", worker_id=record.worker_id, session_id=sid,
+                                             state=state, cause=why))  # fmt: skip
+
+        def close(cur: SessionRecord | None) -> SessionRecord | None:
+            if cur is None or cur.state is not SessionState.OPEN:
+                return None
+            return cur.model_copy(update={"state": state, "cause": cause, "message": message, "ended_at": utcnow()})
+
+        after = await self._cas_session(sid, close)
+        if after is None or after.state is not state or after.ended_at is None:
+            return False
+        await self._announce_end(after)
+        await self._release(after.worker_id, sid)
+        return True
+
+    async def _announce_end(self, record: SessionRecord) -> None:
+        sid = record.session_id
+        event: Event
+        if record.state is SessionState.COMPLETED:
+            event = SessionCompleted(event_id=f"end-{sid}", session_id=sid, worker_id=record.worker_id)
+        elif record.state is SessionState.FAILED:
+            event = SessionFailed(event_id=f"end-{sid}", session_id=sid, worker_id=record.worker_id,
+                                  cause=SessionFailure(record.cause), message=record.message)  # fmt: skip
+        elif record.state is SessionState.REJECTED:
+            reason = SessionRejectReason(record.cause or "capacity")
+            event = SessionRejected(event_id=f"end-{sid}", session_id=sid, reason=reason, message=record.message)
+        else:
+            return
+        # One id for every outcome of a session: the stream stores the first announcement only.
+        await self.bus.publish(event)
+        if not record.announced:
+            await self._cas_session(sid, lambda cur: cur.model_copy(update={"announced": True})
+                                    if cur is not None and cur.ended and not cur.announced else None)  # fmt: skip
+
+    async def _fail_all(self, worker: WorkerRecord, cause: SessionFailure, message: str) -> None:
+        async with anyio.create_task_group() as tg:
+            for sid in list(worker.sessions):
+                tg.start_soon(self._fail_one, sid, cause, message)
+
+    async def _fail_one(self, sid: str, cause: SessionFailure, message: str) -> None:
+        if sid in self._ending:
+            return
+        self._ending.add(sid)
+        try:
+            await self.end(sid, SessionState.FAILED, cause.value, message)
+        except (bus.CadenzaError, nats.errors.Error) as exc:
+            _log.warning("could not fail session %s (%s); the next sweep retries: %s", sid, cause.value, exc)
+        finally:
+            self._ending.discard(sid)
+
+    # ------------------------------------------------------------ the sweep
+
+    def _spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        assert self._tg is not None
+        self._tg.start_soon(fn, *args)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except (bus.CadenzaError, nats.errors.Error) as exc:
+                _log.warning("sweep failed: %s", exc)
+            await anyio.sleep(self.config.sweep_interval)
+
+    async def sweep(self) -> None:
+        """One pass: fail sessions of silent or stopped workers and expired sessions, free slots of
+        ended sessions, announce cut-off outcomes, forget long-silent workers."""
+        now = utcnow()
+        for cached in list(self.sessions.values()):
+            rec = cached.value
+            assert isinstance(rec, SessionRecord)
+            sid = rec.session_id
+            if rec.state is SessionState.OPEN and sid not in self._ending:
+                seen = self.seen.get(rec.worker_id)
+                silence = self.silence(rec.worker_id)
+                if seen is not None and seen.stopped:
+                    why = f"worker {rec.worker_id} on {rec.host_name or '?'} shut down ({seen.stopped})"
+                    self._spawn(self._fail_one, sid, SessionFailure.WORKER_SHUTDOWN, why)
+                elif silence > rec.heartbeat_timeout:
+                    self._ending.add(sid)
+                    self._spawn(self._end_lost, sid, rec, silence)
+                elif rec.expires_at is not None and rec.expires_at <= now:
+                    self._spawn(self._fail_one, sid, SessionFailure.EXECUTION_TIMEOUT,
+                                f"open longer than its execution_timeout of {rec.execution_timeout:g}s")  # fmt: skip
+            elif rec.ended and not rec.announced and rec.ended_at is not None and \
+                    (now - rec.ended_at).total_seconds() > 2.0 and sid not in self._ending:  # fmt: skip
+                self._spawn(self._announce_end, rec)
+        for cached in list(self.workers.values()):
+            w = cached.value
+            assert isinstance(w, WorkerRecord)
+            for sid in w.sessions:
+                held = self.session(sid)
+                if held is None:
+                    continue
+                stale = held.state is SessionState.PENDING and held.creation_deadline is not None and \
+                    (now - held.creation_deadline).total_seconds() > 30  # fmt: skip
+                if (held.ended and (now - (held.ended_at or now)).total_seconds() > 2.0) or stale:
+                    self._spawn(self._release, w.worker_id, sid)
+            seen = self.seen.get(w.worker_id)
+            interval = seen.interval if seen is not None else w.interval
+            if not w.sessions and self.silence(w.worker_id) > self.config.forget_factor * interval:
+                self._spawn(self._forget_worker, w.worker_id)
+
+    async def _end_lost(self, sid: str, rec: SessionRecord, silence: float) -> None:
+        try:
+            text = "never heard from" if silence == float("inf") else f"sent no heartbeat for {silence:.1f}s"
+            await self.end(sid, SessionState.FAILED, SessionFailure.WORKER_LOST.value,
+                           f"worker {rec.worker_id} on {rec.host_name or '?'} {text} "
+                           f"(heartbeat_timeout {rec.heartbeat_timeout:g}s)")  # fmt: skip
+        except (bus.CadenzaError, nats.errors.Error) as exc:
+            _log.warning("could not fail session %s (worker_lost); the next sweep retries: %s", sid, exc)
+        finally:
+            self._ending.discard(sid)

@@ -1,0 +1,266 @@
+"""``cadenza broker``, ``cadenza sessions ls|get|complete``, ``cadenza workers ls``, ``cadenza worker M:OBJ``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import nats.errors
+import nats.js.errors
+import pydantic
+
+import bus
+from schemas import SessionCompleteRequested, SessionRecord, SessionState, WorkerRecord
+
+from .._runtime import add_server_args, announce_ready, run_service, service_bus
+from ._broker import Broker, BrokerConfig
+
+__all__ = ("build_parser", "main", "register")
+
+
+def _fail(message: str) -> int:
+    print(f"cadenza: {message}", file=sys.stderr)
+    return 2
+
+
+def _add_broker_args(p: argparse.ArgumentParser) -> None:
+    add_server_args(p)
+    d = BrokerConfig()
+    p.add_argument("--sweep-interval", type=float, default=d.sweep_interval,
+                   help="seconds between lost-worker / expiry checks")  # fmt: skip
+    p.add_argument("--request-ack-wait", type=float, default=d.request_ack_wait,
+                   help="seconds before a request held by a dead broker goes to another")  # fmt: skip
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    config = BrokerConfig(sweep_interval=args.sweep_interval, request_ack_wait=args.request_ack_wait)
+
+    async def go() -> None:
+        async with service_bus(args, "broker") as b, anyio.create_task_group() as tg:
+            await tg.start(Broker(b, config).run)
+            announce_ready(f"broker on {b.url} prefix {b.subjects.prefix}")
+
+    return run_service(go)
+
+
+# ------------------------------------------------------------------ reading the buckets
+
+
+def _connected(args: argparse.Namespace, work: Callable[[bus.Bus], Awaitable[int]]) -> int:
+    if not (args.server or os.environ.get("NATS_URL")):
+        return _fail("no server given: pass --server nats://host:port or set NATS_URL (`cadenza dev` prints it)")
+    outcome = {"code": 0}
+
+    async def go() -> None:
+        async with bus.connect(args.server, prefix=args.prefix, name="cadenza-cli", ensure_topology=False) as b:
+            outcome["code"] = await work(b)
+
+    return run_service(go) or outcome["code"]
+
+
+async def _all(b: bus.Bus, key: str, model: type[pydantic.BaseModel]) -> list[Any]:
+    kv = await b.kv(key)
+    try:
+        keys = await kv.keys()
+    except nats.js.errors.NoKeysError:
+        return []
+    out = []
+    for k in keys:
+        if k.startswith("_"):
+            continue
+        try:
+            entry = await kv.get(k)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            continue
+        if entry.value:
+            out.append(model.model_validate_json(entry.value))
+    return out
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _when(value: datetime | None) -> str:
+    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def cmd_sessions_ls(args: argparse.Namespace) -> int:
+    async def work(b: bus.Bus) -> int:
+        rows: list[SessionRecord] = await _all(b, "sessions", SessionRecord)
+        if args.state:
+            rows = [r for r in rows if r.state.value in args.state]
+        if args.tasklist:
+            rows = [r for r in rows if r.tasklist == args.tasklist]
+        rows.sort(
+            key=lambda r: (r.state is not SessionState.OPEN, -(r.requested_at.timestamp() if r.requested_at else 0))
+        )
+        rows = rows[: args.limit]
+        if args.json:
+            print(pydantic.TypeAdapter(list[SessionRecord]).dump_json(rows, indent=2).decode())
+            return 0
+        if not rows:
+            print("no sessions")
+            return 0
+        print(f"{'SESSION':<36}  {'STATE':<9}  {'TASKLIST':<12}  {'WORKER':<40}  {'OPENED':<19}  CAUSE")
+        for r in rows:
+            print(f"{r.session_id:<36}  {r.state.value:<9}  {r.tasklist:<12}  {r.worker_id or '-':<40}  "
+                  f"{_when(r.opened_at):<19}  {r.cause or ''}")  # fmt: skip
+        return 0
+
+    return _connected(args, work)
+
+
+def cmd_sessions_get(args: argparse.Namespace) -> int:
+    async def work(b: bus.Bus) -> int:
+        kv = await b.kv("sessions")
+        try:
+            entry = await kv.get(args.id)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            print(f"cadenza: no session {args.id}", file=sys.stderr)
+            return 1
+        rec = SessionRecord.model_validate_json(entry.value or b"{}")
+        if args.json:
+            print(rec.model_dump_json(indent=2))
+        else:
+            for k, v in rec.model_dump(mode="json").items():
+                print(f"{k:<18} {v if v not in (None, '') else '-'}")
+        return 0
+
+    return _connected(args, work)
+
+
+def cmd_sessions_complete(args: argparse.Namespace) -> int:
+    async def work(b: bus.Bus) -> int:
+        await b.publish(SessionCompleteRequested(session_id=args.id, reason=args.reason))
+        print(f"completion of {args.id} requested (a no-op unless the session is open)")
+        return 0
+
+    return _connected(args, work)
+
+
+def cmd_workers_ls(args: argparse.Namespace) -> int:
+    async def work(b: bus.Bus) -> int:
+        rows: list[WorkerRecord] = await _all(b, "workers", WorkerRecord)
+        rows.sort(key=lambda w: (w.tasklist, w.worker_id))
+        if args.json:
+            print(pydantic.TypeAdapter(list[WorkerRecord]).dump_json(rows, indent=2).decode())
+            return 0
+        if not rows:
+            print("no session workers")
+            return 0
+        print(f"{'WORKER':<44}  {'HOST':<20}  {'TASKLIST':<12}  {'SESSIONS':>9}  HEARTBEAT")
+        for w in rows:
+            print(f"{w.worker_id:<44}  {w.host_name[:20]:<20}  {w.tasklist:<12}  "
+                  f"{len(w.sessions):>4}/{w.max_sessions:<4}  every {w.interval:g}s")  # fmt: skip
+        return 0
+
+    return _connected(args, work)
+
+
+# ------------------------------------------------------------------ a user's worker
+
+
+def load_activities(spec: str) -> dict[str, Callable[..., Any]]:
+    """``module:object`` -> activities by name. The object is a ``bus.ActivityRegistry`` (or any
+    mapping of names to functions), a ``bus.Worker`` (its activities), or a list of functions."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise SystemExit(f"cadenza worker: expected MODULE:OBJECT (e.g. myapp.activities:registry), got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SystemExit(f"cadenza worker: cannot import {module_name!r}: {exc}") from None
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise SystemExit(f"cadenza worker: module {module_name!r} has no {attr!r}")
+    if isinstance(obj, bus.Worker):
+        return dict(obj.activities)
+    if isinstance(obj, dict):
+        return dict(obj)
+    if isinstance(obj, list | tuple) and all(callable(f) for f in obj):
+        return {f.__name__: f for f in obj}
+    raise SystemExit(f"cadenza worker: {spec} is a {type(obj).__name__}; expected a bus.ActivityRegistry, "
+                     "a mapping of names to functions, or a list of functions")  # fmt: skip
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    activities = load_activities(args.target)
+    if not activities:
+        return _fail(f"{args.target} holds no activities")
+
+    async def go() -> None:
+        async with service_bus(args, "worker") as b:
+            worker = bus.Worker(
+                b, tasklist=args.tasklist, enable_sessions=not args.no_sessions,
+                max_concurrent_sessions=args.max_sessions, heartbeat_interval=args.heartbeat_interval,
+                activities=activities,
+            )  # fmt: skip
+            async with worker:
+                announce_ready(f"worker {worker.worker_id} tasklist {args.tasklist} activities "
+                               f"{', '.join(sorted(activities))}")  # fmt: skip
+                await anyio.sleep_forever()
+
+    return run_service(go)
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    add_server_args(p)
+    p.add_argument("--tasklist", default="default")
+    p.add_argument("--max-sessions", type=int, default=1000, help="max_concurrent_sessions")
+    p.add_argument("--heartbeat-interval", type=float, default=5.0)
+    p.add_argument("--no-sessions", action="store_true", help="serve the shared queue only")
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``broker``, ``sessions``, ``workers`` and ``worker`` to the ``cadenza`` command line."""
+    p = sub.add_parser("broker", help="run the session broker (placement, slots, timeouts, lost workers)")
+    _add_broker_args(p)
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("sessions", help="list, show or complete sessions")
+    ssub = p.add_subparsers(dest="sessions_command", required=True, metavar="ACTION")
+    s = ssub.add_parser("ls", help="sessions, open first, newest first")
+    s.add_argument("--state", action="append", choices=[x.value for x in SessionState], help="repeatable")
+    s.add_argument("--tasklist", default="")
+    s.add_argument("--limit", type=int, default=100)
+    s.add_argument("--json", action="store_true")
+    add_server_args(s)
+    s.set_defaults(func=cmd_sessions_ls)
+    s = ssub.add_parser("get", help="one session's record")
+    s.add_argument("id")
+    s.add_argument("--json", action="store_true")
+    add_server_args(s)
+    s.set_defaults(func=cmd_sessions_get)
+    s = ssub.add_parser("complete", help="complete an open session (frees its slot, cancels its activities)")
+    s.add_argument("id")
+    s.add_argument("--reason", default="completed from the command line")
+    add_server_args(s)
+    s.set_defaults(func=cmd_sessions_complete)
+
+    p = sub.add_parser("workers", help="list session workers")
+    wsub = p.add_subparsers(dest="workers_command", required=True, metavar="ACTION")
+    s = wsub.add_parser("ls", help="live session workers with their slots in use")
+    s.add_argument("--json", action="store_true")
+    add_server_args(s)
+    s.set_defaults(func=cmd_workers_ls)
+
+    p = sub.add_parser("worker", help="run a worker serving MODULE:OBJECT's activities")
+    p.add_argument("target", metavar="MODULE:OBJECT", help="e.g. myapp.activities:registry")
+    add_worker_args(p)
+    p.set_defaults(func=cmd_worker)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m services.broker", description="the cadenza session broker")
+    _add_broker_args(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cmd_broker(build_parser().parse_args(argv))
