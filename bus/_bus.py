@@ -34,7 +34,7 @@ import nats
 import nats.errors
 import nats.js.errors
 import pydantic
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskStatus
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -165,7 +165,6 @@ class Bus:
         self.state = BusState.OPEN
         self.stats = BusStats()
         self._kv: dict[str, KeyValue] = {}
-        self._tg: TaskGroup | None = None
         #: Per-process helpers started on demand (the session client), by name.
         self.helpers: dict[str, object] = {}
         self._helper_ready: dict[str, anyio.Event] = {}
@@ -184,20 +183,19 @@ class Bus:
         return Context(values=MappingProxyType({BUS_KEY: self}))
 
     async def start_helper(self, name: str, helper: Any) -> Any:
-        """Run ``helper.run`` (``task_status`` style) in the bus's task group once per process; returns
-        the helper registered under ``name`` (the first one started)."""
+        """Start ``helper`` (``await helper.start()``) once per bus; returns the helper registered
+        under ``name`` (the first one started). Helpers subscribe through this bus's connection and
+        end with it (:meth:`close` drains their subscriptions)."""
         self._check_open()
         existing = self.helpers.get(name)
         if existing is not None:
             with anyio.fail_after(self.timeouts.request):
                 await self._helper_ready[name].wait()
             return existing
-        if self._tg is None:
-            raise BusError("this bus has no task group: open it with `async with bus.connect(...)`")
         self.helpers[name] = helper
         ready = self._helper_ready[name] = anyio.Event()
         try:
-            await self._tg.start(helper.run)
+            await helper.start()
         except BaseException:
             self.helpers.pop(name, None)
             raise
@@ -830,14 +828,6 @@ async def connect(
     try:
         if ensure_topology:
             await bus.topology.ensure(bus.js)
-        # Helpers the bus starts on demand (the session client of this process) live here, so
-        # they end with the block.
-        async with anyio.create_task_group() as tg:
-            bus._tg = tg
-            try:
-                yield bus
-            finally:
-                bus._tg = None
-                tg.cancel_scope.cancel()
+        yield bus
     finally:
         await bus.close()

@@ -28,7 +28,7 @@ from typing import Any
 import anyio
 import nats.errors
 import nats.js.errors
-from anyio.abc import TaskStatus
+from nats.aio.msg import Msg
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from schemas import (
@@ -40,6 +40,7 @@ from schemas import (
     CancelCause,
     CancelKind,
     CancelRequested,
+    Event,
     SessionAssigned,
     SessionCompleted,
     SessionCompleteRequested,
@@ -237,22 +238,38 @@ class SessionClient:
         self.sessions: OrderedDict[str, _Live] = OrderedDict()
         self.calls: dict[str, _Call] = {}
 
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        self.inbox = self.bus.nc.new_inbox()
-        async with anyio.create_task_group() as tg:
-            await tg.start(
-                lambda task_status: self.bus.listen(
-                    self.bus.subjects.domain_wildcard("session"), _SESSION_EVENTS, self._on_session,
-                    name="session-client", task_status=task_status,
-                )
-            )  # fmt: skip
-            await tg.start(
-                lambda task_status: self.bus.listen(
-                    f"{self.inbox}.*", [ActivityResult], self._on_result, name="session-client",
-                    task_status=task_status,
-                )
-            )  # fmt: skip
-            task_status.started()
+    async def start(self) -> None:
+        """Subscribe to the session announcements and to this process's reply inbox.
+
+        The subscriptions belong to the bus's connection (nats-py runs their callbacks and ends
+        them when the bus closes): a client needs no task group of its own, so a bus opened in one
+        task and closed in another (a pytest fixture) can still use sessions.
+        """
+        nc = self.bus.nc
+        self.inbox = nc.new_inbox()
+        await nc.subscribe(self.bus.subjects.domain_wildcard("session"), cb=self._on_session_msg,
+                           pending_msgs_limit=1_000_000)  # fmt: skip
+        await nc.subscribe(f"{self.inbox}.*", cb=self._on_result_msg, pending_msgs_limit=1_000_000)
+        await nc.flush(timeout=max(1, int(self.bus.timeouts.request)))
+
+    async def _on_session_msg(self, msg: Msg) -> None:
+        event = await self._decode(msg, _SESSION_EVENTS)
+        if event is not None:
+            await self._on_session(event, msg.subject)
+
+    async def _on_result_msg(self, msg: Msg) -> None:
+        event = await self._decode(msg, (ActivityResult,))
+        if isinstance(event, ActivityResult):
+            await self._on_result(event, msg.subject)
+
+    async def _decode(self, msg: Msg, accept: tuple[type[Event], ...]) -> Event | None:
+        try:
+            return decode(msg.data, msg.headers, accept)
+        except ValidationError as exc:
+            with contextlib.suppress(CadenzaError):
+                await self.bus.dead_letter(consumer="session-client", subject=msg.subject, data=msg.data,
+                                           headers=msg.headers, reason=exc.message, error_type=exc.kind)  # fmt: skip
+            return None
 
     # -------------------------------------------------------------- events
 
