@@ -453,9 +453,16 @@ class SessionClient:
                 await self.bus.publish(task)
             except ValidationError:
                 raise
-            with anyio.move_on_after(start_to_close_timeout):
-                with token.scope():
-                    await call.done.wait()
+            try:
+                with anyio.move_on_after(start_to_close_timeout):
+                    with token.scope():
+                        await call.done.wait()
+            except anyio.get_cancelled_exc_class():
+                # The caller's own task was cancelled (not the context): the work is not wanted any more.
+                if not call.done.is_set():
+                    await self._cancel_remote(aid, CancelCause(kind=CancelKind.SHUTDOWN, who=self.bus.source,
+                                                               reason="the caller stopped waiting"))  # fmt: skip
+                raise
             if not call.done.is_set():
                 # One look at the stored outcome: the reply may have been lost on a reconnect.
                 stored = await self._stored_result(aid)
