@@ -219,8 +219,12 @@ class BusActivityService:
 
     # ------------------------------------------------------------ Service
 
-    async def start_activity(self, req: StartRequest) -> ActivityRecord:
+    async def start_activity(self, req: StartRequest, *, wait: bool = True) -> ActivityRecord:
         """Announce an activity (event id ``<id>.started``).
+
+        With ``wait=False`` the activity is registered at once and the announcement is stored in the
+        background (every later event of the activity is published after it, and retries it if it
+        failed); the session worker uses this to keep the announcement off a task's critical path.
 
         Raises:
             ActivityError: the service is not open, or the id is already running here.
@@ -269,9 +273,23 @@ class BusActivityService:
             worker_id=record.worker_id,
             session_id=req.session_id,
         )
+        if not wait:
+            track = self._tracks[req.id] = _Track(record=record, pending=[(event, None)])
+            self._check_open().start_soon(self._publish_pending, track, name=f"activity-start-{req.id}")
+            return record
         await self.bus.publish(event)
         self._tracks[req.id] = _Track(record=record)
         return record
+
+    async def _publish_pending(self, track: _Track) -> None:
+        async with track.lock:
+            if not track.pending:
+                return
+            try:
+                await self._publish_locked(track, track.pending.pop(0)[0])
+            except CadenzaError as exc:
+                # Kept pending (retryable) and retried before the activity's next event.
+                _log.warning("activity %s: announcement not stored yet: %s", track.record.id, exc)
 
     async def update_activity(self, activity_id: str, req: UpdateRequest) -> None:
         """Change step / progress / latest message (and ``queued`` -> ``running``)."""
@@ -422,11 +440,12 @@ class BusActivityService:
 
     # ------------------------------------------------------------ Tracker
 
-    async def track(self, ctx: Context, activity_id: str) -> Context:
+    async def track(self, ctx: Context, activity_id: str, *, check_now: bool = True) -> Context:
         """A child of ``ctx`` bound to ``activity_id``: cancel events for it cancel the child's token.
 
-        A cancel stored a moment before this call is found and applied. A user's cancel also appends
-        the warning "Cancellation requested by <name>" to the activity's messages.
+        A cancel stored a moment before this call is found and applied (before returning; with
+        ``check_now=False`` right after, in the background, so the work can start meanwhile). A user's
+        cancel also appends the warning "Cancellation requested by <name>" to the activity's messages.
         """
         tg = self._check_open()
         track = self._track(activity_id)
@@ -435,7 +454,10 @@ class BusActivityService:
         track.token = work.token
         track.watch = anyio.CancelScope()
         tg.start_soon(self._watch_cancel, track, work.token, name=f"activity-cancel-{activity_id}")
-        await self.router.check_stored(activity_id, work.token)
+        if check_now:
+            await self.router.check_stored(activity_id, work.token)
+        else:
+            tg.start_soon(self.router.check_stored, activity_id, work.token, name=f"activity-stored-{activity_id}")
         return work
 
     async def _watch_cancel(self, track: _Track, token: CancelToken) -> None:

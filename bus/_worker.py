@@ -374,14 +374,16 @@ class Worker:
         svc = self.service
         if self.track_activities:
             try:
-                await svc.start_activity(StartRequest(id=aid, type=task.name, worker_id=self.worker_id,
-                                                      session_id=task.session_id or None))  # fmt: skip
+                # Announced and checked for an early cancel in the background: the task's round trip
+                # does not wait for either (later events of the activity follow the announcement).
+                req = StartRequest(id=aid, type=task.name, worker_id=self.worker_id, session_id=task.session_id or None)
+                await svc.start_activity(req, wait=False)
             except CadenzaError as exc:
                 if "started already" not in str(exc):
                     raise
                 # A redelivery of a task this process runs or ran: the first run answers.
                 return
-            work = await svc.track(ctx, aid)
+            work = await svc.track(ctx, aid, check_now=False)
         else:
             work = ctx.child(activity_id=aid)
         with contextlib.ExitStack() as registration:
