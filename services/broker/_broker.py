@@ -87,6 +87,8 @@ class BrokerConfig:
         request_ack_wait: seconds before a request held by a dead broker is handed to another.
         token_key: key of the recreate tokens (default: ``CADENZA_TOKEN_KEY``, else one generated
             and kept in the sessions bucket).
+        orphan_grace: seconds a slot reserved for a session that has no record is kept before it is freed.
+        retention: seconds an ended session's record is kept (then deleted from the bucket).
     """
 
     sweep_interval: float = 0.1
@@ -95,6 +97,8 @@ class BrokerConfig:
     request_concurrency: int = 4096
     request_ack_wait: float = 5.0
     token_key: bytes | None = None
+    orphan_grace: float = 60.0
+    retention: float = 7 * 86_400.0
 
 
 @dataclass
@@ -128,6 +132,8 @@ class Broker:
         self._changed = anyio.Event()
         self._locks: dict[str, anyio.Lock] = {}
         self._ending: set[str] = set()
+        self._orphans: dict[str, float] = {}
+        self._pruned_at = 0.0
         self._kv_sessions: KeyValue | None = None
         self._kv_workers: KeyValue | None = None
         self._signer: TokenSigner | None = None
@@ -382,53 +388,55 @@ class Broker:
     # ------------------------------------------------------------ creating
 
     async def _on_request(self, req: SessionRequested, delivery: Delivery) -> None:
+        # Steps, each idempotent: reserve a slot on a worker (CAS on its record), create the session
+        # record as open (CAS create: fails if the caller withdrew meanwhile, then the slot is given
+        # back), tell the worker, announce. A redelivery after a crash finds the reservation or the
+        # record and carries on from there.
         sid = req.session_id
+        redelivered = delivery.deliveries > 1
+        record = (await self.session_record(sid))[0] if redelivered else self.session(sid)
+        if record is not None and record.state is SessionState.OPEN:
+            await self._announce_open(record)
+            return
+        if record is not None and record.ended:
+            await self._announce_end(record)
+            return
         deadline = req.time + timedelta(seconds=req.creation_timeout)
         fresh = SessionRecord(
             session_id=sid, tasklist=req.tasklist, heartbeat_timeout=req.heartbeat_timeout,
             execution_timeout=req.execution_timeout, requested_at=req.time, creation_deadline=deadline,
             requested_by=req.source,
         )  # fmt: skip
-        record = await self._cas_session(sid, lambda cur: fresh if cur is None else None)
-        assert record is not None
-        if record.state is SessionState.OPEN:
-            await self._announce_open(record)
-            return
-        if record.ended:
-            await self._announce_end(record)
-            return
         claim: WorkerClaim | None = None
         if req.recreate_token is not None:
             assert self._signer is not None
             try:
                 claim = self._signer.verify(req.recreate_token)
             except TokenError as exc:
-                await self._reject(sid, SessionRejectReason.BAD_TOKEN, str(exc))
+                await self._reject(fresh, SessionRejectReason.BAD_TOKEN, str(exc))
                 return
-        placed = self._holder(sid) or await self._place(req, deadline, claim)
+            fresh = fresh.model_copy(update={"recreated_from": claim.session_id})
+        placed = (self._holder(sid) if redelivered else None) or await self._place(req, deadline, claim)
         if isinstance(placed, tuple):
-            await self._reject(sid, *placed)
+            await self._reject(fresh, *placed)
             return
         worker = placed
-        expires = utcnow() + timedelta(seconds=req.execution_timeout)
-
-        def open_(cur: SessionRecord | None) -> SessionRecord | None:
-            if cur is None or cur.state is not SessionState.PENDING:
-                return None
-            return cur.model_copy(update={
-                "state": SessionState.OPEN, "worker_id": worker.worker_id, "host_name": worker.host_name,
-                "opened_at": utcnow(), "expires_at": expires,
-                "recreated_from": claim.session_id if claim is not None else "",
-            })  # fmt: skip
-
-        record = await self._cas_session(sid, open_)
-        if record is None or record.state is not SessionState.OPEN or record.worker_id != worker.worker_id:
-            # Withdrawn (or rejected) while we placed it: give the slot back.
-            await self._release(worker.worker_id, sid)
-            if record is not None and record.ended:
-                await self._announce_end(record)
+        now = utcnow()
+        opened = fresh.model_copy(update={
+            "state": SessionState.OPEN, "worker_id": worker.worker_id, "host_name": worker.host_name,
+            "opened_at": now, "expires_at": now + timedelta(seconds=req.execution_timeout),
+        })  # fmt: skip
+        stored = await self._cas_session(sid, lambda cur: opened if cur is None else None)
+        if stored is opened:
+            await self._announce_open(opened)
             return
-        await self._announce_open(record)
+        if stored is not None and stored.state is SessionState.OPEN and stored.worker_id == worker.worker_id:
+            await self._announce_open(stored)  # opened by an earlier delivery of this request
+            return
+        # Withdrawn (or rejected) while we placed it: give the slot back.
+        await self._release(worker.worker_id, sid)
+        if stored is not None and stored.ended:
+            await self._announce_end(stored)
 
     def _holder(self, sid: str) -> WorkerRecord | None:
         """The worker already holding a slot for ``sid`` (a redelivered request after a crash)."""
@@ -526,14 +534,20 @@ class Broker:
 
         await self._cas_worker(wid, remove)
 
-    async def _reject(self, sid: str, reason: SessionRejectReason, message: str) -> None:
+    async def _reject(self, fresh: SessionRecord, reason: SessionRejectReason, message: str) -> None:
+        """Record the session as rejected (unless it opened or ended meanwhile) and announce the outcome."""
+        rejected = fresh.model_copy(update={"state": SessionState.REJECTED, "cause": reason.value,
+                                            "message": message, "ended_at": utcnow()})  # fmt: skip
+
         def reject(cur: SessionRecord | None) -> SessionRecord | None:
-            if cur is None or cur.state is not SessionState.PENDING:
+            if cur is None:
+                return rejected
+            if cur.state is not SessionState.PENDING:
                 return None
             return cur.model_copy(update={"state": SessionState.REJECTED, "cause": reason.value, "message": message,
                                           "ended_at": utcnow()})  # fmt: skip
 
-        record = await self._cas_session(sid, reject)
+        record = await self._cas_session(fresh.session_id, reject)
         if record is not None and record.ended:
             await self._announce_end(record)
         elif record is not None and record.state is SessionState.OPEN:
@@ -543,26 +557,32 @@ class Broker:
         worker = self.worker(record.worker_id)
         assert self._signer is not None
         b = self.bus
-        # The worker hears first, so its inbox holds the session before any task for it.
-        await b.publish(SessionOpened(event_id=f"opened-{record.session_id}", worker_id=record.worker_id,
-                                      session_id=record.session_id, expires_at=record.expires_at))  # fmt: skip
         token = self._signer.sign(WorkerClaim(record.worker_id, record.host_name, record.tasklist,
                                               record.session_id, time.time()))  # fmt: skip
-        await b.publish(SessionAssigned(
+        opened = SessionOpened(event_id=f"opened-{record.session_id}", worker_id=record.worker_id,
+                               session_id=record.session_id, expires_at=record.expires_at)  # fmt: skip
+        # Both sent at once, the worker's notice first on this connection: the server stores it in the
+        # task stream before it stores the announcement, so it precedes any task the caller sends
+        # after hearing of the session.
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(b.publish, opened)
+            await anyio.lowlevel.checkpoint()
+            await b.publish(SessionAssigned(
             event_id=f"assigned-{record.session_id}", session_id=record.session_id, tasklist=record.tasklist,
             worker_id=record.worker_id, host_name=record.host_name or (worker.host_name if worker else ""),
-            heartbeat_timeout=record.heartbeat_timeout, expires_at=record.expires_at or utcnow(),
-            recreate_token=token,
-        ))  # fmt: skip
+                heartbeat_timeout=record.heartbeat_timeout, expires_at=record.expires_at or utcnow(),
+                recreate_token=token,
+            ))  # fmt: skip
 
     # ------------------------------------------------------------ ending
 
     async def _on_complete(self, req: SessionCompleteRequested, delivery: Delivery) -> None:
         record = self.session(req.session_id) or (await self.session_record(req.session_id))[0]
-        if record is None:
-            return  # never requested (or long pruned): nothing to do
-        if record.state is SessionState.PENDING:
-            await self._reject(record.session_id, SessionRejectReason.ABANDONED,
+        if record is None or record.state is SessionState.PENDING:
+            # Withdrawn before it opened (the caller gave up waiting): recorded, so a placement
+            # still under way cannot open it.
+            fresh = record or SessionRecord(session_id=req.session_id, requested_by=req.source)
+            await self._reject(fresh, SessionRejectReason.ABANDONED,
                                f"withdrawn by the caller: {req.reason or 'no reason given'}")  # fmt: skip
             return
         await self.end(record.session_id, SessionState.COMPLETED, "", req.reason or "completed by the caller")
@@ -582,16 +602,24 @@ class Broker:
         await self.bus.publish(SessionClosed(event_id=f"closed-{sid}", worker_id=record.worker_id, session_id=sid,
                                              state=state, cause=why))  # fmt: skip
 
+        written: list[SessionRecord] = []
+
         def close(cur: SessionRecord | None) -> SessionRecord | None:
             if cur is None or cur.state is not SessionState.OPEN:
                 return None
-            return cur.model_copy(update={"state": state, "cause": cause, "message": message, "ended_at": utcnow()})
+            written.append(cur.model_copy(update={"state": state, "cause": cause, "message": message,
+                                                  "ended_at": utcnow()}))  # fmt: skip
+            return written[-1]
 
         after = await self._cas_session(sid, close)
-        if after is None or after.state is not state or after.ended_at is None:
+        # Only the replica whose write ended the session announces it: the stream would drop a
+        # second announcement, but core subscribers (every caller) would hear it twice.
+        if after is None or not written or after is not written[-1]:
             return False
-        await self._announce_end(after)
+        # The slot is free before the caller hears the end (the spec: free as soon as completion is
+        # acknowledged); a crash in between is announced by the sweep.
         await self._release(after.worker_id, sid)
+        await self._announce_end(after)
         return True
 
     async def _announce_end(self, record: SessionRecord) -> None:
@@ -663,6 +691,9 @@ class Broker:
                 elif rec.expires_at is not None and rec.expires_at <= now:
                     self._spawn(self._fail_one, sid, SessionFailure.EXECUTION_TIMEOUT,
                                 f"open longer than its execution_timeout of {rec.execution_timeout:g}s")  # fmt: skip
+            elif rec.ended and rec.announced and rec.ended_at is not None and \
+                    (now - rec.ended_at).total_seconds() > self.config.retention:  # fmt: skip
+                self._spawn(self._prune, sid)
             elif rec.ended and not rec.announced and rec.ended_at is not None and \
                     (now - rec.ended_at).total_seconds() > 2.0 and sid not in self._ending:  # fmt: skip
                 self._spawn(self._announce_end, rec)
@@ -672,15 +703,26 @@ class Broker:
             for sid in w.sessions:
                 held = self.session(sid)
                 if held is None:
+                    # Reserved, but the record never came (the broker died between the two steps
+                    # and the request was not redelivered in time): freed after a grace period.
+                    first = self._orphans.setdefault(sid, time.monotonic())
+                    if time.monotonic() - first > self.config.orphan_grace:
+                        self._orphans.pop(sid, None)
+                        self._spawn(self._release, w.worker_id, sid)
                     continue
-                stale = held.state is SessionState.PENDING and held.creation_deadline is not None and \
-                    (now - held.creation_deadline).total_seconds() > 30  # fmt: skip
-                if (held.ended and (now - (held.ended_at or now)).total_seconds() > 2.0) or stale:
+                self._orphans.pop(sid, None)
+                if held.ended and (now - (held.ended_at or now)).total_seconds() > 2.0:
                     self._spawn(self._release, w.worker_id, sid)
             seen = self.seen.get(w.worker_id)
             interval = seen.interval if seen is not None else w.interval
             if not w.sessions and self.silence(w.worker_id) > self.config.forget_factor * interval:
                 self._spawn(self._forget_worker, w.worker_id)
+
+    async def _prune(self, sid: str) -> None:
+        assert self._kv_sessions is not None
+        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+            await self._kv_sessions.purge(sid)
+            self.sessions.pop(sid, None)
 
     async def _end_lost(self, sid: str, rec: SessionRecord, silence: float) -> None:
         try:
