@@ -133,6 +133,8 @@ class Broker:
         self._locks: dict[str, anyio.Lock] = {}
         self._ending: set[str] = set()
         self._orphans: dict[str, float] = {}
+        #: Requests looking for a slot now (session id -> tasklist).
+        self.waiting: dict[str, str] = {}
         self._pruned_at = 0.0
         self._kv_sessions: KeyValue | None = None
         self._kv_workers: KeyValue | None = None
@@ -458,6 +460,15 @@ class Broker:
     ) -> WorkerRecord | tuple[SessionRejectReason, str]:
         """Reserve a slot for the session, waiting for one until ``deadline``; else why not."""
         waited_from = time.monotonic()
+        self.waiting[req.session_id] = req.tasklist
+        try:
+            return await self._place_loop(req, deadline, claim, waited_from)
+        finally:
+            self.waiting.pop(req.session_id, None)
+
+    async def _place_loop(
+        self, req: SessionRequested, deadline: datetime, claim: WorkerClaim | None, waited_from: float
+    ) -> WorkerRecord | tuple[SessionRejectReason, str]:
         while True:
             changed = self._changed
             async with self._lock(claim.worker_id if claim else req.tasklist):
