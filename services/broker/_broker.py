@@ -25,7 +25,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -37,6 +37,8 @@ import pydantic
 from anyio.abc import TaskGroup, TaskStatus
 from nats.js.api import DeliverPolicy
 from nats.js.kv import KeyValue
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
 
 import bus
 from bus import ConsumerSpec, Delivery
@@ -140,6 +142,11 @@ class Broker:
         self._kv_workers: KeyValue | None = None
         self._signer: TokenSigner | None = None
         self._tg: TaskGroup | None = None
+        # Sessions open, slots free on live workers, requests waiting for a slot (OpenTelemetry API:
+        # recorded only if the application set a meter provider).
+        metrics.get_meter("cadenza.broker").create_observable_gauge(
+            "cadenza.broker.sessions", callbacks=[self._observe], description="sessions open / slots free / waiting"
+        )
 
     # ------------------------------------------------------------ run
 
@@ -171,6 +178,14 @@ class Broker:
                 task_status=task_status))  # fmt: skip
             tg.start_soon(self._sweep_loop)
             task_status.started()
+
+    def _observe(self, _options: CallbackOptions) -> Iterable[Observation]:
+        open_ = sum(1 for c in self.sessions.values() if getattr(c.value, "state", None) is SessionState.OPEN)
+        free = sum(max(0, w.max_sessions - len(w.sessions)) for c in self.workers.values()
+                   if isinstance(w := c.value, WorkerRecord) and self._placeable(w.worker_id))  # fmt: skip
+        yield Observation(open_, {"cadenza.metric": "sessions_open"})
+        yield Observation(free, {"cadenza.metric": "slots_free"})
+        yield Observation(len(self.waiting), {"cadenza.metric": "requests_waiting"})
 
     async def _token_key(self) -> bytes:
         if self.config.token_key:
