@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import secrets
@@ -25,14 +26,14 @@ import anyio
 
 import bus
 import schemas
-from bus.testing import ServiceProcess
 
 from ._runtime import READY, add_server_args, run_service
+from .demo._process import Child
 
 __all__ = ("build_parser", "main")
 
 #: Modules that add subcommands; a missing one is skipped (its service is not installed).
-_COMMAND_MODULES = ("services.recorder._cli", "services.broker._cli")
+_COMMAND_MODULES = ("services.recorder._cli", "services.broker._cli", "services.demo._cli")
 
 
 def _fail(message: str) -> int:
@@ -204,6 +205,13 @@ def cmd_setup(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ dev
 
 
+def _available(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     """Embedded server + recorder + broker + demo worker, in the foreground."""
     server = bus.EmbeddedServer(args.store, port=args.port)
@@ -213,30 +221,41 @@ def cmd_dev(args: argparse.Namespace) -> int:
         if args.port:
             return _fail(f"{exc} (is port {args.port} taken? use --port 0 for any free port)")
         return _fail(str(exc))
-    env = {"CADENZA_TOKEN_KEY": os.environ.get("CADENZA_TOKEN_KEY") or secrets.token_hex(32)}
+    # One key for every broker of this dev installation, so recreate tokens survive a broker restart.
+    env = {"CADENZA_TOKEN_KEY": os.environ.get("CADENZA_TOKEN_KEY") or secrets.token_hex(32), "NATS_URL": server.url}
     wanted = [
-        ("recorder", "services.recorder", ()),
-        ("broker", "services.broker", ()),
-        ("demo worker", "services.demo.worker", ()),
+        ("recorder", "services.recorder"),
+        ("broker", "services.broker"),
+        ("demo worker", "services.demo.worker"),
     ]
-    children: list[tuple[str, ServiceProcess]] = []
+    children: list[tuple[str, Child]] = []
     print(f"nats-server (JetStream) on {server.url}, store {server.store_dir}", flush=True)
     try:
-        for label, module, extra in wanted:
-            if importlib.util.find_spec(module) is None:
+        for label, module in wanted:
+            if not _available(module):
                 print(f"  {label}: not available in this build ({module} missing)", flush=True)
                 continue
-            proc = ServiceProcess(module, "--prefix", args.prefix, *extra, url=server.url, env=env)
+            proc = Child(module, "--server", server.url, "--prefix", args.prefix, env=env)
             try:
                 proc.start(timeout=30)
             except RuntimeError as exc:
                 print(f"  {label}: failed to start\n{exc}", file=sys.stderr, flush=True)
                 continue
             children.append((label, proc))
-            print(f"  {label}: running (pid {proc.pid})", flush=True)
+            print(f"  {label}: running (pid {proc.pid}) {proc.ready_line.removeprefix(READY).strip()}", flush=True)
+        prefix = "" if args.prefix == "cadenza" else f" --prefix {args.prefix}"
         print(f"\nexport NATS_URL={server.url}", flush=True)
-        print("try, in another terminal:  cadenza demo | cadenza activities ls | cadenza sessions ls | "
-              "cadenza tail 'activity.>'", flush=True)  # fmt: skip
+        tips = [
+            (f"cadenza demo{prefix}", "a tour: sessions, streamed output, a cancel, a lost worker"),
+            (f"cadenza sessions ls{prefix}", "sessions, open first"),
+            (f"cadenza workers ls{prefix}", "session workers and their slots"),
+            (f"cadenza activities ls{prefix}", "tracked activities"),
+            (f"cadenza tail 'activity.>'{prefix}", "events as they happen"),
+        ]
+        width = max(len(cmd) for cmd, _ in tips)
+        print("then, in another terminal:", flush=True)
+        for cmd, what in tips:
+            print(f"  {cmd:<{width}}  {what}", flush=True)
         print(READY + " dev", flush=True)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
