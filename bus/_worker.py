@@ -20,6 +20,7 @@ import enum
 import inspect
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from schemas import (
     CancelKind,
     SessionClosed,
     SessionOpened,
+    SessionState,
     TaskError,
     WorkerStopped,
     check_token,
@@ -183,6 +185,8 @@ class Worker:
         self.peak_sessions = 0
         self.oversubscribed = 0
         self._sessions: dict[str, _Session] = {}
+        #: Sessions that ended here lately, to answer a late task with how they ended.
+        self._ended: OrderedDict[str, SessionClosed] = OrderedDict()
         self._running = 0
         self._root = CancelToken()
         self.router = CancelRouter(bus)
@@ -332,6 +336,9 @@ class Worker:
         self.peak_sessions = max(self.peak_sessions, len(self._sessions))
 
     def _closed(self, event: SessionClosed) -> None:
+        self._ended[event.session_id] = event
+        while len(self._ended) > 10_000:
+            self._ended.popitem(last=False)
         sess = self._sessions.pop(event.session_id, None)
         if sess is None:
             return
@@ -356,9 +363,17 @@ class Worker:
         if task.session_id:
             sess = self._sessions.get(task.session_id)
             if sess is None or sess.token.cancelled:
+                ended = self._ended.get(task.session_id)
+                if ended is not None and ended.state is SessionState.COMPLETED:
+                    # Sent just before the caller heard of the completion: cancelled with that cause.
+                    await self._reply(task, error=TaskError(
+                        type="ActivityCancelledError", cause=ended.cause, non_retryable=True,
+                        message=f"session {task.session_id} was completed before the activity started"))  # fmt: skip
+                    return
                 await self._reply(task, error=TaskError(
                     type="SessionFailedError", session_failed=True, non_retryable=True,
-                    message=f"session {task.session_id} is not open on worker {self.worker_id}"))  # fmt: skip
+                    message=f"session {task.session_id} is not open on worker {self.worker_id}"
+                    + (f" ({ended.cause.reason})" if ended is not None else "")))  # fmt: skip
                 return
         parent = sess.token if sess is not None else self._root
         ctx = Context(token=parent, session=sess.info if sess is not None else None,
