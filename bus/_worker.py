@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import inspect
 import json
 import logging
@@ -43,6 +44,8 @@ from schemas import (
     SessionOpened,
     SessionState,
     TaskError,
+    WorkerPing,
+    WorkerPong,
     WorkerStopped,
     check_token,
     utcnow,
@@ -228,6 +231,9 @@ class Worker:
         try:
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             await self._tg.start(self.router.run)
+            await self._tg.start(functools.partial(
+                self.bus.serve, self.bus.rpc_subject(self.worker_id, "ping"), WorkerPing, self._pong,
+                name=f"ping-{self.worker_id}"))  # fmt: skip
             await stack.enter_async_context(self.service)
             subjects = self.bus.subjects
             shared = ConsumerSpec(
@@ -309,6 +315,9 @@ class Worker:
         # Outside the shield: the task group must be left in the scope it was entered in.
         await self._stack.__aexit__(None, None, None)
         self.state = WorkerState.STOPPED
+
+    async def _pong(self, _ping: WorkerPing) -> WorkerPong:
+        return WorkerPong(worker_id=self.worker_id, open_sessions=len(self._sessions))
 
     # ------------------------------------------------------------ inbox
 

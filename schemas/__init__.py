@@ -63,6 +63,8 @@ from ._task import SessionClosed as SessionClosed
 from ._task import SessionOpened as SessionOpened
 from ._task import TaskError as TaskError
 from ._worker import WorkerHeartbeat as WorkerHeartbeat
+from ._worker import WorkerPing as WorkerPing
+from ._worker import WorkerPong as WorkerPong
 from ._worker import WorkerStarted as WorkerStarted
 from ._worker import WorkerStopped as WorkerStopped
 
@@ -116,6 +118,8 @@ __all__ = (
     "TailActivityRequest",
     "TaskError",
     "WorkerHeartbeat",
+    "WorkerPing",
+    "WorkerPong",
     "WorkerRecord",
     "WorkerStarted",
     "WorkerStopped",

@@ -9,11 +9,11 @@ each per worker, so a restarted broker or recorder reads every worker's last sig
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from ._envelope import Event
 
-__all__ = ["WorkerHeartbeat", "WorkerStarted", "WorkerStopped"]
+__all__ = ["WorkerHeartbeat", "WorkerPing", "WorkerPong", "WorkerStarted", "WorkerStopped"]
 
 _TOKEN = r"^[A-Za-z0-9_\-:=+@~]{1,200}$"
 
@@ -56,3 +56,23 @@ class WorkerStopped(_WorkerEvent):
     EVENT = "stopped"
 
     reason: str = Field(default="shutdown", max_length=1024)
+
+
+class WorkerPing(BaseModel):
+    """Request on ``<prefix>.rpc.<worker_id>.ping``: is this worker's process still connected?
+
+    The broker asks when a heartbeat is late. NATS answers "no responders" at once when the
+    process's connection is gone, which tells a dead process from a slow one well before the
+    heartbeat timeout.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class WorkerPong(BaseModel):
+    """The worker's answer to :class:`WorkerPing`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    worker_id: str
+    open_sessions: int = 0

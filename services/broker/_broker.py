@@ -59,6 +59,8 @@ from schemas import (
     SessionRequested,
     SessionState,
     WorkerHeartbeat,
+    WorkerPing,
+    WorkerPong,
     WorkerRecord,
     WorkerStarted,
     WorkerStopped,
@@ -110,6 +112,10 @@ class _Seen:
     at: float
     interval: float
     stopped: str = ""
+    #: Set once two pings in a row found nobody on the worker's ping subject: its process is gone.
+    gone: str = ""
+    probed_at: float = 0.0
+    suspect: int = 0
 
 
 @dataclass
@@ -137,7 +143,7 @@ class Broker:
         self._orphans: dict[str, float] = {}
         #: Requests looking for a slot now (session id -> tasklist).
         self.waiting: dict[str, str] = {}
-        self._pruned_at = 0.0
+        self._reconnects = (0, 0.0)
         self._kv_sessions: KeyValue | None = None
         self._kv_workers: KeyValue | None = None
         self._signer: TokenSigner | None = None
@@ -361,7 +367,7 @@ class Broker:
             self.seen[wid] = _Seen(at, event.interval, event.reason or "stopped")
             self._spawn(self._worker_stopped, wid, event.reason or "stopped")
             return
-        if seen is None or at > seen.at:
+        if seen is None or seen.gone or at > seen.at:
             self.seen[wid] = _Seen(at, event.interval)
         if (
             event.sessions_enabled and event.max_sessions > 0 and wid not in self.workers
@@ -711,9 +717,11 @@ class Broker:
                 if seen is not None and seen.stopped:
                     why = f"worker {rec.worker_id} on {rec.host_name or '?'} shut down ({seen.stopped})"
                     self._spawn(self._fail_one, sid, SessionFailure.WORKER_SHUTDOWN, why)
-                elif silence > rec.heartbeat_timeout:
+                elif silence > rec.heartbeat_timeout or (seen is not None and seen.gone):
                     self._ending.add(sid)
                     self._spawn(self._end_lost, sid, rec, silence)
+                elif seen is not None and silence > 1.5 * seen.interval:
+                    self._maybe_probe(rec.worker_id, seen)
                 elif rec.expires_at is not None and rec.expires_at <= now:
                     self._spawn(self._fail_one, sid, SessionFailure.EXECUTION_TIMEOUT,
                                 f"open longer than its execution_timeout of {rec.execution_timeout:g}s")  # fmt: skip
@@ -750,9 +758,51 @@ class Broker:
             await self._kv_sessions.purge(sid)
             self.sessions.pop(sid, None)
 
+    def _maybe_probe(self, wid: str, seen: _Seen) -> None:
+        mono = time.monotonic()
+        if mono - seen.probed_at < max(seen.interval, 1.0):
+            return
+        seen.probed_at = mono
+        self._spawn(self._probe, wid, seen)
+
+    async def _probe(self, wid: str, seen: _Seen) -> None:
+        """Ask a worker whose heartbeat is late whether its process is still connected.
+
+        "No responders" twice in a row (a second apart at least, while this broker is connected)
+        means the process's connection is closed: its sessions fail now rather than at the
+        heartbeat timeout. An answer counts as a sign of life; silence proves nothing.
+        """
+        b = self.bus
+        try:
+            await b.request(b.rpc_subject(wid, "ping"), WorkerPing(), WorkerPong, timeout=min(seen.interval, 2.0))
+        except bus.RequestError as exc:
+            if isinstance(exc.__cause__, nats.errors.NoRespondersError) and self._settled_connection():
+                seen.suspect += 1
+                if seen.suspect >= 2:
+                    seen.gone = "its connection is closed (nobody answers on its ping subject)"
+            return
+        seen.suspect = 0
+        seen.at = max(seen.at, time.monotonic())
+
+    def _settled_connection(self) -> bool:
+        """Connected, and not reconnected in the last 10 s (after an outage, workers reconnect a
+        little later than the broker: their empty ping subject then proves nothing)."""
+        nc = self.bus.nc
+        count = int(nc.stats.get("reconnects", 0))
+        mono = time.monotonic()
+        if count != self._reconnects[0]:
+            self._reconnects = (count, mono)
+        return nc.is_connected and mono - self._reconnects[1] > 10.0
+
     async def _end_lost(self, sid: str, rec: SessionRecord, silence: float) -> None:
         try:
-            text = "never heard from" if silence == float("inf") else f"sent no heartbeat for {silence:.1f}s"
+            seen = self.seen.get(rec.worker_id)
+            if seen is not None and seen.gone:
+                text = f"is gone: {seen.gone}, {silence:.1f}s after its last heartbeat"
+            elif silence == float("inf"):
+                text = "was never heard from"
+            else:
+                text = f"sent no heartbeat for {silence:.1f}s"
             await self.end(sid, SessionState.FAILED, SessionFailure.WORKER_LOST.value,
                            f"worker {rec.worker_id} on {rec.host_name or '?'} {text} "
                            f"(heartbeat_timeout {rec.heartbeat_timeout:g}s)")  # fmt: skip
