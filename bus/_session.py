@@ -362,7 +362,7 @@ class SessionClient:
             state=SessionState.OPEN, heartbeat_timeout=outcome.heartbeat_timeout, expires_at=outcome.expires_at,
             recreate_token=outcome.recreate_token.encode(),
         )  # fmt: skip
-        live = _Live(info=info, token=ctx.token.child())
+        live = _Live(info=info, token=_outside_ended_session(ctx).child())
         self.sessions[sid] = live
         return ctx.derive(token=live.token, session=info)
 
@@ -508,6 +508,20 @@ class SessionClient:
             return ActivityResult(activity_id=aid, ok=True, result=event.result)
         error = TaskError(type="ActivityError", message=event.error or event.status.value)
         return ActivityResult(activity_id=aid, ok=False, error=error)
+
+
+def _outside_ended_session(ctx: Context) -> CancelToken:
+    """The token a new session of ``ctx`` derives from: not that of the ended session ``ctx`` holds.
+
+    A completed or failed session's token is cancelled; a session made under it would be born
+    cancelled. Its parent is the token the ended session was made under.
+    """
+    token = ctx.token
+    cause = token.cause
+    if isinstance(ctx.session, SessionInfo) and cause is not None and token.parent is not None and \
+            cause.kind in (CancelKind.SESSION_COMPLETED, CancelKind.SESSION_FAILED):  # fmt: skip
+        return token.parent
+    return token
 
 
 def _unwrap(result: ActivityResult, sid: str) -> Any:
