@@ -163,6 +163,8 @@ SCHEMAS_ALL = (
     "TailActivityRequest",
     "TaskError",
     "WorkerHeartbeat",
+    "WorkerPing",
+    "WorkerPong",
     "WorkerRecord",
     "WorkerStarted",
     "WorkerStopped",
