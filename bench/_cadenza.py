@@ -1,28 +1,28 @@
-"""cadenza in the benchmark: an embedded nats-server, the broker and recorder services and bench
+"""cadenza in the benchmark: an embedded nats-server, the broker and recorder services and session
 workers (:mod:`bench._cadenza_worker`), each in its own process; the caller is this process.
 
 What each figure measures (the same patterns as the limit, through cadenza's API):
 
 (a) ``create_session`` then ``execute_activity`` in it, until the result is back in the caller.
-(b) ``execute_activity`` in an open session, one after another; caller-side round trip.
+(b) ``execute_activity`` in an open session, one after another; caller-side round trip. Activities
+    are tracked (the worker publishes started/completed activity events for the recorder).
 (c) (b) from 1, 10 or 100 concurrent sessions, all opened before the clock starts.
-(d) ``bus.request_cancel`` for a running activity (stored on the cancel stream and broadcast) until
-    the activity's cancel scope fires in the worker process.
-(e) SIGKILL of the worker holding a session -> the caller's next ``execute_activity`` in it fails
-    with ``SessionFailedError`` (the broker declares the worker lost from missed heartbeats).
+(d) ``execute_activity`` of an activity that waits in the session's worker; the caller's context
+    is cancelled (the call publishes the stored cancel event; the worker's router cancels the
+    activity's scope); the time until the activity sees the cancel.
+(e) SIGKILL of the worker holding a session (heartbeats every timeout/3) -> the caller's next
+    ``execute_activity`` in it raises ``SessionFailedError`` (the broker declares the worker lost
+    from missed heartbeats and announces the session failed).
 (f) messages on ``<prefix>.worker.*.heartbeat`` and on everything (``>``) while the sessions idle.
 (g) resident memory of the broker, the largest worker and nats-server with the sessions open.
-
-The session and worker runtime come from issue #4; until they are in the tree, the scenarios that
-need them say so instead of a figure. (d) needs only the cancel path, which the foundation has.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import json
+import secrets
 import uuid
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,25 +31,20 @@ import anyio
 import bus
 from bus import EmbeddedServer
 
-from ._common import NotAvailable, Sizes, now, rss_mb, wait_probe
+from ._common import Sizes, now, rss_mb, wait_probe
 from ._peer import Peer, notes_from
 from ._procs import Proc, start_all, stop_all
 
-__all__ = ("CadenzaPeer",)
+__all__ = ("CadenzaPeer", "UntrackedCadenzaPeer")
 
-
-def _missing_session_api() -> str:
-    """Why the session scenarios cannot run in this tree, or "" when they can."""
-    names = ("create_session", "complete_session", "execute_activity", "Worker", "SessionOptions")
-    absent = [n for n in names if not hasattr(bus, n)]
-    if importlib.util.find_spec("services.broker") is None:
-        absent.append("services.broker")
-    return ("session API (#4) not in this tree yet: " + ", ".join(absent)) if absent else ""
+_USER_CANCEL = bus.CancelCause(kind=bus.CancelKind.USER, who="bench", reason="cancel latency")
 
 
 class CadenzaPeer(Peer):
     name = "cadenza"
     notes = notes_from(__doc__)
+    #: Worker flags (:class:`UntrackedCadenzaPeer` turns activity tracking off).
+    worker_flags: tuple[str, ...] = ()
 
     def __init__(self, sizes: Sizes, workdir: Path) -> None:
         super().__init__(sizes, workdir)
@@ -57,9 +52,10 @@ class CadenzaPeer(Peer):
         self.procs: list[Proc] = []
         self.probe = workdir / "probes"
         self.prefix = f"bench{uuid.uuid4().hex[:8]}"
-        self.missing = _missing_session_api()
         self.meta: dict[str, object] = {}
         self._stack = contextlib.AsyncExitStack()
+        # A fresh signing key for recreate tokens, per run (the broker would otherwise make one in KV).
+        self._env = {"CADENZA_TOKEN_KEY": secrets.token_hex(32), "CADENZA_LOG": "WARNING"}
 
     async def start(self) -> None:
         self.probe.mkdir(parents=True, exist_ok=True)
@@ -67,55 +63,77 @@ class CadenzaPeer(Peer):
         self.server.start()
         self.url = self.server.url
         self.bus = await self._stack.enter_async_context(bus.connect(self.url, prefix=self.prefix, name="bench"))
-        if not self.missing:
-            services = [Proc.module("services.broker", "--server", self.url, "--prefix", self.prefix)]
-            if importlib.util.find_spec("services.recorder") is not None:
-                services.append(Proc.module("services.recorder", "--server", self.url, "--prefix", self.prefix))
-            self.procs += await start_all(services)
-            self.procs += await start_all([self._worker() for _ in range(self.sizes.workers)])
-        else:
-            self.meta["missing"] = self.missing
-        self.cancel_worker = (await start_all([self._worker("--cancel-only")]))[0]
-        self.procs.append(self.cancel_worker)
+        args = ("--server", self.url, "--prefix", self.prefix)
+        self.procs += await start_all([
+            Proc.module("services.broker", *args, env=self._env),
+            Proc.module("services.recorder", *args, env=self._env),
+        ])  # fmt: skip
+        self.procs += await start_all([self._worker() for _ in range(self.sizes.workers)])
 
-    def _worker(self, *flags: str, prefix: str = "", max_sessions: int = 1000) -> Proc:
+    def _worker(self, *, tasklist: str = "bench", max_sessions: int = 1000, interval: float = 5.0) -> Proc:
         return Proc.module(
-            "bench._cadenza_worker", "--server", self.url, "--prefix", prefix or self.prefix,
-            "--probe", str(self.probe), "--max-sessions", str(max_sessions), *flags, name="cadenza-worker",
+            "bench._cadenza_worker", "--server", self.url, "--prefix", self.prefix, "--tasklist", tasklist,
+            "--probe", str(self.probe), "--max-sessions", str(max_sessions), "--heartbeat-interval", str(interval),
+            *self.worker_flags, env=self._env, name="cadenza-worker",
         )  # fmt: skip
 
     async def close(self) -> None:
         stop_all(self.procs, timeout=5)
-        await self._stack.aclose()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            await self._stack.aclose()
         if self.server is not None:
             self.server.stop()
 
-    # ---------------------------------------------------------------- the API of #4, in one place
+    # ---------------------------------------------------------------- the session API, in one place
 
-    def _need_sessions(self) -> None:
-        if self.missing:
-            raise NotAvailable(self.missing)
+    async def _open(self, heartbeat_timeout: float = 20.0, tasklist: str = "bench") -> bus.Context:
+        options = bus.SessionOptions(
+            execution_timeout=3600, creation_timeout=30, heartbeat_timeout=heartbeat_timeout, tasklist=tasklist
+        )
+        return await bus.create_session(self.bus.context(), options)
 
-    def _options(self, heartbeat_timeout: float = 20.0) -> Any:
-        return bus.SessionOptions(  # type: ignore[attr-defined]
-            execution_timeout=timedelta(hours=1), creation_timeout=timedelta(seconds=30),
-            heartbeat_timeout=timedelta(seconds=heartbeat_timeout),
-        )  # fmt: skip
+    async def _run(self, ctx: bus.Context, name: str, *args: Any) -> Any:
+        return await bus.execute_activity(ctx, name, *args, start_to_close_timeout=60)
 
-    async def _open(self, heartbeat_timeout: float = 20.0) -> Any:
-        ctx = bus.background().with_value("bus", self.bus)
-        return await bus.create_session(ctx, self._options(heartbeat_timeout))  # type: ignore[attr-defined]
+    async def _close(self, ctx: bus.Context) -> None:
+        await bus.complete_session(ctx)
 
-    async def _run(self, ctx: Any, name: str, *args: Any) -> Any:
-        return await bus.execute_activity(ctx, name, *args)  # type: ignore[attr-defined]
+    async def _open_many(
+        self, sessions: int, tasklist: str = "bench", heartbeat_timeout: float = 20.0
+    ) -> list[bus.Context]:
+        ctxs: list[bus.Context] = []
+        sem = anyio.Semaphore(100)
 
-    async def _close(self, ctx: Any) -> None:
-        await bus.complete_session(ctx)  # type: ignore[attr-defined]
+        async def one() -> None:
+            async with sem:
+                ctxs.append(await self._open(heartbeat_timeout, tasklist))
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(sessions):
+                    tg.start_soon(one)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._close_many(ctxs)
+            raise
+        return ctxs
+
+    async def _close_many(self, ctxs: list[bus.Context]) -> None:
+        sem = anyio.Semaphore(100)
+
+        async def one(ctx: bus.Context) -> None:
+            async with sem:
+                with contextlib.suppress(bus.CadenzaError):
+                    await self._close(ctx)
+
+        with anyio.move_on_after(300):
+            async with anyio.create_task_group() as tg:
+                for ctx in ctxs:
+                    tg.start_soon(one, ctx)
 
     # ---------------------------------------------------------------- scenarios
 
     async def create_first(self, n: int) -> list[float]:
-        self._need_sessions()
         out = []
         for _ in range(n):
             t0 = now()
@@ -126,10 +144,9 @@ class CadenzaPeer(Peer):
         return out
 
     async def round_trip(self, n: int) -> list[float]:
-        self._need_sessions()
         ctx = await self._open()
         try:
-            await self._run(ctx, "work")
+            await self._run(ctx, "work")  # warm
             out = []
             for _ in range(n):
                 t0 = now()
@@ -140,11 +157,10 @@ class CadenzaPeer(Peer):
             await self._close(ctx)
 
     async def throughput(self, sessions: int, ops: int) -> float:
-        self._need_sessions()
-        ctxs = [await self._open() for _ in range(sessions)]
+        ctxs = await self._open_many(sessions)
         per = max(1, ops // sessions)
 
-        async def run(ctx: Any) -> None:
+        async def run(ctx: bus.Context) -> None:
             for _ in range(per):
                 await self._run(ctx, "work")
 
@@ -155,34 +171,114 @@ class CadenzaPeer(Peer):
                     tg.start_soon(run, ctx)
             return per * sessions / (now() - t0)
         finally:
-            for ctx in ctxs:
-                await self._close(ctx)
+            await self._close_many(ctxs)
 
     async def cancel(self, n: int) -> list[float]:
+        sctx = await self._open()
         out = []
-        cause = bus.CancelCause(kind=bus.CancelKind.USER, who="bench", reason="cancel latency")
-        for _ in range(n):
-            name = uuid.uuid4().hex
-            await self.bus.nc.publish(f"{self.prefix}.bench.start", name.encode())
-            await wait_probe(self.probe, f"started-{name}", timeout=10)
-            t0 = now()
-            await bus.request_cancel(self.bus, "activity", name, cause)
-            seen = float(await wait_probe(self.probe, f"cancel-{name}", timeout=10))
-            out.append(seen - t0)
-        return out
+        try:
+            await self._run(sctx, "work")  # warm
+            for _ in range(n):
+                name = uuid.uuid4().hex
+                call = sctx.child()
+                async with anyio.create_task_group() as tg:
+
+                    async def execute(call: bus.Context = call, name: str = name) -> None:
+                        with contextlib.suppress(bus.ActivityCancelledError):
+                            await self._run(call, "wait_cancel", name)
+
+                    tg.start_soon(execute)
+                    await wait_probe(self.probe, f"started-{name}", timeout=10)
+                    t0 = now()
+                    call.token.cancel(_USER_CANCEL)
+                    seen = float(await wait_probe(self.probe, f"cancel-{name}", timeout=10))
+                out.append(seen - t0)
+            return out
+        finally:
+            await self._close(sctx)
 
     async def worker_loss(self, n: int, heartbeat_timeout: float) -> list[float]:
-        self._need_sessions()
-        raise NotAvailable("the session worker runtime landed after this harness was written; not wired yet")
+        out = []
+        for _ in range(n):
+            tasklist = f"loss{uuid.uuid4().hex[:8]}"
+            victim = (await start_all([self._worker(tasklist=tasklist, interval=heartbeat_timeout / 3)]))[0]
+            try:
+                ctx = await self._open(heartbeat_timeout, tasklist)
+                await self._run(ctx, "work")
+                # Kill at a random phase of the heartbeat interval, as a real crash would.
+                await anyio.sleep(heartbeat_timeout / 3 * (uuid.uuid4().int % 1000) / 1000)
+                victim.kill()
+                t0 = now()
+                with anyio.fail_after(heartbeat_timeout * 5):
+                    try:
+                        await self._run(ctx, "work")
+                    except bus.SessionFailedError:
+                        pass
+                    else:
+                        raise RuntimeError("an activity ran in the session of a killed worker")
+                out.append(now() - t0)
+            finally:
+                stop_all([victim], timeout=2)
+        return out
 
     async def heartbeats(
         self, sessions: int, workers: int, heartbeat_timeout: float, window: float
     ) -> dict[str, float]:
-        self._need_sessions()
-        raise NotAvailable("the session worker runtime landed after this harness was written; not wired yet")
+        tasklist = f"hb{uuid.uuid4().hex[:8]}"
+        per = -(-sessions // workers)
+        interval = heartbeat_timeout / 3
+        procs = await start_all([
+            self._worker(tasklist=tasklist, max_sessions=per, interval=interval) for _ in range(workers)
+        ])  # fmt: skip
+        try:
+            ctxs = await self._open_many(sessions, tasklist, heartbeat_timeout)
+            self.meta["heartbeat_interval"] = interval
+            counts = {"hb": 0, "all": 0}
+
+            async def on_hb(msg: Any) -> None:
+                counts["hb"] += 1
+                with contextlib.suppress(Exception):
+                    self.meta["heartbeat_interval"] = float(json.loads(msg.data)["interval"])
+
+            async def on_all(_msg: Any) -> None:
+                counts["all"] += 1
+
+            await anyio.sleep(1.0)  # let the creations' announcements settle
+            s1 = await self.bus.nc.subscribe(self.bus.subjects.filter("worker", event="heartbeat"), cb=on_hb)
+            s2 = await self.bus.nc.subscribe(">", cb=on_all)
+            await anyio.sleep(window)
+            await s1.unsubscribe()
+            await s2.unsubscribe()
+            await self._close_many(ctxs)
+            return {"heartbeats/s": counts["hb"] / window, "messages/s": counts["all"] / window}
+        finally:
+            stop_all(procs, timeout=3)
 
     async def memory(self, sessions: int, workers: int) -> dict[str, float]:
-        self._need_sessions()
         assert self.server is not None and self.server._proc is not None
-        _ = rss_mb
-        raise NotAvailable("the session worker runtime landed after this harness was written; not wired yet")
+        tasklist = f"mem{uuid.uuid4().hex[:8]}"
+        per = -(-sessions // workers)
+        procs = await start_all([self._worker(tasklist=tasklist, max_sessions=per) for _ in range(workers)])
+        try:
+            t0 = now()
+            ctxs = await self._open_many(sessions, tasklist)
+            self.meta["g_open_s"] = round(now() - t0, 1)
+            await anyio.sleep(1.0)
+            broker = next(p for p in self.procs if p.name == "services.broker")
+            got = {
+                "broker": broker.rss(),
+                "worker": max(p.rss() for p in procs),
+                "server": rss_mb(self.server._proc.pid),
+            }
+            await self._close_many(ctxs)
+            return got
+        finally:
+            stop_all(procs, timeout=3)
+
+
+class UntrackedCadenzaPeer(CadenzaPeer):
+    """cadenza with ``track_activities=False`` in the workers: no activity events (a diagnosis aid:
+    how much of the gap to the limit is the recorder's events). Not in the default run."""
+
+    name = "cadenza-untracked"
+    worker_flags = ("--untracked",)

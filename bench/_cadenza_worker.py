@@ -1,10 +1,14 @@
 """cadenza's bench worker: ``python -m bench._cadenza_worker --server URL --prefix P --probe DIR``.
 
-With the session worker runtime of #4 (``bus.Worker``) it runs a session worker of tasklist
-``bench`` with three activities: ``work`` (returns at once), ``wait_cancel`` (waits until its context
-is cancelled and notes when) and nothing else. Without it (``--cancel-only``, or when ``bus.Worker``
-is absent), it runs cadenza's cancel path as it is today: a :class:`bus.CancelRouter` that cancels
-registered tokens, for scenario (d).
+A session worker (:class:`bus.Worker` with ``enable_sessions=True``) of one tasklist, serving two
+activities:
+
+- ``work``: returns at once (the time it ran, CLOCK_MONOTONIC);
+- ``wait_cancel(name)``: notes that it started, waits until its context is cancelled and notes the
+  moment the cancel reached it (scenario (d)).
+
+Activities are tracked (``track_activities=True``, the default): every activity publishes its
+started and completed events for the recorder, as every session activity of a real deployment does.
 """
 
 from __future__ import annotations
@@ -20,68 +24,29 @@ import bus
 from bench._common import write_probe
 
 
-async def _cancel_only(b: bus.Bus, probe: str) -> None:
-    """(d) on the foundation alone: a task registered with the router waits for its cancel."""
-    router = bus.CancelRouter(b)
-    async with anyio.create_task_group() as tg:
-        await tg.start(router.run)
+async def _main(args: argparse.Namespace) -> None:
+    async with bus.connect(args.server, prefix=args.prefix, name="bench-worker") as b:
+        worker = bus.Worker(
+            b, tasklist=args.tasklist, enable_sessions=True, max_concurrent_sessions=args.max_sessions,
+            heartbeat_interval=args.heartbeat_interval, track_activities=not args.untracked,
+        )  # fmt: skip
 
-        async def on_start(msg: Any) -> None:
-            name = msg.data.decode()
-            tg.start_soon(_wait_cancel_token, router, name, probe)
+        @worker.activity("work")
+        async def work(*_args: Any) -> float:
+            return time.monotonic()
 
-        sub = await b.nc.subscribe(f"{b.subjects.prefix}.bench.start", cb=on_start)
-        print("cadenza: ready (cancel router)", flush=True)
-        try:
-            await anyio.sleep_forever()
-        finally:
-            await sub.unsubscribe()
-
-
-async def _wait_cancel_token(router: bus.CancelRouter, name: str, probe: str) -> None:
-    token = bus.CancelToken()
-    with router.register(name, token):
-        write_probe(probe, f"started-{name}", name)
-        with token.scope():
+        @worker.activity("wait_cancel")
+        async def wait_cancel(name: str) -> None:
+            write_probe(args.probe, f"started-{name}", str(os.getpid()))
             try:
                 await anyio.sleep(60)
             except anyio.get_cancelled_exc_class():
-                write_probe(probe, f"cancel-{name}", repr(time.monotonic()))
+                write_probe(args.probe, f"cancel-{name}", repr(time.monotonic()))
                 raise
 
-
-async def _session_worker(b: bus.Bus, args: argparse.Namespace) -> None:
-    worker_cls = bus.Worker  # type: ignore[attr-defined]
-    kwargs: dict[str, Any] = {"tasklist": args.tasklist, "enable_sessions": True,
-                              "max_concurrent_sessions": args.max_sessions}  # fmt: skip
-    if args.heartbeat_interval:
-        kwargs["heartbeat_interval"] = args.heartbeat_interval
-    worker = worker_cls(b, **kwargs)
-
-    @worker.activity("work")
-    async def work(*_args: Any) -> float:
-        return time.monotonic()
-
-    @worker.activity("wait_cancel")
-    async def wait_cancel(name: str) -> None:
-        write_probe(args.probe, f"started-{name}", str(os.getpid()))
-        try:
-            await anyio.sleep(60)
-        except anyio.get_cancelled_exc_class():
-            write_probe(args.probe, f"cancel-{name}", repr(time.monotonic()))
-            raise
-
-    async with worker:
-        print("cadenza: ready", getattr(worker, "worker_id", ""), flush=True)
-        await anyio.sleep_forever()
-
-
-async def _main(args: argparse.Namespace) -> None:
-    async with bus.connect(args.server, prefix=args.prefix, name="bench-worker") as b:
-        if args.cancel_only or not hasattr(bus, "Worker"):
-            await _cancel_only(b, args.probe)
-        else:
-            await _session_worker(b, args)
+        async with worker:
+            print("cadenza: ready", worker.worker_id, flush=True)
+            await anyio.sleep_forever()
 
 
 def main() -> None:
@@ -91,8 +56,8 @@ def main() -> None:
     ap.add_argument("--probe", required=True)
     ap.add_argument("--tasklist", default="bench")
     ap.add_argument("--max-sessions", type=int, default=1000)
-    ap.add_argument("--heartbeat-interval", type=float, default=0.0)
-    ap.add_argument("--cancel-only", action="store_true")
+    ap.add_argument("--heartbeat-interval", type=float, default=5.0)
+    ap.add_argument("--untracked", action="store_true", help="track_activities=False (no activity events)")
     args = ap.parse_args()
     from services._runtime import run_service
 

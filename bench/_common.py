@@ -14,6 +14,7 @@ import anyio
 __all__ = (
     "NotAvailable",
     "Sizes",
+    "count_probes",
     "now",
     "percentile",
     "read_probe",
@@ -68,9 +69,9 @@ class Sizes:
     @classmethod
     def quick(cls) -> Sizes:
         return cls(
-            rounds=2, create_samples=3, rtt_samples=20, concurrency=(1, 10, 100), throughput_ops=60,
-            throughput_rounds=1, cancel_samples=8, loss_samples=1, loss_heartbeat_timeout=1.0, loss_rounds=1,
-            hb_sessions=100, hb_workers=4, hb_heartbeat_timeout=1.5, hb_window=2.0, mem_sessions=200,
+            rounds=2, create_samples=3, rtt_samples=20, concurrency=(1, 10, 100), throughput_ops=100,
+            throughput_rounds=1, cancel_samples=6, loss_samples=1, loss_heartbeat_timeout=1.0, loss_rounds=1,
+            hb_sessions=40, hb_workers=4, hb_heartbeat_timeout=1.5, hb_window=2.0, mem_sessions=60,
             fixed_rounds=1, workers=2,
         )  # fmt: skip
 
@@ -121,6 +122,10 @@ async def wait_probes(directory: str | os.PathLike[str], prefix: str, count: int
         # a local, cheap call.
         while sum(1 for p in Path(directory).iterdir() if p.name.startswith(prefix)) < count:  # noqa: ASYNC110, ASYNC240
             await anyio.sleep(0.05)
+
+
+def count_probes(directory: str | os.PathLike[str], prefix: str) -> int:
+    return sum(1 for p in Path(directory).iterdir() if p.name.startswith(prefix))
 
 
 def rss_mb(pid: int) -> float:

@@ -23,6 +23,8 @@ import time
 
 import nats
 import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
 
 from ._common import write_probe
@@ -30,7 +32,7 @@ from ._common import write_probe
 _BATCH = 128
 
 
-async def _pull_forever(nc: nats.NATS, stream: str, durable: str, handle: object) -> None:
+async def _pull_forever(nc: NATS, stream: str, durable: str, handle: object) -> None:
     """Continuous pull: keep pull requests outstanding and handle each message as it arrives.
 
     nats-py's ``fetch`` ends a long poll before it asks again, and a message that lands in that gap
@@ -66,7 +68,7 @@ async def _worker(args: argparse.Namespace) -> None:
     js = nc.jetstream()
     p = args.prefix
 
-    async def on_cancel(msg: nats.aio.msg.Msg) -> None:
+    async def on_cancel(msg: Msg) -> None:
         seen = time.monotonic()
         write_probe(args.probe, f"cancel-{msg.data.decode()}", repr(seen))
 
@@ -77,7 +79,7 @@ async def _worker(args: argparse.Namespace) -> None:
         ConsumerConfig(durable_name=durable, filter_subject=f"{p}.task.{args.id}", ack_wait=30, max_ack_pending=10_000),
     )
 
-    async def on_task(msg: nats.aio.msg.Msg) -> None:
+    async def on_task(msg: Msg) -> None:
         task = json.loads(msg.data)
         await msg.ack()
         await nc.publish(task["r"], json.dumps({"id": task["id"], "w": args.id}).encode())
@@ -105,13 +107,13 @@ async def _broker(args: argparse.Namespace) -> None:
     workers: list[str] = []
     turn = 0
 
-    async def on_beat(msg: nats.aio.msg.Msg) -> None:
+    async def on_beat(msg: Msg) -> None:
         wid = msg.data.decode()
         if wid not in last:
             workers.append(wid)
         last[wid] = time.monotonic()
 
-    async def on_count(msg: nats.aio.msg.Msg) -> None:
+    async def on_count(msg: Msg) -> None:
         await msg.respond(str(len(workers)).encode())
 
     await nc.subscribe(f"{p}.hb.*", cb=on_beat)
@@ -121,7 +123,7 @@ async def _broker(args: argparse.Namespace) -> None:
         ConsumerConfig(durable_name="broker", filter_subject=f"{p}.create.>", ack_wait=30, max_ack_pending=10_000),
     )
 
-    async def on_create(msg: nats.aio.msg.Msg) -> None:
+    async def on_create(msg: Msg) -> None:
         nonlocal turn
         req = json.loads(msg.data)
         await msg.ack()

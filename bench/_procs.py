@@ -83,8 +83,12 @@ class Proc:
                 await anyio.sleep(0.01)
         if not self._ready.is_set():
             tail = "".join(self.output[-30:])
+            code = self.proc.poll() if self.proc is not None else None
             self.kill()
-            raise RuntimeError(f"{self.name} was not ready after {timeout:g}s; output:\n{tail}")
+            why = f"exited with code {code}" if code is not None else f"was not ready after {timeout:g}s"
+            # The last lines first: the harness keeps only the start of a message in its table.
+            last = " | ".join(line.strip() for line in self.output[-3:])
+            raise RuntimeError(f"{self.name} {why}: {last}\noutput:\n{tail}")
         return self
 
     @property

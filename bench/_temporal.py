@@ -37,7 +37,7 @@ from pathlib import Path
 
 import anyio
 
-from ._common import NotAvailable, Sizes, now, rss_mb, wait_probe, wait_probes
+from ._common import NotAvailable, Sizes, count_probes, now, rss_mb, wait_probe, wait_probes
 from ._peer import Peer, notes_from
 from ._procs import Proc, start_all, stop_all
 
@@ -72,6 +72,7 @@ class TemporalPeer(Peer):
         self.probe = workdir / "probes"
         self.shared = f"bench-shared-{uuid.uuid4().hex[:8]}"
         self.meta: dict[str, object] = {}
+        self.opened = 0
 
     async def start(self) -> None:
         try:
@@ -208,7 +209,9 @@ class TemporalPeer(Peer):
                 hb += value
         return hb, total
 
-    async def _open_sessions(self, shared: str, sessions: int, heartbeat_timeout: float, keep: bool) -> list[str]:
+    async def _open_sessions(
+        self, shared: str, sessions: int, heartbeat_timeout: float, keep: bool, wait: float = 600
+    ) -> list[str]:
         tag = uuid.uuid4().hex[:8]
         names = [f"{tag}-{i}" for i in range(sessions)]
         sem = anyio.Semaphore(50)
@@ -221,7 +224,15 @@ class TemporalPeer(Peer):
         async with anyio.create_task_group() as tg:
             for name in names:
                 tg.start_soon(one, name)
-        await wait_probes(self.probe, f"kept-{tag}-" if keep else f"queue-{tag}-", sessions, timeout=600)
+        prefix = f"kept-{tag}-" if keep else f"queue-{tag}-"
+        with anyio.move_on_after(wait):
+            await wait_probes(self.probe, prefix, sessions, timeout=wait + 1)
+        self.opened = count_probes(self.probe, prefix)
+        if self.opened < sessions:
+            self.meta[f"open_sessions_{'f' if keep else 'g'}"] = f"{self.opened} of {sessions} open after {wait:g}s"
+        if self.opened < sessions * 0.9:
+            await self._close_sessions(names)
+            raise NotAvailable(f"only {self.opened} of {sessions} sessions were open after {wait:g}s")
         return names
 
     async def _close_sessions(self, names: list[str]) -> None:
@@ -243,7 +254,7 @@ class TemporalPeer(Peer):
         shared = f"bench-hb-{uuid.uuid4().hex[:8]}"
         procs = await self._start_workers(workers, shared)
         try:
-            names = await self._open_sessions(shared, sessions, heartbeat_timeout, keep=True)
+            names = await self._open_sessions(shared, sessions, heartbeat_timeout, keep=True, wait=240)
             await anyio.sleep(heartbeat_timeout / 3)
             hb0, all0 = self._counters()
             await anyio.sleep(window)
@@ -258,7 +269,7 @@ class TemporalPeer(Peer):
         shared = f"bench-mem-{uuid.uuid4().hex[:8]}"
         procs = await self._start_workers(workers, shared)
         try:
-            names = await self._open_sessions(shared, sessions, 20.0, keep=False)
+            names = await self._open_sessions(shared, sessions, 20.0, keep=False, wait=420)
             await anyio.sleep(1.0)
             got = {"broker": rss_mb(self.server.pid), "worker": max(p.rss() for p in procs)}
             await self._close_sessions(names)

@@ -182,9 +182,9 @@ async def _main(args: argparse.Namespace) -> None:
     shared = Worker(
         client, task_queue=args.shared, workflows=[] if args.no_workflows else WORKFLOWS,
         activities=[get_worker_queue],
-        workflow_runner=UnsandboxedWorkflowRunner(), **common,  # type: ignore[arg-type]
+        workflow_runner=UnsandboxedWorkflowRunner(), **common,
     )  # fmt: skip
-    own = Worker(client, task_queue=_QUEUE, activities=[work, wait_cancel, keeper], **common)  # type: ignore[arg-type]
+    own = Worker(client, task_queue=_QUEUE, activities=[work, wait_cancel, keeper], **common)
     async with shared, own:
         print("cadenza: ready", _QUEUE, flush=True)
         stop = asyncio.Event()
