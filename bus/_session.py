@@ -428,9 +428,11 @@ class SessionClient:
             if state is SessionState.FAILED:
                 cur = live.info if live is not None else info
                 raise SessionFailedError(info.session_id, cur.cause, cur.message)
+            # A completed session's activities go to the shared queue of the session's tasklist
+            # (as documented), not to "default".
+            tasklist = tasklist or info.tasklist
             if state is SessionState.OPEN:
                 worker_id, sid = info.worker_id, info.session_id
-                tasklist = tasklist or info.tasklist
             elif token.parent is not None:
                 # Completed: the activity runs like one outside the session (Cadence does the
                 # same), so the session's cancellation does not apply to it.
