@@ -45,6 +45,7 @@ from schemas import (
     SessionCompleted,
     SessionCompleteRequested,
     SessionFailed,
+    SessionFailure,
     SessionRecord,
     SessionRejected,
     SessionRequested,
@@ -474,7 +475,16 @@ class SessionClient:
             if call.session_failed is not None:
                 raise call.session_failed
             if call.result is not None:
-                return _unwrap(call.result, sid)
+                try:
+                    return _unwrap(call.result, sid)
+                except SessionFailedError as exc:
+                    # The worker heard of the failure before the broker's announcement reached this
+                    # process: the session is failed here from now on (its state says so, and the
+                    # next call raises at once and publishes nothing).
+                    err = call.result.error
+                    if live is not None and exc.cause in _FAILURES and err is not None and err.cause is not None:
+                        live.end(SessionState.FAILED, exc.cause, err.cause.reason.split(":", 1)[-1].strip())
+                    raise
             if token.cancelled:
                 assert token.cause is not None
                 await self._cancel_remote(aid, token.cause)
@@ -524,6 +534,9 @@ def _outside_ended_session(ctx: Context) -> CancelToken:
             cause.kind in (CancelKind.SESSION_COMPLETED, CancelKind.SESSION_FAILED):  # fmt: skip
         return token.parent
     return token
+
+
+_FAILURES = frozenset(f.value for f in SessionFailure)
 
 
 def _unwrap(result: ActivityResult, sid: str) -> Any:
