@@ -139,6 +139,8 @@ class Broker:
         self.seen: dict[str, _Seen] = {}
         self._changed = anyio.Event()
         self._locks: dict[str, anyio.Lock] = {}
+        #: Slots waiting to be released, by worker (see :meth:`_release`).
+        self._releasing: dict[str, set[str]] = {}
         self._ending: set[str] = set()
         self._orphans: dict[str, float] = {}
         #: Requests looking for a slot now (session id -> tasklist).
@@ -559,12 +561,23 @@ class Broker:
         return after is not None and sid in after.sessions
 
     async def _release(self, wid: str, sid: str) -> None:
-        def remove(cur: WorkerRecord | None) -> WorkerRecord | None:
-            if cur is None or sid not in cur.sessions:
-                return None
-            return cur.model_copy(update={"sessions": [s for s in cur.sessions if s != sid]})
+        # Releases of one worker's slots are batched, one writer at a time: a hundred sessions
+        # ending at once made a hundred compare-and-sets race on one key (quadratic retries; the
+        # callers' completions waited seconds for the announcement that follows the release).
+        pending = self._releasing.setdefault(wid, set())
+        pending.add(sid)
+        async with self._lock(f"release:{wid}"):
+            if sid not in pending:
+                return  # released by the batch of the writer before us
+            batch = set(pending)
 
-        await self._cas_worker(wid, remove)
+            def remove(cur: WorkerRecord | None) -> WorkerRecord | None:
+                if cur is None or not batch.intersection(cur.sessions):
+                    return None
+                return cur.model_copy(update={"sessions": [s for s in cur.sessions if s not in batch]})
+
+            await self._cas_worker(wid, remove)
+            pending.difference_update(batch)
 
     async def _reject(self, fresh: SessionRecord, reason: SessionRejectReason, message: str) -> None:
         """Record the session as rejected (unless it opened or ended meanwhile) and announce the outcome."""
