@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import secrets
 import uuid
 from pathlib import Path
@@ -37,6 +38,7 @@ from ._procs import Proc, start_all, stop_all
 
 __all__ = ("CadenzaPeer", "UntrackedCadenzaPeer")
 
+_log = logging.getLogger("bench")
 _USER_CANCEL = bus.CancelCause(kind=bus.CancelKind.USER, who="bench", reason="cancel latency")
 
 
@@ -69,6 +71,19 @@ class CadenzaPeer(Peer):
             Proc.module("services.recorder", *args, env=self._env),
         ])  # fmt: skip
         self.procs += await start_all([self._worker() for _ in range(self.sizes.workers)])
+
+    async def check(self) -> None:
+        for i, proc in enumerate(self.procs):
+            if proc.alive:
+                continue
+            code = proc.proc.poll() if proc.proc is not None else None
+            tail = "".join(proc.output[-40:])
+            _log.warning("%s (pid %s) died with code %s; restarting it. Its last output:\n%s",
+                         proc.name, proc.proc.pid if proc.proc else "?", code, tail)  # fmt: skip
+            restarts = self.meta.setdefault("restarts", [])
+            assert isinstance(restarts, list)
+            restarts.append(f"{proc.name} exited with code {code}: {' | '.join(proc.output[-3:])[-300:]}")
+            self.procs[i] = (await start_all([proc.fresh()]))[0]
 
     def _worker(self, *, tasklist: str = "bench", max_sessions: int = 1000, interval: float = 5.0) -> Proc:
         return Proc.module(

@@ -78,7 +78,7 @@ class Sizes:
     @classmethod
     def full(cls) -> Sizes:
         return cls(
-            rounds=5, create_samples=20, rtt_samples=200, concurrency=(1, 10, 100), throughput_ops=2000,
+            rounds=5, create_samples=20, rtt_samples=200, concurrency=(1, 10, 100), throughput_ops=1000,
             throughput_rounds=3, cancel_samples=60, loss_samples=2, loss_heartbeat_timeout=2.0, loss_rounds=3,
             hb_sessions=1000, hb_workers=10, hb_heartbeat_timeout=3.0, hb_window=9.0, mem_sessions=10_000,
             fixed_rounds=1, workers=2,

@@ -138,6 +138,7 @@ async def _measure(res: Results, peer: Peer, scenario: str, round_no: int, budge
     t0 = time.monotonic()
     label = f"({scenario}){' x' + str(concurrency) if concurrency else ''} round {round_no + 1} {name}"
     try:
+        await peer.check()
         with anyio.move_on_after(budget) as scope:
             await go()
         res.meta.update({f"{name}_{k}": v for k, v in getattr(peer, "meta", {}).items()})

@@ -37,6 +37,9 @@ class Peer:
     async def close(self) -> None:
         """Stop everything it started; safe to call twice and after a failed start."""
 
+    async def check(self) -> None:
+        """Before each measurement: bring back a long-lived process that died (and say so in ``meta``)."""
+
     async def create_first(self, n: int) -> list[float]:
         """(a) ``n`` times: create a session, run one activity in it, get its result."""
         raise NotAvailable("not implemented")

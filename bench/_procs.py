@@ -91,6 +91,10 @@ class Proc:
             raise RuntimeError(f"{self.name} {why}: {last}\noutput:\n{tail}")
         return self
 
+    def fresh(self) -> Proc:
+        """A new, not yet launched process with the same command (to replace one that died)."""
+        return Proc(self.argv, env=self.env, ready_marker=self.ready_marker, name=self.name)
+
     @property
     def pid(self) -> int:
         assert self.proc is not None

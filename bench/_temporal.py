@@ -269,7 +269,7 @@ class TemporalPeer(Peer):
         shared = f"bench-mem-{uuid.uuid4().hex[:8]}"
         procs = await self._start_workers(workers, shared)
         try:
-            names = await self._open_sessions(shared, sessions, 20.0, keep=False, wait=420)
+            names = await self._open_sessions(shared, sessions, 20.0, keep=False, wait=300)
             await anyio.sleep(1.0)
             got = {"broker": rss_mb(self.server.pid), "worker": max(p.rss() for p in procs)}
             await self._close_sessions(names)

@@ -1,8 +1,9 @@
-"""The benchmark's limit side runs and produces samples (never a figure is asserted: CI machines vary)."""
+"""The benchmark's limit and cadenza sides run and produce samples (never a figure is asserted: CI machines vary)."""
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from bench._common import Sizes, percentile
@@ -30,3 +31,27 @@ async def test_limit_round_trip_and_cancel_produce_samples(tmp_path: Path) -> No
     assert len(res.samples["round_trip"]["limit"]) == 5, res.missing
     assert len(res.samples["cancel"]["limit"]) == 2, res.missing
     assert "(b) activity round trip in a session" in markdown(res)
+
+
+async def test_cadenza_session_round_trip_and_cancel_produce_samples(tmp_path: Path) -> None:
+    """The cadenza side drives the real session API (broker, recorder and a worker as processes)."""
+    from bench._cadenza import CadenzaPeer
+
+    sizes = Sizes.quick()
+    sizes = Sizes(**{**sizes.__dict__, "rounds": 1, "rtt_samples": 5, "cancel_samples": 2, "workers": 1})
+    peer = CadenzaPeer(sizes, tmp_path)
+    res = Results(sizes=sizes, systems=["cadenza"])
+    try:
+        await peer.start()
+        await run([peer], ["b", "d"], res, progress=lambda _line: None)
+    finally:
+        await peer.close()
+    assert len(res.samples["round_trip"]["cadenza"]) == 5, res.missing
+    assert len(res.samples["cancel"]["cadenza"]) == 2, res.missing
+
+
+def test_cpu_seconds_reads_proc() -> None:
+    from bench.cpu import cpu_seconds
+
+    sum(range(200_000))
+    assert cpu_seconds(os.getpid()) > 0
