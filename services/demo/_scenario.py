@@ -244,8 +244,9 @@ async def run_demo(b: bus.Bus, config: DemoConfig) -> None:
         await pause()
 
         _say()
-        _say("[4/5] A worker dies (SIGKILL, no goodbye). After heartbeat_timeout without a heartbeat the broker")
-        _say("      fails its sessions with cause worker_lost; callers waiting in them get SessionFailedError.")
+        _say("[4/5] A worker dies (SIGKILL, no goodbye). Its heartbeats stop; the broker pings it, nobody answers")
+        _say("      (or heartbeat_timeout passes), and its sessions fail with cause worker_lost: callers waiting get")
+        _say("      SessionFailedError at once.")
         info = bus.get_session_info(victim)
         assert info is not None
         call = _Call(f"demo-transcode-{uuid.uuid4().hex[:8]}")
