@@ -1,0 +1,502 @@
+"""Sessions under faults, with the broker and the workers as real processes (SPEC-sessions "Survival").
+
+A worker SIGKILLed with 50 open sessions; 500 creations against 300 slots; the broker SIGKILLed and
+restarted in the middle of that load, or down for longer than a heartbeat timeout; two broker
+replicas at once; forged recreate tokens. Counts come from the workers' own output (``sessions
+<open> peak <peak>``) and from the broker's key-value buckets, never from the broker's word alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import ExitStack
+from typing import Any
+
+import anyio
+import nats.js.errors
+import pytest
+
+import bus
+from bus.testing import ExternalServer, ServiceProcess, eventually, unique_prefix
+from schemas import SessionRecord, SessionState, WorkerRecord
+
+TOKEN_KEY = "x" * 32
+INTERVAL = 0.3
+HEARTBEAT_TIMEOUT = 2.0
+
+_COUNT = re.compile(r"^sessions (\d+) peak (\d+)$")
+
+
+def broker(prefix: str, url: str, *args: str) -> ServiceProcess:
+    return ServiceProcess("services.broker", "--prefix", prefix, *args, url=url, env={"CADENZA_TOKEN_KEY": TOKEN_KEY})
+
+
+def worker(prefix: str, url: str, *, slots: int = 100, tasklist: str = "default") -> ServiceProcess:
+    return ServiceProcess(
+        "tests.session_worker", "--prefix", prefix, "--tasklist", tasklist, "--max-sessions", str(slots),
+        "--interval", str(INTERVAL), url=url,
+    )  # fmt: skip
+
+
+def counts(proc: ServiceProcess) -> tuple[int, int]:
+    """The worker's own (open, peak) as it last printed them."""
+    for line in reversed(list(proc.output)):
+        m = _COUNT.match(line.strip())
+        if m:
+            return int(m[1]), int(m[2])
+    return 0, 0
+
+
+def peak_ever(proc: ServiceProcess) -> int:
+    """The highest count the worker ever printed (open or peak)."""
+    out = 0
+    for line in list(proc.output):
+        m = _COUNT.match(line.strip())
+        if m:
+            out = max(out, int(m[1]), int(m[2]))
+    return out
+
+
+def worker_id(proc: ServiceProcess) -> str:
+    return next(line.split()[-1] for line in proc.output if "cadenza: ready worker" in line)
+
+
+@pytest.fixture
+def procs(nats_server: Any) -> Iterator[ExitStack]:
+    """Processes registered here are SIGKILLed at the end of the test, whatever happens."""
+    if isinstance(nats_server, ExternalServer):
+        pytest.skip("fault tests need the embedded server")
+    with ExitStack() as stack:
+        yield stack
+
+
+def reap(proc: ServiceProcess) -> None:
+    """SIGKILL (if still running) and close the output pipe (an open pipe warns at collection)."""
+    proc.kill()
+    if proc._reader is not None:
+        proc._reader.join(5)
+    if proc.proc is not None and proc.proc.stdout is not None:
+        proc.proc.stdout.close()
+
+
+def started(stack: ExitStack, proc: ServiceProcess) -> ServiceProcess:
+    stack.callback(reap, proc)
+    proc.start(timeout=30)
+    return proc
+
+
+def started_all(stack: ExitStack, *procs_: ServiceProcess) -> list[ServiceProcess]:
+    """Start processes one after the other, on this thread.
+
+    Not from worker threads: ServiceProcess children die with the thread that spawned them
+    (PR_SET_PDEATHSIG), so a process started from a thread pool is SIGKILLed when that thread exits.
+    """
+    return [started(stack, proc) for proc in procs_]
+
+
+def opts(creation_timeout: float = 10.0, **kw: Any) -> bus.SessionOptions:
+    return bus.SessionOptions(
+        execution_timeout=kw.pop("execution_timeout", 600.0), creation_timeout=creation_timeout,
+        heartbeat_timeout=kw.pop("heartbeat_timeout", HEARTBEAT_TIMEOUT), **kw,
+    )  # fmt: skip
+
+
+async def kv_records(b: bus.Bus, key: str, model: type[Any]) -> dict[str, Any]:
+    kv = await b.kv(key)
+    try:
+        keys = await kv.keys()
+    except nats.js.errors.NoKeysError:
+        return {}
+    out: dict[str, Any] = {}
+    for k in keys:
+        if k.startswith("_"):
+            continue
+        try:
+            entry = await kv.get(k)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            continue
+        if entry.value:
+            out[k] = model.model_validate_json(entry.value)
+    return out
+
+
+async def slots_in_use(b: bus.Bus) -> dict[str, int]:
+    workers = await kv_records(b, "workers", WorkerRecord)
+    return {wid: len(w.sessions) for wid, w in workers.items()}
+
+
+async def poll(check: Callable[[], Awaitable[bool]], *, timeout: float, what: str) -> None:
+    """``eventually`` for conditions that need the server to answer."""
+    try:
+        with anyio.fail_after(timeout):
+            while not await check():  # noqa: ASYNC110 - polls the server's state
+                await anyio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"not reached within {timeout}s: {what}") from None
+
+
+async def create_many(
+    ctx: bus.Context, n: int, options: bus.SessionOptions, opened: list[bus.Context], failed: list[tuple[float, Any]]
+) -> None:
+    """``n`` concurrent creations; successes go to ``opened``, errors (with their wait) to ``failed``."""
+
+    async def one() -> None:
+        t0 = time.monotonic()
+        try:
+            opened.append(await bus.create_session(ctx, options))
+        except bus.SessionCreationError as exc:
+            failed.append((time.monotonic() - t0, exc))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(n):
+            tg.start_soon(one)
+
+
+async def complete_all(sessions: list[bus.Context]) -> None:
+    limiter = anyio.CapacityLimiter(100)
+
+    async def one(sctx: bus.Context) -> None:
+        async with limiter:
+            await bus.complete_session(sctx)
+
+    async with anyio.create_task_group() as tg:
+        for sctx in sessions:
+            tg.start_soon(one, sctx)
+
+
+def session_of(sctx: bus.Context) -> bus.SessionInfo:
+    info = bus.get_session_info(sctx)
+    assert info is not None
+    return info
+
+
+# ---------------------------------------------------------------- 1. worker SIGKILLed
+
+
+async def test_worker_sigkilled_with_50_open_sessions_fails_them_all_worker_lost_and_wakes_every_caller(
+    nats_server: Any, procs: ExitStack
+) -> None:
+    prefix, url = unique_prefix(), nats_server.url
+    _, w = started_all(procs, broker(prefix, url), worker(prefix, url))
+    async with bus.connect(url, prefix=prefix) as b:
+        ctx = b.context()
+        sessions: list[bus.Context] = []
+        errors: list[tuple[float, BaseException]] = []
+        await create_many(ctx, 50, opts(), sessions, [])
+        assert len(sessions) == 50
+        await eventually(lambda: counts(w) == (50, 50), what="the worker holds 50 sessions")
+        stream = b.topology.stream_name("activity")
+
+        async def sleeper(i: int, sctx: bus.Context) -> None:
+            try:
+                await bus.execute_activity(sctx, "sleep", 30, start_to_close_timeout=60, activity_id=f"sleep-{i}")
+            except BaseException as exc:  # recorded and checked below; cancellation re-raised
+                errors.append((time.monotonic(), exc))
+                if not isinstance(exc, Exception):
+                    raise
+
+        async def all_running() -> bool:
+            info = await b.js.stream_info(stream, subjects_filter=b.subjects.filter("activity", event="started"))
+            return len(info.state.subjects or {}) == 50
+
+        with anyio.fail_after(HEARTBEAT_TIMEOUT + 30):
+            async with anyio.create_task_group() as tg:
+                for i, sctx in enumerate(sessions):
+                    tg.start_soon(sleeper, i, sctx)
+                await poll(all_running, timeout=20, what="50 sleep activities started on the worker")
+                assert not errors
+                w.kill()
+                killed = time.monotonic()
+
+        # Every caller woke with the session's failure, none waited for its 30 s sleep.
+        assert len(errors) == 50
+        assert all(isinstance(e, bus.SessionFailedError) for _, e in errors), [repr(e) for _, e in errors][:3]
+        assert all(e.cause == "worker_lost" and "session has failed" in str(e) for _, e in errors)  # type: ignore[attr-defined]
+        assert max(t for t, _ in errors) - killed < HEARTBEAT_TIMEOUT + 1.0
+
+        infos = [session_of(s) for s in sessions]
+        assert all(i.state is SessionState.FAILED and i.cause == "worker_lost" for i in infos)
+        records = await kv_records(b, "sessions", SessionRecord)
+        assert {r.state for sid, r in records.items() if sid in {i.session_id for i in infos}} == {SessionState.FAILED}
+
+        # Later activities in them fail at once, and nothing is published for them.
+        task_stream = b.topology.stream_name("task")
+        before = (await b.js.stream_info(task_stream)).state.messages
+        for sctx in sessions[:10]:
+            with pytest.raises(bus.SessionFailedError, match="session has failed") as caught:
+                await bus.execute_activity(sctx, "echo", 1, start_to_close_timeout=30)
+            assert caught.value.cause == "worker_lost"
+        assert (await b.js.stream_info(task_stream)).state.messages == before
+        # No slot of the dead worker stays taken.
+        await poll(lambda: _no_slots(b), timeout=10, what="the dead worker's slots are released")
+
+
+async def _no_slots(b: bus.Bus) -> bool:
+    return sum((await slots_in_use(b)).values()) == 0
+
+
+# ---------------------------------------------------------------- 2. a burst beyond capacity
+
+
+async def _burst_against_three_workers(
+    b: bus.Bus, workers: list[ServiceProcess], *, n: int, creation_timeout: float,
+    during: Callable[[list[bus.Context]], Awaitable[None]] | None = None,
+) -> tuple[list[bus.Context], list[tuple[float, Any]]]:  # fmt: skip
+    opened: list[bus.Context] = []
+    failed: list[tuple[float, Any]] = []
+    ctx = b.context()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(create_many, ctx, n, opts(creation_timeout), opened, failed)
+        if during is not None:
+            await during(opened)
+    return opened, failed
+
+
+async def test_500_creations_against_300_slots_open_exactly_300_and_reject_200_for_capacity(
+    nats_server: Any, procs: ExitStack
+) -> None:
+    prefix, url = unique_prefix(), nats_server.url
+    _, *workers = started_all(procs, broker(prefix, url), *(worker(prefix, url) for _ in range(3)))
+    creation_timeout = 5.0
+    async with bus.connect(url, prefix=prefix) as b:
+        await poll(lambda: _workers_known(b, 3), timeout=10, what="the broker knows the 3 workers")
+        opened, failed = await _burst_against_three_workers(b, workers, n=500, creation_timeout=creation_timeout)
+        assert len(opened) == 300 and len(failed) == 200, (len(opened), {str(e)[:200] for _, e in failed})
+        assert {e.reason for _, e in failed} == {"capacity"}, {e.reason for _, e in failed}
+        assert all("capacity" in str(e) for _, e in failed)
+        # Rejected only once the creation timeout ran out (a free slot could have come until then).
+        assert min(waited for waited, _ in failed) >= creation_timeout - 0.5
+        await eventually(lambda: sum(counts(w)[0] for w in workers) == 300, what="the workers hold 300")
+        assert [peak_ever(w) <= 100 for w in workers] == [True] * 3, [counts(w) for w in workers]
+        assert sorted(counts(w)[0] for w in workers) == [100, 100, 100]
+        used = await slots_in_use(b)
+        assert sorted(used.values()) == [100, 100, 100]
+        by_worker: dict[str, int] = {}
+        for sctx in opened:
+            info = session_of(sctx)
+            by_worker[info.worker_id] = by_worker.get(info.worker_id, 0) + 1
+        assert by_worker == {worker_id(w): 100 for w in workers}
+        await complete_all(opened)
+        await poll(lambda: _no_slots(b), timeout=15, what="every slot is free after completing")
+        await eventually(lambda: all(counts(w)[0] == 0 for w in workers), what="the workers hold none")
+
+
+async def _workers_known(b: bus.Bus, n: int) -> bool:
+    return len(await slots_in_use(b)) == n
+
+
+# ---------------------------------------------------------------- 3. broker SIGKILLed mid-load
+
+
+async def _broker_killed_mid_load(
+    prefix: str, url: str, procs: ExitStack, *, n: int, slots: int, kill_after: int, creation_timeout: float
+) -> None:
+    first, *workers = started_all(
+        procs, broker(prefix, url, "--request-ack-wait", "2"), *(worker(prefix, url, slots=slots) for _ in range(3))
+    )
+    restarted: list[ServiceProcess] = []
+
+    async def kill_and_restart(opened: list[bus.Context]) -> None:
+        await eventually(lambda: len(opened) >= kill_after, timeout=30, what=f"{kill_after} sessions open")
+        first.kill()
+        # Started on the event loop's thread (see started_all); the loop waits for the boot.
+        restarted.append(started(procs, broker(prefix, url, "--request-ack-wait", "2")))
+
+    async with bus.connect(url, prefix=prefix) as b:
+        await poll(lambda: _workers_known(b, 3), timeout=10, what="the broker knows the 3 workers")
+        opened, failed = await _burst_against_three_workers(
+            b, workers, n=n, creation_timeout=creation_timeout, during=kill_and_restart
+        )
+        assert restarted and first.proc is not None and first.proc.returncode is not None
+        total = 3 * slots
+        assert len(opened) == total, (len(opened), [str(e) for _, e in failed][:3])
+        assert len(failed) == n - total and {e.reason for _, e in failed} <= {"capacity"}
+        # No session lost: each success is open in the bucket and on its worker.
+        records = await kv_records(b, "sessions", SessionRecord)
+        ids = [session_of(s).session_id for s in opened]
+        assert len(set(ids)) == total
+        assert all(records[sid].state is SessionState.OPEN for sid in ids)
+        assert sum(1 for r in records.values() if r.state is SessionState.OPEN) == total
+        await eventually(lambda: sum(counts(w)[0] for w in workers) == total, what=f"the workers hold {total}")
+        assert all(peak_ever(w) <= slots for w in workers), [counts(w) for w in workers]
+        used = await slots_in_use(b)
+        assert sorted(used.values()) == [slots] * 3
+        # Each session is where its worker says (an echo through each worker's inbox works).
+        for sctx in opened[:: max(1, total // 30)]:
+            assert await bus.execute_activity(sctx, "where", start_to_close_timeout=20) == session_of(sctx).worker_id
+        # No slot leaked: after completing everything, every list is empty and every worker holds none.
+        await complete_all(opened)
+        await poll(lambda: _no_slots(b), timeout=20, what="every slot is free after completing")
+        await eventually(lambda: all(counts(w)[0] == 0 for w in workers), what="the workers hold none")
+        records = await kv_records(b, "sessions", SessionRecord)
+        assert all(records[sid].state is SessionState.COMPLETED for sid in ids)
+
+
+async def test_broker_sigkilled_and_restarted_mid_load_loses_no_session_leaks_no_slot(
+    nats_server: Any, procs: ExitStack
+) -> None:
+    await _broker_killed_mid_load(
+        unique_prefix(), nats_server.url, procs, n=150, slots=30, kill_after=30, creation_timeout=10
+    )
+
+
+@pytest.mark.slow
+async def test_broker_sigkilled_and_restarted_mid_load_of_500_creations_against_300_slots(
+    nats_server: Any, procs: ExitStack
+) -> None:
+    await _broker_killed_mid_load(
+        unique_prefix(), nats_server.url, procs, n=500, slots=100, kill_after=100, creation_timeout=15
+    )
+
+
+# ---------------------------------------------------------------- 4. broker down longer than a heartbeat timeout
+
+
+async def test_restarted_broker_does_not_declare_healthy_workers_lost_because_it_was_down(
+    nats_server: Any, procs: ExitStack
+) -> None:
+    prefix, url = unique_prefix(), nats_server.url
+    first, w = started_all(procs, broker(prefix, url), worker(prefix, url))
+    async with bus.connect(url, prefix=prefix) as b:
+        sessions: list[bus.Context] = []
+        await create_many(b.context(), 10, opts(), sessions, [])
+        assert len(sessions) == 10
+        first.kill()
+        down = time.monotonic()
+        # The scenario, not a synchronisation: the broker stays down longer than the timeout.
+        await anyio.sleep(HEARTBEAT_TIMEOUT + 1.0)
+        second = started(procs, broker(prefix, url))
+        assert time.monotonic() - down > HEARTBEAT_TIMEOUT
+        # Give the restarted broker more than a heartbeat timeout of sweeps to (wrongly) fail them.
+        await anyio.sleep(HEARTBEAT_TIMEOUT + 0.5)
+        assert second.proc is not None and second.proc.poll() is None
+        assert all(session_of(s).state is SessionState.OPEN for s in sessions)
+        records = await kv_records(b, "sessions", SessionRecord)
+        assert all(records[session_of(s).session_id].state is SessionState.OPEN for s in sessions)
+        assert counts(w)[0] == 10
+        for sctx in sessions:
+            assert await bus.execute_activity(sctx, "echo", "alive", start_to_close_timeout=10) == "alive"
+        # The restarted broker still does its job: a new session opens, a killed worker is noticed.
+        async with bus.session(b.context(), opts()) as extra:
+            assert await bus.execute_activity(extra, "echo", 1, start_to_close_timeout=10) == 1
+        w.kill()
+        await eventually(
+            lambda: all(session_of(s).state is SessionState.FAILED for s in sessions),
+            timeout=HEARTBEAT_TIMEOUT + 5, what="the killed worker's sessions fail",
+        )  # fmt: skip
+        assert {session_of(s).cause for s in sessions} == {"worker_lost"}
+
+
+# ---------------------------------------------------------------- 5. two broker replicas
+
+
+async def _stored_failed(b: bus.Bus, sid: str) -> int:
+    """How many ``failed`` announcements the session stream stores for ``sid``."""
+    subject = b.subjects.build("session", sid, "failed")
+    info = await b.js.stream_info(b.topology.stream_name("session"), subjects_filter=subject)
+    return (info.state.subjects or {}).get(subject, 0)
+
+
+async def test_two_broker_replicas_never_oversubscribe_and_announce_a_failure_once(
+    nats_server: Any, procs: ExitStack
+) -> None:
+    prefix, url = unique_prefix(), nats_server.url
+    slots = 40
+    _, _, *workers = started_all(
+        procs, broker(prefix, url), broker(prefix, url), *(worker(prefix, url, slots=slots) for _ in range(2))
+    )
+    async with bus.connect(url, prefix=prefix) as b:
+        heard: dict[str, int] = {}
+
+        async def on_failed(msg: Any) -> None:
+            sid = msg.subject.split(".")[-2]
+            heard[sid] = heard.get(sid, 0) + 1
+
+        core = await b.nc.subscribe(b.subjects.filter("session", event="failed"), cb=on_failed)
+        try:
+            await poll(lambda: _workers_known(b, 2), timeout=10, what="the brokers know the 2 workers")
+            opened: list[bus.Context] = []
+            failed: list[tuple[float, Any]] = []
+            await create_many(b.context(), 3 * slots, opts(4.0), opened, failed)
+            assert len(opened) == 2 * slots and len(failed) == slots
+            assert {e.reason for _, e in failed} == {"capacity"}
+            await eventually(lambda: sum(counts(w)[0] for w in workers) == 2 * slots, what="both workers full")
+            assert all(peak_ever(w) <= slots for w in workers), [counts(w) for w in workers]
+            assert sorted((await slots_in_use(b)).values()) == [slots, slots]
+
+            victim = workers[0]
+            victim_id = worker_id(victim)
+            lost = [s for s in opened if session_of(s).worker_id == victim_id]
+            assert len(lost) == slots
+            victim.kill()
+            await eventually(
+                lambda: all(session_of(s).state is SessionState.FAILED for s in lost),
+                timeout=HEARTBEAT_TIMEOUT + 5, what="the victim's sessions fail",
+            )  # fmt: skip
+            lost_ids = {session_of(s).session_id for s in lost}
+            await poll(lambda: _no_slots_of(b, victim_id), timeout=10, what="the victim's slots are freed")
+            await eventually(lambda: set(heard) >= lost_ids, what="every failure heard")
+            # Let any second (wrong) announcement arrive before counting.
+            await b.nc.flush()
+            await anyio.sleep(1.0)
+            for sid in lost_ids:
+                assert await _stored_failed(b, sid) == 1, sid
+            assert {sid: heard[sid] for sid in lost_ids} == dict.fromkeys(lost_ids, 1)
+            survivors = [s for s in opened if session_of(s).worker_id != victim_id]
+            assert all(session_of(s).state is SessionState.OPEN for s in survivors)
+            assert not set(heard) - lost_ids
+            await complete_all(survivors)
+        finally:
+            await core.unsubscribe()
+
+
+async def _no_slots_of(b: bus.Bus, wid: str) -> bool:
+    return (await slots_in_use(b)).get(wid, 0) == 0
+
+
+# ---------------------------------------------------------------- 6. forged tokens
+
+
+def _tamper(token: bytes) -> list[bytes]:
+    body, _, sig = token.decode().partition(".")
+    raw = bytearray(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    raw[len(raw) // 2] ^= 0x01
+    altered = base64.urlsafe_b64encode(bytes(raw)).decode().rstrip("=")
+    other_sig = sig[:-2] + ("AA" if sig[-2:] != "AA" else "BB")
+    forged_body = base64.urlsafe_b64encode(b'{"w":"someone-else","h":"evil"}').decode().rstrip("=")
+    return [
+        f"{altered}.{sig}".encode(),  # the claim changed, the signature kept
+        f"{body}.{other_sig}".encode(),  # the signature changed
+        f"{forged_body}.{sig}".encode(),  # a claim of one's own
+        f"{body}.".encode(),  # no signature
+    ]
+
+
+async def test_forged_or_altered_recreate_token_is_rejected_bad_token_by_the_broker(
+    nats_server: Any, procs: ExitStack
+) -> None:
+    prefix, url = unique_prefix(), nats_server.url
+    _, w = started_all(procs, broker(prefix, url), worker(prefix, url))
+    async with bus.connect(url, prefix=prefix) as b:
+        ctx = b.context()
+        sctx = await bus.create_session(ctx, opts())
+        info = session_of(sctx)
+        await bus.complete_session(sctx)
+        # The genuine token works (so the rejections below are about the tampering).
+        again = await bus.recreate_session(ctx, info.recreate_token, opts())
+        assert session_of(again).worker_id == info.worker_id == worker_id(w)
+        assert session_of(again).session_id != info.session_id
+        await bus.complete_session(again)
+        for bad in _tamper(info.recreate_token):
+            t0 = time.monotonic()
+            with pytest.raises(bus.SessionCreationError) as caught:
+                await bus.recreate_session(ctx, bad, opts(creation_timeout=30))
+            assert caught.value.reason == "bad_token", (bad, caught.value)
+            assert time.monotonic() - t0 < 30  # refused, not left to time out
+        records = await kv_records(b, "sessions", SessionRecord)
+        assert sum(1 for r in records.values() if r.state is SessionState.REJECTED and r.cause == "bad_token") == 4
+        await poll(lambda: _no_slots(b), timeout=10, what="no slot taken")
+        await eventually(lambda: counts(w)[0] == 0, what="the worker holds none")
