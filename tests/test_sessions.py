@@ -583,6 +583,26 @@ async def test_graceful_worker_stop_fails_sessions_at_once_with_worker_shutdown(
         assert isinstance(exc, bus.SessionFailedError) and exc.cause == "worker_shutdown"
 
 
+async def test_graceful_worker_process_stop_sigterm_fails_sessions_with_worker_shutdown(
+    cadenza_bus: bus.Bus, nats_server: Any
+) -> None:
+    b = cadenza_bus
+    proc = ServiceProcess("tests.session_worker", "--prefix", b.subjects.prefix, "--interval", "0.3",
+                          url=nats_server.url)  # fmt: skip
+    async with running_broker(b):
+        try:
+            await anyio.to_thread.run_sync(proc.start)
+            sctx = await bus.create_session(b.context(), opts(heartbeat_timeout=20))
+            assert await bus.execute_activity(sctx, "echo", "up") == "up"
+            with anyio.fail_after(8):  # well under the 20 s heartbeat timeout
+                code = await anyio.to_thread.run_sync(proc.stop)
+                await eventually(state_is(sctx, SessionState.FAILED), timeout=5)
+            assert code == 0, "".join(proc.output[-20:])
+            assert info(sctx).cause == "worker_shutdown"
+        finally:
+            await anyio.to_thread.run_sync(proc.kill)
+
+
 @pytest.mark.parametrize("ending", ["completed", "failed"])
 async def test_session_end_cancels_its_activities_not_lost(cadenza_bus: bus.Bus, ending: str) -> None:
     b, log = cadenza_bus, Log()
