@@ -16,7 +16,8 @@ def test_connect_options_read_urls_credentials_and_tls_from_the_environment() ->
     }
     opts = bus.ConnectOptions.from_env(env)
     assert opts.servers == ("nats://a:4222", "nats://b:4222")
-    assert (opts.user, opts.password, opts.token, opts.creds, opts.tls_ca) == ("u", "s3cret-pw", "s3cret-tok", "/x.creds", "/ca.pem")
+    got = (opts.user, opts.password, opts.token, opts.creds, opts.tls_ca)
+    assert got == ("u", "s3cret-pw", "s3cret-tok", "/x.creds", "/ca.pem")
     assert "s3cret" not in repr(opts)  # secrets stay out of logs
 
 
