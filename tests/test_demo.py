@@ -119,3 +119,10 @@ def test_demo_against_a_server_without_a_broker_fails_clearly(nats_server: bus.E
     )  # fmt: skip
     assert out.returncode == 1, out.stdout + out.stderr
     assert "broker did not register" in out.stderr
+
+
+def test_cadenza_worker_can_serve_the_demo_activities() -> None:
+    # What deploy/compose.yaml runs: `cadenza worker services.demo.worker:activities --tasklist demo`.
+    from services.broker._cli import load_activities
+
+    assert sorted(load_activities("services.demo.worker:activities")) == ["download", "transcode", "where"]
