@@ -16,6 +16,7 @@ import pytest
 import bus
 import bus.testing
 from bus import EmbeddedServer, find_server_binary
+from services.demo._process import Child
 
 DEPLOY = Path(__file__).parent.parent / "deploy" / "nats"
 USERS = ("admin", "broker", "recorder", "worker", "caller")
@@ -263,4 +264,24 @@ async def _session_scenario(
                 timeout=10, what="the session of the stopped worker failed",
             )  # fmt: skip
             assert bus.get_session_info(sctx2).cause == "worker_shutdown"  # type: ignore[union-attr]
+            # A worker process (as the worker user) killed with SIGKILL: the broker's ping finds nobody
+            # and the session fails with worker_lost, well before the 10 s heartbeat_timeout.
+            killed = Child(
+                "services.demo.worker", "--server", secured.url, "--prefix", "cadenza", "--tasklist", tasklist + "k",
+                "--heartbeat-interval", "0.5",
+                env={"NATS_USER": "worker", "NATS_PASSWORD": opts("worker").password or "", "NATS_URL": ""},
+            )  # fmt: skip
+            await anyio.to_thread.run_sync(killed.start)
+            try:
+                lost_opts = options.model_copy(update={"tasklist": tasklist + "k", "heartbeat_timeout": 10})
+                sctx3 = await bus.create_session(cb.context(), lost_opts)
+                assert await bus.execute_activity(sctx3, "where", start_to_close_timeout=20)  # it serves
+                t0 = anyio.current_time()
+                killed.kill()
+                with pytest.raises(bus.SessionFailedError) as failed:
+                    await bus.execute_activity(sctx3, "transcode", "x", 30, start_to_close_timeout=30)
+                assert failed.value.cause == "worker_lost", failed.value
+                assert anyio.current_time() - t0 < 9, "the ping should find the dead worker before the timeout"
+            finally:
+                killed.kill()
             tg.cancel_scope.cancel()
