@@ -335,16 +335,21 @@ async def _broker_killed_mid_load(
         )
         assert restarted and first.proc is not None and first.proc.returncode is not None
         total = 3 * slots
-        assert len(opened) == total, (len(opened), [str(e) for _, e in failed][:3])
+        ids = [session_of(s).session_id for s in opened]
+        records = await records_of(b, ids)
+        held = await slot_lists(b, wids)
+        states: dict[str, int] = {}
+        for r in records.values():
+            states[r.state.value if r else "none"] = states.get(r.state.value if r else "none", 0) + 1
+        seen = (len(opened), len(set(ids)), states, {w: len(h) for w, h in held.items()},
+                [(counts(w), peak_ever(w)) for w in workers], [str(e) for _, e in failed][:2])  # fmt: skip
+        assert len(opened) == total, seen
         assert len(failed) == n - total and {e.reason for _, e in failed} <= {"capacity"}
         # No session lost: each success is open in the bucket and holds a slot on its worker, and
         # the slots in use are exactly the successes.
-        ids = [session_of(s).session_id for s in opened]
         assert len(set(ids)) == total
-        records = await records_of(b, ids)
         lost = {sid: r for sid, r in records.items() if r is None or r.state is not SessionState.OPEN}
         assert not lost, lost
-        held = await slot_lists(b, wids)
         assert sorted(sid for sids in held.values() for sid in sids) == sorted(ids)
         assert all(records[session_of(s).session_id].worker_id == session_of(s).worker_id for s in opened)  # type: ignore[union-attr]
         await eventually(lambda: sum(counts(w)[0] for w in workers) == total, what=f"the workers hold {total}")
