@@ -118,9 +118,9 @@ async def _lines(b: bus.Bus, activity_id: str, n: int, got: anyio.Event, finishe
     finished.set()
 
 
-async def _recorder_status(b: bus.Bus, activity_id: str, timeout: float = 10.0) -> str:
+async def _recorder_status(b: bus.Bus, activity_id: str, timeout: float = 20.0) -> str:
     """The activity's status once the recorder shows it ended ("" if it does not answer in time)."""
-    client = bus.ActivityClient(b, timeout=2.0)
+    client = bus.ActivityClient(b, timeout=5.0)
     status = ""
     with anyio.move_on_after(timeout):
         while True:
@@ -296,8 +296,8 @@ async def run_demo(b: bus.Bus, config: DemoConfig) -> None:
 
 async def _cancel_as_user(b: bus.Bus, activity_id: str) -> str:
     """Cancel through the recorder (as a person would); without a recorder, publish the cancel event."""
-    client = bus.ActivityClient(b, timeout=2.0)
-    with anyio.move_on_after(5):
+    client = bus.ActivityClient(b, timeout=5.0)
+    with anyio.move_on_after(10):
         while True:
             try:
                 reply = await client.cancel(activity_id, who="demo", reason="changed my mind")
