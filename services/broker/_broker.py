@@ -146,6 +146,7 @@ class Broker:
         #: Requests looking for a slot now (session id -> tasklist).
         self.waiting: dict[str, str] = {}
         self._reconnects = (0, 0.0)
+        self._stored: dict[str, tuple[float, float]] = {}
         self._kv_sessions: KeyValue | None = None
         self._kv_workers: KeyValue | None = None
         self._signer: TokenSigner | None = None
@@ -783,19 +784,22 @@ class Broker:
 
         "No responders" twice in a row (a second apart at least, while this broker is connected)
         means the process's connection is closed: its sessions fail now rather than at the
-        heartbeat timeout. An answer counts as a sign of life; silence proves nothing.
+        heartbeat timeout. An answer or silence changes nothing else.
         """
         b = self.bus
         try:
-            await b.request(b.rpc_subject(wid, "ping"), WorkerPing(), WorkerPong, timeout=min(seen.interval, 2.0))
+            pong = await b.request(b.rpc_subject(wid, "ping"), WorkerPing(), WorkerPong,
+                                   timeout=min(seen.interval, 2.0))  # fmt: skip
         except bus.RequestError as exc:
             if isinstance(exc.__cause__, nats.errors.NoRespondersError) and self._settled_connection():
                 seen.suspect += 1
                 if seen.suspect >= 2:
                     seen.gone = "its connection is closed (nobody answers on its ping subject)"
             return
-        seen.suspect = 0
-        seen.at = max(seen.at, time.monotonic())
+        if pong.worker_id == wid:
+            # Connected: not gone. The heartbeat timeout still decides, as the spec says (an
+            # answer is not a heartbeat: a worker that cannot store heartbeats is lost all the same).
+            seen.suspect = 0
 
     def _settled_connection(self) -> bool:
         """Connected, and not reconnected in the last 10 s (after an outage, workers reconnect a
@@ -807,9 +811,43 @@ class Broker:
             self._reconnects = (count, mono)
         return nc.is_connected and mono - self._reconnects[1] > 10.0
 
+    async def _stored_silence(self, wid: str) -> float | None:
+        """Seconds since the newest heartbeat (or start) of ``wid`` the server stores, by the server's
+        timestamps; None if it cannot tell. Checked before declaring a worker lost, so a broker that
+        fell behind on the heartbeat stream (busy, or just restarted) does not fail a live worker."""
+        async with self._lock(f"stored-{wid}"):
+            hit = self._stored.get(wid)
+            if hit is not None and time.monotonic() - hit[0] < 0.2:
+                return hit[1]
+            b = self.bus
+            newest = None
+            for event in ("heartbeat", "started"):
+                try:
+                    with anyio.fail_after(b.timeouts.request):
+                        msg = await b.js.get_last_msg(b.topology.stream_name("worker"),
+                                                      b.subjects.build("worker", wid, event))  # fmt: skip
+                except nats.js.errors.NotFoundError:
+                    continue
+                except (TimeoutError, nats.errors.Error):
+                    return None
+                if msg.time is not None and (newest is None or msg.time > newest):
+                    newest = msg.time
+            silence = float("inf") if newest is None else max(0.0, (utcnow() - newest).total_seconds())
+            self._stored[wid] = (time.monotonic(), silence)
+            return silence
+
     async def _end_lost(self, sid: str, rec: SessionRecord, silence: float) -> None:
         try:
             seen = self.seen.get(rec.worker_id)
+            if seen is None or not seen.gone:
+                stored = await self._stored_silence(rec.worker_id)
+                if stored is not None and stored <= rec.heartbeat_timeout:
+                    # Alive after all: this broker was behind on the heartbeat stream.
+                    if seen is not None:
+                        seen.at = max(seen.at, time.monotonic() - stored)
+                    return
+                if stored is not None:
+                    silence = max(silence, stored) if silence != float("inf") else stored
             if seen is not None and seen.gone:
                 text = f"is gone: {seen.gone}, {silence:.1f}s after its last heartbeat"
             elif silence == float("inf"):
