@@ -737,9 +737,12 @@ async def _open_nats(opts: ConnectOptions, timeouts: Timeouts) -> NatsClient:
         errors.append(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         if len(errors) > 5:
             del errors[0]
+        # After the first connect nobody awaits these: a permissions violation (a denied publish
+        # or subscription) is only ever reported here, so say it loudly.
+        _log.warning("NATS reported an error: %s", errors[-1])
 
     async def on_disconnect() -> None:
-        _log.info("disconnected from NATS; reconnecting")
+        _log.info("disconnected from NATS")
 
     async def on_reconnect() -> None:
         _log.info("reconnected to NATS")
