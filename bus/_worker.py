@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import anyio
 import nats.errors
@@ -73,6 +73,8 @@ _current: ContextVar[_Running | None] = ContextVar("cadenza_activity", default=N
 
 
 class WorkerState(enum.Enum):
+    """Where a :class:`Worker` is in its life (it starts once and stops once)."""
+
     NEW = "new"
     RUNNING = "running"
     STOPPING = "stopping"
@@ -85,8 +87,18 @@ class ActivityRegistry(dict[str, Callable[..., Any]]):
     A module can declare one and ``cadenza worker module:registry`` serves it.
     """
 
-    def activity(self, name: str | Callable[..., Any] | None = None) -> Any:
-        """Register the decorated function (async or plain) under ``name`` (default: its ``__name__``)."""
+    @overload
+    def activity(self, name: F) -> F: ...
+    @overload
+    def activity(self, name: str | None = None) -> Callable[[F], F]: ...
+    def activity(self, name: str | F | None = None) -> F | Callable[[F], F]:
+        """Register the decorated function (async or plain) under ``name`` (default: its ``__name__``).
+
+        Use as ``@registry.activity``, ``@registry.activity()`` or ``@registry.activity("name")``.
+
+        Raises:
+            ValueError: another function is registered under that name.
+        """
         if callable(name):
             return self.activity(None)(name)
 
@@ -208,7 +220,11 @@ class Worker:
 
     # ------------------------------------------------------------ registration
 
-    def activity(self, name: str | Callable[..., Any] | None = None) -> Any:
+    @overload
+    def activity(self, name: F) -> F: ...
+    @overload
+    def activity(self, name: str | None = None) -> Callable[[F], F]: ...
+    def activity(self, name: str | F | None = None) -> F | Callable[[F], F]:
         """Decorator: serve the function as activity ``name`` (default: its ``__name__``)."""
         return self.activities.activity(name)
 

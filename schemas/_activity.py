@@ -74,6 +74,7 @@ class ActivityStatus(StrEnum):
         return self in TERMINAL_STATUSES
 
 
+#: The statuses an activity ends in (the first one recorded wins).
 TERMINAL_STATUSES: Final = frozenset({ActivityStatus.SUCCESS, ActivityStatus.FAILED, ActivityStatus.CANCELLED})
 
 
@@ -263,6 +264,8 @@ class ListActivitiesRequest(BaseModel):
 
 
 class ListActivitiesReply(BaseModel):
+    """A page of activities (``<prefix>.rpc.recorder.list``); ``next_offset`` is None on the last page."""
+
     model_config = ConfigDict(extra="forbid")
 
     items: list[ActivityRecord]
@@ -282,6 +285,8 @@ class GetActivityRequest(BaseModel):
 
 
 class GetActivityReply(BaseModel):
+    """One activity and its last messages, oldest first (``<prefix>.rpc.recorder.get``)."""
+
     model_config = ConfigDict(extra="forbid")
 
     activity: ActivityRecord
@@ -304,6 +309,8 @@ class TailActivityRequest(BaseModel):
 
 
 class TailActivityReply(BaseModel):
+    """Messages after a seq, with a cursor to resume from (``<prefix>.rpc.recorder.tail``)."""
+
     model_config = ConfigDict(extra="forbid")
 
     messages: list[MessageRecord]
@@ -324,6 +331,8 @@ class CancelActivityRequest(BaseModel):
 
 
 class CancelActivityReply(BaseModel):
+    """What a cancel request did (``<prefix>.rpc.recorder.cancel``): accepted, or finalised at once."""
+
     model_config = ConfigDict(extra="forbid")
 
     outcome: Literal["accepted", "finalised"] = Field(

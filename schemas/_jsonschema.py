@@ -10,6 +10,7 @@ from ._envelope import event_types
 
 __all__ = ["JSON_DIR", "export_json_schemas", "json_schemas"]
 
+#: Where the generated JSON Schema files live (checked in, checked by CI).
 JSON_DIR = Path(__file__).parent / "json"
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "check_token",
 ]
 
+#: The subject prefix when none is given (and the stem of stream and bucket names).
 DEFAULT_PREFIX: Final = "cadenza"
 
 #: Every domain and what travels on it.
