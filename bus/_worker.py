@@ -69,6 +69,8 @@ _log = logging.getLogger("cadenza.worker")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+_SESSION_ENDS = frozenset({CancelKind.SESSION_COMPLETED, CancelKind.SESSION_FAILED})
+
 _current: ContextVar[_Running | None] = ContextVar("cadenza_activity", default=None)
 
 
@@ -459,6 +461,11 @@ class Worker:
         if self.track_activities:
             if error is None:
                 status = ActivityStatus.SUCCESS
+            elif error.cause is not None and error.cause.kind in _SESSION_ENDS:
+                # SPEC-sessions: work cut off by its session's end ends as cancelled (with that
+                # cause), not as lost; the cause stays in the record's error text. (For handler
+                # helpers, cancelled_by_context stays true for a user's cancel only.)
+                status = ActivityStatus.CANCELLED
             elif error.cause is not None:
                 status = status_for_cause(error.cause)
             else:

@@ -630,9 +630,9 @@ async def test_session_end_cancels_its_activities_not_lost(cadenza_bus: bus.Bus,
         assert len(errors) == 2 and all(isinstance(e, expected) for e in errors)
         for key in ("a", "b"):
             record, _ = await wait_record(b, f"act-{ending}-{key}", terminal)
-            # Ended by the session (not "host lost"): only a user cancel makes `cancelled`.
-            assert record.status is ActivityStatus.FAILED
-            assert record.error is not None and "session" in record.error and "lost" not in record.error
+            # Ended by the session, not lost: cancelled, with the session's end as the cause.
+            assert record.status is ActivityStatus.CANCELLED
+            assert record.error is not None and "session" in record.error and "host lost" not in record.error
 
 
 # ---------------------------------------------------------------- recreating
