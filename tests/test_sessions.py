@@ -49,8 +49,8 @@ def opts(**kw: Any) -> bus.SessionOptions:
 
 
 @contextlib.asynccontextmanager
-async def running_broker(b: bus.Bus) -> AsyncIterator[Broker]:
-    broker = Broker(b, BrokerConfig(token_key=KEY))
+async def running_broker(b: bus.Bus, **config: Any) -> AsyncIterator[Broker]:
+    broker = Broker(b, BrokerConfig(token_key=KEY, **config))
     async with anyio.create_task_group() as tg:
         await tg.start(broker.run)
         yield broker
@@ -675,6 +675,18 @@ def _altered(token: bytes) -> bytes:
     payload, sig = token.split(b".", 1)
     flipped = payload[:-2] + (b"A" if payload[-2:-1] != b"A" else b"B") + payload[-1:]
     return flipped + b"." + sig
+
+
+async def test_recreate_rejects_an_expired_token(cadenza_bus: bus.Bus) -> None:
+    b, log = cadenza_bus, Log()
+    async with running_broker(b, token_max_age=0.5), running_workers(b, log, {}):
+        sctx = await bus.create_session(b.context(), opts())
+        token = info(sctx).recreate_token
+        await bus.complete_session(sctx)
+        await anyio.sleep(0.6)  # the scenario: the token outlives its validity
+        with pytest.raises(bus.SessionCreationError) as err:
+            await bus.recreate_session(b.context(), token, opts())
+        assert err.value.reason == "bad_token" and "expired" in str(err.value)
 
 
 @pytest.mark.parametrize("kind", ["forged", "altered", "malformed", "empty", "signature-swapped"])

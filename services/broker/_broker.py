@@ -93,6 +93,7 @@ class BrokerConfig:
             and kept in the sessions bucket).
         orphan_grace: seconds a slot reserved for a session that has no record is kept before it is freed.
         retention: seconds an ended session's record is kept (then deleted from the bucket).
+        token_max_age: seconds a recreate token stays valid after it was issued.
     """
 
     sweep_interval: float = 0.1
@@ -103,6 +104,7 @@ class BrokerConfig:
     token_key: bytes | None = None
     orphan_grace: float = 60.0
     retention: float = 7 * 86_400.0
+    token_max_age: float = 7 * 86_400.0
 
 
 @dataclass
@@ -440,6 +442,12 @@ class Broker:
                 claim = self._signer.verify(req.recreate_token)
             except TokenError as exc:
                 await self._reject(fresh, SessionRejectReason.BAD_TOKEN, str(exc))
+                return
+            age = time.time() - claim.issued_at
+            if age > self.config.token_max_age:
+                await self._reject(fresh, SessionRejectReason.BAD_TOKEN,
+                                   f"the recreate token expired: issued {age / 86_400:.1f} days ago, tokens last "
+                                   f"{self.config.token_max_age / 86_400:g} days")  # fmt: skip
                 return
             fresh = fresh.model_copy(update={"recreated_from": claim.session_id})
         placed = (self._holder(sid) if redelivered else None) or await self._place(req, deadline, claim)
