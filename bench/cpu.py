@@ -1,11 +1,12 @@
-"""CPU time per activity, by process: where the machine's cores go in scenario (c).
+"""CPU time and NATS messages per activity, by process: where the machine's cores go in scenario (c).
 
 ``python -m bench.cpu [--ops N] [--sessions S] [--systems limit,cadenza,cadenza-untracked]`` runs ``N``
 activities over ``S`` concurrent sessions on each system (as scenario (c) does) and prints, for every
 process of that system (the driver, nats-server, the broker, the recorder, the workers), the CPU time
-it used (user + system, from ``/proc``) divided by ``N``. On a machine with few cores the sum of
-these is what bounds activities per second; unlike a wall-clock figure it hardly moves when other
-programs load the machine.
+it used (user + system, from ``/proc``) divided by ``N``; then, from a shorter second pass, the
+messages the server routed per activity. On a machine with few cores the sum of the CPU times is
+what bounds activities per second; unlike a wall-clock figure it hardly moves when other programs
+load the machine.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def _processes(peer: Peer) -> dict[str, int]:
     return procs
 
 
-async def _measure(system: str, ops: int, sessions: int) -> tuple[float, dict[str, float]]:
+async def _measure(system: str, ops: int, sessions: int) -> tuple[float, dict[str, float], float]:
     sizes = Sizes.quick()
     workdir = Path(tempfile.mkdtemp(prefix="cadenza-bench-cpu-"))
     peer: Peer
@@ -81,19 +82,34 @@ async def _measure(system: str, ops: int, sessions: int) -> tuple[float, dict[st
         rate = await peer.throughput(sessions, ops)
         after = {k: cpu_seconds(pid) for k, pid in procs.items()}
         done = max(1, ops // sessions) * sessions
-        return rate, {k: (after[k] - before[k]) / done * 1000 for k in procs}
+        per = {k: (after[k] - before[k]) / done * 1000 for k in procs}
+        # A second, shorter pass counts every message the server routes (the counting costs CPU, so
+        # it is kept out of the first pass).
+        nc = peer.nc if peer.name == "limit" else peer.bus.nc  # type: ignore[attr-defined]
+        seen = [0]
+
+        async def count(_msg: object) -> None:
+            seen[0] += 1
+
+        sub = await nc.subscribe(">", cb=count)
+        small = max(sessions, ops // 4)
+        await peer.throughput(sessions, small)
+        await anyio.sleep(0.5)
+        await sub.unsubscribe()
+        return rate, per, seen[0] / (max(1, small // sessions) * sessions)
     finally:
         await peer.close()
 
 
 async def _main(args: argparse.Namespace) -> None:
     for system in args.systems.split(","):
-        rate, per = await _measure(system.strip(), args.ops, args.sessions)
+        rate, per, messages = await _measure(system.strip(), args.ops, args.sessions)
         print(f"\n{system}: {args.ops} activities over {args.sessions} sessions, {rate:,.0f} activities/s")
         print("| process | CPU ms per activity |\n|---|---|")
         for k, v in per.items():
             print(f"| {k} | {v:.2f} |")
         print(f"| **all** | **{sum(per.values()):.2f}** |")
+        print(f"NATS messages per activity (every subject, as a `>` subscriber sees them): {messages:.1f}")
         sys.stdout.flush()
 
 
