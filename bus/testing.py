@@ -105,6 +105,9 @@ class ServiceProcess:
     the process prints a line containing ``ready_marker`` on stdout (services print
     ``cadenza: ready`` once their consumers run). :meth:`kill` sends SIGKILL.
 
+    The child dies with the *thread* that started it (``PR_SET_PDEATHSIG``, so no test leaves
+    orphans): start it from the test's own thread, not from a worker thread that exits.
+
     Args:
         module: module to run, e.g. ``services.recorder``.
         args: its arguments.
