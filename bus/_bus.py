@@ -20,9 +20,11 @@ import contextlib
 import dataclasses
 import enum
 import hashlib
+import json
 import logging
 import os
 import socket
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -115,6 +117,111 @@ class _Acked:
 
     def __contains__(self, seq: int) -> bool:
         return seq in self._seen
+
+
+class _InFlight:
+    """The messages a consumer's handlers hold now, with when each started (by object id: nats-py
+    messages are not hashable)."""
+
+    def __init__(self) -> None:
+        self._since: dict[int, tuple[Msg, float]] = {}
+        self._changed = anyio.Event()
+
+    @property
+    def count(self) -> int:
+        return len(self._since)
+
+    def add(self, msg: Msg) -> None:
+        self._since[id(msg)] = (msg, time.monotonic())
+
+    def remove(self, msg: Msg) -> None:
+        self._since.pop(id(msg), None)
+        event, self._changed = self._changed, anyio.Event()
+        event.set()
+
+    async def below(self, limit: int) -> None:
+        while len(self._since) >= limit:
+            await self._changed.wait()
+
+    def older_than(self, seconds: float) -> list[Msg]:
+        cut = time.monotonic() - seconds
+        return [m for m, t in self._since.values() if t <= cut]
+
+
+class _Pull:
+    """A continuous pull on one durable consumer: pull requests stay outstanding and messages are
+    taken as they arrive (nats-py's ``fetch`` ends each long poll before asking again, and a message
+    that lands in that gap waits; this is the protocol nats.go's ``Consume`` speaks).
+
+    ``pending`` counts messages asked for and not yet delivered. A request that expires or ends early
+    says how many it leaves undelivered (``Nats-Pending-Messages``); a request lost with a server
+    restart or a reconnect is written off after its expiry (or at once on reconnect).
+    """
+
+    def __init__(self, bus: Bus, stream: str, spec: ConsumerSpec, batch: int) -> None:
+        self.bus = bus
+        self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{spec.durable}"
+        self.spec = spec
+        self.batch = max(batch, 1)
+        self.expires = bus.timeouts.pull_expires
+        self.pending = 0
+        self.asked_at = 0.0
+        self.reconnects = -1
+        self.inbox = ""
+        self.sub: Any = None
+        self.errors_in_row = 0
+
+    async def open(self) -> None:
+        nc = self.bus.nc
+        self.inbox = nc.new_inbox()
+        self.sub = await nc.subscribe(self.inbox, pending_msgs_limit=1_000_000)
+        self.reconnects = int(nc.stats.get("reconnects", 0))
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.sub.unsubscribe()
+
+    async def top_up(self, room: int) -> None:
+        nc = self.bus.nc
+        reconnects = int(nc.stats.get("reconnects", 0))
+        mono = time.monotonic()
+        if reconnects != self.reconnects or (self.pending and mono - self.asked_at > self.expires + 1.0):
+            # The server forgot our requests (restart, reconnect) or never answered them.
+            self.reconnects = reconnects
+            self.pending = 0
+        want = min(self.batch, room) - self.pending
+        if want < max(1, min(self.batch, room) // 2) or room <= 0:
+            return
+        body = json.dumps({"batch": want, "expires": int(self.expires * 1e9)}).encode()
+        try:
+            await nc.publish(self.subject, body, reply=self.inbox)
+        except nats.errors.Error as exc:
+            self.errors_in_row += 1
+            _log.info("consumer %s: pull request failed (%r); retrying", self.spec.durable, exc)
+            await anyio.sleep(min(0.05 * 2**self.errors_in_row, 2.0))
+            return
+        self.errors_in_row = 0
+        self.pending += want
+        self.asked_at = mono
+
+    async def next(self) -> Msg | None:
+        """The next message, or None (a status, or nothing within half a second: time to top up)."""
+        try:
+            msg: Msg = await self.sub.next_msg(timeout=0.5)
+        except nats.errors.TimeoutError:
+            return None
+        headers = msg.headers or {}
+        status = headers.get("Status") if not msg.data else None
+        if status:
+            # 408 expired / 409 limits / 404 none: that request is over.
+            left = headers.get("Nats-Pending-Messages")
+            self.pending = max(0, self.pending - int(left)) if left and left.isdigit() else 0
+            if status not in ("408", "404", "100"):
+                _log.info("consumer %s: pull ended with %s %s", self.spec.durable, status,
+                          headers.get("Description", ""))  # fmt: skip
+            return None
+        self.pending = max(0, self.pending - 1)
+        return msg
 
 
 @dataclass
@@ -369,43 +476,28 @@ class Bus:
         domain = domain or accept[0].DOMAIN
         stream = self.topology.stream_name(domain)
         await self.topology.ensure_consumer(self.js, domain, spec)
-        sub = await self.js.pull_subscribe_bind(spec.durable, stream=stream)
+        pull = _Pull(self, stream, spec, min(concurrency, 256))
+        await pull.open()
         acked = _Acked()
-        sem = anyio.Semaphore(concurrency)
+        flight = _InFlight()
         try:
             async with anyio.create_task_group() as tg:
+                tg.start_soon(self._keep_alive, flight, spec.ack_wait)
                 task_status.started()
-                errors_in_row = 0
                 while True:
-                    await sem.acquire()
-                    taken = 1
-                    while taken < min(concurrency, 256):
-                        try:
-                            sem.acquire_nowait()
-                        except anyio.WouldBlock:
-                            break
-                        taken += 1
-                    try:
-                        msgs = await sub.fetch(taken, timeout=self.timeouts.fetch)
-                        errors_in_row = 0
-                    except nats.errors.TimeoutError:
-                        msgs = []
-                    except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
-                        msgs = []
-                        errors_in_row += 1
-                        _log.info("consumer %s: fetch failed (%r); retrying", spec.durable, exc)
-                        for _ in range(taken):
-                            sem.release()
-                        await anyio.sleep(min(0.05 * 2**errors_in_row, 2.0))
+                    # Ask for no more than the handlers that can start now: the rest of the
+                    # consumer's messages stay with the server for other processes.
+                    await pull.top_up(concurrency - flight.count)
+                    msg = await pull.next()
+                    if msg is None:
                         continue
-                    for _ in range(taken - len(msgs)):
-                        sem.release()
-                    for msg in msgs:
-                        tg.start_soon(self._handle, msg, spec, accept, handler, acked, sem)
+                    flight.add(msg)
+                    tg.start_soon(self._handle, msg, spec, accept, handler, acked, flight)
+                    if flight.count >= concurrency:
+                        await flight.below(concurrency)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeouts.shutdown):
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+                await pull.close()
 
     async def _handle(
         self,
@@ -414,7 +506,7 @@ class Bus:
         accept: Sequence[type[E]],
         handler: Callable[[E, Delivery], Awaitable[None]],
         acked: _Acked,
-        sem: anyio.Semaphore,
+        flight: _InFlight,
     ) -> None:
         try:
             meta = msg.metadata
@@ -447,21 +539,15 @@ class Bus:
             ) as span:
                 failure: Exception | None = None
                 try:
-                    async with anyio.create_task_group() as keepalive:
-                        keepalive.start_soon(self._keep_alive, msg, spec.ack_wait)
-                        try:
-                            await handler(event, delivery)
-                        except Exception as exc:
-                            # Kept out of the task group so the decision sees the error itself,
-                            # not an exception group around it.
-                            failure = exc
-                        finally:
-                            keepalive.cancel_scope.cancel()
+                    try:
+                        await handler(event, delivery)
+                    except Exception as exc:
+                        failure = exc
                 except anyio.get_cancelled_exc_class():
                     # Never ack a cancelled handler: hand the message back. The delay outlives this
-                    # process's last pull request, which the server would otherwise hand it to.
+                    # process's outstanding pull requests, which the server would otherwise hand it to.
                     with anyio.CancelScope(shield=True):
-                        await self._settle(msg, "nak", self.timeouts.fetch + 0.5)
+                        await self._settle(msg, "nak", self.timeouts.pull_expires + 0.5)
                     raise
                 if failure is not None:
                     span.record_exception(failure)
@@ -473,16 +559,19 @@ class Bus:
                 acked.add(seq)
                 self.stats.handled += 1
                 instruments.handled.add(1, {"consumer": spec.durable})
-                await self._settle(msg, "ack")
+                await self._settle(msg, "ack" if spec.ack_sync else "ack-async")
         finally:
-            sem.release()
+            flight.remove(msg)
 
-    async def _keep_alive(self, msg: Msg, ack_wait: float) -> None:
-        # Long handlers tell the server they are still working, so it does not redeliver.
+    async def _keep_alive(self, flight: _InFlight, ack_wait: float) -> None:
+        # Handlers that run long tell the server they are still working, so it does not redeliver:
+        # one loop per consumer, for the messages in flight longer than a third of the ack wait.
+        period = max(ack_wait / 3, 0.5)
         while True:
-            await anyio.sleep(max(ack_wait / 3, 0.5))
-            with contextlib.suppress(nats.errors.Error):
-                await msg.in_progress()
+            await anyio.sleep(period)
+            for msg in flight.older_than(period):
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.in_progress()
 
     async def _failed(self, msg: Msg, spec: ConsumerSpec, exc: Exception, seq: int, deliveries: int) -> None:
         non_retryable = bool(getattr(exc, "non_retryable", False))
@@ -516,6 +605,8 @@ class Bus:
             with anyio.fail_after(self.timeouts.ack):
                 if how == "ack":
                     await msg.ack_sync(timeout=self.timeouts.ack)
+                elif how == "ack-async":
+                    await msg.ack()
                 elif how == "nak":
                     await msg.nak(delay=delay)
                 else:

@@ -20,6 +20,8 @@ class Timeouts:
         request: a request until its reply.
         ack: a consumer's acknowledgement round trip.
         fetch: one long-poll of a pull consumer (an idle consumer wakes up this often).
+        pull_expires: how long a consumer's outstanding pull request lives on the server (an idle
+            consumer renews it this often; a request lost with a server restart is written off after it).
         shutdown: draining and final publishes when something stops.
         server_start: the embedded server becoming ready.
     """
@@ -30,6 +32,7 @@ class Timeouts:
     request: float = 5.0
     ack: float = 5.0
     fetch: float = 1.0
+    pull_expires: float = 5.0
     shutdown: float = 5.0
     server_start: float = 20.0
 

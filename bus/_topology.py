@@ -75,6 +75,8 @@ class ConsumerSpec:
         deliver_new: start at new messages rather than the whole stream.
         inactive_threshold: seconds without a pull after which the server deletes the consumer
             (a crashed worker's inbox consumer; None keeps it).
+        ack_sync: wait for the server to confirm each ack (False: send it and go on; a lost ack
+            means a redelivery, which a handler that is idempotent per event id absorbs).
     """
 
     durable: str
@@ -85,6 +87,7 @@ class ConsumerSpec:
     max_ack_pending: int = 1000
     deliver_new: bool = False
     inactive_threshold: float | None = None
+    ack_sync: bool = True
 
     def config(self) -> ConsumerConfig:
         return ConsumerConfig(

@@ -256,13 +256,13 @@ class Worker:
             subjects = self.bus.subjects
             shared = ConsumerSpec(
                 durable=f"tasks-{self.tasklist}", filter_subject=subjects.build("task", self.tasklist, "queued"),
-                ack_wait=30.0, max_ack_pending=100_000,
+                ack_wait=30.0, max_ack_pending=100_000, ack_sync=False,
             )  # fmt: skip
             specs: list[tuple[ConsumerSpec, list[Any]]] = [(shared, [ActivityTask])]
             if self.enable_sessions:
                 inbox = ConsumerSpec(
                     durable=f"inbox-{self.worker_id}", filter_subject=subjects.build("task", self.worker_id, "inbox"),
-                    ack_wait=30.0, max_ack_pending=100_000, inactive_threshold=3600.0,
+                    ack_wait=30.0, max_ack_pending=100_000, inactive_threshold=3600.0, ack_sync=False,
                 )  # fmt: skip
                 specs.append((inbox, [ActivityTask, SessionOpened, SessionClosed]))
             for spec, accept in specs:
