@@ -140,6 +140,8 @@ class Recorder:
     finalised: int = 0
     pruned: int = 0
     _locks: dict[str, anyio.Lock] = field(default_factory=dict)
+    #: The bucket revision of each cached record (compare-and-set from the cache, no read per event).
+    _revisions: dict[str, int] = field(default_factory=dict)
     _finalising: dict[str, float] = field(default_factory=dict)
     _started_at: datetime = field(default_factory=utcnow)
     _kv: KeyValue | None = None
@@ -189,7 +191,9 @@ class Recorder:
                     except pydantic.ValidationError:
                         _log.error("activities bucket: key %s does not hold an activity", entry.key)
                         continue
-                    self.cache[stored.record.id] = stored
+                    if entry.revision >= self._revisions.get(stored.record.id, 0):
+                        self.cache[stored.record.id] = stored
+                        self._revisions[stored.record.id] = entry.revision
                 if not ready and entry.delta == 0:
                     ready = True
                     task_status.started()
@@ -201,6 +205,7 @@ class Recorder:
     def _forget_key(self, key: str) -> None:
         for activity_id in [a for a in self.cache if activity_kv_key(a) == key]:
             del self.cache[activity_id]
+            self._revisions.pop(activity_id, None)
 
     async def _load(self, activity_id: str) -> tuple[Stored | None, int]:
         assert self._kv is not None
@@ -220,8 +225,19 @@ class Recorder:
         lock = self._locks.setdefault(activity_id, anyio.Lock())
         async with lock:
             try:
+                # First from the cache (this replica's writes and the bucket's watcher keep it with
+                # its revision); a conflict means another replica wrote: then read the bucket.
+                known = self._revisions.get(activity_id)
+                cached = self.cache.get(activity_id) if known is not None else None
+                fresh = cached is None and known is not None
                 for _ in range(50):
-                    stored, revision = await self._load(activity_id)
+                    if fresh:
+                        stored, revision = await self._load(activity_id)
+                    elif cached is not None and known is not None:
+                        stored, revision = cached, known
+                    else:
+                        stored, revision = None, 0  # never seen: try to create it
+                    fresh = True
                     new = change(stored)
                     if new is None:
                         return stored
@@ -229,14 +245,17 @@ class Recorder:
                     key = activity_kv_key(activity_id)
                     try:
                         if revision:
-                            await self._kv.update(key, value, last=revision)
+                            written = await self._kv.update(key, value, last=revision)
                         else:
-                            await self._kv.create(key, value)
+                            written = await self._kv.create(key, value)
                     except nats.js.errors.KeyWrongLastSequenceError:
                         continue  # another replica folded something first: read again
                     except nats.errors.Error as exc:
                         raise bus.BusError(f"cannot store activity {activity_id}: {exc!r}") from exc
-                    self.cache[activity_id] = new
+                    if written > self._revisions.get(activity_id, 0):
+                        # (Unless the watcher already brought a newer write of another replica.)
+                        self.cache[activity_id] = new
+                        self._revisions[activity_id] = written
                     return new
             finally:
                 if not lock.statistics().tasks_waiting:
