@@ -9,15 +9,19 @@ cancel that arrived a moment before the work registered: such a cancel is not lo
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 
 import anyio
 import nats.errors
 import nats.js.errors
 from anyio.abc import TaskStatus
 
-from schemas import CancelCause, CancelRequested
+from schemas import CancelCause, CancelRequested, utcnow
 
 from ._bus import Bus
 from ._codec import decode
@@ -40,35 +44,63 @@ class CancelRouter:
     Run with ``await tg.start(router.run)``; register work with ``with router.register(id, token):``.
     """
 
+    #: Cancels for targets not registered (yet) are kept this long, so work registering a moment
+    #: later still sees them without asking the stream.
+    RECENT_SECONDS = 60.0
+
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self._targets: dict[str, list[CancelToken]] = {}
-        self._started_at = 0.0
+        self._recent: OrderedDict[str, tuple[CancelCause, float]] = OrderedDict()
+        #: Wall-clock time from which this router has been listening (0: not yet).
+        self.listening_since: datetime | None = None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled."""
-        await self.bus.listen(
-            self.bus.subjects.filter("cancel", event="requested"),
-            [CancelRequested],
-            self._on_cancel,
-            name="cancel-router",
-            task_status=task_status,
-        )
+        listen = functools.partial(
+            self.bus.listen, self.bus.subjects.filter("cancel", event="requested"), [CancelRequested],
+            self._on_cancel, name="cancel-router",
+        )  # fmt: skip
+        async with anyio.create_task_group() as tg:
+            await tg.start(listen)
+            self.listening_since = utcnow()
+            task_status.started()
 
     async def _on_cancel(self, event: CancelRequested, subject: str) -> None:
         self.deliver(event.target_id, event.cause)
 
     def deliver(self, target_id: str, cause: CancelCause) -> int:
-        """Cancel every token registered under ``target_id``; returns how many were."""
+        """Cancel every token registered under ``target_id``; returns how many were.
+
+        A cancel for a target nobody registered is kept for :attr:`RECENT_SECONDS` for work that
+        registers a moment later.
+        """
         tokens = self._targets.get(target_id, [])
         for token in list(tokens):
             token.cancel(cause)
+        if not tokens:
+            now = time.monotonic()
+            self._recent[target_id] = (cause, now)
+            self._recent.move_to_end(target_id)
+            while self._recent:
+                first, (_, at) = next(iter(self._recent.items()))
+                if now - at <= self.RECENT_SECONDS and len(self._recent) <= 100_000:
+                    break
+                del self._recent[first]
         return len(tokens)
+
+    def seen_since(self, when: datetime, margin: float = 2.0) -> bool:
+        """True if this router has been listening since ``margin`` seconds before ``when`` (so every
+        cancel published after ``when`` reached it: no need to ask the stream)."""
+        return self.listening_since is not None and self.listening_since <= when - timedelta(seconds=margin)
 
     @contextlib.contextmanager
     def register(self, target_id: str, token: CancelToken) -> Iterator[CancelToken]:
         """Route cancels of ``target_id`` to ``token`` while the block runs."""
         self._targets.setdefault(target_id, []).append(token)
+        early = self._recent.pop(target_id, None)
+        if early is not None:
+            token.cancel(early[0])
         try:
             yield token
         finally:

@@ -440,12 +440,16 @@ class BusActivityService:
 
     # ------------------------------------------------------------ Tracker
 
-    async def track(self, ctx: Context, activity_id: str, *, check_now: bool = True) -> Context:
+    async def track(
+        self, ctx: Context, activity_id: str, *, check_now: bool = True, check_stored: bool = True
+    ) -> Context:
         """A child of ``ctx`` bound to ``activity_id``: cancel events for it cancel the child's token.
 
         A cancel stored a moment before this call is found and applied (before returning; with
         ``check_now=False`` right after, in the background, so the work can start meanwhile). A user's
         cancel also appends the warning "Cancellation requested by <name>" to the activity's messages.
+        ``check_stored=False`` skips the look-up (the router was listening before any cancel for
+        ``activity_id`` could be published; it keeps recent cancels for ids not registered yet).
         """
         tg = self._check_open()
         track = self._track(activity_id)
@@ -454,7 +458,9 @@ class BusActivityService:
         track.token = work.token
         track.watch = anyio.CancelScope()
         tg.start_soon(self._watch_cancel, track, work.token, name=f"activity-cancel-{activity_id}")
-        if check_now:
+        if not check_stored:
+            pass  # the caller knows the router heard every cancel that could target this id
+        elif check_now:
             await self.router.check_stored(activity_id, work.token)
         else:
             tg.start_soon(self.router.check_stored, activity_id, work.token, name=f"activity-stored-{activity_id}")

@@ -345,7 +345,7 @@ class Worker:
         elif isinstance(event, SessionClosed):
             self._closed(event)
         else:
-            await self._run(event)
+            await self._run(event, delivery)
 
     def _opened(self, event: SessionOpened) -> None:
         if event.worker_id != self.worker_id or event.session_id in self._sessions:
@@ -374,7 +374,7 @@ class Worker:
 
     # ------------------------------------------------------------ activities
 
-    async def _run(self, task: ActivityTask) -> None:
+    async def _run(self, task: ActivityTask, delivery: Delivery) -> None:
         if task.deadline is not None and task.deadline <= utcnow():
             await self._reply(task, error=TaskError(type="ActivityTimeoutError", non_retryable=True,
                                                     message="the task arrived after its deadline"))  # fmt: skip
@@ -405,13 +405,16 @@ class Worker:
         parent = sess.token if sess is not None else self._root
         ctx = Context(token=parent, session=sess.info if sess is not None else None,
                       values=MappingProxyType({BUS_KEY: self.bus}))  # fmt: skip
+        # A cancel for this activity is published after the task; if the router was listening
+        # before the task was sent, it heard (and keeps) any such cancel: no stream look-up needed.
+        ask_stream = delivery.deliveries > 1 or not self.router.seen_since(task.time)
         self._running += 1
         try:
-            await self._execute(task, fn, ctx)
+            await self._execute(task, fn, ctx, ask_stream)
         finally:
             self._running -= 1
 
-    async def _execute(self, task: ActivityTask, fn: Callable[..., Any], ctx: Context) -> None:
+    async def _execute(self, task: ActivityTask, fn: Callable[..., Any], ctx: Context, ask_stream: bool) -> None:
         aid = task.activity_id
         svc = self.service
         if self.track_activities:
@@ -425,13 +428,14 @@ class Worker:
                     raise
                 # A redelivery of a task this process runs or ran: the first run answers.
                 return
-            work = await svc.track(ctx, aid, check_now=False)
+            work = await svc.track(ctx, aid, check_now=False, check_stored=ask_stream)
         else:
             work = ctx.child(activity_id=aid)
         with contextlib.ExitStack() as registration:
             if not self.track_activities:
                 registration.enter_context(svc.router.register(aid, work.token))
-                await svc.router.check_stored(aid, work.token)
+                if ask_stream:
+                    await svc.router.check_stored(aid, work.token)
             await self._body(task, fn, work)
 
     async def _body(self, task: ActivityTask, fn: Callable[..., Any], work: Context) -> None:

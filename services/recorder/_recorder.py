@@ -152,7 +152,9 @@ class Recorder:
         b = self.bus
         self._kv = await b.kv("activities")
         self._started_at = utcnow()
-        spec = bus.ConsumerSpec("recorder", b.subjects.domain_wildcard("activity"), max_deliver=8)
+        # Folding is idempotent (rev, seq ranges, first terminal wins): an ack lost on the way only
+        # means a redelivery that changes nothing, so acks are not awaited.
+        spec = bus.ConsumerSpec("recorder", b.subjects.domain_wildcard("activity"), max_deliver=8, ack_sync=False)
         async with anyio.create_task_group() as tg:
             await tg.start(self._watch_store)
             await tg.start(self._watch_workers)
