@@ -142,6 +142,10 @@ class Recorder:
     _locks: dict[str, anyio.Lock] = field(default_factory=dict)
     #: The bucket revision of each cached record (compare-and-set from the cache, no read per event).
     _revisions: dict[str, int] = field(default_factory=dict)
+    #: Ids of the cached activities not ended yet (what the host-lost sweep looks at).
+    _open: set[str] = field(default_factory=set)
+    #: Bucket key -> activity id (a delete in the bucket names the key).
+    _key_ids: dict[str, str] = field(default_factory=dict)
     _finalising: dict[str, float] = field(default_factory=dict)
     _started_at: datetime = field(default_factory=utcnow)
     _kv: KeyValue | None = None
@@ -194,7 +198,7 @@ class Recorder:
                         _log.error("activities bucket: key %s does not hold an activity", entry.key)
                         continue
                     if entry.revision >= self._revisions.get(stored.record.id, 0):
-                        self.cache[stored.record.id] = stored
+                        self._put(stored)
                         self._revisions[stored.record.id] = entry.revision
                 if not ready and entry.delta == 0:
                     ready = True
@@ -204,10 +208,26 @@ class Recorder:
                 with contextlib.suppress(Exception):
                     await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
 
+    def _put(self, stored: Stored) -> None:
+        """Cache a record, with the indexes the sweep and the watcher use (no scans of the cache)."""
+        aid = stored.record.id
+        self.cache[aid] = stored
+        self._key_ids[activity_kv_key(aid)] = aid
+        if stored.record.terminal:
+            self._open.discard(aid)
+        else:
+            self._open.add(aid)
+
+    def _drop(self, activity_id: str) -> None:
+        self.cache.pop(activity_id, None)
+        self._revisions.pop(activity_id, None)
+        self._open.discard(activity_id)
+        self._key_ids.pop(activity_kv_key(activity_id), None)
+
     def _forget_key(self, key: str) -> None:
-        for activity_id in [a for a in self.cache if activity_kv_key(a) == key]:
-            del self.cache[activity_id]
-            self._revisions.pop(activity_id, None)
+        activity_id = self._key_ids.get(key)
+        if activity_id is not None:
+            self._drop(activity_id)
 
     async def _load(self, activity_id: str) -> tuple[Stored | None, int]:
         assert self._kv is not None
@@ -256,7 +276,7 @@ class Recorder:
                         raise bus.BusError(f"cannot store activity {activity_id}: {exc!r}") from exc
                     if written > self._revisions.get(activity_id, 0):
                         # (Unless the watcher already brought a newer write of another replica.)
-                        self.cache[activity_id] = new
+                        self._put(new)
                         self._revisions[activity_id] = written
                     return new
             finally:
@@ -357,7 +377,11 @@ class Recorder:
         now = utcnow()
         clock = anyio.current_time()
         done = 0
-        for stored in list(self.cache.values()):
+        for activity_id in list(self._open):
+            stored = self.cache.get(activity_id)
+            if stored is None:
+                self._open.discard(activity_id)
+                continue
             record = stored.record
             if record.terminal or not stored.fold.announced:
                 continue
@@ -455,7 +479,7 @@ class Recorder:
                 await self._kv.purge(activity_kv_key(record.id))
             except nats.errors.Error as exc:
                 raise bus.BusError(f"cannot prune activity {record.id}: {exc!r}") from exc
-            self.cache.pop(record.id, None)
+            self._drop(record.id)
             n += 1
         self.pruned += n
         return n
