@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -144,6 +145,8 @@ class Recorder:
     _revisions: dict[str, int] = field(default_factory=dict)
     #: Ids of the cached activities not ended yet (what the host-lost sweep looks at).
     _open: set[str] = field(default_factory=set)
+    #: Revisions this replica wrote and has not seen come back through the watcher yet.
+    _own: OrderedDict[int, None] = field(default_factory=OrderedDict)
     #: Bucket key -> activity id (a delete in the bucket names the key).
     _key_ids: dict[str, str] = field(default_factory=dict)
     _finalising: dict[str, float] = field(default_factory=dict)
@@ -191,6 +194,8 @@ class Recorder:
                     continue
                 if entry.operation in ("DEL", "PURGE") or not entry.value:
                     self._forget_key(entry.key)
+                elif self._own.pop(entry.revision, None) is not None:
+                    pass  # this replica's own write, cached when it was made: nothing to parse
                 else:
                     try:
                         stored = Stored.model_validate_json(entry.value)
@@ -274,6 +279,9 @@ class Recorder:
                         continue  # another replica folded something first: read again
                     except nats.errors.Error as exc:
                         raise bus.BusError(f"cannot store activity {activity_id}: {exc!r}") from exc
+                    self._own[written] = None
+                    while len(self._own) > 10_000:
+                        self._own.popitem(last=False)
                     if written > self._revisions.get(activity_id, 0):
                         # (Unless the watcher already brought a newer write of another replica.)
                         self._put(new)
