@@ -248,8 +248,10 @@ class SessionClient:
         """
         nc = self.bus.nc
         self.inbox = nc.new_inbox()
-        await nc.subscribe(self.bus.subjects.domain_wildcard("session"), cb=self._on_session_msg,
-                           pending_msgs_limit=1_000_000)  # fmt: skip
+        # The broker's announcements only (not every caller's requests).
+        for event in ("assigned", "rejected", "completed", "failed"):
+            await nc.subscribe(self.bus.subjects.filter("session", event=event), cb=self._on_session_msg,
+                               pending_msgs_limit=1_000_000)  # fmt: skip
         await nc.subscribe(f"{self.inbox}.*", cb=self._on_result_msg, pending_msgs_limit=1_000_000)
         await nc.flush(timeout=max(1, int(self.bus.timeouts.request)))
 
