@@ -9,11 +9,6 @@ on a fresh, unique subject prefix, so tests never see each other's streams), or 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import subprocess
-import sys
-import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -22,7 +17,8 @@ import pytest
 
 from ._bus import Bus, connect
 from ._config import Timeouts
-from ._server import EmbeddedServer, _die_with_parent
+from ._process import ChildProcess
+from ._server import EmbeddedServer
 
 __all__ = (
     "ExternalServer",
@@ -98,7 +94,7 @@ async def cadenza_bus(nats_server: EmbeddedServer | ExternalServer) -> AsyncIter
         yield bus
 
 
-class ServiceProcess:
+class ServiceProcess(ChildProcess):
     """A cadenza service (or any Python module) in its own process, for fault tests.
 
     Started with ``python -m <module> <args>`` and ``NATS_URL`` set; :meth:`start` waits until
@@ -123,69 +119,12 @@ class ServiceProcess:
         env: dict[str, str] | None = None,
         ready_marker: str = "cadenza: ready",
     ) -> None:
-        self.module = module
-        self.args = args
+        super().__init__(module, *args, env={"NATS_URL": url, **(env or {})}, ready_marker=ready_marker)
         self.url = url
-        self.env = env or {}
-        self.ready_marker = ready_marker
-        self.proc: subprocess.Popen[str] | None = None
-        self.output: list[str] = []
-        self._reader: threading.Thread | None = None
-        self._ready = threading.Event()
 
     def start(self, timeout: float = 20.0) -> ServiceProcess:
-        env = {**os.environ, "NATS_URL": self.url, "PYTHONUNBUFFERED": "1", **self.env}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.module, *self.args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            env=env,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-        )
-        self._ready.clear()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        if not self._ready.wait(timeout):
-            out = "".join(self.output[-40:])
-            self.kill()
-            raise RuntimeError(f"{self.module} was not ready after {timeout}s; output:\n{out}")
+        super().start(timeout)
         return self
-
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.output.append(line)
-            if self.ready_marker in line:
-                self._ready.set()
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def kill(self) -> None:
-        """SIGKILL, no chance to clean up."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM (graceful), then SIGKILL after ``timeout``; returns the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
 
     def __enter__(self) -> ServiceProcess:
         return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -26,9 +26,9 @@ import anyio
 
 import bus
 import schemas
+from bus._process import ChildProcess as Child
 
 from ._runtime import READY, add_server_args, run_service
-from .demo._process import Child
 
 __all__ = ("build_parser", "main")
 

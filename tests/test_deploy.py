@@ -16,7 +16,7 @@ import pytest
 import bus
 import bus.testing
 from bus import EmbeddedServer, find_server_binary
-from services.demo._process import Child
+from bus._process import ChildProcess as Child
 
 DEPLOY = Path(__file__).parent.parent / "deploy" / "nats"
 USERS = ("admin", "broker", "recorder", "worker", "caller")

@@ -28,8 +28,7 @@ import nats.errors
 import nats.js.errors
 
 import bus
-
-from ._process import Child
+from bus._process import ChildProcess as Child
 
 __all__ = ("DemoConfig", "DemoFailed", "run_demo")
 

@@ -1,29 +1,20 @@
-"""Child processes for ``cadenza dev`` and ``cadenza demo`` (a service that prints a ready line).
-
-Like ``bus.testing.ServiceProcess`` but without pytest, which the ``cadenza`` command must not need.
-"""
+"""A Python module in a child process that announces itself with a ready line (``cadenza dev``,
+``cadenza demo``, and ``bus.testing.ServiceProcess`` for fault tests); no pytest needed."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import signal
 import subprocess
 import sys
 import threading
 
-__all__ = ("Child",)
+from ._server import _die_with_parent
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+__all__ = ("ChildProcess",)
 
 
-class Child:
+class ChildProcess:
     """``python -m <module> <args>``; :meth:`start` waits for a stdout line containing ``ready_marker``.
 
     The child gets SIGKILL when this process dies (Linux), so a killed ``cadenza dev`` leaves nothing
@@ -47,8 +38,9 @@ class Child:
         self.output: list[str] = []
         self.ready_line = ""
         self._ready = threading.Event()
+        self._reader: threading.Thread | None = None
 
-    def start(self, timeout: float = 30.0) -> Child:
+    def start(self, timeout: float = 30.0) -> ChildProcess:
         """Start it and wait for the ready line.
 
         Raises:
@@ -61,9 +53,13 @@ class Child:
             stdin=subprocess.DEVNULL,
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+            # Dies with the thread that started it (PR_SET_PDEATHSIG): nothing outlives its parent.
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
-        threading.Thread(target=self._read, daemon=True, name=f"{self.module}-output").start()
+        self._ready.clear()
+        self.ready_line = ""
+        self._reader = threading.Thread(target=self._read, daemon=True, name=f"{self.module}-output")
+        self._reader.start()
         if not self._ready.wait(timeout) or not self.ready_line:
             out = "".join(self.output[-40:])
             self.kill()
@@ -107,3 +103,9 @@ class Child:
                 self.proc.kill()
                 self.proc.wait(10)
         return self.proc.returncode
+
+    def __enter__(self) -> ChildProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
