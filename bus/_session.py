@@ -454,10 +454,7 @@ class SessionClient:
         if live is not None and sid:
             live.calls.add(aid)
         try:
-            try:
-                await self.bus.publish(task)
-            except ValidationError:
-                raise
+            await self.bus.publish(task)
             try:
                 with anyio.move_on_after(start_to_close_timeout):
                     with token.scope():

@@ -291,7 +291,7 @@ class Broker:
             return None, 0
         except nats.js.errors.KeyDeletedError as exc:
             # A deleted key is re-created on top of its delete marker.
-            return None, getattr(exc, "entry", None).revision if getattr(exc, "entry", None) else 0  # type: ignore[union-attr]
+            return None, (exc.entry.revision or 0) if exc.entry is not None else 0
         if entry.value is None:
             return None, entry.revision or 0
         return model.model_validate_json(entry.value), entry.revision or 0

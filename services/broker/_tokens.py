@@ -12,7 +12,6 @@ import binascii
 import hashlib
 import hmac
 import json
-import time
 from dataclasses import dataclass
 
 __all__ = ("TokenError", "TokenSigner", "WorkerClaim")
@@ -72,7 +71,3 @@ class TokenSigner:
 
     def _mac(self, payload: str) -> str:
         return _b64(hmac.new(self._key, payload.encode(), hashlib.sha256).digest())
-
-
-def now() -> float:
-    return time.time()
