@@ -54,10 +54,10 @@ def is_transient(exc: BaseException) -> bool:
     while cur is not None and seen < 8:
         if isinstance(cur, _TRANSIENT):
             return True
-        if isinstance(cur, nats.js.errors.APIError) and (
-            cur.err_code in _TRANSIENT_API_CODES or (cur.code == 503 and not cur.err_code)
-        ):
-            return True
+        if isinstance(cur, nats.js.errors.APIError) and not isinstance(cur, nats.js.errors.KeyValueError):
+            # (The key-value errors of nats-py are conflicts and misses, and carry no codes at all.)
+            if cur.err_code in _TRANSIENT_API_CODES or (cur.code == 503 and not cur.err_code):
+                return True
         cur, seen = cur.__cause__, seen + 1
     return False
 
