@@ -71,6 +71,7 @@ from ._heartbeat import new_worker_id as new_worker_id
 from ._retry import backoff_delay as backoff_delay
 from ._retry import is_transient as is_transient
 from ._retry import retry_transient as retry_transient
+from ._retry import run_restarting as run_restarting
 from ._server import EmbeddedServer as EmbeddedServer
 from ._server import find_server_binary as find_server_binary
 from ._session import ActivityFailedError as ActivityFailedError
@@ -193,6 +194,7 @@ __all__ = (
     "request_cancel",
     "retry_transient",
     "run_handler_activity",
+    "run_restarting",
     "session",
     "start_handler_activity_for_user",
     "status_for_cause",

@@ -57,7 +57,7 @@ from ._exceptions import (
     RequestError,
     ValidationError,
 )
-from ._retry import backoff_delay, is_transient
+from ._retry import backoff_delay, is_transient, retry_transient
 from ._server import EmbeddedServer
 from ._topology import ConsumerSpec, Topology
 from ._tracing import SYSTEM, extract_context, inject_headers, instruments, tracer
@@ -484,7 +484,8 @@ class Bus:
             raise ValueError("accept must name at least one event class")
         domain = domain or accept[0].DOMAIN
         stream = self.topology.stream_name(domain)
-        await self.topology.ensure_consumer(self.js, domain, spec)
+        await retry_transient(lambda: self.topology.ensure_consumer(self.js, domain, spec),
+                              what=f"declare consumer {spec.durable}")  # fmt: skip
         pull = _Pull(self, stream, spec, min(concurrency, 256))
         await pull.open()
         acked = _Acked()
@@ -787,8 +788,9 @@ class Bus:
         self._check_open()
         bucket = self._kv.get(key)
         if bucket is None:
+            name = self.topology.bucket_name(key)
             try:
-                bucket = await self.js.key_value(self.topology.bucket_name(key))
+                bucket = await retry_transient(lambda: self.js.key_value(name), what=f"open bucket {name}")
             except nats.errors.Error as exc:
                 raise BusError(f"key-value bucket {self.topology.bucket_name(key)} is not available: {exc}") from exc
             self._kv[key] = bucket
@@ -930,7 +932,7 @@ async def connect(
     bus = Bus(nc, topology=Topology(prefix), timeouts=timeouts, source=f"{name}@{_hostname()}", server=embedded)
     try:
         if ensure_topology:
-            await bus.topology.ensure(bus.js)
+            await retry_transient(lambda: bus.topology.ensure(bus.js), what="declare the streams and buckets")
         yield bus
     finally:
         await bus.close()

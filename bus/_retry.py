@@ -14,16 +14,17 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import anyio
 import nats.errors
 import nats.js.errors
+from anyio.abc import TaskStatus
 
-from ._exceptions import BusError
+from ._exceptions import BusError, CadenzaError
 
-__all__ = ("backoff_delay", "is_transient", "retry_transient")
+__all__ = ("backoff_delay", "is_transient", "retry_transient", "run_restarting")
 
 _log = logging.getLogger("cadenza.bus")
 
@@ -93,3 +94,48 @@ async def retry_transient(
             delay = min(backoff_delay(attempt, cap=cap), max(0.0, budget - spent))
             attempt += 1
             await anyio.sleep(delay)
+
+
+class _Once:
+    """A task status that passes on the first ``started()`` only (a follower started again reports
+    ready once), and says how long the current run has been ready."""
+
+    def __init__(self, status: TaskStatus[None]) -> None:
+        self._status: TaskStatus[None] | None = status
+        self._since = time.monotonic()
+
+    def started(self, value: None = None) -> None:
+        self._since = time.monotonic()
+        if self._status is not None:
+            status, self._status = self._status, None
+            status.started()
+
+    def ran_for(self) -> float:
+        return time.monotonic() - self._since
+
+
+async def run_restarting(
+    what: str,
+    follow: Callable[..., Coroutine[Any, Any, None]],
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run ``follow(task_status=...)`` (a bucket watcher, a stream follower) for good.
+
+    When the engine ends it (a node restart, an election, a lost consumer), it is started again after
+    a backoff with jitter; ready (``task_status.started()``) once, the first time it is. Use with
+    ``await tg.start(run_restarting, "what", follower)``. Bugs are logged with their traceback and
+    retried the same way: a follower of a long-running service never ends the service.
+    """
+    status = _Once(task_status)
+    attempt = 0
+    while True:
+        try:
+            await follow(task_status=status)
+            _log.warning("%s ended; starting it again", what)
+        except (CadenzaError, nats.errors.Error, TimeoutError) as exc:
+            _log.warning("%s failed (%r); starting it again", what, exc)
+        except Exception:
+            _log.exception("%s failed unexpectedly; starting it again", what)
+        attempt = 0 if status.ran_for() > 30.0 else attempt + 1
+        await anyio.sleep(0.1 + backoff_delay(attempt, base=0.2, cap=5.0))

@@ -109,6 +109,7 @@ BUS_ALL = (
     "request_cancel",
     "retry_transient",
     "run_handler_activity",
+    "run_restarting",
     "session",
     "start_handler_activity_for_user",
     "status_for_cause",

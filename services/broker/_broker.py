@@ -127,24 +127,6 @@ class _Cached:
     revision: int
 
 
-class _Once:
-    """A task status that passes on the first ``started()`` only (a follower that is restarted
-    reports ready once), and says how long the current run has lasted."""
-
-    def __init__(self, status: TaskStatus[None]) -> None:
-        self._status: TaskStatus[None] | None = status
-        self._since = time.monotonic()
-
-    def started(self, value: None = None) -> None:
-        self._since = time.monotonic()
-        if self._status is not None:
-            status, self._status = self._status, None
-            status.started()
-
-    def ran_for(self) -> float:
-        return time.monotonic() - self._since
-
-
 class Broker:
     """Run with ``await tg.start(Broker(b).run)``; several replicas may run at once."""
 
@@ -193,11 +175,11 @@ class Broker:
         )  # fmt: skip
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            await tg.start(self._keep, "workers watcher",
+            await tg.start(bus.run_restarting, "workers watcher",
                            functools.partial(self._watch, self._kv_workers, self.workers, WorkerRecord))  # fmt: skip
-            await tg.start(self._keep, "sessions watcher",
+            await tg.start(bus.run_restarting, "sessions watcher",
                            functools.partial(self._watch, self._kv_sessions, self.sessions, SessionRecord))  # fmt: skip
-            await tg.start(self._keep, "heartbeat follower", self._follow_workers)
+            await tg.start(bus.run_restarting, "heartbeat follower", self._follow_workers)
             await tg.start(lambda task_status: b.consume(
                 requests, [SessionRequested], self._on_request, concurrency=self.config.request_concurrency,
                 task_status=task_status))  # fmt: skip
@@ -206,23 +188,6 @@ class Broker:
                 task_status=task_status))  # fmt: skip
             tg.start_soon(self._sweep_loop)
             task_status.started()
-
-    async def _keep(
-        self, what: str, follow: Callable[..., Coroutine[Any, Any, None]],
-        *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-    ) -> None:  # fmt: skip
-        """Run a follower (a bucket watcher, the heartbeat follower) for good: if the engine ends it
-        (a node restart, an election), start it again after a backoff; ready once it first was."""
-        status = _Once(task_status)
-        attempt = 0
-        while True:
-            try:
-                await follow(task_status=status)
-                _log.warning("%s ended; starting it again", what)
-            except (bus.CadenzaError, nats.errors.Error, TimeoutError) as exc:
-                _log.warning("%s failed (%r); starting it again", what, exc)
-            attempt = 0 if status.ran_for() > 30.0 else attempt + 1
-            await anyio.sleep(bus.backoff_delay(attempt, base=0.2, cap=5.0) + 0.1)
 
     def _observe(self, _options: CallbackOptions) -> Iterable[Observation]:
         open_ = sum(1 for c in self.sessions.values() if getattr(c.value, "state", None) is SessionState.OPEN)
