@@ -72,8 +72,11 @@ def _short(err: pydantic.ValidationError) -> str:
 
 
 def _version(value: object, where: str, cls: type[Event]) -> int:
-    """The schema version ``value`` claims (from ``where``), or a ValidationError saying why not."""
-    if isinstance(value, str) and value.isascii() and value.isdigit():
+    """The schema version ``value`` claims (from ``where``), or a ValidationError saying why not.
+
+    The body's is a JSON integer; the header's, being a header, its decimal digits.
+    """
+    if isinstance(value, str) and where != "body" and value.isascii() and value.isdigit():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValidationError(

@@ -194,8 +194,10 @@ class Recorder:
                 else:
                     try:
                         stored = Stored.model_validate_json(entry.value)
-                    except pydantic.ValidationError:
+                    except pydantic.ValidationError as exc:
+                        # Another writer put a value that is no activity: keep a copy and say why.
                         _log.error("activities bucket: key %s does not hold an activity", entry.key)
+                        await self._reject_value(entry.key, entry.value, entry.revision or 0, exc)
                         continue
                     if entry.revision >= self._revisions.get(stored.record.id, 0):
                         self._put(stored)
@@ -207,6 +209,17 @@ class Recorder:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.bus.timeouts.shutdown):
                 with contextlib.suppress(Exception):
                     await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
+
+    async def _reject_value(self, key: str, value: bytes, revision: int, exc: pydantic.ValidationError) -> None:
+        b = self.bus
+        bucket = b.topology.bucket_name("activities")
+        with contextlib.suppress(bus.CadenzaError):  # the watcher goes on; the error is logged above
+            await b.dead_letter(
+                consumer="recorder-store", subject=f"$KV.{bucket}.{key}", data=value, headers=None,
+                reason=f"not a kv.activities value: {exc.errors()[0]['msg']} at "
+                f"{'.'.join(map(str, exc.errors()[0]['loc'])) or '(value)'}",
+                error_type="bad_shape", stream=f"KV_{bucket}", stream_seq=revision,
+            )  # fmt: skip
 
     def _put(self, stored: Stored) -> None:
         """Cache a record, with the indexes the sweep and the watcher use (no scans of the cache)."""
