@@ -13,7 +13,10 @@ CI sends 10,000 messages; the slow variant 100,000.
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -41,6 +44,8 @@ from schemas import (
     CancelKind,
     CancelRequested,
     Event,
+    GetActivityReply,
+    GetActivityRequest,
     ListActivitiesReply,
     ListActivitiesRequest,
     MessageEntry,
@@ -164,7 +169,7 @@ TARGETS: tuple[Target, ...] = (
            lambda r, n: _ev(ActivityMessage(activity_id=_sid(n), seq=1, entries=[MessageEntry(message="m")])),
            lambda r: ("recorder",), accept=(ActivityMessage,)),
     Target("activity.completed", _subject("activity", "completed"),
-           lambda r, n: _ev(ActivityCompleted(activity_id=_sid(n), status="success")),  # type: ignore[arg-type]
+           lambda r, n: _ev(ActivityCompleted(activity_id=_sid(n), status="success")),
            lambda r: ("recorder",), accept=(ActivityCompleted,)),
     Target("cancel.requested", _subject("cancel", "requested"),
            lambda r, n: _ev(CancelRequested(target="activity", target_id=_sid(n), cause=_CAUSE)),
@@ -372,5 +377,58 @@ def test_a_dead_letter_entry_names_the_reason_and_keeps_the_original(rig: Rig) -
         assert letter["headers"]["Cadenza-Schema-Version"] == "v-one"
         assert letter["payload"] == body.decode() and letter["consumer"] == "recorder"
         assert letter["event_id"] == f"dlq-recorder-{letter['stream']}-{letter['stream_seq']}"
+
+    rig.portal.call(go)
+
+
+def _cadenza(r: Rig, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
+    where = ("--server", r.b.url, "--prefix", r.b.subjects.prefix)
+    return subprocess.run([sys.executable, "-m", "services", *args, *where],
+                          capture_output=True, text=True, timeout=60, env=env, check=False)  # fmt: skip
+
+
+def test_cadenza_publish_of_an_update_without_rev_is_applied_not_dropped(rig: Rig) -> None:
+    aid = f"cli-{uuid.uuid4().hex[:8]}"
+    for event, body in (("activity.started", {"activity_id": aid, "activity_type": "cli", "rev": 3}),
+                        ("activity.updated", {"activity_id": aid, "progress": 42, "step": "half"})):  # fmt: skip
+        out = _cadenza(rig, "publish", event, json.dumps(body))
+        assert out.returncode == 0 and out.stdout.startswith("published"), out.stdout + out.stderr
+
+    async def applied() -> None:
+        with anyio.fail_after(30):
+            while True:
+                try:
+                    got = await rig.b.request(rig.b.rpc_subject("recorder", "get"),
+                                              GetActivityRequest(activity_id=aid), GetActivityReply)  # fmt: skip
+                    if (got.activity.progress, got.activity.step) == (42, "half"):
+                        return
+                except bus.RemoteError:
+                    pass
+                await anyio.sleep(0.05)
+
+    rig.portal.call(applied)
+
+
+def test_workers_ls_shows_each_workers_activities_with_their_parameters(rig: Rig) -> None:
+    out = _cadenza(rig, "workers", "ls")
+    assert out.returncode == 0, out.stderr
+    assert rig.worker_id in out.stdout
+    assert "echo(x: object)" in out.stdout and "sleep(seconds: float)" in out.stdout, out.stdout
+    listed = json.loads(_cadenza(rig, "workers", "ls", "--json").stdout)
+    mine = next(w for w in listed if w["worker_id"] == rig.worker_id)
+    assert {a["name"] for a in mine["activities"]} == {"echo", "where", "sleep", "boom"}
+
+
+def test_a_bucket_value_that_is_no_activity_is_dead_lettered_by_the_recorder(rig: Rig) -> None:
+    async def go() -> None:
+        b = rig.b
+        before = (await _dlq_counts(b))["recorder-store"]
+        kv = await b.kv("activities")
+        await kv.put("a.not-an-activity", b'{"record": {"id": "has space"}}')
+        with anyio.fail_after(30):
+            while (await _dlq_counts(b))["recorder-store"] < before + 1:  # noqa: ASYNC110 - polls the server
+                await anyio.sleep(0.05)
+        await _still_serving(rig)
 
     rig.portal.call(go)
