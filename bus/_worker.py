@@ -60,7 +60,7 @@ from ._cancel import CancelRouter
 from ._codec import encode
 from ._context import BUS_KEY, CancelToken, Context
 from ._exceptions import CadenzaError, SessionError
-from ._heartbeat import Heartbeater, ProcessLoad, new_worker_id
+from ._heartbeat import Heartbeater, ProcessLoad, describe_activities, new_worker_id
 from ._retry import retry_transient
 from ._session import SessionInfo
 from ._topology import ConsumerSpec
@@ -215,6 +215,7 @@ class Worker:
         self.heartbeater = Heartbeater(
             bus, worker_id=self.worker_id, interval=heartbeat_interval, load=self._load, tasklist=tasklist,
             sessions_enabled=enable_sessions, max_sessions=max_concurrent_sessions if enable_sessions else 0,
+            activities=lambda: describe_activities(self.activities),
         )  # fmt: skip
         self._stack: contextlib.AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
