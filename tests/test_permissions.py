@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 import bus
 from bus import EmbeddedServer
 from bus.testing import eventually, unique_prefix
-from schemas import ActivityStatus
+from schemas import ActivityStatus, WorkerPing, WorkerPong
 from services.broker import Broker, BrokerConfig
 from services.recorder import Recorder
 from tests.test_deploy import DEPLOY, USERS, _server_log, secured_server
@@ -316,6 +316,10 @@ async def test_each_role_does_its_job_and_no_caller_reads_another_callers_result
                 await spy.nc.flush()
                 await spy.denied("subscription", subject)
             async with bus.Worker(wb, tasklist=tasklist, heartbeat_interval=0.5, activities=registry) as worker:
+                # The broker's probe of a late worker: the pong goes to the broker's private inbox
+                # (allowed to the worker as a response only).
+                pong = await bb.request(bb.rpc_subject(worker.worker_id, "ping"), WorkerPing(), WorkerPong, timeout=5)
+                assert pong.worker_id == worker.worker_id
                 options = bus.SessionOptions(execution_timeout=60, creation_timeout=15, heartbeat_timeout=3,
                                              tasklist=tasklist)  # fmt: skip
                 async with bus.session(cb.context(), options) as sctx:
