@@ -171,6 +171,21 @@ async def test_a_broker_moves_an_old_generated_key_out_of_the_sessions_bucket_an
         assert [e.value for e in history if e.value] == [], "a revision of the old key is still readable"
 
 
+async def test_a_deleted_old_key_whose_revisions_remain_is_purged_too(
+    nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CADENZA_TOKEN_KEY", "k" * 32)
+    async with bus.connect(nats_server.url, prefix=unique_prefix(), timeouts=bus.Timeouts(connect=5)) as b:
+        sessions = await b.kv("sessions")
+        await sessions.put(KEY_ENTRY, secrets.token_hex(32).encode())
+        await sessions.delete(KEY_ENTRY)  # a delete marker: the value stays in the bucket's history
+        assert [e.value for e in await sessions.history(KEY_ENTRY) if e.value]
+        async with anyio.create_task_group() as tg:
+            await tg.start(Broker(b).run)
+            tg.cancel_scope.cancel()
+        assert [e.value for e in await sessions.history(KEY_ENTRY) if e.value] == []
+
+
 async def test_a_broker_that_requires_a_key_refuses_to_start_without_one(
     nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -209,10 +209,12 @@ class Broker:
             bus.CadenzaError: no key is given and the environment requires one.
         """
         assert self._kv_sessions is not None
+        legacy: bytes | None = None
+        stale = False  # older revisions may remain under a delete marker (a purge leaves none)
         try:
-            legacy: bytes | None = (await self._kv_sessions.get(KEY_ENTRY)).value
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-            legacy = None
+            legacy = (await self._kv_sessions.get(KEY_ENTRY)).value
+        except nats.js.errors.KeyNotFoundError as exc:  # nats-py reports a deleted key this way, with its op
+            stale = exc.op == "DEL"
         key = self.config.token_key or os.environ.get("CADENZA_TOKEN_KEY", "").encode()
         if not key:
             if os.environ.get("CADENZA_REQUIRE_TOKEN_KEY", "").lower() not in ("", "0", "false", "no"):
@@ -228,10 +230,10 @@ class Broker:
             except nats.js.errors.KeyWrongLastSequenceError:
                 pass  # another replica made (or moved) it first
             key = (await vault.get(KEY_ENTRY)).value or b""
-        if legacy is not None:
+        if legacy is not None or stale:
             # Copied above (or superseded by the configured key): no revision may stay readable.
             await self._kv_sessions.purge(KEY_ENTRY)
-            _log.warning("moved the generated token key out of the sessions bucket (callers could read it there)")
+            _log.warning("removed an older broker's token key from the sessions bucket (callers can read it)")
         return key
 
     # ------------------------------------------------------------ caches (every replica)
