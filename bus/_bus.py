@@ -848,6 +848,12 @@ def _token(value: str) -> str:
 
 
 async def _open_nats(opts: ConnectOptions, timeouts: Timeouts) -> NatsClient:
+    try:
+        # Every inbox of the client (replies, JetStream API answers, watcher deliveries) starts with
+        # it, so permissions can give each user its own replies (deploy/nats/accounts.conf).
+        inbox_prefix = opts.resolved_inbox_prefix()
+    except ValueError as exc:
+        raise ConnectError(f"cannot connect: {exc} (CADENZA_INBOX_PREFIX)") from None
     errors: list[str] = []
 
     async def on_error(exc: Exception) -> None:
@@ -874,6 +880,7 @@ async def _open_nats(opts: ConnectOptions, timeouts: Timeouts) -> NatsClient:
         "error_cb": on_error,
         "disconnected_cb": on_disconnect,
         "reconnected_cb": on_reconnect,
+        "inbox_prefix": inbox_prefix,
     }
     if opts.user:
         kwargs["user"], kwargs["password"] = opts.user, opts.password
