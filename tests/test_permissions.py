@@ -19,7 +19,16 @@ from nats.aio.msg import Msg
 import bus
 from bus import EmbeddedServer
 from bus.testing import eventually, unique_prefix
-from schemas import ActivityStatus, WorkerPing, WorkerPong
+from schemas import (
+    ActivityResult,
+    ActivityStatus,
+    ActivityTask,
+    SessionRecord,
+    SessionState,
+    WorkerPing,
+    WorkerPong,
+    utcnow,
+)
 from services.broker import Broker, BrokerConfig
 from services.recorder import Recorder
 from tests.test_deploy import DEPLOY, USERS, _server_log, secured_server
@@ -377,8 +386,6 @@ async def test_each_role_does_its_job_and_no_caller_reads_another_callers_result
 async def test_a_worker_may_read_a_session_record_for_a_task_that_came_before_its_notice(
     private: EmbeddedServer, role_passwords: dict[str, str], topology: None
 ) -> None:
-    from schemas import ActivityResult, ActivityTask, SessionRecord, SessionState, utcnow
-
     async with bus.connect(options=_opts(private, role_passwords, "worker"), prefix="cadenza") as wb:
         w = bus.Worker(wb, tasklist="perm-overtake", heartbeat_interval=0.5)
 
@@ -395,7 +402,7 @@ async def test_a_worker_may_read_a_session_record_for_a_task_that_came_before_it
                 got: list[ActivityResult] = []
                 inbox = cb.nc.new_inbox()
 
-                async def on_reply(msg: Any) -> None:
+                async def on_reply(msg: Msg) -> None:
                     got.append(bus.decode(msg.data, msg.headers, [ActivityResult]))
 
                 await cb.nc.subscribe(inbox, cb=on_reply)
