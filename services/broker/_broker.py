@@ -253,8 +253,8 @@ class Broker:
                         else:
                             try:
                                 cache[entry.key] = _Cached(model.model_validate_json(entry.value), entry.revision)
-                            except pydantic.ValidationError:
-                                _log.error("%s bucket: key %s does not hold a %s", kv._name, entry.key, model.__name__)
+                            except pydantic.ValidationError as exc:
+                                await self._bad_value(kv, entry.key, entry.value, entry.revision, model, exc)
                         self._notify()
                 if not ready and (entry is None or entry.delta == 0):
                     ready = True
@@ -263,6 +263,22 @@ class Broker:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.bus.timeouts.shutdown):
                 with contextlib.suppress(Exception):
                     await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
+
+    async def _bad_value(
+        self, kv: KeyValue, key: str, value: bytes, revision: int, model: type[pydantic.BaseModel],
+        exc: pydantic.ValidationError,
+    ) -> None:  # fmt: skip
+        """A bucket value that is no record: skipped by the cache, dead-lettered with the reason."""
+        bucket = kv._name
+        _log.error("%s bucket: key %s does not hold a %s", bucket, key, model.__name__)
+        first = exc.errors()[0]
+        with contextlib.suppress(bus.CadenzaError):  # the watcher goes on; the error is logged above
+            await self.bus.dead_letter(
+                consumer=f"broker-{bucket.rsplit('_', 1)[-1]}", subject=f"$KV.{bucket}.{key}", data=value,
+                headers=None, reason=f"not a {model.__name__}: {first['msg']} at "
+                f"{'.'.join(map(str, first['loc'])) or '(value)'}",
+                error_type="bad_shape", stream=f"KV_{bucket}", stream_seq=revision,
+            )  # fmt: skip
 
     def _notify(self) -> None:
         event, self._changed = self._changed, anyio.Event()
