@@ -3,6 +3,10 @@
 Commands of the foundation live here (server, subjects, schemas, publish, tail, dev); the
 services add theirs (recorder/activities, broker/worker/sessions/workers/demo) through a
 ``register(subparsers)`` function in their ``_cli`` module.
+
+Start-up is kept short (``cadenza --help`` imports neither ``bus`` nor ``schemas``): the modules here
+and the ``_cli`` modules import the heavy packages (nats-py, pydantic models, OpenTelemetry's SDK)
+inside the command that needs them, never at module level.
 """
 
 from __future__ import annotations
@@ -20,20 +24,21 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anyio
+from ._runtime import READY, Parser, add_server_args, cli_bus, run_service, start_process, stop_process
 
-import bus
-import schemas
-from bus._process import ChildProcess as Child
-
-from ._runtime import READY, add_server_args, run_service
+if TYPE_CHECKING:
+    from bus._process import ChildProcess as Child
 
 __all__ = ("build_parser", "main")
 
 #: Modules that add subcommands; a missing one is skipped (its service is not installed).
 _COMMAND_MODULES = ("services.recorder._cli", "services.broker._cli", "services.demo._cli")
+
+
+#: Commands that run until stopped; the others are one-shot (quiet logs, any failure in one line).
+_LONG_RUNNING = frozenset({"server", "dev", "broker", "recorder", "worker", "demo", "tail", "console"})
 
 
 def _fail(message: str) -> int:
@@ -45,6 +50,8 @@ def _fail(message: str) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    import bus
+
     server = bus.EmbeddedServer(args.store, port=args.port, host=args.host)
     try:
         server.start()
@@ -69,6 +76,9 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_subjects(args: argparse.Namespace) -> int:
+    import bus
+    import schemas
+
     topo = bus.Topology(args.prefix, replicas=1)
     rows = topo.table()
     if args.json:
@@ -86,8 +96,24 @@ def cmd_subjects(args: argparse.Namespace) -> int:
 
 
 def cmd_schemas(args: argparse.Namespace) -> int:
-    directory = Path(args.dir) if args.dir else schemas.JSON_DIR
-    differ = schemas.export_json_schemas(directory, check=args.action == "check")
+    import schemas
+
+    check = args.action == "check"
+    if args.dir:
+        directory = Path(args.dir)
+        if not directory.is_dir() and (check or not directory.parent.is_dir()):
+            return _fail(f"no such directory: {directory}" + ("" if check else " (nor its parent)"))
+    elif check:
+        directory = schemas.JSON_DIR
+    elif (Path.cwd() / "schemas" / "json").is_dir():
+        directory = Path("schemas") / "json"
+        print(f"writing to ./{directory} (the checkout in this directory; --dir DIR to choose)", file=sys.stderr)
+    else:
+        return _fail("pass --dir DIR: where to write the JSON Schema files (there is no ./schemas/json here)")
+    try:
+        differ = schemas.export_json_schemas(directory, check=check)
+    except OSError as exc:
+        return _fail(f"cannot write to {directory}: {exc.strerror or exc}")
     if args.action == "check":
         if differ:
             print("schemas/json is stale; run `cadenza schemas export`. Differs: " + ", ".join(differ))
@@ -120,6 +146,9 @@ def _read_json_arg(value: str) -> str:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
+    import bus
+    import schemas
+
     cls = schemas.lookup_event_type(args.event)
     if cls is None:
         known = ", ".join(schemas.event_types())
@@ -137,7 +166,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         return _fail(_NO_SERVER)
 
     async def go() -> None:
-        async with bus.connect(args.server, prefix=args.prefix, name="cadenza-cli") as b:
+        async with cli_bus(args, "cadenza-cli", ensure_topology=True) as b:
             result = await b.publish(event)
             dup = " (duplicate: already stored)" if result.duplicate else ""
             print(
@@ -161,6 +190,9 @@ def _readable(subject: str, data: bytes) -> str:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
+    import anyio
+
+
     if _no_server(args):
         return _fail(_NO_SERVER)
     subject = args.subject
@@ -168,7 +200,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
         subject = f"{args.prefix}.{subject}"
 
     async def go() -> None:
-        async with bus.connect(args.server, prefix=args.prefix, name="cadenza-tail", ensure_topology=False) as b:
+        async with cli_bus(args, "cadenza-tail") as b:
             sub = await b.nc.subscribe(subject)
             print(f"following {subject} on {b.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
             seen = 0
@@ -195,7 +227,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
         return _fail(_NO_SERVER)
 
     async def go() -> None:
-        async with bus.connect(args.server, prefix=args.prefix, name="cadenza-setup") as b:
+        async with cli_bus(args, "cadenza-setup", ensure_topology=True) as b:
             for subject, stream, limits, _ in b.topology.table():
                 print(f"ok  {stream:<28} {subject:<28} {limits}")
 
@@ -214,6 +246,9 @@ def _available(module: str) -> bool:
 
 def cmd_dev(args: argparse.Namespace) -> int:
     """Embedded server + recorder + broker + demo worker, in the foreground."""
+    import bus
+    from bus._process import ChildProcess as Child
+
     server = bus.EmbeddedServer(args.store, port=args.port)
     try:
         server.start()
@@ -281,10 +316,11 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="cadenza",
         description="Sessions and tracked, cancellable activities over NATS JetStream.",
     )
+    p.add_argument("--version", action=_Version, help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("server", help="run the embedded nats-server (JetStream) in the foreground")
@@ -294,13 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_server)
 
     s = sub.add_parser("subjects", help="print the subjects, streams and buckets")
-    s.add_argument("--prefix", default=os.environ.get("CADENZA_PREFIX", "cadenza"))
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--prefix", default=os.environ.get("CADENZA_PREFIX", "cadenza"),
+                   help="subject prefix (default: cadenza)")  # fmt: skip
+    s.add_argument("--json", action="store_true", help="print the table as JSON")
     s.set_defaults(func=cmd_subjects)
 
     s = sub.add_parser("schemas", help="export or check the JSON Schema files")
-    s.add_argument("action", choices=("export", "check"))
-    s.add_argument("--dir", default=None, help="directory (default: schemas/json in the package)")
+    s.add_argument("action", choices=("export", "check"), help="export: write the files; check: fail if stale")
+    s.add_argument("--dir", default=None, help="directory (check: default schemas/json of the package; "
+                   "export: default ./schemas/json if it exists)")  # fmt: skip
     s.set_defaults(func=cmd_schemas)
 
     s = sub.add_parser("publish", help="validate an event and publish it")
@@ -324,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("dev", help="embedded server + recorder + broker + demo worker, in the foreground")
     s.add_argument("--store", default=None, help="JetStream store directory (default: a temporary one)")
     s.add_argument("--port", type=int, default=4222, help="client port (0: any free port; default 4222)")
-    s.add_argument("--prefix", default=os.environ.get("CADENZA_PREFIX", "cadenza"))
+    s.add_argument("--prefix", default=os.environ.get("CADENZA_PREFIX", "cadenza"),
+                   help="subject prefix (default: cadenza)")  # fmt: skip
     s.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: until Ctrl-C)")
     s.set_defaults(func=cmd_dev)
 
@@ -339,9 +378,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Version(argparse.Action):
+    """``--version``: reads the installed distribution's version only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"cadenza {version('cadenza')}")
+        except PackageNotFoundError:
+            print("cadenza (not installed: running from a source tree)")
+        parser.exit()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    start_process(args.command, args, one_shot=args.command not in _LONG_RUNNING)
+    try:
+        code: int = args.func(args)
+    except SystemExit:
+        raise
+    except Exception as exc:  # the last net: a command never ends in a traceback
+        import logging
+
+        logging.getLogger("cadenza").debug("unexpected error", exc_info=exc)
+        return _fail(f"unexpected {type(exc).__name__}: {exc} (CADENZA_LOG=debug shows where)")
+    finally:
+        stop_process()
     return code
 
 
