@@ -161,7 +161,7 @@ async def _resolve(b: bus.Bus, client: bus.ActivityClient, given: str) -> str | 
 
         return ActivityRecord.model_validate_json(entry.value or b"{}").id
     if not matches:
-        print(f"cadenza: no activity {given}", file=sys.stderr)
+        print(f"cadenza: activity {given} not found", file=sys.stderr)
     else:
         shown = ", ".join(matches[:10]) + (f" and {len(matches) - 10} more" if len(matches) > 10 else "")
         print(f"cadenza: {given!r} is the start of {len(matches)} activities: {shown}", file=sys.stderr)
