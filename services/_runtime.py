@@ -180,14 +180,15 @@ def run_service(main: Callable[[], Awaitable[None]]) -> int:
             raise exits[0] from None
         errors = _cadenza_errors(exc)
         if errors:
-            for message in dict.fromkeys(str(err) for err in errors):
+            for message in dict.fromkeys((str(err).strip().splitlines() or [""])[0] for err in errors):
                 print(f"cadenza: {message}", file=sys.stderr)
             return 1
         if not _state["one_shot"] or not isinstance(exc, Exception):
             raise
         leaf = (_leaves(exc, Exception) or [exc])[0]
         _log.debug("unexpected error", exc_info=exc)
-        print(f"cadenza: unexpected {type(leaf).__name__}: {leaf} (CADENZA_LOG=debug shows where)", file=sys.stderr)
+        first = (str(leaf).strip().splitlines() or [""])[0]
+        print(f"cadenza: unexpected {type(leaf).__name__}: {first} (CADENZA_LOG=debug shows where)", file=sys.stderr)
         return 1
     return 0
 

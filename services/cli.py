@@ -22,11 +22,20 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._runtime import READY, Parser, add_server_args, cli_bus, run_service, start_process, stop_process
+from ._runtime import (
+    READY,
+    Parser,
+    add_server_args,
+    cli_bus,
+    float_arg,
+    int_arg,
+    run_service,
+    start_process,
+    stop_process,
+)
 
 if TYPE_CHECKING:
     from bus._process import ChildProcess as Child
@@ -176,44 +185,28 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return run_service(go)
 
 
-def _readable(subject: str, data: bytes) -> str:
-    stamp = datetime.now().strftime("%H:%M:%S.%f")[:-3]
-    try:
-        body: Any = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return f"{stamp} {subject} <{len(data)} bytes, not JSON>"
-    if not isinstance(body, dict):
-        return f"{stamp} {subject} {json.dumps(body)[:200]}"
-    skip = {"event_id", "type", "schema_version", "time", "source"}
-    fields = " ".join(f"{k}={json.dumps(v, separators=(',', ':'))[:120]}" for k, v in body.items() if k not in skip)
-    return f"{stamp} {subject} [{body.get('type', '?')}] {fields}"
-
-
 def cmd_tail(args: argparse.Namespace) -> int:
+    """Follow a subject: live, or ``--since``/``--all`` from the streams (services/_tail.py)."""
     import anyio
+    from rich.console import Console
 
+    from ._tail import follow, printer
 
     if _no_server(args):
         return _fail(_NO_SERVER)
     subject = args.subject
     if not subject.startswith(args.prefix + ".") and not subject.startswith("$"):
         subject = f"{args.prefix}.{subject}"
+    if " " in subject or not all(subject.split(".")):
+        return _fail(f"{args.subject!r} is not a subject: dot-separated tokens without spaces, * and > as wildcards")
+    emit = printer(args, Console(highlight=False))
 
     async def go() -> None:
         async with cli_bus(args, "cadenza-tail") as b:
-            sub = await b.nc.subscribe(subject)
-            print(f"following {subject} on {b.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
-            seen = 0
+            what = "from the start" if args.all else f"from {args.since:g}s ago" if args.since is not None else "live"
+            print(f"following {subject} on {b.url} {what} (Ctrl-C to stop)", file=sys.stderr, flush=True)
             with anyio.move_on_after(args.timeout) if args.timeout else anyio.CancelScope():
-                async for msg in sub.messages:
-                    if args.json:
-                        print(msg.data.decode(errors="replace"), flush=True)
-                    else:
-                        print(_readable(msg.subject, msg.data), flush=True)
-                    seen += 1
-                    if args.count and seen >= args.count:
-                        break
-            await sub.unsubscribe()
+                await follow(b, subject, emit, since=args.since, everything=args.all)
 
     return run_service(go)
 
@@ -349,9 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("tail", help="follow events on a subject (live)")
     s.add_argument("subject", metavar="SUBJECT", help="subject or wildcard, with or without the prefix ('activity.>')")
-    s.add_argument("--json", action="store_true", help="print raw JSON lines")
-    s.add_argument("--count", type=int, default=0, help="stop after this many messages")
-    s.add_argument("--timeout", type=float, default=0, help="stop after this many seconds")
+    s.add_argument("--json", action="store_true",
+                   help='one JSON object per line: {"subject": ..., "time": ..., "event": {...}}')  # fmt: skip
+    history = s.add_mutually_exclusive_group()
+    history.add_argument("--since", type=_duration, default=None, metavar="DURATION",
+                         help="first the events stored in the last DURATION (30s, 10m, 2h, 1d), then live")  # fmt: skip
+    history.add_argument("--all", action="store_true", help="first every stored event (dead letters too), then live")
+    s.add_argument("--count", type=int_arg(0), default=0, help="stop after this many messages (0: never)")
+    s.add_argument("--timeout", type=float_arg(0), default=0, help="stop after this many seconds (0: never)")
     add_server_args(s)
     s.set_defaults(func=cmd_tail)
 
@@ -376,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         module.register(sub)
     return p
+
+
+def _duration(value: str) -> float:
+    from ._tail import duration_arg
+
+    return duration_arg(value)
 
 
 class _Version(argparse.Action):
@@ -405,7 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         import logging
 
         logging.getLogger("cadenza").debug("unexpected error", exc_info=exc)
-        return _fail(f"unexpected {type(exc).__name__}: {exc} (CADENZA_LOG=debug shows where)")
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return _fail(f"unexpected {type(exc).__name__}: {first} (CADENZA_LOG=debug shows where)")
     finally:
         stop_process()
     return code

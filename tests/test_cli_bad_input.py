@@ -161,3 +161,21 @@ def test_version_and_help_on_every_option() -> None:
 
     walk(build_parser(), "cadenza")
     assert not missing, "options without help text: " + ", ".join(missing)
+
+
+async def test_an_activity_id_prefix_is_resolved_from_the_recorders_bucket(installation: tuple[str, str]) -> None:
+    from schemas import ActivityRecord
+    from services.recorder._recorder import Stored
+
+    url, prefix = installation
+    async with bus.connect(url, prefix=prefix, name="seed", ensure_topology=False) as b:
+        kv = await b.kv("activities")
+        for aid in ("act-111", "act-222", "zzz-333"):
+            await kv.put(aid, Stored(record=ActivityRecord(id=aid, type="t")).model_dump_json().encode())
+    env = {"NATS_URL": url, "CADENZA_PREFIX": prefix}
+    many = _run(["activities", "get", "act"], env)
+    assert many.returncode == 1 and many.stderr.count("\n") == 1
+    assert "act-111" in many.stderr and "act-222" in many.stderr
+    # Resolved (no recorder runs here, so the request that follows has nobody to answer it).
+    one = _run(["activities", "get", "zzz"], env)
+    assert one.returncode == 1 and "recorder" in one.stderr and "not found" not in one.stderr, one.stderr

@@ -157,9 +157,9 @@ async def _resolve(b: bus.Bus, client: bus.ActivityClient, given: str) -> str | 
     matches = sorted(k for k in keys if k.startswith(start) and not k.startswith("_"))
     if len(matches) == 1:
         entry = await kv.get(matches[0])
-        from schemas import ActivityRecord
+        from ._recorder import Stored
 
-        return ActivityRecord.model_validate_json(entry.value or b"{}").id
+        return Stored.model_validate_json(entry.value or b"{}").record.id
     if not matches:
         print(f"cadenza: activity {given} not found", file=sys.stderr)
     else:
@@ -209,19 +209,42 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
+    """Messages until the activity ends; on a terminal, a live progress bar with the current step."""
+    import contextlib
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
     from schemas import ActivityStatus
+
+    err = Console(stderr=True, highlight=False)
+    live = err.is_terminal and not args.json and not args.no_follow
 
     async def work(client: bus.ActivityClient) -> int:
         after, cursor, status = args.after_seq, 0, ActivityStatus.RUNNING
-        while True:
-            reply = await client.tail(args.id, after_seq=after, cursor=cursor, wait=0.0 if args.no_follow else 5.0)
-            for m in reply.messages:
-                print(m.model_dump_json() if args.json else _line(m), flush=True)
-            after, cursor, status = max(after, reply.last_seq), reply.cursor, reply.status
-            if reply.done or args.no_follow:
-                break
+        record = (await client.get(args.id, limit=0)).activity
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                       console=err, transient=True)  # fmt: skip
+        with bar if live else contextlib.nullcontext():
+            task = bar.add_task(record.step or record.type, total=100, completed=int(record.progress))
+            while True:
+                wait = 0.0 if args.no_follow else 1.0 if live else 5.0
+                reply = await client.tail(args.id, after_seq=after, cursor=cursor, wait=wait)
+                for m in reply.messages:
+                    line = m.model_dump_json() if args.json else _line(m)
+                    if live:
+                        bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
+                    else:
+                        print(line, flush=True)
+                after, cursor, status = max(after, reply.last_seq), reply.cursor, reply.status
+                if live or reply.done:
+                    record = (await client.get(args.id, limit=0)).activity
+                    bar.update(task, completed=record.progress, description=record.step or record.type)
+                if reply.done or args.no_follow:
+                    break
         if not args.json:
-            print(f"-- {status.value}", file=sys.stderr)
+            step = f", step {record.step}" if record.step else ""
+            print(f"-- {status.value} ({record.progress:g}%{step})", file=sys.stderr)
         return 0
 
     return _call(args, work)
