@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -87,13 +88,19 @@ def start(command: str, *, log_format: str = "text", log_level: str = "INFO", me
     """Logging, then the SDK (once per process; a second call returns the first's telemetry)."""
     global _current
     configure_logging(log_level, log_format)
-    if _current is None:
+    if _current is None and (metrics_port is not None or _asked()):
         from bus._telemetry import configure_telemetry
 
         _current = configure_telemetry(command, metrics_port=metrics_port)
         if _current.metrics_url:
             _log.info("metrics on %s", _current.metrics_url)
     return _current
+
+
+def _asked() -> bool:
+    """Does any OTEL_* exporter variable ask for something? (If not, the SDK is never imported.)"""
+    return any(os.environ.get(v, "none").strip().lower() not in ("", "none")
+               for v in ("OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER"))  # fmt: skip
 
 
 def stop() -> None:

@@ -81,11 +81,11 @@ def installation(nats_server: Any) -> Iterator[tuple[str, str]]:
     yield nats_server.url, prefix
 
 
-def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _run(args: list[str], env: dict[str, str], cwd: str | None = None) -> subprocess.CompletedProcess[str]:
     full = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "CADENZA_", "OTEL_"))}
     full.update({k: v for k, v in env.items() if v})
     return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True,
-                          timeout=60, env=full, stdin=subprocess.DEVNULL)  # fmt: skip
+                          timeout=60, env=full, stdin=subprocess.DEVNULL, cwd=cwd)  # fmt: skip
 
 
 async def _state(url: str, prefix: str) -> dict[str, Any]:
@@ -126,6 +126,7 @@ async def test_a_read_of_an_unknown_session_leaves_no_record(installation: tuple
     assert _run(["sessions", "complete", "typo"], env).returncode == 1
     listed = _run(["sessions", "ls"], env)
     assert listed.returncode == 0 and "typo" not in listed.stdout
+    assert listed.stderr == "", "a command that worked says nothing on stderr (no 'disconnected' line)"
 
 
 async def test_a_session_id_prefix_is_accepted_when_unambiguous(installation: tuple[str, str]) -> None:
@@ -179,3 +180,42 @@ async def test_an_activity_id_prefix_is_resolved_from_the_recorders_bucket(insta
     # Resolved (no recorder runs here, so the request that follows has nobody to answer it).
     one = _run(["activities", "get", "zzz"], env)
     assert one.returncode == 1 and "recorder" in one.stderr and "not found" not in one.stderr, one.stderr
+
+
+def test_schemas_export_without_dir_never_writes_into_the_package(tmp_path: Any) -> None:
+    # The console script, as a user runs it (`python -m` would put tmp_path's schemas/ on the path).
+    script = os.path.join(os.path.dirname(sys.executable), "cadenza")
+    run = {"capture_output": True, "text": True, "timeout": 60, "cwd": str(tmp_path)}
+    out = subprocess.run([script, "schemas", "export"], **run)  # type: ignore[call-overload]
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "pass --dir DIR" in out.stderr
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "schemas" / "json").mkdir(parents=True)
+    out = subprocess.run([script, "schemas", "export"], **run)  # type: ignore[call-overload]
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "schemas" / "json" / "activity.started.json").is_file()
+
+
+def test_worker_imports_the_project_from_the_current_directory(installation: tuple[str, str], tmp_path: Any) -> None:
+    from bus._process import ChildProcess
+
+    url, prefix = installation
+    (tmp_path / "myapp").mkdir()
+    (tmp_path / "myapp" / "__init__.py").write_text("")
+    (tmp_path / "myapp" / "activities.py").write_text(
+        "import bus\nregistry = bus.ActivityRegistry()\n\n@registry.activity()\nasync def hello() -> str:\n"
+        "    return 'hi'\n"
+    )
+    # ChildProcess runs `python -m services.cli ...` from the test's directory; the worker must find
+    # myapp from its own working directory, as `cadenza worker` run in the project would.
+    proc = ChildProcess("services.cli", "worker", "myapp.activities:registry", "--prefix", prefix,
+                        env={"NATS_URL": url, "PYTHONSAFEPATH": "1"})  # fmt: skip
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        proc.start(timeout=60)
+    finally:
+        os.chdir(here)
+    try:
+        assert "activities hello" in proc.ready_line
+    finally:
+        proc.stop(timeout=10)

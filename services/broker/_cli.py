@@ -247,9 +247,10 @@ def load_activities(spec: str) -> dict[str, Callable[..., Any]]:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise SystemExit(f"cadenza worker: expected MODULE:OBJECT (e.g. myapp.activities:registry), got {spec!r}")
-    # As `python -m` does: the current directory is importable, so a project's own package is found.
+    # As `python -m` does, the current directory is importable, so a project's own package is found
+    # (appended: it cannot shadow an installed module, bus and schemas included).
     if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
