@@ -23,6 +23,7 @@ from typing import Any
 
 import anyio
 import pytest
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 
@@ -47,7 +48,7 @@ class Receiver:
 
     def __init__(self) -> None:
         self.spans: list[Span] = []
-        self.metric_posts = 0
+        self.metric_names: set[str] = set()
         self._lock = threading.Lock()
         receiver = self
 
@@ -57,7 +58,7 @@ class Receiver:
                 if self.path == "/v1/traces":
                     receiver._add(body)
                 elif self.path == "/v1/metrics":
-                    receiver.metric_posts += 1
+                    receiver._add_metrics(body)
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", "0")
@@ -80,6 +81,12 @@ class Receiver:
                     span = Span(service, s.name, s.kind, s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex())
                     with self._lock:
                         self.spans.append(span)
+
+    def _add_metrics(self, body: bytes) -> None:
+        req = ExportMetricsServiceRequest()
+        req.ParseFromString(body)
+        with self._lock:
+            self.metric_names |= {m.name for rm in req.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
 
     def snapshot(self) -> list[Span]:
         with self._lock:
@@ -229,14 +236,18 @@ def _cadenza(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str
                           capture_output=True, text=True, timeout=60)  # fmt: skip
 
 
-def test_a_one_shot_publish_exports_its_span(nats_server: Any, receiver: Receiver) -> None:
+def test_a_one_shot_publish_exports_its_span_and_metrics(nats_server: Any, receiver: Receiver) -> None:
     prefix = unique_prefix()
+    env = _otel_env(receiver, OTEL_BSP_SCHEDULE_DELAY="60000", OTEL_METRICS_EXPORTER="otlp",
+                    OTEL_METRIC_EXPORT_INTERVAL="60000")  # fmt: skip
     out = _cadenza("publish", "worker.heartbeat", '{"worker_id": "w1", "seq": 1}', "--server", nats_server.url,
-                   "--prefix", prefix, env=_otel_env(receiver, OTEL_BSP_SCHEDULE_DELAY="60000"))  # fmt: skip
+                   "--prefix", prefix, env=env)  # fmt: skip
     assert out.returncode == 0, out.stderr
-    # The batch would wait a minute: the span is here because the command flushed on exit.
+    # The batch and the metric reader would wait a minute: both are here because the command
+    # flushed on exit.
     sends = [s for s in receiver.snapshot() if s.name == f"send {prefix}.worker.w1.heartbeat"]
     assert [(s.service, s.kind) for s in sends] == [("cadenza-publish", PRODUCER)]
+    assert "cadenza.messages.published" in receiver.metric_names
 
 
 @pytest.mark.parametrize("variable", ["OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER"])
