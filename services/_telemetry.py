@@ -76,8 +76,6 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
         _log.warning("CADENZA_LOG=%s is not a log level (use debug, info, warning, error); using info", level)
 
 
-
-
 # ---------------------------------------------------------------- the process
 
 

@@ -66,8 +66,12 @@ CASES: list[tuple[str, list[str], dict[str, str] | None, str]] = [
     ("http url", ["sessions", "ls"], {"NATS_URL": _BAD}, "NATS URLs start with nats:// or tls://"),
     ("http url option", ["workers", "ls", "--server", _BAD], None, "NATS URLs start with nats:// or tls://"),
     ("closed port", ["sessions", "ls"], {"NATS_URL": "closed"}, "cannot connect to NATS"),
-    ("closed port publish", ["publish", "worker.heartbeat", '{"worker_id": "w", "seq": 1}'], {"NATS_URL": "closed"},
-     "cannot connect to NATS"),
+    (
+        "closed port publish",
+        ["publish", "worker.heartbeat", '{"worker_id": "w", "seq": 1}'],
+        {"NATS_URL": "closed"},
+        "cannot connect to NATS",
+    ),
     ("no server", ["activities", "ls"], {"NATS_URL": ""}, "no server given"),
 ]
 
