@@ -3,6 +3,10 @@
 Commands of the foundation live here (server, subjects, schemas, publish, tail, dev); the
 services add theirs (recorder/activities, broker/worker/sessions/workers/demo) through a
 ``register(subparsers)`` function in their ``_cli`` module.
+
+Start-up is kept short (``cadenza --help`` imports neither ``bus`` nor ``schemas``): the modules here
+and the ``_cli`` modules import the heavy packages (nats-py, pydantic models, OpenTelemetry's SDK)
+inside the command that needs them, never at module level.
 """
 
 from __future__ import annotations
@@ -18,22 +22,32 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anyio
+from ._runtime import (
+    READY,
+    Parser,
+    add_server_args,
+    cli_bus,
+    float_arg,
+    int_arg,
+    run_service,
+    start_process,
+    stop_process,
+)
 
-import bus
-import schemas
-from bus._process import ChildProcess as Child
-
-from ._runtime import READY, add_server_args, run_service
+if TYPE_CHECKING:
+    from bus._process import ChildProcess as Child
 
 __all__ = ("build_parser", "main")
 
 #: Modules that add subcommands; a missing one is skipped (its service is not installed).
 _COMMAND_MODULES = ("services.recorder._cli", "services.broker._cli", "services.demo._cli")
+
+
+#: Commands that run until stopped; the others are one-shot (quiet logs, any failure in one line).
+_LONG_RUNNING = frozenset({"server", "dev", "broker", "recorder", "worker", "demo", "tail", "console"})
 
 
 def _fail(message: str) -> int:
@@ -45,6 +59,8 @@ def _fail(message: str) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    import bus
+
     server = bus.EmbeddedServer(args.store, port=args.port, host=args.host)
     try:
         server.start()
@@ -69,6 +85,9 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_subjects(args: argparse.Namespace) -> int:
+    import bus
+    import schemas
+
     topo = bus.Topology(args.prefix, replicas=1)
     rows = topo.table()
     if args.json:
@@ -86,11 +105,27 @@ def cmd_subjects(args: argparse.Namespace) -> int:
 
 
 def cmd_schemas(args: argparse.Namespace) -> int:
-    directory = Path(args.dir) if args.dir else schemas.JSON_DIR
-    asyncapi = Path(args.asyncapi) if args.asyncapi else schemas.ASYNCAPI_PATH
+    import schemas
+
     check = args.action == "check"
-    differ = schemas.export_json_schemas(directory, check=check)
-    stale = schemas.export_asyncapi(asyncapi, check=check)
+    if args.dir:
+        directory = Path(args.dir)
+        if not directory.is_dir() and (check or not directory.parent.is_dir()):
+            return _fail(f"no such directory: {directory}" + ("" if check else " (nor its parent)"))
+    elif check:
+        directory = schemas.JSON_DIR
+    elif (Path.cwd() / "schemas" / "json").is_dir():
+        directory = Path("schemas") / "json"
+        print(f"writing to ./{directory} (the checkout in this directory; --dir DIR to choose)", file=sys.stderr)
+    else:
+        return _fail("pass --dir DIR: where to write the JSON Schema files (there is no ./schemas/json here)")
+    # The AsyncAPI document lies beside the JSON Schema directory (schemas/asyncapi.json).
+    asyncapi = Path(args.asyncapi) if args.asyncapi else directory.parent / schemas.ASYNCAPI_PATH.name
+    try:
+        differ = schemas.export_json_schemas(directory, check=check)
+        stale = schemas.export_asyncapi(asyncapi, check=check)
+    except OSError as exc:
+        return _fail(f"cannot write to {directory}: {exc.strerror or exc}")
     count = len(schemas.wire_models())
     if check:
         if differ or stale:
@@ -126,6 +161,9 @@ def _read_json_arg(value: str) -> str:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
+    import bus
+    import schemas
+
     cls = schemas.lookup_event_type(args.event)
     if cls is None:
         known = ", ".join(schemas.event_types())
@@ -143,7 +181,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         return _fail(_NO_SERVER)
 
     async def go() -> None:
-        async with bus.connect(args.server, prefix=args.prefix, name="cadenza-cli") as b:
+        async with cli_bus(args, "cadenza-cli", ensure_topology=True) as b:
             result = await b.publish(event)
             dup = " (duplicate: already stored)" if result.duplicate else ""
             print(
@@ -153,41 +191,28 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return run_service(go)
 
 
-def _readable(subject: str, data: bytes) -> str:
-    stamp = datetime.now().strftime("%H:%M:%S.%f")[:-3]
-    try:
-        body: Any = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return f"{stamp} {subject} <{len(data)} bytes, not JSON>"
-    if not isinstance(body, dict):
-        return f"{stamp} {subject} {json.dumps(body)[:200]}"
-    skip = {"event_id", "type", "schema_version", "time", "source"}
-    fields = " ".join(f"{k}={json.dumps(v, separators=(',', ':'))[:120]}" for k, v in body.items() if k not in skip)
-    return f"{stamp} {subject} [{body.get('type', '?')}] {fields}"
-
-
 def cmd_tail(args: argparse.Namespace) -> int:
+    """Follow a subject: live, or ``--since``/``--all`` from the streams (services/_tail.py)."""
+    import anyio
+    from rich.console import Console
+
+    from ._tail import follow, printer
+
     if _no_server(args):
         return _fail(_NO_SERVER)
     subject = args.subject
     if not subject.startswith(args.prefix + ".") and not subject.startswith("$"):
         subject = f"{args.prefix}.{subject}"
+    if " " in subject or not all(subject.split(".")):
+        return _fail(f"{args.subject!r} is not a subject: dot-separated tokens without spaces, * and > as wildcards")
+    emit = printer(args, Console(highlight=False))
 
     async def go() -> None:
-        async with bus.connect(args.server, prefix=args.prefix, name="cadenza-tail", ensure_topology=False) as b:
-            sub = await b.nc.subscribe(subject)
-            print(f"following {subject} on {b.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
-            seen = 0
+        async with cli_bus(args, "cadenza-tail") as b:
+            what = "from the start" if args.all else f"from {args.since:g}s ago" if args.since is not None else "live"
+            print(f"following {subject} on {b.url} {what} (Ctrl-C to stop)", file=sys.stderr, flush=True)
             with anyio.move_on_after(args.timeout) if args.timeout else anyio.CancelScope():
-                async for msg in sub.messages:
-                    if args.json:
-                        print(msg.data.decode(errors="replace"), flush=True)
-                    else:
-                        print(_readable(msg.subject, msg.data), flush=True)
-                    seen += 1
-                    if args.count and seen >= args.count:
-                        break
-            await sub.unsubscribe()
+                await follow(b, subject, emit, since=args.since, everything=args.all)
 
     return run_service(go)
 
@@ -201,7 +226,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
         return _fail(_NO_SERVER)
 
     async def go() -> None:
-        async with bus.connect(args.server, prefix=args.prefix, name="cadenza-setup") as b:
+        async with cli_bus(args, "cadenza-setup", ensure_topology=True) as b:
             for subject, stream, limits, _ in b.topology.table():
                 print(f"ok  {stream:<28} {subject:<28} {limits}")
 
@@ -220,6 +245,9 @@ def _available(module: str) -> bool:
 
 def cmd_dev(args: argparse.Namespace) -> int:
     """Embedded server + recorder + broker + demo worker, in the foreground."""
+    import bus
+    from bus._process import ChildProcess as Child
+
     server = bus.EmbeddedServer(args.store, port=args.port)
     try:
         server.start()
@@ -287,10 +315,11 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="cadenza",
         description="Sessions and tracked, cancellable activities over NATS JetStream.",
     )
+    p.add_argument("--version", action=_Version, help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("server", help="run the embedded nats-server (JetStream) in the foreground")
@@ -300,14 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_server)
 
     s = sub.add_parser("subjects", help="print the subjects, streams and buckets")
-    s.add_argument("--prefix", default=os.environ.get("CADENZA_PREFIX", "cadenza"))
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--prefix", default=os.environ.get("CADENZA_PREFIX", "cadenza"),
+                   help="subject prefix (default: cadenza)")  # fmt: skip
+    s.add_argument("--json", action="store_true", help="print the table as JSON")
     s.set_defaults(func=cmd_subjects)
 
     s = sub.add_parser("schemas", help="export or check the JSON Schema files and the AsyncAPI document")
-    s.add_argument("action", choices=("export", "check"))
-    s.add_argument("--dir", default=None, help="directory (default: schemas/json in the package)")
-    s.add_argument("--asyncapi", default=None, help="AsyncAPI file (default: schemas/asyncapi.json in the package)")
+    s.add_argument("action", choices=("export", "check"), help="export: write the files; check: fail if stale")
+    s.add_argument("--dir", default=None, help="directory (check: default schemas/json of the package; "
+                   "export: default ./schemas/json if it exists)")  # fmt: skip
+    s.add_argument("--asyncapi", default=None, help="AsyncAPI file (default: asyncapi.json beside the --dir "
+                   "directory; check: the package's)")  # fmt: skip
     s.set_defaults(func=cmd_schemas)
 
     s = sub.add_parser("publish", help="validate an event and publish it")
@@ -318,9 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("tail", help="follow events on a subject (live)")
     s.add_argument("subject", metavar="SUBJECT", help="subject or wildcard, with or without the prefix ('activity.>')")
-    s.add_argument("--json", action="store_true", help="print raw JSON lines")
-    s.add_argument("--count", type=int, default=0, help="stop after this many messages")
-    s.add_argument("--timeout", type=float, default=0, help="stop after this many seconds")
+    s.add_argument("--json", action="store_true",
+                   help='one JSON object per line: {"subject": ..., "time": ..., "event": {...}}')  # fmt: skip
+    history = s.add_mutually_exclusive_group()
+    history.add_argument("--since", type=_duration, default=None, metavar="DURATION",
+                         help="first the events stored in the last DURATION (30s, 10m, 2h, 1d), then live")  # fmt: skip
+    history.add_argument("--all", action="store_true", help="first every stored event (dead letters too), then live")
+    s.add_argument("--count", type=int_arg(0), default=0, help="stop after this many messages (0: never)")
+    s.add_argument("--timeout", type=float_arg(0), default=0, help="stop after this many seconds (0: never)")
     add_server_args(s)
     s.set_defaults(func=cmd_tail)
 
@@ -331,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("dev", help="embedded server + recorder + broker + demo worker, in the foreground")
     s.add_argument("--store", default=None, help="JetStream store directory (default: a temporary one)")
     s.add_argument("--port", type=int, default=4222, help="client port (0: any free port; default 4222)")
-    s.add_argument("--prefix", default=os.environ.get("CADENZA_PREFIX", "cadenza"))
+    s.add_argument("--prefix", default=os.environ.get("CADENZA_PREFIX", "cadenza"),
+                   help="subject prefix (default: cadenza)")  # fmt: skip
     s.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: until Ctrl-C)")
     s.set_defaults(func=cmd_dev)
 
@@ -346,9 +384,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _duration(value: str) -> float:
+    from ._tail import duration_arg
+
+    return duration_arg(value)
+
+
+class _Version(argparse.Action):
+    """``--version``: reads the installed distribution's version only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"cadenza {version('cadenza')}")
+        except PackageNotFoundError:
+            print("cadenza (not installed: running from a source tree)")
+        parser.exit()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    start_process(args.command, args, one_shot=args.command not in _LONG_RUNNING)
+    try:
+        code: int = args.func(args)
+    except SystemExit:
+        raise
+    except Exception as exc:  # the last net: a command never ends in a traceback
+        import logging
+
+        logging.getLogger("cadenza").debug("unexpected error", exc_info=exc)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return _fail(f"unexpected {type(exc).__name__}: {first} (CADENZA_LOG=debug shows where)")
+    finally:
+        stop_process()
     return code
 
 
