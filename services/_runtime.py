@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 import anyio
 
 import bus
+from bus._service_info import serve_service_info
 
 __all__ = ("READY", "add_server_args", "announce_ready", "run_service", "service_bus")
 
@@ -38,8 +39,11 @@ async def service_bus(args: argparse.Namespace, name: str, *, embedded_ok: bool 
     unless ``embedded_ok`` (a service alone on its own private server is useless)."""
     if not (args.server or os.environ.get("NATS_URL")) and not embedded_ok:
         raise SystemExit(f"cadenza {name}: no server given; pass --server nats://host:port or set NATS_URL")
-    async with bus.connect(args.server, prefix=args.prefix, name=name) as b:
+    async with bus.connect(args.server, prefix=args.prefix, name=name) as b, anyio.create_task_group() as tg:
+        # Every service answers <prefix>.rpc.services.info (the console's Health page lists them).
+        await tg.start(serve_service_info, b, name)
         yield b
+        tg.cancel_scope.cancel()
 
 
 def run_service(main: Callable[[], Awaitable[None]]) -> int:
