@@ -26,6 +26,11 @@ function h(tag, attrs, ...children) {
   return el;
 }
 
+// replaceChildren, leaving out the null / false of optional parts.
+function fill(el, ...kids) {
+  el.replaceChildren(...kids.flat().filter((k) => k !== null && k !== undefined && k !== false));
+}
+
 class ApiError extends Error {}
 
 async function api(path, init) {
@@ -88,7 +93,7 @@ function progress(a, big) {
   const v = Math.max(0, Math.min(100, Number(a.progress) || 0));
   const cls = ["progress", big ? "big" : "", a.status === "success" ? "done" : "",
                a.status === "failed" ? "bad" : ""].join(" ");
-  return h("span", { class: "nowrap" },
+  return h("span", { class: big ? "bar-line" : "nowrap" },
     h("span", { class: cls, role: "progressbar", "aria-valuenow": v.toFixed(0), "aria-valuemin": "0",
                 "aria-valuemax": "100", dataset: { value: v.toFixed(0) } },
       h("span", { style: `width:${v}%` })),
@@ -184,15 +189,15 @@ function workersView() {
   const toolbar = h("div", { class: "toolbar" },
     select("state", [["", "all states"], ["live", "live"], ["lost", "lost"], ["stopped", "stopped"]],
            p.get("state") || "", (v) => { p.set("state", v); setParams(p); refresh(); }, "worker state"));
-  main.replaceChildren(h("h1", {}, "Workers"),
+  fill(main, h("h1", {}, "Workers"),
     h("p", { class: "sub" }, "Processes that run work: their tasklist, slots in use and last heartbeat."),
     toolbar, results);
   return {
     kinds: ["workers", "activities"], poll: true,
     async refresh() {
       let data;
-      try { data = await api(`/api/workers?${params()}`); } catch (e) { results.replaceChildren(banner(e.message)); return; }
-      if (!data.items.length) { results.replaceChildren(h("div", { class: "empty" }, "No workers have been seen yet.")); return; }
+      try { data = await api(`/api/workers?${params()}`); } catch (e) { fill(results, banner(e.message)); return; }
+      if (!data.items.length) { fill(results, h("div", { class: "empty" }, "No workers have been seen yet.")); return; }
       const rows = data.items.map((w) => h("tr", { dataset: { id: w.worker_id, state: w.state },
                                                class: w.state === "live" ? "" : "dim" },
         h("td", {}, h("div", { class: "mono" }, w.worker_id), w.cause ? h("div", { class: "line2" }, w.cause) : null),
@@ -208,7 +213,7 @@ function workersView() {
           ? h("div", { class: "chips" }, w.activities.map((a) =>
               h("a", { class: "chip", href: `/activities/${encodeURIComponent(a.id)}` }, a.type)))
           : h("span", { class: "muted" }, w.running_activities ? `${w.running_activities} running` : "idle"))));
-      results.replaceChildren(h("table", {},
+      fill(results, h("table", {},
         h("thead", {}, h("tr", {}, ["Worker", "State", "Tasklist", "Host", "Slots", "Heartbeat", "Running"].map((t, i) =>
           h("th", { class: i === 3 ? "hide-narrow" : "" }, t)))),
         h("tbody", {}, rows)), data.pages > 1 ? pager(data, (n) => { p.set("page", n); setParams(p); refresh(); }) : null);
@@ -228,17 +233,17 @@ function sessionsView(meta) {
     select("tasklist", [["", "all tasklists"], ...meta.tasklists.map((t) => [t, t])], p.get("tasklist") || "",
            (v) => { p.set("tasklist", v); go(); }, "tasklist"),
     h("span", { class: "grow" }), h("span", { class: "muted", id: "session-counts" }));
-  main.replaceChildren(h("h1", {}, "Sessions"),
+  fill(main, h("h1", {}, "Sessions"),
     h("p", { class: "sub" }, "Open first, then newest. A session holds one slot on one worker until it ends."),
     toolbar, results);
   return {
     kinds: ["sessions"],
     async refresh() {
       let data;
-      try { data = await api(`/api/sessions?${params()}`); } catch (e) { results.replaceChildren(banner(e.message)); return; }
+      try { data = await api(`/api/sessions?${params()}`); } catch (e) { fill(results, banner(e.message)); return; }
       document.getElementById("session-counts").textContent =
         Object.entries(data.counts).filter(([, n]) => n).map(([s, n]) => `${n} ${s}`).join(" · ");
-      if (!data.items.length) { results.replaceChildren(h("div", { class: "empty" }, "No sessions match.")); return; }
+      if (!data.items.length) { fill(results, h("div", { class: "empty" }, "No sessions match.")); return; }
       const rows = data.items.map((s) => h("tr", { dataset: { id: s.session_id, state: s.state } },
         h("td", {}, h("a", { class: "mono", href: `/sessions/${encodeURIComponent(s.session_id)}` }, s.session_id),
           s.requested_by ? h("div", { class: "line2" }, `by ${s.requested_by}`) : null),
@@ -247,7 +252,7 @@ function sessionsView(meta) {
         h("td", { class: "hide-narrow mono" }, short(s.worker_id, 28)),
         h("td", {}, when(s.requested_at)),
         h("td", { class: "num" }, s.activity_count)));
-      results.replaceChildren(h("table", {},
+      fill(results, h("table", {},
         h("thead", {}, h("tr", {}, ["Session", "State", "Tasklist", "Worker", "Requested", "Activities"].map((t, i) =>
           h("th", { class: (i === 3 ? "hide-narrow" : "") + (i === 5 ? " num" : "") }, t)))),
         h("tbody", {}, rows)), pager(data, (n) => { p.set("page", n); setParams(p); refresh(); }));
@@ -257,13 +262,13 @@ function sessionsView(meta) {
 
 function sessionView() {
   const results = h("div", { id: "session" });
-  main.replaceChildren(h("p", {}, h("a", { href: "/sessions" }, "‹ Sessions")), results);
+  fill(main, h("p", {}, h("a", { href: "/sessions" }, "‹ Sessions")), results);
   return {
     kinds: ["sessions", "activities"],
     async refresh() {
       let data;
       try { data = await api(`/api/sessions/${encodeURIComponent(ITEM)}`); } catch (e) {
-        results.replaceChildren(h("h1", {}, "Session"), banner(e.message)); return;
+        fill(results, h("h1", {}, "Session"), banner(e.message)); return;
       }
       const s = data.session;
       const facts = [["Tasklist", s.tasklist], ["Worker", s.worker_id || "–"], ["Host", s.host_name || "–"],
@@ -281,7 +286,7 @@ function sessionView() {
       if (s.ended_at) tl.push([s.state === "completed" ? "good" : "bad", s.ended_at,
                                `${s.state}${s.cause ? " (" + s.cause + ")" : ""}${s.message ? ": " + s.message : ""}`]);
       tl.sort((a, b) => Date.parse(a[1]) - Date.parse(b[1]));
-      results.replaceChildren(
+      fill(results, 
         h("h1", {}, h("span", { class: "mono" }, s.session_id), badge(s.state)),
         s.cause ? h("div", { class: "cause bad", id: "session-cause" }, `${s.cause}${s.message ? ": " + s.message : ""}`) : null,
         h("h2", {}, "Details"),
@@ -334,15 +339,15 @@ function activitiesView(meta) {
       ? select("environment", meta.environments.map((e) => [e, e || "(local)"]), p.get("environment") || "",
                (v) => { p.set("environment", v); go(); }, "environment") : null,
     search);
-  main.replaceChildren(h("h1", {}, "Activities"),
+  fill(main, h("h1", {}, "Activities"),
     h("p", { class: "sub" }, "Running first, then newest. Click one to watch its messages live."), toolbar, results);
   return {
     kinds: ["activities"],
     async refresh() {
       let data;
-      try { data = await api(`/api/activities?${params()}`); } catch (e) { results.replaceChildren(banner(e.message)); return; }
-      if (!data.items.length) { results.replaceChildren(h("div", { class: "empty" }, "No activities match.")); return; }
-      results.replaceChildren(activityTable(data.items, false), pager(data, (n) => { p.set("page", n); setParams(p); refresh(); }));
+      try { data = await api(`/api/activities?${params()}`); } catch (e) { fill(results, banner(e.message)); return; }
+      if (!data.items.length) { fill(results, h("div", { class: "empty" }, "No activities match.")); return; }
+      fill(results, activityTable(data.items, false), pager(data, (n) => { p.set("page", n); setParams(p); refresh(); }));
     },
   };
 }
@@ -353,7 +358,7 @@ function activityView() {
   const log = h("div", { class: "log panel", id: "messages", "aria-live": "polite" });
   const timeline = h("ol", { class: "timeline panel", id: "activity-timeline" });
   const note = h("p", { class: "muted", id: "stream-state" }, "connecting…");
-  main.replaceChildren(h("p", {}, h("a", { href: "/activities" }, "‹ Activities")), head,
+  fill(main, h("p", {}, h("a", { href: "/activities" }, "‹ Activities")), head,
     h("h2", {}, "Details"), facts,
     h("div", { class: "two" },
       h("div", {}, h("h2", {}, "Messages ", h("span", { class: "muted", id: "message-count" })), log, note),
@@ -362,16 +367,29 @@ function activityView() {
   const steps = [];
   let count = 0;
 
+  // The head is built once and updated in place: a Cancel button re-made on every progress update
+  // would slip from under the pointer.
+  const cancelButton = h("button", { class: "danger", id: "cancel-button", hidden: true,
+                                     onclick: () => record && askCancel(record) }, "Cancel…");
+  const title = h("span", {});
+  const statusHolder = h("span", {});
+  const idLine = h("div", { class: "sub mono" });
+  const bar = h("div", {});
+  const latest = h("p", { id: "latest" });
+  const causeHolder = h("div", {});
+  fill(head, h("h1", {}, title, statusHolder, h("span", { class: "grow" }), cancelButton), idLine, bar, latest, causeHolder);
+
   function renderRecord(a) {
     record = a;
     const canCancel = !READ_ONLY && (a.status === "running" || a.status === "queued");
-    head.replaceChildren(
-      h("h1", {}, a.type, badge(a.status), h("span", { class: "grow" }),
-        canCancel ? h("button", { class: "danger", id: "cancel-button", onclick: () => askCancel(a) }, "Cancel…") : null),
-      h("div", { class: "sub mono" }, a.id),
-      h("div", {}, progress(a, true)),
-      h("p", { id: "latest" }, a.latest_message || h("span", { class: "muted" }, "no message yet")),
-      a.error ? h("div", { class: `cause ${a.status === "failed" ? "bad" : ""}`, id: "activity-cause" }, a.error) : null);
+    cancelButton.hidden = !canCancel;
+    if (!canCancel) cancelButton.remove();
+    title.textContent = a.type;
+    fill(statusHolder, badge(a.status));
+    idLine.textContent = a.id;
+    fill(bar, progress(a, true));
+    fill(latest, a.latest_message || h("span", { class: "muted" }, "no message yet"));
+    fill(causeHolder, a.error ? h("div", { class: `cause ${a.status === "failed" ? "bad" : ""}`, id: "activity-cause" }, a.error) : null);
     const worker = a.worker_id ? h("span", { class: "mono" }, a.worker_id) : "–";
     const session = a.session_id ? h("a", { class: "mono", href: `/sessions/${encodeURIComponent(a.session_id)}` }, a.session_id) : "–";
     const rows = [["Status", badge(a.status)], ["Step", h("span", { id: "step" }, a.step || "–")],
@@ -380,7 +398,7 @@ function activityView() {
       ["Started", when(a.started_at)], ["Ended", when(a.ended_at)],
       ["Duration", a.ended_at ? duration(a.duration_ms) : a.started_at ? h("span", { dataset: { runningSince: a.started_at } }, since(a)) : "–"],
       ["Worker", worker], ["Session", session], ["Messages", String(a.message_count)], ["Batch", a.batch_id || "–"]];
-    facts.replaceChildren(...rows.map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, v))));
+    fill(facts, ...rows.map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, v))));
     renderTimeline();
   }
 
@@ -393,7 +411,7 @@ function activityView() {
     for (const s of steps) items.push(["", s.at, `step: ${s.step}`]);
     if (a.ended_at) items.push([a.status === "success" ? "good" : a.status === "failed" ? "bad" : "warn", a.ended_at,
                                 `ended ${a.status}${a.error ? ": " + a.error : ""}`]);
-    timeline.replaceChildren(...items.map(([cls, at, text]) =>
+    fill(timeline, ...items.map(([cls, at, text]) =>
       h("li", { class: cls }, h("div", {}, text), h("div", { class: "when" }, clock(at), " · ", when(at)))));
   }
 
@@ -427,7 +445,7 @@ function activityView() {
       if (es.readyState === EventSource.CLOSED) {
         // The server refused the stream (a bad or unknown id): say why instead of retrying.
         try { await api(`/api/activities/${encodeURIComponent(ITEM)}`); note.textContent = "stream closed"; }
-        catch (err) { head.replaceChildren(h("h1", {}, "Activity"), banner(err.message)); note.textContent = ""; }
+        catch (err) { fill(head, h("h1", {}, "Activity"), banner(err.message)); note.textContent = ""; }
       } else {
         note.textContent = "reconnecting… (resumes after the last message shown)";
       }
@@ -460,7 +478,7 @@ function askCancel(a) {
       });
       dialog.close();
       const b = document.getElementById("cancel-button");
-      if (b) { b.disabled = true; b.textContent = "Cancelling…"; }
+      if (b) { b.disabled = true; b.textContent = "Cancelling…"; b.onclick = null; }
     } catch (err) {
       error.textContent = err.message; error.hidden = false;
     } finally { button.disabled = false; }
@@ -474,16 +492,16 @@ function askCancel(a) {
 function deadLettersView() {
   const p = params();
   const results = h("div", { class: "panel", id: "dead-letters" });
-  main.replaceChildren(h("h1", {}, "Dead letters"),
+  fill(main, h("h1", {}, "Dead letters"),
     h("p", { class: "sub", id: "dlq-sub" }, "Input a consumer refused, with the reason, newest first."), results);
   return {
     kinds: ["dead_letters"],
     async refresh() {
       let data;
-      try { data = await api(`/api/dead-letters?${params()}`); } catch (e) { results.replaceChildren(banner(e.message)); return; }
+      try { data = await api(`/api/dead-letters?${params()}`); } catch (e) { fill(results, banner(e.message)); return; }
       document.getElementById("dlq-sub").textContent =
         `Input a consumer refused, with the reason, newest first (the last ${data.kept} are kept; ${data.seen} seen since the console started).`;
-      if (!data.items.length) { results.replaceChildren(h("div", { class: "empty" }, "No dead letters. Everything was taken.")); return; }
+      if (!data.items.length) { fill(results, h("div", { class: "empty" }, "No dead letters. Everything was taken.")); return; }
       const rows = data.items.map((d) => h("tr", { dataset: { seq: d.seq, consumer: d.consumer || "" } },
         h("td", {}, when(d.stored_at || d.time), h("div", { class: "line2" }, `#${d.seq}`)),
         h("td", {}, h("span", { class: "mono" }, d.consumer || "–"), h("div", { class: "line2 mono" }, d.subject || "")),
@@ -493,7 +511,7 @@ function deadLettersView() {
             h("pre", { class: "payload" }, d.payload || "(empty)"),
             d.headers && Object.keys(d.headers).length
               ? h("pre", { class: "payload" }, Object.entries(d.headers).map(([k, v]) => `${k}: ${v}`).join("\n")) : null))));
-      results.replaceChildren(h("table", {},
+      fill(results, h("table", {},
         h("thead", {}, h("tr", {}, ["Time", "Consumer", "Error", "Reason"].map((t) => h("th", {}, t)))),
         h("tbody", {}, rows)), pager(data, (n) => { p.set("page", n); setParams(p); refresh(); }));
     },
@@ -504,17 +522,17 @@ function deadLettersView() {
 
 function healthView() {
   const results = h("div", { id: "health" });
-  main.replaceChildren(h("h1", {}, "Health"),
+  fill(main, h("h1", {}, "Health"),
     h("p", { class: "sub" }, "The server as this console's connection sees it, and every service process that answers."), results);
   return {
     kinds: ["health"], poll: true,
     async refresh() {
       let data;
-      try { data = await api("/api/health"); } catch (e) { results.replaceChildren(banner(e.message)); return; }
+      try { data = await api("/api/health"); } catch (e) { fill(results, banner(e.message)); return; }
       const s = data.server;
       const acct = s.account || {};
       const rec = data.recorder;
-      results.replaceChildren(
+      fill(results, 
         h("div", { class: "cards" },
           h("div", { class: "card", id: "server-card" }, h("h3", {}, "NATS server", badge(s.connected ? "live" : "lost")),
             h("div", { class: "big" }, s.version ? `v${s.version}` : "?"),
@@ -555,7 +573,7 @@ function healthView() {
 
 (async function start() {
   let meta;
-  try { meta = await api("/api/meta"); } catch (e) { main.replaceChildren(banner(e.message)); return; }
+  try { meta = await api("/api/meta"); } catch (e) { fill(main, banner(e.message)); return; }
   versions = meta.versions;
   const views = {
     workers: workersView, sessions: ITEM ? sessionView : sessionsView, activities: ITEM ? activityView : activitiesView,
