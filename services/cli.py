@@ -215,7 +215,7 @@ def _available(module: str) -> bool:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    """Embedded server + recorder + broker + demo worker, in the foreground."""
+    """Embedded server + recorder + broker + demo worker + web console, in the foreground."""
     server = bus.EmbeddedServer(args.store, port=args.port)
     try:
         server.start()
@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(s)
     s.set_defaults(func=cmd_setup)
 
-    s = sub.add_parser("dev", help="embedded server + recorder + broker + demo worker, in the foreground")
+    s = sub.add_parser("dev", help="embedded server + recorder + broker + demo worker + console, in the foreground")
     s.add_argument("--store", default=None, help="JetStream store directory (default: a temporary one)")
     s.add_argument("--port", type=int, default=4222, help="client port (0: any free port; default 4222)")
     s.add_argument("--prefix", default=os.environ.get("CADENZA_PREFIX", "cadenza"))

@@ -36,7 +36,7 @@ import bus
 from bus._activity_client import stored_record
 from bus._service_info import ServiceInfo, gather_service_info
 from bus._topology import STREAMS
-from bus._watch import follow_bucket
+from bus._watch import follow_bucket, follow_worker_events
 from schemas import (
     ActivityRecord,
     DeadLetter,
@@ -55,7 +55,6 @@ _log = logging.getLogger("cadenza.console")
 
 #: What can change (one counter each in the change feed).
 KINDS = ("workers", "sessions", "activities", "dead_letters", "health")
-WORKER_EVENTS = (WorkerStarted, WorkerHeartbeat, WorkerStopped)
 
 
 @dataclass(frozen=True)
@@ -121,6 +120,8 @@ class ConsoleState:
     activities: dict[str, ActivityRecord] = field(default_factory=dict)
     by_session: dict[str, set[str]] = field(default_factory=dict)
     open_activities: set[str] = field(default_factory=set)
+    #: Worker id -> ids of its activities not ended yet (the workers page, without a scan).
+    open_by_worker: dict[str, set[str]] = field(default_factory=dict)
     types: set[str] = field(default_factory=set)
     environments: set[str] = field(default_factory=set)
     tasklists: set[str] = field(default_factory=set)
@@ -144,7 +145,7 @@ class ConsoleState:
             await tg.start(follow_bucket, b, "sessions", self._put_session, self._del_session)
             await tg.start(follow_bucket, b, "workers", self._put_worker, self._del_worker)
             await tg.start(follow_bucket, b, "activities", self._put_activity, self._del_activity)
-            await tg.start(self._follow_beats)
+            await tg.start(follow_worker_events, b, self._saw)
             await tg.start(self._follow_dead_letters)
             await tg.start(self._services_loop)
             task_status.started()
@@ -203,9 +204,11 @@ class ConsoleState:
         if record.session_id:
             self.by_session.setdefault(record.session_id, set()).add(record.id)
         if record.terminal:
-            self.open_activities.discard(record.id)
+            self._close(record)
         else:
             self.open_activities.add(record.id)
+            if record.worker_id:
+                self.open_by_worker.setdefault(record.worker_id, set()).add(record.id)
         self.types.add(record.type)
         self.environments.add(record.environment_id)
         self._notify("activities")
@@ -215,39 +218,20 @@ class ConsoleState:
         record = self.activities.pop(aid, None) if aid is not None else None
         if record is None:
             return
-        self.open_activities.discard(record.id)
+        self._close(record)
         if record.session_id and record.session_id in self.by_session:
             self.by_session[record.session_id].discard(record.id)
         self._notify("activities")
 
-    # ------------------------------------------------------------ workers' signs of life
+    def _close(self, record: ActivityRecord) -> None:
+        self.open_activities.discard(record.id)
+        if record.worker_id and record.worker_id in self.open_by_worker:
+            ids = self.open_by_worker[record.worker_id]
+            ids.discard(record.id)
+            if not ids:
+                del self.open_by_worker[record.worker_id]
 
-    async def _follow_beats(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        b = self.bus
-        sub = await b.js.subscribe(
-            b.subjects.domain_wildcard("worker"), stream=b.topology.stream_name("worker"), ordered_consumer=True,
-            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, pending_msgs_limit=1_000_000,
-        )  # fmt: skip
-        try:
-            backlog = (await sub.consumer_info()).num_pending
-            if not backlog:
-                task_status.started()
-            async for msg in sub.messages:
-                meta = msg.metadata
-                try:
-                    event = bus.decode(msg.data, msg.headers, WORKER_EVENTS)
-                except bus.ValidationError:
-                    pass  # the broker and the recorder dead-letter it; the console only reads
-                else:
-                    assert isinstance(event, WORKER_EVENTS)
-                    self._saw(event, meta.timestamp or event.time)
-                if backlog and meta.num_pending == 0:
-                    backlog = 0
-                    task_status.started()
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(b.timeouts.shutdown):
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+    # ------------------------------------------------------------ workers' signs of life
 
     def _saw(self, event: WorkerStarted | WorkerHeartbeat | WorkerStopped, at: datetime) -> None:
         cur = self.beats.get(event.worker_id)
@@ -281,7 +265,8 @@ class ConsoleState:
 
     def running_on(self, worker_id: str) -> list[ActivityRecord]:
         """The activities not ended yet whose host is ``worker_id``."""
-        out = [a for aid in self.open_activities if (a := self.activities.get(aid)) and a.worker_id == worker_id]
+        ids = self.open_by_worker.get(worker_id, ())
+        out = [a for aid in ids if (a := self.activities.get(aid)) is not None and not a.terminal]
         out.sort(key=lambda a: a.created_at or a.updated_at or utcnow())
         return out
 
