@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import anyio
 import pydantic
@@ -58,6 +59,8 @@ STATIC = Path(__file__).parent / "static"
 COOKIE = "cadenza_console"
 _ID = re.compile(r"^[A-Za-z0-9_\-:=+@~]{1,200}$")
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+#: Activities shown on a session's page (the newest; the count says how many there are).
+SESSION_ACTIVITIES = 200
 PAGES = {
     "workers": "Workers",
     "sessions": "Sessions",
@@ -119,7 +122,7 @@ class _Guard:
         given = request.query_params.get("token")
         if given is not None and secrets.compare_digest(given.encode(), self.token.encode()):
             # Set the cookie and drop the token from the address bar (and from the history).
-            query = "&".join(f"{k}={v}" for k, v in request.query_params.multi_items() if k != "token")
+            query = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
             target = request.url.path + (f"?{query}" if query else "")
             response = RedirectResponse(target, status_code=303)
             response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict")
@@ -310,8 +313,9 @@ def create_app(state: ConsoleState, options: ConsoleOptions | None = None) -> St
         record = state.sessions.get(sid)
         if record is None:
             raise BadRequest(f"no session {sid}", 404)
-        activities = [_activity_json(a) for a in state.in_session(sid)]
-        return JSONResponse({"session": session_json(record), "activities": activities})
+        ran = state.in_session(sid)
+        activities = [_activity_json(a) for a in ran[-SESSION_ACTIVITIES:]]  # the newest, oldest first
+        return JSONResponse({"session": session_json(record), "activities": activities, "activity_total": len(ran)})
 
     async def api_activities(request: Request) -> Response:
         statuses = _choices(request, "status", ActivityStatus)

@@ -294,7 +294,7 @@ function sessionView() {
         h("div", { class: "two" },
           h("div", {}, h("h2", {}, "Timeline"), h("ol", { class: "timeline panel" }, tl.map(([cls, at, text]) =>
             h("li", { class: cls }, h("div", {}, text), h("div", { class: "when" }, clock(at), " · ", when(at)))))),
-          h("div", {}, h("h2", {}, `Activities (${data.activities.length})`),
+          h("div", {}, h("h2", {}, `Activities (${data.activity_total})`),
             h("div", { class: "panel" }, data.activities.length ? activityTable(data.activities, true)
               : h("div", { class: "empty" }, "No activity ran in this session yet.")))));
     },
