@@ -122,7 +122,12 @@ async def test_the_console_shows_live_work_and_cancels_it_in_a_browser(
                     row = page.locator(f'tr[data-id="{worker_id}"]')
                     await expect(row.locator(".slot-count")).to_have_text("1 / 4", timeout=WAIT)
                     await expect(row.locator(".badge")).to_have_text("live", timeout=WAIT)
-                    await expect(row.locator(".chip")).to_have_text("render", timeout=WAIT)
+                    try:
+                        await expect(row.locator(".chip")).to_have_text("render", timeout=WAIT)
+                    except AssertionError as exc:  # say what the console's API held, to tell a slow cache from a bug
+                        held = [await (await page.request.get(f"{base}{path}")).text()
+                                for path in ("/api/workers", f"/api/activities/{aid}")]  # fmt: skip
+                        raise AssertionError(f"{exc}\nthe console's API: {held}") from None
                     await page.screenshot(path=shots / "workers.png")
 
                     # Sessions: ours is open.
