@@ -119,13 +119,20 @@ _NO_SERVER = "no server given: pass --server nats://host:port or set NATS_URL (`
 async def service_bus(args: argparse.Namespace, name: str, *, embedded_ok: bool = False) -> AsyncIterator[bus.Bus]:
     """Connect as a service: ``--server``, else ``NATS_URL``; refuse to start an embedded server
     unless ``embedded_ok`` (a service alone on its own private server is useless)."""
+    import anyio
+
     import bus
+    from bus._service_info import serve_service_info
 
     urls = server_urls(args)
     if urls is None and not embedded_ok:
         raise SystemExit(f"cadenza {name}: no server given; pass --server nats://host:port or set NATS_URL")
-    async with bus.connect(urls, prefix=args.prefix, name=name) as b:
+
+    async with bus.connect(urls, prefix=args.prefix, name=name) as b, anyio.create_task_group() as tg:
+        # Every service answers <prefix>.rpc.services.info (the console's Health page lists them).
+        await tg.start(serve_service_info, b, name)
         yield b
+        tg.cancel_scope.cancel()
 
 
 @asynccontextmanager

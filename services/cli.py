@@ -43,7 +43,9 @@ if TYPE_CHECKING:
 __all__ = ("build_parser", "main")
 
 #: Modules that add subcommands; a missing one is skipped (its service is not installed).
-_COMMAND_MODULES = ("services.recorder._cli", "services.broker._cli", "services.demo._cli")
+_COMMAND_MODULES = (
+    "services.recorder._cli", "services.broker._cli", "services.demo._cli", "services.console._cli",
+)  # fmt: skip
 
 
 #: Commands that run until stopped; the others are one-shot (quiet logs, any failure in one line).
@@ -244,7 +246,7 @@ def _available(module: str) -> bool:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    """Embedded server + recorder + broker + demo worker, in the foreground."""
+    """Embedded server + recorder + broker + demo worker + web console, in the foreground."""
     import bus
     from bus._process import ChildProcess as Child
 
@@ -261,7 +263,10 @@ def cmd_dev(args: argparse.Namespace) -> int:
         ("recorder", "services.recorder"),
         ("broker", "services.broker"),
         ("demo worker", "services.demo.worker"),
+        ("console", "services.console"),
     ]
+    # The console on its usual port, or any free one when the server's port is any free one too.
+    extra = {"console": ("--port", "0" if args.port == 0 else str(args.console_port))}
     children: list[tuple[str, Child]] = []
     print(f"nats-server (JetStream) on {server.url}, store {server.store_dir}", flush=True)
     try:
@@ -269,7 +274,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             if not _available(module):
                 print(f"  {label}: not available in this build ({module} missing)", flush=True)
                 continue
-            proc = Child(module, "--server", server.url, "--prefix", args.prefix, env=env)
+            proc = Child(module, "--server", server.url, "--prefix", args.prefix, *extra.get(label, ()), env=env)
             try:
                 proc.start(timeout=30)
             except RuntimeError as exc:
@@ -286,6 +291,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
             (f"cadenza activities ls{prefix}", "tracked activities"),
             (f"cadenza tail 'activity.>'{prefix}", "events as they happen"),
         ]
+        console = next((p.ready_line.split(" on ", 1)[1].split()[0] for n, p in children if n == "console"), "")
+        if console:
+            tips.insert(0, (console, "the web console (open it in a browser)"))
         width = max(len(cmd) for cmd, _ in tips)
         print("then, in another terminal:", flush=True)
         for cmd, what in tips:
@@ -365,12 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(s)
     s.set_defaults(func=cmd_setup)
 
-    s = sub.add_parser("dev", help="embedded server + recorder + broker + demo worker, in the foreground")
+    s = sub.add_parser("dev", help="embedded server + recorder + broker + demo worker + console, in the foreground")
     s.add_argument("--store", default=None, help="JetStream store directory (default: a temporary one)")
     s.add_argument("--port", type=int, default=4222, help="client port (0: any free port; default 4222)")
     s.add_argument("--prefix", default=os.environ.get("CADENZA_PREFIX", "cadenza"),
                    help="subject prefix (default: cadenza)")  # fmt: skip
     s.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: until Ctrl-C)")
+    s.add_argument("--console-port", type=int, default=8765, help="the web console's port (default 8765)")
     s.set_defaults(func=cmd_dev)
 
     for name in _COMMAND_MODULES:
