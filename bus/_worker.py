@@ -356,14 +356,34 @@ class Worker:
             )  # fmt: skip
             return
         if isinstance(event, SessionOpened):
-            self._opened(event)
+            await self._opened(event)
         elif isinstance(event, SessionClosed):
             self._closed(event)
         else:
             await self._run(event, delivery)
 
-    def _opened(self, event: SessionOpened) -> None:
-        self._open(event.session_id, event.expires_at)
+    async def _opened(self, event: SessionOpened) -> None:
+        sid = event.session_id
+        if len(self._sessions) >= self.max_concurrent_sessions and sid not in self._sessions and sid not in self._ended:
+            # The broker's slots say there is room, so a close notice is late (its delivery was lost
+            # in a node restart and comes again after the ack wait): the records tell which ended.
+            await self._reconcile()
+        self._open(sid, event.expires_at)
+
+    async def _reconcile(self) -> None:
+        """Close here the sessions whose record says they ended (or moved): their notice is late."""
+        for sid in list(self._sessions):
+            record = await self._stored_session(sid)
+            if record is None or (record.state is SessionState.OPEN and record.worker_id == self.worker_id):
+                continue  # open here (or unknown: kept, the broker's notice will come)
+            state = record.state if record.ended else SessionState.FAILED
+            kind = CancelKind.SESSION_COMPLETED if state is SessionState.COMPLETED else CancelKind.SESSION_FAILED
+            why = record.message or f"the session is {record.state.value} on {record.worker_id or 'no worker'}"
+            _log.warning("worker %s: session %s ended without its notice reaching us yet (%s)", self.worker_id, sid,
+                         why)  # fmt: skip
+            cause = CancelCause(kind=kind, who="broker", reason=why)
+            self._closed(SessionClosed(event_id=f"closed-{sid}", worker_id=self.worker_id, session_id=sid,
+                                       state=state, cause=cause))  # fmt: skip
 
     def _open(self, sid: str, expires_at: datetime | None) -> None:
         if sid in self._sessions or sid in self._ended:

@@ -272,3 +272,31 @@ async def test_a_bucket_value_that_is_no_record_is_dead_lettered_by_the_broker(c
         (letter,) = await _letters(b, "broker-sessions")
         assert letter.error_type == "bad_shape" and "SessionRecord" in letter.reason
         tg.cancel_scope.cancel()
+
+
+async def test_a_late_close_notice_does_not_put_a_worker_over_its_slots(cadenza_bus: bus.Bus) -> None:
+    """A close notice redelivered late (lost in a node restart) must not leave the worker counting an
+    ended session when the broker, whose slots say there is room, gives it the next one."""
+    b = cadenza_bus
+    w = bus.Worker(b, tasklist="late-close", heartbeat_interval=0.3, max_concurrent_sessions=1)
+    kv = await b.kv("sessions")
+    inbox = b.subjects.build("task", w.worker_id, "inbox")
+
+    async def open_on_worker(sid: str) -> None:
+        now = utcnow()
+        record = SessionRecord(session_id=sid, tasklist="late-close", state=SessionState.OPEN,
+                               worker_id=w.worker_id, opened_at=now, requested_at=now)  # fmt: skip
+        await kv.put(sid, record.model_dump_json().encode())
+        await b.publish(SessionOpened(worker_id=w.worker_id, session_id=sid), subject=inbox)
+
+    async with w:
+        await open_on_worker("s-first")
+        await eventually(lambda: w.open_sessions == 1, timeout=30, what="the first session opened")
+        # It ends; the broker frees the slot; its close notice to the worker is late.
+        ended = SessionRecord(session_id="s-first", tasklist="late-close", state=SessionState.COMPLETED,
+                              worker_id=w.worker_id, ended_at=utcnow())  # fmt: skip
+        await kv.put("s-first", ended.model_dump_json().encode())
+        await open_on_worker("s-second")
+        await eventually(lambda: "s-second" in w._sessions, timeout=30, what="the second session opened")
+        assert w.open_sessions == 1 and w.oversubscribed == 0
+        assert "s-first" not in w._sessions
