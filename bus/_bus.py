@@ -881,6 +881,7 @@ async def connect(
     name: str = "cadenza",
     ensure_topology: bool = True,
     store_dir: str | os.PathLike[str] | None = None,
+    replicas: int | None = None,
 ) -> AsyncIterator[Bus]:
     """Connect to NATS (or start the embedded server) and yield a :class:`Bus`.
 
@@ -894,6 +895,7 @@ async def connect(
         timeouts: bounds of every wait.
         name: this process's name (client name, ``source`` of its events).
         ensure_topology: declare the streams and buckets (idempotent).
+        replicas: stream and bucket replicas, 3 on a cluster (default: ``CADENZA_REPLICAS``, else 1).
 
     Raises:
         ConnectError: no server answered; ServerStartError: the embedded server would not start;
@@ -904,6 +906,9 @@ async def connect(
         opts = ConnectOptions.from_env(servers=server, name=name)
     else:
         opts = dataclasses.replace(options, servers=_split(server)) if server else options
+    prefix = prefix or os.environ.get("CADENZA_PREFIX") or DEFAULT_PREFIX
+    # Built first: a bad CADENZA_REPLICAS / CADENZA_STORAGE fails before anything is opened.
+    topology = Topology(prefix) if replicas is None else Topology(prefix, replicas=replicas)
     embedded: EmbeddedServer | None = None
     if not opts.servers:
         embedded = EmbeddedServer(store_dir, start_timeout=timeouts.server_start)
@@ -917,8 +922,7 @@ async def connect(
         if embedded is not None:
             embedded.stop()
         raise
-    prefix = prefix or os.environ.get("CADENZA_PREFIX") or DEFAULT_PREFIX
-    bus = Bus(nc, topology=Topology(prefix), timeouts=timeouts, source=f"{name}@{_hostname()}", server=embedded)
+    bus = Bus(nc, topology=topology, timeouts=timeouts, source=f"{name}@{_hostname()}", server=embedded)
     try:
         if ensure_topology:
             await bus.topology.ensure(bus.js)
