@@ -11,6 +11,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import secrets
 import signal
@@ -199,6 +200,11 @@ def cmd_tail(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ setup / status
 
 
+def _quiet_bus_logs() -> None:
+    """One line on an error: the bus's connection notices (attempts, disconnects) are for services."""
+    logging.getLogger("cadenza.bus").setLevel(logging.ERROR)
+
+
 def cmd_setup(args: argparse.Namespace) -> int:
     """Declare (or upgrade) every stream and bucket: run once as the admin user."""
     if _no_server(args):
@@ -217,6 +223,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
             need = format_size(topo.storage_needed())
             print(f"replicas {topo.replicas or 1}, {need} of file store reserved per node")
 
+    _quiet_bus_logs()
     return run_service(go)
 
 
@@ -232,6 +239,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                                timeouts=timeouts) as b:  # fmt: skip
             rows.extend(await _status_rows(b, args.timeout))
 
+    _quiet_bus_logs()
     code = run_service(go)
     if code:
         return code
