@@ -68,6 +68,10 @@ from ._exceptions import ValidationError as ValidationError
 from ._heartbeat import Heartbeater as Heartbeater
 from ._heartbeat import ProcessLoad as ProcessLoad
 from ._heartbeat import new_worker_id as new_worker_id
+from ._retry import backoff_delay as backoff_delay
+from ._retry import is_transient as is_transient
+from ._retry import retry_transient as retry_transient
+from ._retry import run_restarting as run_restarting
 from ._server import EmbeddedServer as EmbeddedServer
 from ._server import find_server_binary as find_server_binary
 from ._session import ActivityFailedError as ActivityFailedError
@@ -168,6 +172,7 @@ __all__ = (
     "activity_context",
     "activity_writer",
     "background",
+    "backoff_delay",
     "cancelled_by_context",
     "clamp_progress",
     "complete_handler_activity",
@@ -181,12 +186,15 @@ __all__ = (
     "find_server_binary",
     "flush_writer",
     "get_session_info",
+    "is_transient",
     "new_worker_id",
     "new_writer",
     "read_activity_messages",
     "recreate_session",
     "request_cancel",
+    "retry_transient",
     "run_handler_activity",
+    "run_restarting",
     "session",
     "start_handler_activity_for_user",
     "status_for_cause",

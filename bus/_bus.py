@@ -57,6 +57,7 @@ from ._exceptions import (
     RequestError,
     ValidationError,
 )
+from ._retry import backoff_delay, is_transient, retry_transient
 from ._server import EmbeddedServer
 from ._topology import ConsumerSpec, Topology
 from ._tracing import SYSTEM, extract_context, inject_headers, instruments, tracer
@@ -368,21 +369,29 @@ class Bus:
 
     async def _publish_raw(self, subject: str, body: bytes, headers: dict[str, str], timeout: float) -> PublishResult:
         last: BaseException | None = None
-        for attempt in range(self.timeouts.publish_retries + 1):
+        # Bounded by time as well as attempts: "no response from stream" comes back at once while a
+        # cluster elects a leader (seconds), so quick failures are retried until the budget is spent.
+        budget = timeout * (self.timeouts.publish_retries + 1)
+        started = time.monotonic()
+        attempt = 0
+        while attempt <= self.timeouts.publish_retries or time.monotonic() - started < budget:
+            attempt += 1
             try:
                 ack = await self.js.publish(subject, body, timeout=timeout, headers=headers)
                 return PublishResult(ack.stream, ack.seq, bool(ack.duplicate))
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionReconnectingError,
-                    nats.js.errors.ServiceUnavailableError) as exc:  # fmt: skip
-                # Safe to retry: the same Nats-Msg-Id makes a second store a no-op.
-                last = exc
-                await anyio.sleep(min(0.1 * 2**attempt, 2.0))
-            except nats.js.errors.APIError as exc:
-                raise PublishError(f"the server refused the publish to {subject}: {exc}", non_retryable=True) from exc
             except nats.errors.Error as exc:
-                raise PublishError(f"publish to {subject} failed: {exc}") from exc
+                if not is_transient(exc):
+                    if isinstance(exc, nats.js.errors.APIError):
+                        raise PublishError(f"the server refused the publish to {subject}: {exc}",
+                                           non_retryable=True) from exc  # fmt: skip
+                    raise PublishError(f"publish to {subject} failed: {exc}") from exc
+                # Safe to retry: the same Nats-Msg-Id makes a second store a no-op. A stream with
+                # no leader for a moment (an election on a cluster) answers "no response from stream".
+                last = exc
+                await anyio.sleep(0.05 + backoff_delay(attempt, base=0.05, cap=1.0))
         raise PublishError(
-            f"no acknowledgement for {subject} after {self.timeouts.publish_retries + 1} attempts ({last!r}); "
+            f"no acknowledgement for {subject} after {attempt} attempts in {time.monotonic() - started:.1f}s "
+            f"({last!r}); "
             f"is the server at {self.url} up and does a stream take this subject?"
         ) from last
 
@@ -475,7 +484,8 @@ class Bus:
             raise ValueError("accept must name at least one event class")
         domain = domain or accept[0].DOMAIN
         stream = self.topology.stream_name(domain)
-        await self.topology.ensure_consumer(self.js, domain, spec)
+        await retry_transient(lambda: self.topology.ensure_consumer(self.js, domain, spec),
+                              what=f"declare consumer {spec.durable}")  # fmt: skip
         pull = _Pull(self, stream, spec, min(concurrency, 256))
         await pull.open()
         acked = _Acked()
@@ -778,8 +788,9 @@ class Bus:
         self._check_open()
         bucket = self._kv.get(key)
         if bucket is None:
+            name = self.topology.bucket_name(key)
             try:
-                bucket = await self.js.key_value(self.topology.bucket_name(key))
+                bucket = await retry_transient(lambda: self.js.key_value(name), what=f"open bucket {name}")
             except nats.errors.Error as exc:
                 raise BusError(f"key-value bucket {self.topology.bucket_name(key)} is not available: {exc}") from exc
             self._kv[key] = bucket
@@ -925,7 +936,7 @@ async def connect(
     bus = Bus(nc, topology=topology, timeouts=timeouts, source=f"{name}@{_hostname()}", server=embedded)
     try:
         if ensure_topology:
-            await bus.topology.ensure(bus.js)
+            await retry_transient(lambda: bus.topology.ensure(bus.js), what="declare the streams and buckets")
         yield bus
     finally:
         await bus.close()

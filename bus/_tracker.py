@@ -48,6 +48,7 @@ from ._cancel import CancelRouter
 from ._context import CancelToken, Context
 from ._exceptions import ActivityError, CadenzaError
 from ._heartbeat import Heartbeater, ProcessLoad, new_worker_id
+from ._retry import backoff_delay
 from ._writer import ActivityWriter, TextSink, flush_writer
 
 __all__ = ("BusActivityService", "ServiceState")
@@ -84,6 +85,10 @@ class _Track:
     watch: anyio.CancelScope | None = None
     writers: list[ActivityWriter] = field(default_factory=list)
     warned: bool = False
+    #: The status of a completion that is not stored yet (kept in ``pending``, retried by the outbox).
+    completing: ActivityStatus | None = None
+    #: The outbox task retrying ``pending`` in the background, while one runs.
+    retrying: bool = False
 
 
 class BusActivityService:
@@ -193,19 +198,55 @@ class BusActivityService:
     # ------------------------------------------------------------ publishing
 
     async def _publish_locked(self, track: _Track, event: Event, batch: object = None) -> None:
-        # Older unacknowledged events first, unchanged: same id, same seq (dedupe on the server).
-        while track.pending:
-            old, old_batch = track.pending[0]
-            await self.bus.publish(old)
-            track.pending.pop(0)
-            if batch is not None and old_batch is batch:
-                return
         try:
+            # Older unacknowledged events first, unchanged: same id, same seq (dedupe on the server).
+            while track.pending:
+                old, old_batch = track.pending[0]
+                await self.bus.publish(old)
+                track.pending.pop(0)
+                if batch is not None and old_batch is batch:
+                    return
             await self.bus.publish(event)
         except CadenzaError as exc:
             if not exc.non_retryable:
-                track.pending.append((event, batch))
+                # Kept behind the older ones (once: a writer retrying a batch brings the same batch).
+                if not any(e is event or (batch is not None and b is batch) for e, b in track.pending):
+                    track.pending.append((event, batch))
+                self._retry_later(track)
             raise
+
+    def _retry_later(self, track: _Track) -> None:
+        """The outbox: events not stored yet (a node restart outlasted the publish retries) are
+        retried in the background, with backoff, until the server acknowledges them, so a completion
+        the caller already saw does not wait for an event of the activity that may never come."""
+        if track.retrying or self._tg is None or self.state is not ServiceState.OPEN:
+            return
+        track.retrying = True
+        self._tg.start_soon(self._drain_outbox, track, name=f"activity-outbox-{track.record.id}")
+
+    async def _drain_outbox(self, track: _Track) -> None:
+        attempt = 0
+        try:
+            while track.pending and self.state is ServiceState.OPEN:
+                await anyio.sleep(0.2 + backoff_delay(attempt, base=0.2, cap=5.0))
+                attempt += 1
+                async with track.lock:
+                    try:
+                        while track.pending:
+                            await self.bus.publish(track.pending[0][0])
+                            track.pending.pop(0)
+                    except CadenzaError as exc:
+                        if exc.non_retryable:
+                            _log.error("activity %s: an event cannot be stored, dropped: %s", track.record.id, exc)
+                            track.pending.pop(0)
+                        elif attempt in (1, 10) or attempt % 50 == 0:
+                            _log.warning("activity %s: %d event(s) not stored yet (attempt %d): %s",
+                                         track.record.id, len(track.pending), attempt, exc)  # fmt: skip
+                        continue
+                    if track.completing is not None and track.record.id in self._tracks:
+                        self._finish(track.record.id, track.completing)
+        finally:
+            track.retrying = False
 
     def _track(self, activity_id: str) -> _Track:
         track = self._tracks.get(activity_id)
@@ -288,7 +329,7 @@ class BusActivityService:
             try:
                 await self._publish_locked(track, track.pending.pop(0)[0])
             except CadenzaError as exc:
-                # Kept pending (retryable) and retried before the activity's next event.
+                # Kept pending (retryable) and retried by the outbox, or before the next event.
                 _log.warning("activity %s: announcement not stored yet: %s", track.record.id, exc)
 
     async def update_activity(self, activity_id: str, req: UpdateRequest) -> None:
@@ -354,9 +395,11 @@ class BusActivityService:
                 step=final_step,
                 result=result,
             )
-            await self._publish_locked(track, event)
             if final is not None:
                 track.next_seq += 1
+            track.completing = status
+            # Not stored: PublishError to the caller; the outbox keeps the completion and retries it.
+            await self._publish_locked(track, event)
             self._finish(activity_id, status)
         record = track.record.model_copy(
             update={

@@ -25,12 +25,14 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import MappingProxyType
 from typing import Any, TypeVar, overload
 
 import anyio
 import nats.errors
 import nats.js.errors
+import pydantic
 from anyio.abc import TaskGroup, TaskStatus
 
 from schemas import (
@@ -42,6 +44,7 @@ from schemas import (
     CancelKind,
     SessionClosed,
     SessionOpened,
+    SessionRecord,
     SessionState,
     TaskError,
     WorkerPing,
@@ -58,6 +61,7 @@ from ._codec import encode
 from ._context import BUS_KEY, CancelToken, Context
 from ._exceptions import CadenzaError, SessionError
 from ._heartbeat import Heartbeater, ProcessLoad, new_worker_id
+from ._retry import retry_transient
 from ._session import SessionInfo
 from ._topology import ConsumerSpec
 from ._tracker import BusActivityService
@@ -348,19 +352,52 @@ class Worker:
             await self._run(event, delivery)
 
     def _opened(self, event: SessionOpened) -> None:
-        if event.worker_id != self.worker_id or event.session_id in self._sessions:
-            return
+        if event.worker_id == self.worker_id:
+            self._open(event.session_id, event.expires_at)
+
+    def _open(self, sid: str, expires_at: datetime | None) -> None:
+        if sid in self._sessions or sid in self._ended:
+            return  # known already (from its record, or a redelivered notice), or over
         if len(self._sessions) >= self.max_concurrent_sessions:
             # The broker's slots make this impossible; counted so a test (and an operator) sees it.
             self.oversubscribed += 1
-            _log.error("worker %s got session %s beyond its %d slots", self.worker_id, event.session_id,
+            _log.error("worker %s got session %s beyond its %d slots", self.worker_id, sid,
                        self.max_concurrent_sessions)  # fmt: skip
-        info = SessionInfo(session_id=event.session_id, worker_id=self.worker_id, tasklist=self.tasklist,
-                           expires_at=event.expires_at)  # fmt: skip
+        info = SessionInfo(session_id=sid, worker_id=self.worker_id, tasklist=self.tasklist, expires_at=expires_at)
         sess = _Session(info=info, token=self._root.child())
-        sess.registration.enter_context(self.router.register(event.session_id, sess.token))
-        self._sessions[event.session_id] = sess
+        sess.registration.enter_context(self.router.register(sid, sess.token))
+        self._sessions[sid] = sess
         self.peak_sessions = max(self.peak_sessions, len(self._sessions))
+
+    async def _session_of(self, sid: str) -> _Session | None:
+        """The open session ``sid`` of a task, or None.
+
+        The broker stores its notice in the task stream before the caller hears of the session, so
+        the notice comes first, unless its delivery was lost (a node restart) and comes again
+        later: then the session's record, written before the notice was sent, decides.
+        """
+        sess = self._sessions.get(sid)
+        if sess is not None or sid in self._ended:
+            return sess
+        record = await self._stored_session(sid)
+        if record is not None and record.state is SessionState.OPEN and record.worker_id == self.worker_id:
+            _log.info("worker %s: a task of session %s came before the broker's notice; opened from its record",
+                      self.worker_id, sid)  # fmt: skip
+            self._open(sid, record.expires_at)
+        return self._sessions.get(sid)
+
+    async def _stored_session(self, sid: str) -> SessionRecord | None:
+        try:
+            kv = await self.bus.kv("sessions")
+            entry = await retry_transient(lambda: kv.get(sid), what=f"read session {sid}", budget=10.0)
+        except (nats.errors.Error, CadenzaError) as exc:
+            if not isinstance(exc, nats.js.errors.KeyNotFoundError):
+                _log.warning("worker %s: cannot read session %s: %r", self.worker_id, sid, exc)
+            return None
+        try:
+            return SessionRecord.model_validate_json(entry.value or b"")
+        except pydantic.ValidationError:
+            return None
 
     def _closed(self, event: SessionClosed) -> None:
         self._ended[event.session_id] = event
@@ -388,7 +425,7 @@ class Worker:
             return
         sess: _Session | None = None
         if task.session_id:
-            sess = self._sessions.get(task.session_id)
+            sess = await self._session_of(task.session_id)
             if sess is None or sess.token.cancelled:
                 ended = self._ended.get(task.session_id)
                 if ended is not None and ended.state is SessionState.COMPLETED:

@@ -202,7 +202,9 @@ async def test_cli_activities_ls_get_tail_cancel_readable_and_json(nats_server: 
     prefix = unique_prefix()
     url = nats_server.url
     async with bus.connect(url, prefix=prefix) as b:
-        with recorder(prefix, url), host(prefix, url, "--interval", "0.3") as h:
+        # A heartbeat a second (host timeout 3 s): this test is about the CLI, and on a loaded machine
+        # a 0.3 s heartbeat once came late enough for the host-lost sweep to end the activity first.
+        with recorder(prefix, url), host(prefix, url, "--interval", "1.0") as h:
             activity_id = _activity_of(h)
             await wait_record(b, activity_id, lambda r: True)
             ls = await anyio.to_thread.run_sync(lambda: _cli(url, prefix, "activities", "ls"))

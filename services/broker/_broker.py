@@ -21,6 +21,7 @@ server's timestamps of those, so it does not declare a worker lost merely becaus
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -126,10 +127,6 @@ class _Cached:
     revision: int
 
 
-class _Conflict(Exception):
-    pass
-
-
 class Broker:
     """Run with ``await tg.start(Broker(b).run)``; several replicas may run at once."""
 
@@ -178,9 +175,11 @@ class Broker:
         )  # fmt: skip
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            await tg.start(self._watch, self._kv_workers, self.workers, WorkerRecord)
-            await tg.start(self._watch, self._kv_sessions, self.sessions, SessionRecord)
-            await tg.start(self._follow_workers)
+            await tg.start(bus.run_restarting, "workers watcher",
+                           functools.partial(self._watch, self._kv_workers, self.workers, WorkerRecord))  # fmt: skip
+            await tg.start(bus.run_restarting, "sessions watcher",
+                           functools.partial(self._watch, self._kv_sessions, self.sessions, SessionRecord))  # fmt: skip
+            await tg.start(bus.run_restarting, "heartbeat follower", self._follow_workers)
             await tg.start(lambda task_status: b.consume(
                 requests, [SessionRequested], self._on_request, concurrency=self.config.request_concurrency,
                 task_status=task_status))  # fmt: skip
@@ -270,28 +269,36 @@ class Broker:
             new = change(current)
             if new is None:
                 return current
+            data = new.model_dump_json().encode()
             try:
-                data = new.model_dump_json().encode()
-                if revision:
-                    revision = await kv.update(key, data, last=revision)
-                else:
-                    revision = await kv.create(key, data)
+                # A write retried after a lost answer may find its own first try stored: the
+                # conflict that follows re-reads it, and ``change`` (idempotent) then changes nothing.
+                revision = await bus.retry_transient(functools.partial(self._write, kv, key, data, revision),
+                                                     what=f"write {key}")  # fmt: skip
                 self._store(cache, key, new, revision)
                 return new
             except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
                 current, revision = await self._fresh(kv, model, key)
+            except nats.errors.Error as exc:
+                raise bus.BusError(f"could not write {key}: {exc!r}") from exc
         raise bus.BusError(f"could not update {key} after 64 conflicting writes")
+
+    @staticmethod
+    async def _write(kv: KeyValue, key: str, data: bytes, revision: int) -> int:
+        return await kv.update(key, data, last=revision) if revision else await kv.create(key, data)
 
     async def _fresh(
         self, kv: KeyValue, model: type[pydantic.BaseModel], key: str
     ) -> tuple[pydantic.BaseModel | None, int]:
         try:
-            entry = await kv.get(key)
+            entry = await bus.retry_transient(lambda: kv.get(key), what=f"read {key}")
         except nats.js.errors.KeyNotFoundError:
             return None, 0
         except nats.js.errors.KeyDeletedError as exc:
             # A deleted key is re-created on top of its delete marker.
             return None, (exc.entry.revision or 0) if exc.entry is not None else 0
+        except nats.errors.Error as exc:
+            raise bus.BusError(f"could not read {key}: {exc!r}") from exc
         if entry.value is None:
             return None, entry.revision or 0
         return model.model_validate_json(entry.value), entry.revision or 0
@@ -409,8 +416,9 @@ class Broker:
         if record is None or cached is None or record.sessions:
             return
         assert self._kv_workers is not None
-        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
-            await self._kv_workers.delete(wid, last=cached.revision)
+        kv = self._kv_workers
+        with contextlib.suppress(nats.errors.Error, bus.CadenzaError):
+            await bus.retry_transient(lambda: kv.delete(wid, last=cached.revision), what=f"forget {wid}", budget=5.0)
             self.workers.pop(wid, None)
 
     # ------------------------------------------------------------ creating
@@ -615,18 +623,18 @@ class Broker:
                                               record.session_id, time.time()))  # fmt: skip
         opened = SessionOpened(event_id=f"opened-{record.session_id}", worker_id=record.worker_id,
                                session_id=record.session_id, expires_at=record.expires_at)  # fmt: skip
-        # Both sent at once, the worker's notice first on this connection: the server stores it in the
-        # task stream before it stores the announcement, so it precedes any task the caller sends
-        # after hearing of the session.
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(b.publish, opened)
-            await anyio.lowlevel.checkpoint()
-            await b.publish(SessionAssigned(
+        # The worker's notice is stored in the task stream before the caller hears of the session:
+        # any task the caller sends afterwards follows it in that stream, whatever the topology
+        # (on a cluster the session and task streams have different leaders, so sending both at
+        # once let a caller's task overtake the notice). A worker handed a task before the notice
+        # (the notice's delivery lost and redelivered later) reads the session's record instead.
+        await b.publish(opened)
+        await b.publish(SessionAssigned(
             event_id=f"assigned-{record.session_id}", session_id=record.session_id, tasklist=record.tasklist,
             worker_id=record.worker_id, host_name=record.host_name or (worker.host_name if worker else ""),
-                heartbeat_timeout=record.heartbeat_timeout, expires_at=record.expires_at or utcnow(),
-                recreate_token=token,
-            ))  # fmt: skip
+            heartbeat_timeout=record.heartbeat_timeout, expires_at=record.expires_at or utcnow(),
+            recreate_token=token,
+        ))  # fmt: skip
 
     # ------------------------------------------------------------ ending
 
@@ -715,14 +723,26 @@ class Broker:
 
     def _spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         assert self._tg is not None
-        self._tg.start_soon(fn, *args)
+        self._tg.start_soon(self._guarded, fn, *args)
+
+    async def _guarded(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        # A step of the sweep that fails is taken again by a later sweep (every step is idempotent):
+        # an engine error (a node restart, an election) must never end the broker's task group.
+        try:
+            await fn(*args)
+        except (bus.CadenzaError, nats.errors.Error, TimeoutError) as exc:
+            _log.warning("%s failed; the next sweep retries: %r", fn.__name__, exc)
+        except Exception:
+            _log.exception("%s failed unexpectedly; the next sweep retries", fn.__name__)
 
     async def _sweep_loop(self) -> None:
         while True:
             try:
                 await self.sweep()
-            except (bus.CadenzaError, nats.errors.Error) as exc:
-                _log.warning("sweep failed: %s", exc)
+            except (bus.CadenzaError, nats.errors.Error, TimeoutError) as exc:
+                _log.warning("sweep failed: %r", exc)
+            except Exception:
+                _log.exception("sweep failed unexpectedly")
             await anyio.sleep(self.config.sweep_interval)
 
     async def sweep(self) -> None:
@@ -776,8 +796,9 @@ class Broker:
 
     async def _prune(self, sid: str) -> None:
         assert self._kv_sessions is not None
-        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
-            await self._kv_sessions.purge(sid)
+        kv = self._kv_sessions
+        with contextlib.suppress(nats.errors.Error, bus.CadenzaError):
+            await bus.retry_transient(lambda: kv.purge(sid), what=f"prune {sid}", budget=5.0)
             self.sessions.pop(sid, None)
 
     def _maybe_probe(self, wid: str, seen: _Seen) -> None:

@@ -163,8 +163,8 @@ class Recorder:
         # means a redelivery that changes nothing, so acks are not awaited.
         spec = bus.ConsumerSpec("recorder", b.subjects.domain_wildcard("activity"), max_deliver=8, ack_sync=False)
         async with anyio.create_task_group() as tg:
-            await tg.start(self._watch_store)
-            await tg.start(self._watch_workers)
+            await tg.start(bus.run_restarting, "activities watcher", self._watch_store)
+            await tg.start(bus.run_restarting, "heartbeat follower", self._watch_workers)
             await tg.start(b.consume, spec, ACTIVITY_EVENTS, self._on_event)
             endpoints = (
                 ("list", ListActivitiesRequest, self.list),
@@ -377,8 +377,10 @@ class Recorder:
             await anyio.sleep(self.config.sweep_interval)
             try:
                 await self.sweep()
-            except bus.CadenzaError as exc:
-                _log.warning("host-lost sweep failed: %s", exc)
+            except (bus.CadenzaError, nats.errors.Error, TimeoutError) as exc:
+                _log.warning("host-lost sweep failed: %r", exc)
+            except Exception:
+                _log.exception("host-lost sweep failed unexpectedly")
 
     async def sweep(self) -> int:
         """Finalise the running activities whose host is gone; returns how many."""
@@ -456,8 +458,10 @@ class Recorder:
             await anyio.sleep(self.config.prune_interval)
             try:
                 await self.prune()
-            except bus.CadenzaError as exc:
-                _log.warning("prune failed: %s", exc)
+            except (bus.CadenzaError, nats.errors.Error, TimeoutError) as exc:
+                _log.warning("prune failed: %r", exc)
+            except Exception:
+                _log.exception("prune failed unexpectedly")
 
     def prune_candidates(self, now: datetime | None = None) -> list[ActivityRecord]:
         """Finished activities beyond the age or count limits (running ones never)."""

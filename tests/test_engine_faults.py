@@ -1,0 +1,222 @@
+"""The engine's passing failures (issue 9): what is transient, the server killed under a running
+broker, a task that overtakes its session's notice, a completion the server could not store.
+
+The 3-node cluster version of these faults is tests/test_cluster_chaos.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from typing import Any
+
+import anyio
+import nats.errors
+import nats.js.errors
+import pytest
+from nats.js.api import StreamConfig
+
+import bus
+from bus.testing import eventually, unique_prefix
+from schemas import (
+    ActivityResult,
+    ActivityStatus,
+    ActivityTask,
+    SessionRecord,
+    SessionState,
+    utcnow,
+)
+
+from .test_activity_host import running_recorder, wait_record
+from .test_session_faults import broker, opts, reap, records_of, session_of, worker
+
+# ---------------------------------------------------------------- what is transient
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        nats.js.errors.NoStreamResponseError(),
+        nats.errors.TimeoutError(),
+        TimeoutError(),
+        nats.errors.ConnectionReconnectingError(),
+        nats.errors.NoRespondersError(),
+        nats.js.errors.APIError(code=503, err_code=10008, description="JetStream system temporarily unavailable"),
+        nats.js.errors.APIError(code=500, err_code=10009, description="JetStream cluster can not handle request"),
+    ],
+)
+def test_engine_errors_of_an_election_or_a_restart_are_transient(exc: BaseException) -> None:
+    assert bus.is_transient(exc)
+    wrapped = bus.BusError("wrapped")
+    wrapped.__cause__ = exc
+    assert bus.is_transient(wrapped), "a bus error raised from a transient one is transient"
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        nats.js.errors.KeyWrongLastSequenceError(),
+        nats.js.errors.KeyNotFoundError(),
+        nats.js.errors.APIError(code=500, err_code=10047, description="insufficient storage resources available"),
+        nats.js.errors.APIError(code=400, err_code=10058, description="stream name already in use"),
+        ValueError("a bug"),
+    ],
+)
+def test_conflicts_refusals_and_bugs_are_not_transient(exc: BaseException) -> None:
+    assert not bus.is_transient(exc)
+
+
+async def test_retry_transient_retries_with_backoff_then_gives_up_within_its_budget() -> None:
+    calls: list[float] = []
+
+    async def flaky() -> str:
+        calls.append(time.monotonic())
+        if len(calls) < 4:
+            raise nats.js.errors.NoStreamResponseError()
+        return "stored"
+
+    assert await bus.retry_transient(flaky, what="flaky", budget=30.0) == "stored"
+    assert len(calls) == 4
+
+    async def never() -> None:
+        raise nats.errors.TimeoutError()
+
+    with pytest.raises(bus.BusError, match=r"did not recover within 0\.3s"):
+        await bus.retry_transient(never, what="never", budget=0.3)
+
+    async def wrong() -> None:
+        raise nats.js.errors.KeyWrongLastSequenceError()
+
+    with pytest.raises(nats.js.errors.KeyWrongLastSequenceError):
+        await bus.retry_transient(wrong, what="wrong")
+
+
+# ---------------------------------------------------------------- the server killed under the broker
+
+
+@pytest.fixture
+def own_server() -> Iterator[bus.EmbeddedServer]:
+    """A server of this test alone, to kill and restart on its store."""
+    server = bus.EmbeddedServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_broker_and_worker_outlive_a_server_kill_and_still_end_sessions_on_time(
+    own_server: bus.EmbeddedServer,
+) -> None:
+    prefix, url = unique_prefix(), own_server.url
+    with ExitStack() as stack:
+        procs = []
+        for proc in (broker(prefix, url), worker(prefix, url)):
+            stack.callback(reap, proc)
+            proc.start(timeout=30)
+            procs.append(proc)
+        timeouts = bus.Timeouts(publish=2.0, publish_retries=15, request=10.0)
+        async with bus.connect(url, prefix=prefix, timeouts=timeouts) as b:
+            short = await bus.create_session(b.context(), opts(execution_timeout=8.0))
+            long = await bus.create_session(b.context(), opts())
+            sid = session_of(short).session_id
+            own_server.kill()
+            await anyio.to_thread.run_sync(time.sleep, 1.0)  # the scenario: the server stays down a moment
+            own_server.restart()
+
+            async def ended() -> bool:
+                rec = (await records_of(b, [sid]))[sid]
+                return rec is not None and rec.state is SessionState.FAILED
+
+            with anyio.fail_after(60):
+                while not await ended():  # noqa: ASYNC110 - polls the server's state
+                    await anyio.sleep(0.1)
+            rec = (await records_of(b, [sid]))[sid]
+            assert rec is not None and rec.cause == "execution_timeout", rec
+            assert all(p.proc is not None and p.proc.poll() is None for p in procs), "a service exited"
+            # The broker still places and the worker still runs: the open session and a new one work.
+            assert await bus.execute_activity(long, "echo", "after", start_to_close_timeout=30) == "after"
+            async with bus.session(b.context(), opts(creation_timeout=30)) as again:
+                assert await bus.execute_activity(again, "echo", 2, start_to_close_timeout=30) == 2
+            await bus.complete_session(long)
+
+
+# ---------------------------------------------------------------- a task before the session's notice
+
+
+async def _run_task(b: bus.Bus, wid: str, sid: str) -> ActivityResult:
+    """Send one ``echo`` task of session ``sid`` straight to worker ``wid``'s inbox; its answer."""
+    got: list[ActivityResult] = []
+    inbox = b.nc.new_inbox()
+
+    async def on_reply(msg: Any) -> None:
+        got.append(bus.decode(msg.data, msg.headers, [ActivityResult]))
+
+    sub = await b.nc.subscribe(inbox, cb=on_reply)
+    try:
+        task = ActivityTask(activity_id=f"a{unique_prefix()}", name="echo", args=["hi"], worker_id=wid,
+                            session_id=sid, reply_to=inbox)  # fmt: skip
+        await b.publish(task)
+        await eventually(lambda: bool(got), timeout=30, what="the worker's answer")
+    finally:
+        await sub.unsubscribe()
+    return got[0]
+
+
+async def test_a_task_that_overtakes_the_session_notice_runs_in_the_session_its_record_opened(
+    cadenza_bus: bus.Bus,
+) -> None:
+    b = cadenza_bus
+    w = bus.Worker(b, tasklist="overtake", heartbeat_interval=0.3)
+
+    @w.activity("echo")
+    async def echo(x: object) -> object:
+        return x
+
+    async with w:
+        kv = await b.kv("sessions")
+        # The broker wrote the record (open on this worker); its notice to the worker is late.
+        now = utcnow()
+        record = SessionRecord(session_id="s-overtaken", tasklist="overtake", state=SessionState.OPEN,
+                               worker_id=w.worker_id, opened_at=now, requested_at=now)  # fmt: skip
+        await kv.create("s-overtaken", record.model_dump_json().encode())
+        reply = await _run_task(b, w.worker_id, "s-overtaken")
+        assert reply.ok and reply.result == "hi", reply
+        assert w.open_sessions == 1
+        # A session this worker was never given is refused, as before.
+        refused = await _run_task(b, w.worker_id, "s-unknown")
+        assert not refused.ok and refused.error is not None
+        assert "not open on worker" in refused.error.message
+        assert w.open_sessions == 1
+
+
+# ---------------------------------------------------------------- a completion not stored at once
+
+
+async def test_a_completion_the_server_could_not_store_is_retried_until_the_recorder_has_it(
+    cadenza_bus: bus.Bus, nats_server: Any
+) -> None:
+    prefix = cadenza_bus.topology.prefix
+    stream = cadenza_bus.topology.stream_name("activity")
+    # A bus that gives up on a publish quickly, so the outbox (not the publish retries) stores it.
+    quick = bus.Timeouts(publish=0.3, publish_retries=1)
+    async with bus.connect(nats_server.url, prefix=prefix, timeouts=quick) as b, running_recorder(cadenza_bus):
+        async with bus.BusActivityService(b) as svc:
+            rec = await svc.start_activity(bus.StartRequest(type="outbox"))
+            await wait_record(cadenza_bus, rec.id, lambda r: r.status is ActivityStatus.RUNNING, timeout=30)
+            info = await b.js.stream_info(stream)
+            config: StreamConfig = info.config
+            # The stream stops taking the activity subjects: publishes find no stream (as while a
+            # cluster elects a leader, but for as long as the test wants).
+            elsewhere = StreamConfig.from_response({**config.as_dict(), "subjects": [f"{prefix}.nothing"]})
+            await b.js.update_stream(elsewhere)
+            try:
+                with pytest.raises(bus.PublishError):
+                    await svc.complete_activity(rec.id, ActivityStatus.SUCCESS, "done", result={"n": 1})
+                assert rec.id in svc.running(), "not stored yet: still open here"
+            finally:
+                await b.js.update_stream(config)
+            got, _ = await wait_record(cadenza_bus, rec.id, lambda r: r.terminal, timeout=60)
+            assert got.status is ActivityStatus.SUCCESS and got.result == {"n": 1}
+            await eventually(lambda: rec.id not in svc.running(), timeout=30, what="the outbox finished it")
