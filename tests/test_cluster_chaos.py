@@ -258,7 +258,8 @@ def _summary(cast: Cast, recoveries: list[float | None]) -> str:
         f"creations failed {len(cast.lines('create_failed', cast.all()))}, activity results "
         f"{len(cast.lines('result', cast.all()))}, activity errors {len(cast.lines('activity_error', cast.all()))} "
         f"(\"not open on worker\": {len(spurious)}), acknowledged events {len(cast.lines('ack', cast.all()))}"
-        + "".join(f"\n  activity error: {' '.join(line[2:])[:160]}" for line in cast.lines("activity_error", cast.all())[:5])
+        + "".join(f"\n  activity error: {' '.join(line[2:])[:160]}"
+                  for line in cast.lines("activity_error", cast.all())[:5])
     )
 
 
