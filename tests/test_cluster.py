@@ -240,3 +240,16 @@ def test_subjects_reports_the_configured_replicas() -> None:
     assert out.returncode == 0 and "replicas: 3 (CADENZA_REPLICAS)" in out.stdout, out.stdout + out.stderr
     out = cadenza("subjects", env={"CADENZA_REPLICAS": "2"})
     assert out.returncode == 2 and "1, 3 or 5" in out.stderr, out.stderr
+
+
+# ---------------------------------------------------------------- bench.durability
+
+
+async def test_durability_bench_measures_a_round_trip_and_a_rate(tmp_path: Path) -> None:
+    """Samples come out (never a figure is asserted: machines vary)."""
+    from bench.durability import Row, _measure, markdown
+
+    with bus.EmbeddedServer(tmp_path, sync_interval="always") as server:
+        rtts, per_s = await _measure(server.url, 1, samples=5, burst=20, concurrency=4)
+    assert len(rtts) == 5 and per_s > 0
+    assert "| 1 node, always |" in markdown([Row("1 node, always", 1.0, 2.0, per_s)], 5, 20, 4)
