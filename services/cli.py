@@ -210,14 +210,16 @@ def cmd_setup(args: argparse.Namespace) -> int:
     if _no_server(args):
         return _fail(_NO_SERVER)
     try:
-        storage = bus.Topology(args.prefix).storage if args.storage is None else parse_size(args.storage)
-        topo = bus.Topology(args.prefix, replicas=args.replicas, storage=storage)
+        configured = bus.Topology(args.prefix)  # CADENZA_REPLICAS / CADENZA_STORAGE
+        storage = configured.storage if args.storage is None else parse_size(args.storage)
+        replicas = configured.replicas if args.replicas is None else args.replicas
+        topo = bus.Topology(args.prefix, replicas=replicas, storage=storage)
     except bus.TopologyError as exc:
         return _fail(str(exc))
 
     async def go() -> None:
         async with bus.connect(args.server, prefix=args.prefix, name="cadenza-setup", ensure_topology=False) as b:
-            await topo.ensure(b.js)
+            await bus.retry_transient(lambda: topo.ensure(b.js), what="declare the streams and buckets")
             for subject, stream, limits, _ in topo.table():
                 print(f"ok  {stream:<28} {subject:<28} {limits}")
             need = format_size(topo.storage_needed())

@@ -107,9 +107,14 @@ async def test_cluster_conf_forms_a_cluster_that_stores_replicas_3(
     urls, passwords, monitors = conf_cluster
     leaders = await anyio.to_thread.run_sync(_agreed_meta_leader, monitors, tmp_path)
     assert leaders <= {"cadenza-1", "cadenza-2", "cadenza-3"}
+    admin = {"NATS_USER": "admin", "NATS_PASSWORD": passwords["admin"]}
+    # accounts.conf grants the cadenza prefix only.
+    setup = await anyio.to_thread.run_sync(
+        lambda: cadenza("setup", "--server", urls, "--prefix", "cadenza", "--replicas", "3", env=admin)
+    )
+    assert setup.returncode == 0, setup.stdout + setup.stderr
     opts = bus.ConnectOptions(servers=tuple(urls.split(",")), user="admin", password=passwords["admin"])
-    prefix = "cadenza"  # accounts.conf grants the cadenza prefix only
-    async with bus.connect(options=opts, prefix=prefix, replicas=3, timeouts=bus.Timeouts(connect=10)) as b:
+    async with bus.connect(options=opts, prefix="cadenza", ensure_topology=False) as b:
         info = await b.js.stream_info(b.topology.stream_name("session"))
         assert info.config.num_replicas == 3
         assert info.cluster is not None and info.cluster.leader in leaders | {"cadenza-1", "cadenza-2", "cadenza-3"}
@@ -214,7 +219,7 @@ def test_status_on_a_cluster_shows_the_leader_and_three_replicas(nats_cluster: E
     if isinstance(nats_cluster, ExternalServer):  # pragma: no cover - the cluster fixture is always embedded
         pytest.skip("needs the embedded cluster")
     prefix = unique_prefix()
-    setup = cadenza("setup", "--server", nats_cluster.urls, "--prefix", prefix, "--replicas", "3")
+    setup = cadenza("setup", "--server", nats_cluster.urls, "--prefix", prefix, env={"CADENZA_REPLICAS": "3"})
     assert setup.returncode == 0, setup.stderr
     out = cadenza("status", "--server", nats_cluster.urls, "--prefix", prefix, "--json")
     assert out.returncode == 0, out.stderr
