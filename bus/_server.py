@@ -76,9 +76,16 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 
 def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return _free_ports(host, 1)[0]
+
+
+def _free_ports(host: str, n: int) -> list[int]:
+    """``n`` distinct free ports (all held open while they are picked, so none is handed out twice)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 class EmbeddedServer:
@@ -350,13 +357,14 @@ class EmbeddedCluster:
         self.name = name
         self.host = host
         self.start_timeout = start_timeout
-        route_ports = [_free_port(host) for _ in range(size)]
+        ports = _free_ports(host, 3 * size)
+        route_ports, client_ports, monitor_ports = ports[:size], ports[size : 2 * size], ports[2 * size :]
         self.nodes: list[_ClusterNode] = []
         for i in range(size):
             node = _ClusterNode(
                 self.store_root / f"n{i + 1}", cluster_name=name, route_port=route_ports[i],
-                peers=[p for j, p in enumerate(route_ports) if j != i], host=host, port=_free_port(host),
-                monitor_port=_free_port(host), sync_interval=sync_interval, max_file_store=max_file_store,
+                peers=[p for j, p in enumerate(route_ports) if j != i], host=host, port=client_ports[i],
+                monitor_port=monitor_ports[i], sync_interval=sync_interval, max_file_store=max_file_store,
                 start_timeout=start_timeout,
             )  # fmt: skip
             node.server_name = f"{name}-n{i + 1}"

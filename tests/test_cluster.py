@@ -21,7 +21,7 @@ import nats.errors
 import pytest
 
 import bus
-from bus._server import _die_with_parent, _free_port
+from bus._server import _die_with_parent, _free_port, _free_ports
 from bus._topology import BUCKETS, DEFAULT_STORAGE, STREAMS, parse_size
 from bus.testing import EmbeddedCluster, ExternalServer, unique_prefix
 
@@ -53,7 +53,8 @@ def conf_cluster(tmp_path: Path) -> Iterator[tuple[str, dict[str, str], list[str
     for f in DEPLOY.glob("*.conf"):
         shutil.copy(f, tmp_path / f.name)
     passwords = {u: secrets.token_hex(12) for u in USERS}
-    client, route, monitor = ([_free_port("127.0.0.1") for _ in range(3)] for _ in range(3))
+    ports = _free_ports("127.0.0.1", 9)
+    client, route, monitor = ports[:3], ports[3:6], ports[6:]
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for i in range(3):
