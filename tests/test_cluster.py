@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -259,3 +260,33 @@ async def test_durability_bench_measures_a_round_trip_and_a_rate(tmp_path: Path)
         rtts, per_s = await _measure(server.url, 1, samples=5, burst=20, concurrency=4)
     assert len(rtts) == 5 and per_s > 0
     assert "| 1 node, always |" in markdown([Row("1 node, always", 1.0, 2.0, per_s)], 5, 20, 4)
+
+
+# ---------------------------------------------------------------- cadenza dev --cluster
+
+
+async def test_dev_cluster_starts_three_nodes_with_replicas_3_and_stops_on_sigterm() -> None:
+    from bus._process import ChildProcess
+
+    prefix = unique_prefix()
+    dev = ChildProcess("services", "dev", "--cluster", "3", "--prefix", prefix, "--duration", "100",
+                       ready_marker="cadenza: ready dev")  # fmt: skip
+    dev.start(timeout=90)  # on this thread: the child dies with the thread that started it
+    try:
+        text = "".join(dev.output)
+        urls = re.search(r"export NATS_URL=(\S+) CADENZA_REPLICAS=3", text)
+        assert urls is not None, text
+        assert len(urls[1].split(",")) == 3 and "broker: running" in text, text
+        async with bus.connect(urls[1], prefix=prefix, ensure_topology=False) as b:
+            info = await b.js.stream_info(b.topology.stream_name("session"))
+            assert info.config.num_replicas == 3
+    finally:
+        code = await anyio.to_thread.run_sync(lambda: dev.stop(timeout=30))
+        if dev.proc is not None and dev.proc.stdout is not None:
+            dev.proc.stdout.close()
+    assert code == 0, "".join(dev.output[-20:])
+
+
+def test_dev_cluster_takes_3_or_5_nodes() -> None:
+    out = cadenza("dev", "--cluster", "2", "--duration", "1")
+    assert out.returncode == 2 and "3 or 5" in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
