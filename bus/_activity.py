@@ -262,10 +262,15 @@ def cancelled_by_context(ctx: Context) -> bool:
     return cause is not None and cause.kind is CancelKind.USER
 
 
+#: Causes that end work as ``cancelled``: a user's cancel, and the end of the work's session
+#: (SPEC-sessions; the session's end stays in the error text). Shutdown and deadlines end it ``failed``.
+_CANCELLING = frozenset({CancelKind.USER, CancelKind.SESSION_COMPLETED, CancelKind.SESSION_FAILED})
+
+
 def status_for_cause(cause: CancelCause | None) -> ActivityStatus:
-    """The terminal status of work that ended because of ``cause``: ``cancelled`` for a user's cancel,
-    ``failed`` for everything else (shutdown, deadline, a session completing or failing)."""
-    return ActivityStatus.CANCELLED if cause is not None and cause.kind is CancelKind.USER else ActivityStatus.FAILED
+    """The terminal status of work that ended because of ``cause``: ``cancelled`` for a user's cancel
+    or its session's end, ``failed`` for everything else (shutdown, deadline, no cause)."""
+    return ActivityStatus.CANCELLED if cause is not None and cause.kind in _CANCELLING else ActivityStatus.FAILED
 
 
 async def start_handler_activity_for_user(
@@ -327,7 +332,8 @@ async def complete_handler_activity(
     """End an activity from the outcome of its work.
 
     No error: ``success`` (progress 100, final message at level success). An error and ``ctx``
-    cancelled by a user: ``cancelled`` ("Cancelled by user", level warning, no error text). Any other
+    cancelled by a user: ``cancelled`` ("Cancelled by user", level warning, no error text); by its
+    session's end: ``cancelled`` with the cause as the error text ("session completed"). Any other
     error, including shutdown and deadline: ``failed`` with the error text. Runs even when ``ctx``
     is cancelled (shielded, bounded). Does nothing for an empty id or no service; a second
     completion is logged and returns None.
@@ -338,6 +344,9 @@ async def complete_handler_activity(
         status, final, error = ActivityStatus.SUCCESS, success_message or "Completed", None
     elif cancelled_by_context(ctx):
         status, final, error = ActivityStatus.CANCELLED, CANCELLED_MESSAGE, None
+    elif ctx.cause is not None and status_for_cause(ctx.cause) is ActivityStatus.CANCELLED:
+        # Cut off by its session's end: cancelled, with the session's end as the error text.
+        status, final, error = ActivityStatus.CANCELLED, ctx.cause.text(), ctx.cause.text()
     else:
         text = str(err) or type(err).__name__
         status, final, error = ActivityStatus.FAILED, text, text

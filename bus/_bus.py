@@ -43,7 +43,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from schemas import DEFAULT_PREFIX, DeadLetter, Event, Subjects, check_token
+from schemas import DEFAULT_PREFIX, DeadLetter, Event, ReplyError, RpcReply, Subjects, check_token, new_event_id
 
 from ._codec import MAX_EVENT_BYTES, decode, encode
 from ._config import ConnectOptions, Timeouts
@@ -425,6 +425,11 @@ class Bus:
     ) -> None:
         """Store a copy of rejected input on ``<prefix>.dlq.<consumer>.rejected``.
 
+        A stored message rejected by one consumer has one entry, whatever the redeliveries (its event
+        id is ``dlq-<consumer>-<stream>-<seq>``, deduped by the stream); two consumers rejecting the
+        same message store two entries. Input that came from no stream (a core subscription, a
+        request) gets a fresh id: every rejection is one entry.
+
         Raises:
             PublishError: the copy could not be stored (the caller must not drop the input then).
         """
@@ -435,9 +440,9 @@ class Bus:
         except UnicodeDecodeError:
             encoding = "base64"
             copy = base64.b64encode(data[: DeadLetter.MAX_COPY]).decode()
+        consumer = _token(consumer)
         letter = DeadLetter(
-            event_id=f"dlq-{stream}-{stream_seq}" if stream_seq else DeadLetter.model_fields["event_id"].get_default(
-                call_default_factory=True),
+            event_id=_dead_letter_id(consumer, stream, stream_seq),
             consumer=consumer, stream=stream, stream_seq=stream_seq, subject=subject, reason=reason[:4000],
             error_type=error_type, deliveries=deliveries,
             headers={k: str(v)[:1024] for k, v in list((headers or {}).items())[:64]},
@@ -445,7 +450,7 @@ class Bus:
             payload_sha256=hashlib.sha256(data).hexdigest(), truncated=len(data) > DeadLetter.MAX_COPY,
             source=self.source,
         )  # fmt: skip
-        dlq_subject = self.subjects.build("dlq", _token(consumer), "rejected")
+        dlq_subject = self.subjects.build("dlq", consumer, "rejected")
         body = letter.model_dump_json().encode()
         hdrs = {"Nats-Msg-Id": letter.event_id, "Content-Type": "application/json",
                 "Cadenza-Event-Type": letter.type, "Cadenza-Schema-Version": "1"}  # fmt: skip
@@ -659,9 +664,7 @@ class Bus:
                 try:
                     event = decode(msg.data, headers, accept)
                 except ValidationError as exc:
-                    with contextlib.suppress(CadenzaError):
-                        await self.dead_letter(consumer=name, subject=msg.subject, data=msg.data, headers=headers,
-                                               reason=exc.message, error_type=exc.kind)  # fmt: skip
+                    await self._reject_core(name, msg, headers, exc.message, exc.kind)
                     continue
                 with tracer.start_as_current_span(
                     f"process {msg.subject}", context=extract_context(headers), kind=SpanKind.CONSUMER,
@@ -670,12 +673,23 @@ class Bus:
                 ):  # fmt: skip
                     try:
                         await handler(event, msg.subject)
-                    except Exception:
+                    except Exception as exc:
+                        # Not applied: a core message is not redelivered, so its copy is all that is left.
                         _log.exception("listener %s failed on %s", name, msg.subject)
+                        await self._reject_core(name, msg, headers, f"{type(exc).__name__}: {exc}", "handler_failed")
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeouts.shutdown):
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+
+    async def _reject_core(self, name: str, msg: Msg, headers: Mapping[str, str], reason: str, kind: str) -> None:
+        """Dead-letter a core (not stored, not redelivered) message a listener did not apply."""
+        try:
+            await self.dead_letter(consumer=name, subject=msg.subject, data=msg.data, headers=headers,
+                                   reason=reason, error_type=kind)  # fmt: skip
+        except CadenzaError as exc:
+            _log.error("listener %s: %s on %s rejected (%s) and its dead letter not stored: %s",
+                       name, kind, msg.subject, reason[:300], exc)  # fmt: skip
 
     # ---------------------------------------------------------------- request / reply
 
@@ -704,11 +718,11 @@ class Bus:
         except nats.errors.Error as exc:
             raise RequestError(f"request on {subject} failed: {exc}") from exc
         try:
-            envelope = _Reply.model_validate_json(msg.data)
+            envelope = RpcReply.model_validate_json(msg.data)
         except pydantic.ValidationError as exc:
             raise RequestError(f"the reply on {subject} is not a cadenza reply: {exc.errors()[0]['msg']}") from exc
         if not envelope.ok:
-            err = envelope.error or _ReplyError(code="error", message="(no message)")
+            err = envelope.error or ReplyError(code="error", message="(no message)")
             raise RemoteError(err.message, code=err.code)
         try:
             return reply.model_validate(envelope.result)
@@ -747,7 +761,7 @@ class Bus:
         self, msg: Msg, request: type[M], handler: Callable[[M], Awaitable[pydantic.BaseModel]], name: str
     ) -> None:
         headers = dict(msg.headers or {})
-        reply: _Reply
+        reply: RpcReply
         with tracer.start_as_current_span(
             f"process {msg.subject}", context=extract_context(headers), kind=SpanKind.SERVER,
             attributes={"messaging.system": SYSTEM, "messaging.destination.name": msg.subject,
@@ -764,19 +778,19 @@ class Bus:
                     )
                     raise ValidationError(f"not a valid {request.__name__}: {errs}", kind="bad_request") from None
                 result = await handler(req)
-                reply = _Reply(ok=True, result=result.model_dump(mode="json"))
+                reply = RpcReply(ok=True, result=result.model_dump(mode="json"))
             except ValidationError as exc:
-                reply = _Reply(ok=False, error=_ReplyError(code="validation", message=exc.message))
+                reply = RpcReply(ok=False, error=ReplyError(code="validation", message=exc.message))
                 with contextlib.suppress(CadenzaError):
                     await self.dead_letter(consumer=name, subject=msg.subject, data=msg.data, headers=headers,
                                            reason=exc.message, error_type=exc.kind)  # fmt: skip
             except RemoteError as exc:
-                reply = _Reply(ok=False, error=_ReplyError(code=exc.remote_code, message=exc.message))
+                reply = RpcReply(ok=False, error=ReplyError(code=exc.remote_code, message=exc.message))
             except CadenzaError as exc:
-                reply = _Reply(ok=False, error=_ReplyError(code=exc.code, message=exc.message))
+                reply = RpcReply(ok=False, error=ReplyError(code=exc.code, message=exc.message))
             except Exception as exc:
                 _log.exception("%s failed on %s", name, msg.subject)
-                reply = _Reply(ok=False, error=_ReplyError(code="internal", message=f"{type(exc).__name__}: {exc}"))
+                reply = RpcReply(ok=False, error=ReplyError(code="internal", message=f"{type(exc).__name__}: {exc}"))
         if msg.reply:
             with contextlib.suppress(nats.errors.Error):
                 await msg.respond(reply.model_dump_json(exclude_none=True).encode())
@@ -812,19 +826,20 @@ class Bus:
             self.server.stop()
 
 
-class _ReplyError(pydantic.BaseModel):
-    code: str
-    message: str
-
-
-class _Reply(pydantic.BaseModel):
-    ok: bool
-    result: Any = None
-    error: _ReplyError | None = None
-
-
 def _split(urls: str) -> tuple[str, ...]:
     return tuple(u.strip() for u in urls.split(",") if u.strip())
+
+
+def _dead_letter_id(consumer: str, stream: str, stream_seq: int) -> str:
+    """The dead-letter entry's event id (its ``Nats-Msg-Id``): one per consumer and stored message."""
+    if not stream_seq:
+        return new_event_id()
+    letter_id = f"dlq-{consumer}-{stream}-{stream_seq}"
+    if len(letter_id) <= 128:
+        return letter_id
+    # Event ids are at most 128 characters: a long consumer or stream name stands as its digest.
+    digest = hashlib.sha256(f"{consumer}\0{stream}".encode()).hexdigest()[:32]
+    return f"dlq-{digest}-{stream_seq}"
 
 
 def _token(value: str) -> str:
@@ -833,6 +848,12 @@ def _token(value: str) -> str:
 
 
 async def _open_nats(opts: ConnectOptions, timeouts: Timeouts) -> NatsClient:
+    try:
+        # Every inbox of the client (replies, JetStream API answers, watcher deliveries) starts with
+        # it, so permissions can give each user its own replies (deploy/nats/accounts.conf).
+        inbox_prefix = opts.resolved_inbox_prefix()
+    except ValueError as exc:
+        raise ConnectError(f"cannot connect: {exc} (CADENZA_INBOX_PREFIX)") from None
     errors: list[str] = []
 
     async def on_error(exc: Exception) -> None:
@@ -859,6 +880,7 @@ async def _open_nats(opts: ConnectOptions, timeouts: Timeouts) -> NatsClient:
         "error_cb": on_error,
         "disconnected_cb": on_disconnect,
         "reconnected_cb": on_reconnect,
+        "inbox_prefix": inbox_prefix,
     }
     if opts.user:
         kwargs["user"], kwargs["password"] = opts.user, opts.password

@@ -1,4 +1,10 @@
-"""Encoding events to messages and decoding (validating) messages back to events."""
+"""Encoding events to messages and decoding (validating) messages back to events.
+
+What a consumer takes (docs/wire.md, "Headers"): a UTF-8 JSON object of at most :data:`MAX_EVENT_BYTES`
+bytes that validates as one of the accepted event types. The headers are optional, but each one given
+must agree with the body: ``Cadenza-Schema-Version`` with ``schema_version`` (and both be a version this
+code knows), ``Cadenza-Event-Type`` with ``type``, ``Nats-Msg-Id`` with ``event_id``.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +18,23 @@ from schemas import Event
 
 from ._exceptions import ValidationError
 
-__all__ = ("CONTENT_TYPE", "HDR_EVENT_TYPE", "HDR_SCHEMA_VERSION", "MAX_EVENT_BYTES", "decode", "encode")
+__all__ = (
+    "CONTENT_TYPE",
+    "HDR_EVENT_TYPE",
+    "HDR_SCHEMA_VERSION",
+    "INPUT_ERRORS",
+    "MAX_EVENT_BYTES",
+    "decode",
+    "encode",
+)
 
 CONTENT_TYPE: Final = "application/json"
 HDR_SCHEMA_VERSION: Final = "Cadenza-Schema-Version"
 HDR_EVENT_TYPE: Final = "Cadenza-Event-Type"
 HDR_MSG_ID: Final = "Nats-Msg-Id"
+#: The ``error_type`` of a dead letter for input that did not decode (what :func:`decode` raises).
+INPUT_ERRORS: Final = frozenset({"oversize", "bad_json", "bad_shape", "unknown_type", "bad_version",
+                                 "unknown_version", "version_mismatch", "type_mismatch", "id_mismatch"})  # fmt: skip
 #: Largest event body cadenza accepts (bytes); larger input is rejected as ``oversize``.
 MAX_EVENT_BYTES: Final = 256 * 1024
 
@@ -54,6 +71,64 @@ def _short(err: pydantic.ValidationError) -> str:
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
+def _version(value: object, where: str, cls: type[Event]) -> int:
+    """The schema version ``value`` claims (from ``where``), or a ValidationError saying why not.
+
+    The body's is a JSON integer; the header's, being a header, its decimal digits.
+    """
+    if isinstance(value, str) and where != "body" and value.isascii() and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValidationError(
+            f"{cls.type_name()} schema version {value!r} in the {where} is not a version: use an integer >= 1 "
+            f"(this consumer understands {cls.SCHEMA_VERSION})",
+            kind="bad_version",
+        )
+    if value > cls.SCHEMA_VERSION:
+        raise ValidationError(
+            f"{cls.type_name()} schema version {value} in the {where} is newer than the {cls.SCHEMA_VERSION} this "
+            "consumer understands; upgrade the consumer",
+            kind="unknown_version",
+        )
+    return value
+
+
+def _check_version(cls: type[Event], raw: dict[str, Any], headers: Mapping[str, str] | None) -> None:
+    # The body and the Cadenza-Schema-Version header must both be versions this consumer knows, and
+    # agree when both are given. Either may be left out (`nats pub` sends no header; a body without
+    # schema_version is version 1).
+    header = (headers or {}).get(HDR_SCHEMA_VERSION)
+    body = _version(raw["schema_version"], "body", cls) if "schema_version" in raw else None
+    if header is None:
+        return
+    head = _version(header, f"{HDR_SCHEMA_VERSION} header", cls)
+    if body is not None and body != head:
+        raise ValidationError(
+            f"the {HDR_SCHEMA_VERSION} header says {head} but the body's schema_version is {body}; they must agree",
+            kind="version_mismatch",
+        )
+
+
+def _check_headers(cls: type[Event], raw: dict[str, Any], headers: Mapping[str, str] | None) -> None:
+    # A header that contradicts the body would make the stream (which dedupes on Nats-Msg-Id) and
+    # the consumers (which are idempotent by event_id) disagree about what the message is.
+    if not headers:
+        return
+    kind = headers.get(HDR_EVENT_TYPE)
+    if kind is not None and kind != cls.type_name():
+        raise ValidationError(
+            f"the {HDR_EVENT_TYPE} header says {kind!r} but the body is a {cls.type_name()} event",
+            kind="type_mismatch",
+        )
+    msg_id, event_id = headers.get(HDR_MSG_ID), raw.get("event_id")
+    if msg_id is not None and event_id is not None and msg_id != event_id:
+        raise ValidationError(
+            f"the {HDR_MSG_ID} header {msg_id!r} is not the body's event_id {event_id!r}; send the event id as "
+            f"{HDR_MSG_ID} (or leave the header out)",
+            kind="id_mismatch",
+        )
+
+
 def decode(
     data: bytes,
     headers: Mapping[str, str] | None,
@@ -64,8 +139,9 @@ def decode(
     """Validate a message body as one of the ``accept`` event classes (chosen by its ``type``).
 
     Raises:
-        ValidationError: with ``kind`` ``oversize``, ``bad_json``, ``bad_shape``, ``unknown_type``
-            or ``unknown_version`` and a message that says what was wrong.
+        ValidationError: with ``kind`` ``oversize``, ``bad_json``, ``bad_shape``, ``unknown_type``,
+            ``bad_version``, ``unknown_version``, ``version_mismatch``, ``type_mismatch`` or ``id_mismatch``
+            and a message that says what was wrong. The rules are docs/wire.md's "Headers".
     """
     if len(data) > max_bytes:
         raise ValidationError(f"message is {len(data)} bytes, more than the {max_bytes} allowed", kind="oversize")
@@ -86,13 +162,8 @@ def decode(
         )
     else:
         cls = by_type[claimed]
-    version = raw.get("schema_version", 1)
-    if isinstance(version, int) and not isinstance(version, bool) and version > cls.SCHEMA_VERSION:
-        raise ValidationError(
-            f"{cls.type_name()} schema version {version} is newer than the {cls.SCHEMA_VERSION} this consumer "
-            "understands; upgrade the consumer",
-            kind="unknown_version",
-        )
+    _check_version(cls, raw, headers)
+    _check_headers(cls, raw, headers)
     try:
         return cls.model_validate(raw)
     except pydantic.ValidationError as exc:

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 __all__ = ("ConnectOptions", "Timeouts")
+
+#: nats-py's own inbox prefix, used when no user (and no ``CADENZA_INBOX_PREFIX``) is known.
+DEFAULT_INBOX_PREFIX = "_INBOX"
+#: A prefix is one or more dot-separated tokens of these characters (no wildcards, no spaces).
+_INBOX_TOKEN = re.compile(r"[A-Za-z0-9_$-]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +57,9 @@ class ConnectOptions:
         tls_ca / tls_cert / tls_key: TLS material; any of them turns TLS on.
         name: the client name shown by the server's monitoring.
         max_reconnect_attempts: -1 reconnects forever (the default for services).
+        inbox_prefix: the prefix of every inbox this client makes (request replies, JetStream API
+            replies, ordered consumers' and KV watchers' deliveries); None means ``_INBOX_<user>``
+            when a user is known, else ``_INBOX`` (see :meth:`resolved_inbox_prefix`).
     """
 
     servers: tuple[str, ...] = ()
@@ -64,12 +73,13 @@ class ConnectOptions:
     name: str = "cadenza"
     max_reconnect_attempts: int = -1
     reconnect_time_wait: float = 0.5
+    inbox_prefix: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> ConnectOptions:
         """Read ``NATS_URL`` (comma-separated), ``NATS_USER``, ``NATS_PASSWORD``, ``NATS_TOKEN``,
-        ``NATS_CREDS``, ``NATS_CA``, ``NATS_CERT`` and ``NATS_KEY``; ``overrides`` that are not
-        None win."""
+        ``NATS_CREDS``, ``NATS_CA``, ``NATS_CERT``, ``NATS_KEY`` and ``CADENZA_INBOX_PREFIX``;
+        ``overrides`` that are not None win."""
         env = os.environ if env is None else env
         urls = tuple(u.strip() for u in env.get("NATS_URL", "").split(",") if u.strip())
         opts = cls(
@@ -81,11 +91,32 @@ class ConnectOptions:
             tls_ca=env.get("NATS_CA") or None,
             tls_cert=env.get("NATS_CERT") or None,
             tls_key=env.get("NATS_KEY") or None,
+            inbox_prefix=env.get("CADENZA_INBOX_PREFIX") or None,
         )
         changes = {k: v for k, v in overrides.items() if v is not None}
         if isinstance(changes.get("servers"), str):
             changes["servers"] = tuple(s.strip() for s in str(changes["servers"]).split(",") if s.strip())
         return replace(opts, **changes)  # type: ignore[arg-type]
+
+    def resolved_inbox_prefix(self) -> str:
+        """The inbox prefix this client uses: ``inbox_prefix`` if set, else ``_INBOX_<user>`` (one
+        subject token, so a permission ``_INBOX_<user>.>`` covers exactly this user's inboxes), else
+        nats-py's ``_INBOX``. Characters of the user name that a subject token cannot hold become ``_``.
+
+        Raises:
+            ValueError: ``inbox_prefix`` is not a subject without wildcards.
+        """
+        if self.inbox_prefix is not None:
+            tokens = self.inbox_prefix.split(".")
+            if not all(_INBOX_TOKEN.fullmatch(t) for t in tokens):
+                raise ValueError(
+                    f"inbox prefix {self.inbox_prefix!r} must be dot-separated tokens of letters, digits, "
+                    "'_', '-' or '$' (no wildcards, spaces or empty tokens), e.g. _INBOX_caller"
+                )
+            return self.inbox_prefix
+        if self.user:
+            return f"{DEFAULT_INBOX_PREFIX}_{re.sub(r'[^A-Za-z0-9_-]', '_', self.user)}"
+        return DEFAULT_INBOX_PREFIX
 
     def tls_context(self) -> ssl.SSLContext | None:
         """An SSL context when TLS material is configured, else None."""

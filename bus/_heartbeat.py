@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
 
-from schemas import WorkerHeartbeat, WorkerStarted, WorkerStopped
+from schemas import ActivityParameter, ActivitySignature, WorkerHeartbeat, WorkerStarted, WorkerStopped
 
 from ._bus import Bus
 from ._exceptions import CadenzaError
 
-__all__ = ("Heartbeater", "ProcessLoad", "new_worker_id")
+__all__ = ("Heartbeater", "ProcessLoad", "describe_activities", "new_worker_id")
 
 _log = logging.getLogger("cadenza.heartbeat")
 
@@ -27,6 +29,47 @@ def new_worker_id(stem: str = "w") -> str:
     """A fresh worker id: ``<stem>-<host>-<pid>-<8 hex>``, valid as a subject token."""
     host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:40] or "host"
     return f"{stem}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+_KINDS = {
+    inspect.Parameter.POSITIONAL_ONLY: "positional",
+    inspect.Parameter.POSITIONAL_OR_KEYWORD: "positional_or_keyword",
+    inspect.Parameter.KEYWORD_ONLY: "keyword",
+    inspect.Parameter.VAR_POSITIONAL: "var_positional",
+    inspect.Parameter.VAR_KEYWORD: "var_keyword",
+}
+
+
+def _written(annotation: Any) -> str:
+    if annotation is inspect.Parameter.empty:
+        return ""
+    if isinstance(annotation, str):  # postponed annotations: already as written
+        return annotation[:512]
+    return (getattr(annotation, "__name__", None) or repr(annotation))[:512]
+
+
+def _signature(name: str, fn: Callable[..., Any]) -> ActivitySignature:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or a callable without a signature: say only its name
+        return ActivitySignature(name=name)
+    params = [
+        ActivityParameter(
+            name=p.name,
+            kind=_KINDS[p.kind],
+            annotation=_written(p.annotation),
+            required=p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD),
+            default=None if p.default is inspect.Parameter.empty else repr(p.default)[:512],
+        )
+        for p in list(sig.parameters.values())[:100]
+    ]
+    doc = (inspect.getdoc(fn) or "").strip().split("\n", 1)[0][:1024]
+    return ActivitySignature(name=name, parameters=params, returns=_written(sig.return_annotation), doc=doc)
+
+
+def describe_activities(activities: Mapping[str, Callable[..., Any]]) -> list[ActivitySignature]:
+    """What a worker advertises in its started and heartbeat events: each activity's name and parameters."""
+    return [_signature(name, fn) for name, fn in sorted(activities.items())[:1000]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +95,7 @@ class Heartbeater:
         interval: seconds between heartbeats.
         load: returns the current load for each heartbeat.
         tasklist, sessions_enabled, max_sessions: what a session worker serves.
+        activities: returns the activities it serves (:func:`describe_activities`), for each beat.
     """
 
     bus: Bus
@@ -61,6 +105,7 @@ class Heartbeater:
     tasklist: str = ""
     sessions_enabled: bool = False
     max_sessions: int = 0
+    activities: Callable[[], list[ActivitySignature]] = list
     stop_reason: str = "shutdown"
     _seq: int = 0
     _graceful: bool = True
@@ -80,6 +125,7 @@ class Heartbeater:
             "running_activities": load.running_activities,
             "interval": self.interval,
             "seq": self._seq,
+            "activities": self.activities(),
         }
 
     async def beat(self) -> None:

@@ -141,6 +141,8 @@ BUCKETS: Final[tuple[BucketSpec, ...]] = (
     BucketSpec("sessions", "session state (broker), compare-and-set", history=5),
     BucketSpec("workers", "live workers and their slots (broker), compare-and-set", history=5),
     BucketSpec("activities", "materialised activity state (recorder), compare-and-set", history=5),
+    # Only the broker user may read it (deploy/nats/accounts.conf): the generated token key lives here.
+    BucketSpec("broker", "broker-only secrets (the generated recreate-token key)", history=1, max_bytes=1024**2),
 )
 
 
@@ -218,10 +220,13 @@ class Topology:
                                 f"{parts} MiB (1 MiB per stream and bucket)")  # fmt: skip
 
     def max_bytes(self, default: int) -> int:
-        """A stream's or bucket's limit: its default, or its share of the ``storage`` budget."""
+        """A stream's or bucket's limit: its default, or its share of the ``storage`` budget
+        (``MIN_BYTES`` each, and what is left split in the proportions of the defaults, so the
+        shares never add up to more than the budget)."""
         if self.storage is None:
             return default
-        return max(MIN_BYTES, self.storage * default // DEFAULT_STORAGE)
+        parts = len(STREAMS) + len(BUCKETS)
+        return MIN_BYTES + (self.storage - parts * MIN_BYTES) * default // DEFAULT_STORAGE
 
     def storage_needed(self) -> int:
         """Bytes of file store every node holding a replica must have free for :meth:`ensure`."""

@@ -60,7 +60,7 @@ from ._cancel import CancelRouter
 from ._codec import encode
 from ._context import BUS_KEY, CancelToken, Context
 from ._exceptions import CadenzaError, SessionError
-from ._heartbeat import Heartbeater, ProcessLoad, new_worker_id
+from ._heartbeat import Heartbeater, ProcessLoad, describe_activities, new_worker_id
 from ._retry import retry_transient
 from ._session import SessionInfo
 from ._topology import ConsumerSpec
@@ -215,6 +215,7 @@ class Worker:
         self.heartbeater = Heartbeater(
             bus, worker_id=self.worker_id, interval=heartbeat_interval, load=self._load, tasklist=tasklist,
             sessions_enabled=enable_sessions, max_sessions=max_concurrent_sessions if enable_sessions else 0,
+            activities=lambda: describe_activities(self.activities),
         )  # fmt: skip
         self._stack: contextlib.AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
@@ -344,6 +345,16 @@ class Worker:
     # ------------------------------------------------------------ inbox
 
     async def _on_task(self, event: Any, delivery: Delivery) -> None:
+        if isinstance(event, (SessionOpened, SessionClosed)) and event.worker_id != self.worker_id:
+            # In this worker's inbox but addressed to another: not applied, so dead-lettered.
+            body, _ = encode(event)
+            await self.bus.dead_letter(
+                consumer=delivery.consumer, subject=delivery.subject, data=body, headers=delivery.headers,
+                reason=f"a {event.type} notice for worker {event.worker_id} in the inbox of {self.worker_id}",
+                error_type="wrong_worker", stream=self.bus.topology.stream_name("task"),
+                stream_seq=delivery.stream_seq, deliveries=delivery.deliveries,
+            )  # fmt: skip
+            return
         if isinstance(event, SessionOpened):
             self._opened(event)
         elif isinstance(event, SessionClosed):
@@ -352,8 +363,7 @@ class Worker:
             await self._run(event, delivery)
 
     def _opened(self, event: SessionOpened) -> None:
-        if event.worker_id == self.worker_id:
-            self._open(event.session_id, event.expires_at)
+        self._open(event.session_id, event.expires_at)
 
     def _open(self, sid: str, expires_at: datetime | None) -> None:
         if sid in self._sessions or sid in self._ended:
@@ -413,13 +423,13 @@ class Worker:
 
     async def _run(self, task: ActivityTask, delivery: Delivery) -> None:
         if task.deadline is not None and task.deadline <= utcnow():
-            await self._reply(task, error=TaskError(type="ActivityTimeoutError", non_retryable=True,
-                                                    message="the task arrived after its deadline"))  # fmt: skip
+            await self._refuse(task, delivery, TaskError(type="ActivityTimeoutError", non_retryable=True,
+                                                         message="the task arrived after its deadline"))  # fmt: skip
             return
         fn = self.activities.get(task.name)
         if fn is None:
             known = ", ".join(sorted(self.activities)) or "(none)"
-            await self._reply(task, error=TaskError(
+            await self._refuse(task, delivery, TaskError(
                 type="ActivityNotRegisteredError", non_retryable=True,
                 message=f"worker {self.worker_id} has no activity {task.name!r}; it serves: {known}"))  # fmt: skip
             return
@@ -430,11 +440,11 @@ class Worker:
                 ended = self._ended.get(task.session_id)
                 if ended is not None and ended.state is SessionState.COMPLETED:
                     # Sent just before the caller heard of the completion: cancelled with that cause.
-                    await self._reply(task, error=TaskError(
+                    await self._refuse(task, delivery, TaskError(
                         type="ActivityCancelledError", cause=ended.cause, non_retryable=True,
                         message=f"session {task.session_id} was completed before the activity started"))  # fmt: skip
                     return
-                await self._reply(task, error=TaskError(
+                await self._refuse(task, delivery, TaskError(
                     type="SessionFailedError", session_failed=True, non_retryable=True,
                     message=f"session {task.session_id} is not open on worker {self.worker_id}"
                     + (f" ({ended.cause.reason})" if ended is not None else "")))  # fmt: skip
@@ -514,6 +524,21 @@ class Worker:
             with contextlib.suppress(CadenzaError):
                 await svc.complete_activity(aid, status, error=None if error is None else error.message,
                                             result=_jsonable(result))  # fmt: skip
+
+    async def _refuse(self, task: ActivityTask, delivery: Delivery, error: TaskError) -> None:
+        """A task this worker does not run: answered on its ``reply_to``, else dead-lettered with the
+        reason (nothing is dropped in silence)."""
+        if task.reply_to:
+            await self._reply(task, error=error)
+            return
+        body, _ = encode(task)
+        # (Not stored: the error goes to the consumer, which hands the task back for a later try.)
+        await self.bus.dead_letter(
+            consumer=delivery.consumer, subject=delivery.subject, data=body, headers=delivery.headers,
+            reason=f"{error.type}: {error.message} (and the task has no reply_to to say so)",
+            error_type="task_refused", stream=self.bus.topology.stream_name("task"),
+            stream_seq=delivery.stream_seq, deliveries=delivery.deliveries,
+        )  # fmt: skip
 
     async def _reply(self, task: ActivityTask, *, result: Any = None, error: TaskError | None = None) -> None:
         if not task.reply_to:

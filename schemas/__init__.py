@@ -8,6 +8,7 @@ from __future__ import annotations
 from ._activity import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES
 from ._activity import TERMINAL_STATUSES as TERMINAL_STATUSES
 from ._activity import ActivityCompleted as ActivityCompleted
+from ._activity import ActivityFold as ActivityFold
 from ._activity import ActivityLevel as ActivityLevel
 from ._activity import ActivityMessage as ActivityMessage
 from ._activity import ActivityRecord as ActivityRecord
@@ -23,9 +24,13 @@ from ._activity import ListActivitiesReply as ListActivitiesReply
 from ._activity import ListActivitiesRequest as ListActivitiesRequest
 from ._activity import MessageEntry as MessageEntry
 from ._activity import MessageRecord as MessageRecord
+from ._activity import StoredActivity as StoredActivity
 from ._activity import TailActivityReply as TailActivityReply
 from ._activity import TailActivityRequest as TailActivityRequest
 from ._activity import cut_text as cut_text
+from ._asyncapi import ASYNCAPI_PATH as ASYNCAPI_PATH
+from ._asyncapi import asyncapi_document as asyncapi_document
+from ._asyncapi import export_asyncapi as export_asyncapi
 from ._cancel import CancelCause as CancelCause
 from ._cancel import CancelKind as CancelKind
 from ._cancel import CancelRequested as CancelRequested
@@ -38,6 +43,13 @@ from ._envelope import utcnow as utcnow
 from ._jsonschema import JSON_DIR as JSON_DIR
 from ._jsonschema import export_json_schemas as export_json_schemas
 from ._jsonschema import json_schemas as json_schemas
+from ._jsonschema import wire_models as wire_models
+from ._rpc import ENDPOINTS as ENDPOINTS
+from ._rpc import Endpoint as Endpoint
+from ._rpc import ErrorReply as ErrorReply
+from ._rpc import OkReply as OkReply
+from ._rpc import ReplyError as ReplyError
+from ._rpc import RpcReply as RpcReply
 from ._session import DEFAULT_HEARTBEAT_TIMEOUT as DEFAULT_HEARTBEAT_TIMEOUT
 from ._session import DEFAULT_TASKLIST as DEFAULT_TASKLIST
 from ._session import SessionAssigned as SessionAssigned
@@ -53,6 +65,8 @@ from ._session import SessionState as SessionState
 from ._session import WorkerRecord as WorkerRecord
 from ._subjects import DEFAULT_PREFIX as DEFAULT_PREFIX
 from ._subjects import DOMAINS as DOMAINS
+from ._subjects import OPTIONAL_TOKEN_PATTERN as OPTIONAL_TOKEN_PATTERN
+from ._subjects import TOKEN_PATTERN as TOKEN_PATTERN
 from ._subjects import SubjectError as SubjectError
 from ._subjects import SubjectParts as SubjectParts
 from ._subjects import Subjects as Subjects
@@ -62,6 +76,8 @@ from ._task import ActivityTask as ActivityTask
 from ._task import SessionClosed as SessionClosed
 from ._task import SessionOpened as SessionOpened
 from ._task import TaskError as TaskError
+from ._worker import ActivityParameter as ActivityParameter
+from ._worker import ActivitySignature as ActivitySignature
 from ._worker import WorkerHeartbeat as WorkerHeartbeat
 from ._worker import WorkerPing as WorkerPing
 from ._worker import WorkerPong as WorkerPong
@@ -69,18 +85,25 @@ from ._worker import WorkerStarted as WorkerStarted
 from ._worker import WorkerStopped as WorkerStopped
 
 __all__ = (
+    "ASYNCAPI_PATH",
     "DEFAULT_HEARTBEAT_TIMEOUT",
     "DEFAULT_PREFIX",
     "DEFAULT_TASKLIST",
     "DOMAINS",
+    "ENDPOINTS",
     "JSON_DIR",
     "MAX_MESSAGE_BYTES",
+    "OPTIONAL_TOKEN_PATTERN",
     "TERMINAL_STATUSES",
+    "TOKEN_PATTERN",
     "ActivityCompleted",
+    "ActivityFold",
     "ActivityLevel",
     "ActivityMessage",
+    "ActivityParameter",
     "ActivityRecord",
     "ActivityResult",
+    "ActivitySignature",
     "ActivityStarted",
     "ActivityStatus",
     "ActivityTask",
@@ -92,6 +115,8 @@ __all__ = (
     "CancelKind",
     "CancelRequested",
     "DeadLetter",
+    "Endpoint",
+    "ErrorReply",
     "Event",
     "GetActivityReply",
     "GetActivityRequest",
@@ -99,6 +124,9 @@ __all__ = (
     "ListActivitiesRequest",
     "MessageEntry",
     "MessageRecord",
+    "OkReply",
+    "ReplyError",
+    "RpcReply",
     "SessionAssigned",
     "SessionClosed",
     "SessionCompleteRequested",
@@ -111,6 +139,7 @@ __all__ = (
     "SessionRejected",
     "SessionRequested",
     "SessionState",
+    "StoredActivity",
     "SubjectError",
     "SubjectParts",
     "Subjects",
@@ -123,12 +152,15 @@ __all__ = (
     "WorkerRecord",
     "WorkerStarted",
     "WorkerStopped",
+    "asyncapi_document",
     "check_token",
     "cut_text",
     "event_types",
+    "export_asyncapi",
     "export_json_schemas",
     "json_schemas",
     "lookup_event_type",
     "new_event_id",
     "utcnow",
+    "wire_models",
 )

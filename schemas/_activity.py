@@ -20,11 +20,13 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ._envelope import Event, utcnow
+from ._subjects import OPTIONAL_TOKEN_PATTERN, TOKEN_PATTERN
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "TERMINAL_STATUSES",
     "ActivityCompleted",
+    "ActivityFold",
     "ActivityLevel",
     "ActivityMessage",
     "ActivityRecord",
@@ -40,6 +42,7 @@ __all__ = [
     "ListActivitiesRequest",
     "MessageEntry",
     "MessageRecord",
+    "StoredActivity",
     "TailActivityReply",
     "TailActivityRequest",
     "cut_text",
@@ -48,7 +51,8 @@ __all__ = [
 #: Message text longer than this many UTF-8 bytes is cut to it.
 MAX_MESSAGE_BYTES: Final = 8192
 
-_ID = r"^[A-Za-z0-9_\-:=+@~]{1,200}$"
+_ID = TOKEN_PATTERN
+_OPT_ID = OPTIONAL_TOKEN_PATTERN
 
 
 def cut_text(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
@@ -116,7 +120,12 @@ class MessageEntry(BaseModel):
 
 class _ActivityEvent(Event):
     activity_id: str = Field(pattern=_ID, description="the activity (UUID for activities cadenza starts)")
-    rev: int = Field(default=0, ge=0, description="grows with every event of this activity from its publisher")
+    rev: int = Field(
+        default=0,
+        ge=0,
+        description="grows with every event of this activity from its publisher; 0 (or left out): "
+        "no order, the recorder applies it in arrival order",
+    )
 
     def subject_id(self) -> str:
         return self.activity_id
@@ -143,8 +152,8 @@ class ActivityStarted(_ActivityEvent):
     started_by: ActivityUser | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     batch_id: str | None = Field(default=None, max_length=200)
-    worker_id: str | None = Field(default=None, max_length=200, description="process whose heartbeats show it lives")
-    session_id: str | None = Field(default=None, max_length=200)
+    worker_id: str | None = Field(default=None, pattern=_ID, description="process whose heartbeats show it lives")
+    session_id: str | None = Field(default=None, pattern=_ID)
 
 
 class ActivityUpdated(_ActivityEvent):
@@ -203,7 +212,7 @@ class ActivityRecord(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str
+    id: str = Field(pattern=_ID)
     environment_id: str = ""
     type: str = ""
     status: ActivityStatus = ActivityStatus.RUNNING
@@ -220,8 +229,8 @@ class ActivityRecord(BaseModel):
     error: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     batch_id: str | None = None
-    worker_id: str | None = None
-    session_id: str | None = None
+    worker_id: str | None = Field(default=None, pattern=_ID)
+    session_id: str | None = Field(default=None, pattern=_ID)
     result: Any = None
     message_count: int = 0
     last_seq: int = 0
@@ -233,12 +242,33 @@ class ActivityRecord(BaseModel):
         return self.status in TERMINAL_STATUSES
 
 
+class ActivityFold(BaseModel):
+    """What the recorder needs to fold events in any order (beside the record in the bucket)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    announced: bool = Field(default=False, description="the started event was folded")
+    rev: int = Field(default=0, ge=0, description="highest rev folded into the latest fields")
+    ranges: list[tuple[int, int]] = Field(default_factory=list, description="message seqs folded, as [lo, hi]")
+    completed_event: str | None = Field(default=None, description="event id of the completion that won")
+    host_lost: bool = False
+
+
+class StoredActivity(BaseModel):
+    """A value of the ``activities`` bucket (key ``a.<activity_id>``): the record and its fold state."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    record: ActivityRecord
+    fold: ActivityFold = Field(default_factory=ActivityFold)
+
+
 class MessageRecord(BaseModel):
     """One stored message of an activity."""
 
     model_config = ConfigDict(extra="forbid")
 
-    activity_id: str
+    activity_id: str = Field(pattern=_ID)
     seq: int
     level: ActivityLevel
     message: str
@@ -258,7 +288,12 @@ class ListActivitiesRequest(BaseModel):
     type: str = ""
     resource_type: str = ""
     batch_id: str = ""
-    search: str = Field(default="", max_length=1024, description="in type, resource name, latest message, step, error")
+    search: str = Field(
+        default="",
+        max_length=1024,
+        description="case-insensitive: a prefix of the activity, session, worker, batch or resource id, or "
+        "text in the type, resource name, latest message, step or error",
+    )
     offset: int = Field(default=0, ge=0)
     limit: int = Field(default=50, ge=1, le=500)
 

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ._envelope import Event
+from ._subjects import TOKEN_PATTERN
 
 __all__ = ["CancelCause", "CancelKind", "CancelRequested"]
 
@@ -57,7 +58,7 @@ class CancelRequested(Event):
     EVENT = "requested"
 
     target: Literal["activity", "session"]
-    target_id: str = Field(min_length=1, max_length=200)
+    target_id: str = Field(pattern=TOKEN_PATTERN, description="the activity or session id")
     cause: CancelCause
 
     def subject_id(self) -> str:

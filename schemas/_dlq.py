@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from ._envelope import Event
+from ._subjects import TOKEN_PATTERN
 
 __all__ = ["DeadLetter"]
 
@@ -23,7 +24,9 @@ class DeadLetter(Event):
     EVENT = "rejected"
     MAX_COPY: ClassVar[int] = 256 * 1024
 
-    consumer: str = Field(description="durable name of the consumer (or service endpoint) that refused it")
+    consumer: str = Field(
+        pattern=TOKEN_PATTERN, description="durable name of the consumer (or service endpoint) that refused it"
+    )
     stream: str = Field(default="", description="stream it came from; empty for core subscriptions")
     stream_seq: int = Field(default=0, ge=0)
     subject: str

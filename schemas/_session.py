@@ -20,6 +20,7 @@ from typing import Final
 from pydantic import BaseModel, ConfigDict, Field
 
 from ._envelope import Event
+from ._subjects import OPTIONAL_TOKEN_PATTERN, TOKEN_PATTERN
 
 __all__ = [
     "DEFAULT_HEARTBEAT_TIMEOUT",
@@ -37,7 +38,8 @@ __all__ = [
     "WorkerRecord",
 ]
 
-_ID = r"^[A-Za-z0-9_\-:=+@~]{1,200}$"
+_ID = TOKEN_PATTERN
+_OPT_ID = OPTIONAL_TOKEN_PATTERN
 
 #: Seconds of worker silence after which a session is failed with ``worker_lost`` (Cadence's default).
 DEFAULT_HEARTBEAT_TIMEOUT: Final = 20.0
@@ -110,7 +112,7 @@ class SessionAssigned(_SessionEvent):
     DOMAIN = "session"
     EVENT = "assigned"
 
-    tasklist: str
+    tasklist: str = Field(pattern=_ID)
     worker_id: str = Field(pattern=_ID)
     host_name: str = ""
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
@@ -134,7 +136,7 @@ class SessionCompleted(_SessionEvent):
     DOMAIN = "session"
     EVENT = "completed"
 
-    worker_id: str = ""
+    worker_id: str = Field(default="", pattern=_OPT_ID)
 
 
 class SessionFailed(_SessionEvent):
@@ -143,7 +145,7 @@ class SessionFailed(_SessionEvent):
     DOMAIN = "session"
     EVENT = "failed"
 
-    worker_id: str = ""
+    worker_id: str = Field(default="", pattern=_OPT_ID)
     cause: SessionFailure
     message: str = Field(default="", max_length=4096)
 
@@ -153,10 +155,10 @@ class SessionRecord(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    session_id: str
-    tasklist: str = DEFAULT_TASKLIST
+    session_id: str = Field(pattern=_ID)
+    tasklist: str = Field(default=DEFAULT_TASKLIST, pattern=_ID)
     state: SessionState = SessionState.PENDING
-    worker_id: str = ""
+    worker_id: str = Field(default="", pattern=_OPT_ID)
     host_name: str = ""
     cause: str = Field(default="", description="SessionFailure when failed, SessionRejectReason when rejected")
     message: str = ""
@@ -167,7 +169,7 @@ class SessionRecord(BaseModel):
     opened_at: datetime | None = None
     expires_at: datetime | None = None
     ended_at: datetime | None = None
-    recreated_from: str = ""
+    recreated_from: str = Field(default="", pattern=_OPT_ID, description="the session it was recreated from")
     requested_by: str = ""
     #: The outcome event is stored (an ended session whose announcement was cut off is announced again).
     announced: bool = False
@@ -186,10 +188,10 @@ class WorkerRecord(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    worker_id: str
+    worker_id: str = Field(pattern=_ID)
     host_name: str = ""
     pid: int = 0
-    tasklist: str = DEFAULT_TASKLIST
+    tasklist: str = Field(default=DEFAULT_TASKLIST, pattern=_ID)
     max_sessions: int = 0
     interval: float = 5.0
     sessions: list[str] = Field(default_factory=list)

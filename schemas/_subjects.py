@@ -13,6 +13,8 @@ from typing import Final
 __all__ = [
     "DEFAULT_PREFIX",
     "DOMAINS",
+    "OPTIONAL_TOKEN_PATTERN",
+    "TOKEN_PATTERN",
     "SubjectError",
     "SubjectParts",
     "Subjects",
@@ -33,7 +35,12 @@ DOMAINS: Final[dict[str, str]] = {
     "rpc": "request/reply endpoints of services (not stored)",
 }
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_\-:=+@~]{1,200}$")
+#: What one subject token (an id, an event word, a prefix part) may be. The pydantic id fields carry
+#: this pattern, so the JSON Schemas accept exactly the ids :func:`check_token` accepts.
+TOKEN_PATTERN: Final = r"^[A-Za-z0-9_\-:=+@~]{1,200}$"
+#: An id field that may be left blank ("" for "none"), else one token.
+OPTIONAL_TOKEN_PATTERN: Final = r"^([A-Za-z0-9_\-:=+@~]{1,200})?$"
+_TOKEN = re.compile(TOKEN_PATTERN[1:-1])
 
 
 class SubjectError(ValueError):
@@ -46,7 +53,7 @@ def check_token(value: str, what: str = "token") -> str:
     Tokens may not be empty, may not contain dots, spaces or wildcards, and are at most 200
     characters of ``[A-Za-z0-9_-:=+@~]``.
     """
-    if not isinstance(value, str) or not _TOKEN.match(value):
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
         raise SubjectError(
             f"{what} {value!r} cannot be a subject token: use 1-200 characters of letters, digits and _-:=+@~"
         )

@@ -20,10 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from ._cancel import CancelCause
 from ._envelope import Event
 from ._session import DEFAULT_TASKLIST, SessionState
+from ._subjects import OPTIONAL_TOKEN_PATTERN, TOKEN_PATTERN
 
 __all__ = ["ActivityResult", "ActivityTask", "SessionClosed", "SessionOpened", "TaskError"]
 
-_ID = r"^[A-Za-z0-9_\-:=+@~]{1,200}$"
+_ID = TOKEN_PATTERN
+_OPT_ID = OPTIONAL_TOKEN_PATTERN
 
 
 class ActivityTask(Event):
@@ -37,8 +39,8 @@ class ActivityTask(Event):
     args: list[Any] = Field(default_factory=list)
     kwargs: dict[str, Any] = Field(default_factory=dict)
     tasklist: str = Field(default=DEFAULT_TASKLIST, pattern=_ID)
-    worker_id: str = Field(default="", description="the session's worker; '' for the shared queue")
-    session_id: str = ""
+    worker_id: str = Field(default="", pattern=_OPT_ID, description="the session's worker; '' for the shared queue")
+    session_id: str = Field(default="", pattern=_OPT_ID, description="'' outside a session")
     reply_to: str = Field(default="", max_length=512, description="core subject for the ActivityResult")
     deadline: datetime | None = Field(default=None, description="the caller stops waiting then")
 
@@ -115,7 +117,7 @@ class ActivityResult(Event):
     EVENT = "result"
 
     activity_id: str = Field(pattern=_ID)
-    worker_id: str = ""
+    worker_id: str = Field(default="", pattern=_OPT_ID)
     ok: bool
     result: Any = None
     error: TaskError | None = None

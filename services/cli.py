@@ -98,17 +98,23 @@ def cmd_subjects(args: argparse.Namespace) -> int:
 
 def cmd_schemas(args: argparse.Namespace) -> int:
     directory = Path(args.dir) if args.dir else schemas.JSON_DIR
-    differ = schemas.export_json_schemas(directory, check=args.action == "check")
-    if args.action == "check":
-        if differ:
-            print("schemas/json is stale; run `cadenza schemas export`. Differs: " + ", ".join(differ))
+    asyncapi = Path(args.asyncapi) if args.asyncapi else schemas.ASYNCAPI_PATH
+    check = args.action == "check"
+    differ = schemas.export_json_schemas(directory, check=check)
+    stale = schemas.export_asyncapi(asyncapi, check=check)
+    count = len(schemas.wire_models())
+    if check:
+        if differ or stale:
+            what = [f"{directory.name}/: " + ", ".join(differ)] if differ else []
+            what += [f"{asyncapi.name}"] if stale else []
+            print("the schemas are stale; run `cadenza schemas export`. Differs: " + "; ".join(what))
             return 1
-        print(f"schemas/json is current ({len(schemas.event_types())} event types)")
+        print(f"schemas/json is current ({count} shapes), and so is {asyncapi.name}")
         return 0
     print(
-        f"wrote {len(schemas.event_types())} schema files to {directory}"
-        + (f" ({len(differ)} changed)" if differ else "")
-    )
+        f"wrote {count} schema files to {directory}" + (f" ({len(differ)} changed)" if differ else "")
+        + f" and {asyncapi}" + (" (changed)" if stale else "")
+    )  # fmt: skip
     return 0
 
 
@@ -412,9 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_subjects)
 
-    s = sub.add_parser("schemas", help="export or check the JSON Schema files")
+    s = sub.add_parser("schemas", help="export or check the JSON Schema files and the AsyncAPI document")
     s.add_argument("action", choices=("export", "check"))
     s.add_argument("--dir", default=None, help="directory (default: schemas/json in the package)")
+    s.add_argument("--asyncapi", default=None, help="AsyncAPI file (default: schemas/asyncapi.json in the package)")
     s.set_defaults(func=cmd_schemas)
 
     s = sub.add_parser("publish", help="validate an event and publish it")

@@ -234,9 +234,25 @@ async def test_complete_after_user_cancel_is_cancelled_with_cancelled_by_user_an
     assert (msgs[-1].level, msgs[-1].message) == (ActivityLevel.WARNING, "Cancelled by user")
 
 
-@pytest.mark.parametrize(
-    "kind", [None, CancelKind.SHUTDOWN, CancelKind.DEADLINE, CancelKind.SESSION_COMPLETED, CancelKind.SESSION_FAILED]
-)
+@pytest.mark.parametrize("kind", [CancelKind.SESSION_COMPLETED, CancelKind.SESSION_FAILED])
+async def test_complete_cut_off_by_the_session_end_is_cancelled_with_the_cause_as_error(
+    cadenza_bus: bus.Bus, kind: CancelKind
+) -> None:
+    # One rule with the session worker's activities (docs/activities.md): a session's end cancels.
+    b = cadenza_bus
+    async with running_recorder(b), service(b) as svc:
+        activity_id, work = await bus.start_handler_activity_for_user(bus.background(), svc, type="t")
+        await bus.request_cancel(b, "activity", activity_id, CancelCause(kind=kind, reason="because"))
+        with anyio.fail_after(5):
+            cause = await work.token.wait()
+        await bus.complete_handler_activity(work, svc, activity_id, "ok", bus.ActivityCancelledError(cause))
+        got, _ = await wait_record(b, activity_id, terminal)
+    assert got.status is ActivityStatus.CANCELLED and got.error == cause.text() == got.latest_message
+    assert "session" in got.error and not bus.cancelled_by_context(work)
+    assert bus.status_for_cause(CancelCause(kind=kind)) is ActivityStatus.CANCELLED
+
+
+@pytest.mark.parametrize("kind", [None, CancelKind.SHUTDOWN, CancelKind.DEADLINE])
 async def test_complete_with_any_other_error_is_failed_with_the_error_text(
     cadenza_bus: bus.Bus, kind: CancelKind | None
 ) -> None:

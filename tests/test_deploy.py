@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -48,10 +49,12 @@ def test_nats_server_accepts_the_config(name: str, passwords: dict[str, str], tm
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-@pytest.fixture(scope="module")
-def secured(passwords: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
-    server = EmbeddedServer(tmp_path_factory.mktemp("secured"), include=DEPLOY / "accounts.conf")
-
+@contextlib.contextmanager
+def secured_server(
+    store: Path, passwords: dict[str, str], accounts: Path = DEPLOY / "accounts.conf"
+) -> Iterator[EmbeddedServer]:
+    """A loopback nats-server with ``accounts`` included, its passwords in its environment only."""
+    server = EmbeddedServer(store, include=accounts)
     old = {k: os.environ.get(k) for k in _env(passwords)}
     os.environ.update(_env(passwords))
     try:
@@ -66,6 +69,12 @@ def secured(passwords: dict[str, str], tmp_path_factory: pytest.TempPathFactory)
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def secured(passwords: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
+    with secured_server(tmp_path_factory.mktemp("secured"), passwords) as server:
+        yield server
 
 
 async def _delivered(
@@ -121,7 +130,9 @@ async def _delivered(
         ("caller", "admin", "cadenza.task.w1.inbox", True),
         ("caller", "admin", "$KV.cadenza_workers.w1", False),  # nor take a slot
         ("worker", "admin", "cadenza.task.tl.queued", False),
-        ("worker", "caller", "_INBOX.c1.a1", True),  # a worker answers the caller's reply subject
+        ("worker", "caller", "_INBOX_caller.c1.a1", True),  # a worker answers the caller's reply subject
+        ("caller", "admin", "cadenza.worker.w1.heartbeat", False),  # a caller cannot keep a worker alive
+        ("caller", "admin", "cadenza.activity.a1.completed", False),  # nor forge an activity's outcome
         ("admin", "caller", "cadenza.session.s1.failed", True),  # callers hear the outcomes
         ("admin", "caller", "cadenza.rpc.broker.create", False),
         ("admin", "broker", "cadenza.rpc.broker.create", False),  # the broker serves no core endpoint
@@ -165,8 +176,8 @@ async def test_sessions_and_activities_run_as_the_least_privilege_users(
         return bus.ConnectOptions(servers=(secured.url,), user=user, password=passwords[user], name=f"e2e-{user}")
 
     async with bus.connect(options=opts("admin"), prefix="cadenza") as admin:
-        # What a broker without CADENZA_TOKEN_KEY stores: it must stay unreadable for callers.
-        kv_admin = await admin.kv("sessions")
+        # What a broker without CADENZA_TOKEN_KEY keeps: it must stay unreadable for callers.
+        kv_admin = await admin.kv("broker")
         await kv_admin.put("_broker-token-key", secrets.token_hex(32).encode())
     log_from = len(_server_log(secured))
     tasklist = f"e2e{secrets.token_hex(4)}"
@@ -188,9 +199,8 @@ async def test_sessions_and_activities_run_as_the_least_privilege_users(
         await _session_scenario(secured, opts, tasklist, registry)
     finally:
         logged = [line for line in _server_log(secured)[log_from:].splitlines() if "Violation" in line]
-    # The one denial the scenario provokes: a caller may not read the sessions bucket (it can hold the
-    # broker's generated token key, and a bucket without direct get cannot be restricted per key).
-    expected = [line for line in logged if "user:caller" in line and "STREAM.MSG.GET.KV_cadenza_sessions" in line]
+    # The one denial the scenario provokes: a caller may not read the broker's bucket (the token key).
+    expected = [line for line in logged if "user:caller" in line and "STREAM.MSG.GET.KV_cadenza_broker" in line]
     assert expected, "the server log shows no denial: the violation check below would see nothing"
     unexpected = [line for line in logged if line not in expected]
     assert not unexpected, "permission violations:\n" + "\n".join(unexpected)
@@ -254,8 +264,11 @@ async def _session_scenario(
                 assert bus.get_session_info(sctx).state is bus.SessionState.COMPLETED  # type: ignore[union-attr]
                 assert await bus.execute_activity(cb.context(), "where", tasklist=tasklist,
                                                   start_to_close_timeout=20) == "no session"  # fmt: skip
-                # The sessions bucket (and the broker's generated key in it) is out of the caller's reach.
-                kv = await cb.kv("sessions")
+                # Replies came back on private inboxes; a caller reads a session's record (no key is
+                # there), never the broker's bucket and its generated key.
+                assert cb.nc.new_inbox().startswith("_INBOX_caller.") and bb.nc.new_inbox().startswith("_INBOX_broker.")
+                assert (await (await cb.kv("sessions")).get(info.session_id)).value
+                kv = await cb.kv("broker")
                 with pytest.raises(Exception):  # noqa: B017 - denied: a permission error or no answer
                     with anyio.fail_after(10):
                         await kv.get("_broker-token-key")

@@ -23,12 +23,15 @@ from schemas import (
     ActivityResult,
     ActivityStatus,
     ActivityTask,
+    DeadLetter,
+    SessionOpened,
     SessionRecord,
     SessionState,
     utcnow,
 )
 
 from .test_activity_host import running_recorder, wait_record
+from .test_bus_roundtrip import dead_letters
 from .test_session_faults import broker, opts, reap, records_of, session_of, worker
 
 # ---------------------------------------------------------------- what is transient
@@ -220,3 +223,52 @@ async def test_a_completion_the_server_could_not_store_is_retried_until_the_reco
             got, _ = await wait_record(cadenza_bus, rec.id, lambda r: r.terminal, timeout=60)
             assert got.status is ActivityStatus.SUCCESS and got.result == {"n": 1}
             await eventually(lambda: rec.id not in svc.running(), timeout=30, what="the outbox finished it")
+
+
+# ---------------------------------------------------------------- nothing a worker or the broker skips is silent
+
+
+async def _letters(b: bus.Bus, consumer: str, n: int = 1) -> list[DeadLetter]:
+    out: list[DeadLetter] = []
+
+    async def enough() -> bool:
+        out[:] = await dead_letters(b, consumer)
+        return len(out) >= n
+
+    with anyio.fail_after(30):
+        while not await enough():  # noqa: ASYNC110 - polls the stream
+            await anyio.sleep(0.05)
+    return out
+
+
+async def test_a_refused_task_without_reply_to_and_a_notice_for_another_worker_are_dead_lettered(
+    cadenza_bus: bus.Bus,
+) -> None:
+    b = cadenza_bus
+    w = bus.Worker(b, tasklist="refusals", heartbeat_interval=0.3)
+
+    @w.activity("echo")
+    async def echo(x: object) -> object:
+        return x
+
+    async with w:
+        await b.publish(ActivityTask(activity_id="no-such-1", name="nope", tasklist="refusals"))
+        (letter,) = await _letters(b, "tasks-refusals")
+        assert letter.error_type == "task_refused" and "no activity 'nope'" in letter.reason
+        notice = SessionOpened(worker_id="someone-else", session_id="s-else")
+        await b.publish(notice, subject=b.subjects.build("task", w.worker_id, "inbox"))
+        (letter,) = await _letters(b, f"inbox-{w.worker_id}")
+        assert letter.error_type == "wrong_worker" and "someone-else" in letter.reason
+        assert w.open_sessions == 0
+
+
+async def test_a_bucket_value_that_is_no_record_is_dead_lettered_by_the_broker(cadenza_bus: bus.Bus) -> None:
+    from services.broker import Broker, BrokerConfig
+
+    b = cadenza_bus
+    async with anyio.create_task_group() as tg:
+        await tg.start(Broker(b, BrokerConfig(token_key=b"k" * 32)).run)
+        await (await b.kv("sessions")).put("garbage", b'{"state": 42}')
+        (letter,) = await _letters(b, "broker-sessions")
+        assert letter.error_type == "bad_shape" and "SessionRecord" in letter.reason
+        tg.cancel_scope.cancel()

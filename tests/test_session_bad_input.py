@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bus
+from bus._codec import INPUT_ERRORS
 from bus.testing import ExternalServer, ServiceProcess, unique_prefix
 from schemas import (
     ActivityResult,
@@ -243,7 +244,7 @@ def _run_kind(r: Rig, kind: str) -> None:
     assert {letter.payload_sha256 for letter in letters} == digests
     for letter in letters:
         assert letter.reason.strip() and letter.consumer == consumer
-        assert letter.error_type in {"bad_json", "bad_shape", "unknown_type", "unknown_version", "oversize"}, letter
+        assert letter.error_type in INPUT_ERRORS, letter
     kinds = {letter.error_type for letter in letters}
     assert {"bad_json", "bad_shape"} <= kinds, kinds
     r.portal.call(_still_serving, r)

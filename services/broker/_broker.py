@@ -75,7 +75,8 @@ __all__ = ("Broker", "BrokerConfig")
 _log = logging.getLogger("cadenza.broker")
 
 WORKER_EVENTS = (WorkerStarted, WorkerHeartbeat, WorkerStopped)
-#: Key of the generated token key in the sessions bucket (used only without CADENZA_TOKEN_KEY).
+#: Key of the generated token key (used only without CADENZA_TOKEN_KEY) in the broker-only bucket;
+#: brokers before 2026-12 kept it under the same key in the sessions bucket (moved at start).
 KEY_ENTRY = "_broker-token-key"
 
 
@@ -91,7 +92,7 @@ class BrokerConfig:
         request_concurrency: creation requests handled at once (each may wait for a slot).
         request_ack_wait: seconds before a request held by a dead broker is handed to another.
         token_key: key of the recreate tokens (default: ``CADENZA_TOKEN_KEY``, else one generated
-            and kept in the sessions bucket).
+            and kept in the broker-only bucket; see :meth:`Broker._token_key`).
         orphan_grace: seconds a slot reserved for a session that has no record is kept before it is freed.
         retention: seconds an ended session's record is kept (then deleted from the bucket).
         token_max_age: seconds a recreate token stays valid after it was issued.
@@ -198,21 +199,41 @@ class Broker:
         yield Observation(len(self.waiting), {"cadenza.metric": "requests_waiting"})
 
     async def _token_key(self) -> bytes:
-        if self.config.token_key:
-            return self.config.token_key
-        env = os.environ.get("CADENZA_TOKEN_KEY", "")
-        if env:
-            return env.encode()
+        """The recreate-token key: ``token_key``, else ``CADENZA_TOKEN_KEY``, else one generated once and
+        kept in the broker-only bucket (refused when ``CADENZA_REQUIRE_TOKEN_KEY`` is set, as deploy/
+        does). Older brokers kept the generated key in the sessions bucket, which callers may read: it
+        is moved (so tokens stay valid) and purged from there, history included.
+
+        Raises:
+            bus.CadenzaError: no key is given and the environment requires one.
+        """
         assert self._kv_sessions is not None
-        _log.warning("CADENZA_TOKEN_KEY is not set: using a generated key kept in the sessions bucket "
-                     "(set the variable in production; see deploy/)")  # fmt: skip
+        legacy: bytes | None = None
+        stale = False  # older revisions may remain under a delete marker (a purge leaves none)
         try:
-            await self._kv_sessions.create(KEY_ENTRY, secrets.token_hex(32).encode())
-        except nats.js.errors.KeyWrongLastSequenceError:
-            pass  # another replica made it first
-        entry = await self._kv_sessions.get(KEY_ENTRY)
-        assert entry.value is not None
-        return entry.value
+            legacy = (await self._kv_sessions.get(KEY_ENTRY)).value
+        except nats.js.errors.KeyNotFoundError as exc:  # nats-py reports a deleted key this way, with its op
+            stale = exc.op == "DEL"
+        key = self.config.token_key or os.environ.get("CADENZA_TOKEN_KEY", "").encode()
+        if not key:
+            if os.environ.get("CADENZA_REQUIRE_TOKEN_KEY", "").lower() not in ("", "0", "false", "no"):
+                raise bus.CadenzaError(
+                    "CADENZA_TOKEN_KEY is not set and CADENZA_REQUIRE_TOKEN_KEY is: give every broker replica "
+                    "the same key of at least 16 bytes (e.g. `openssl rand -hex 32`)", non_retryable=True,
+                )  # fmt: skip
+            _log.warning("CADENZA_TOKEN_KEY is not set: using a generated key kept in the broker-only bucket "
+                         "(set the variable in production; see deploy/)")  # fmt: skip
+            vault = await self.bus.kv("broker")
+            try:
+                await vault.create(KEY_ENTRY, legacy or secrets.token_hex(32).encode())
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass  # another replica made (or moved) it first
+            key = (await vault.get(KEY_ENTRY)).value or b""
+        if legacy is not None or stale:
+            # Copied above (or superseded by the configured key): no revision may stay readable.
+            await self._kv_sessions.purge(KEY_ENTRY)
+            _log.warning("removed an older broker's token key from the sessions bucket (callers can read it)")
+        return key
 
     # ------------------------------------------------------------ caches (every replica)
 
@@ -232,8 +253,8 @@ class Broker:
                         else:
                             try:
                                 cache[entry.key] = _Cached(model.model_validate_json(entry.value), entry.revision)
-                            except pydantic.ValidationError:
-                                _log.error("%s bucket: key %s does not hold a %s", kv._name, entry.key, model.__name__)
+                            except pydantic.ValidationError as exc:
+                                await self._bad_value(kv, entry.key, entry.value, entry.revision, model, exc)
                         self._notify()
                 if not ready and (entry is None or entry.delta == 0):
                     ready = True
@@ -242,6 +263,22 @@ class Broker:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.bus.timeouts.shutdown):
                 with contextlib.suppress(Exception):
                     await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
+
+    async def _bad_value(
+        self, kv: KeyValue, key: str, value: bytes, revision: int, model: type[pydantic.BaseModel],
+        exc: pydantic.ValidationError,
+    ) -> None:  # fmt: skip
+        """A bucket value that is no record: skipped by the cache, dead-lettered with the reason."""
+        bucket = kv._name
+        _log.error("%s bucket: key %s does not hold a %s", bucket, key, model.__name__)
+        first = exc.errors()[0]
+        with contextlib.suppress(bus.CadenzaError):  # the watcher goes on; the error is logged above
+            await self.bus.dead_letter(
+                consumer=f"broker-{bucket.rsplit('_', 1)[-1]}", subject=f"$KV.{bucket}.{key}", data=value,
+                headers=None, reason=f"not a {model.__name__}: {first['msg']} at "
+                f"{'.'.join(map(str, first['loc'])) or '(value)'}",
+                error_type="bad_shape", stream=f"KV_{bucket}", stream_seq=revision,
+            )  # fmt: skip
 
     def _notify(self) -> None:
         event, self._changed = self._changed, anyio.Event()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -16,7 +17,15 @@ import nats.js.errors
 import pydantic
 
 import bus
-from schemas import SessionCompleteRequested, SessionRecord, SessionState, WorkerRecord
+from schemas import (
+    ActivitySignature,
+    SessionCompleteRequested,
+    SessionRecord,
+    SessionState,
+    WorkerHeartbeat,
+    WorkerRecord,
+    WorkerStarted,
+)
 
 from .._runtime import add_server_args, announce_ready, run_service, service_bus
 from ._broker import Broker, BrokerConfig
@@ -144,12 +153,41 @@ def cmd_sessions_complete(args: argparse.Namespace) -> int:
     return _connected(args, work)
 
 
+async def _served(b: bus.Bus, worker_id: str) -> list[ActivitySignature]:
+    """The activities a worker advertised in its last heartbeat (else its started event)."""
+    stream = b.topology.stream_name("worker")
+    for event, model in (("heartbeat", WorkerHeartbeat), ("started", WorkerStarted)):
+        try:
+            with anyio.fail_after(b.timeouts.request):
+                msg = await b.js.get_last_msg(stream, b.subjects.build("worker", worker_id, event))
+        except (TimeoutError, nats.errors.Error):
+            continue
+        try:
+            return bus.decode(msg.data or b"", msg.headers, [model]).activities
+        except bus.ValidationError:
+            continue
+    return []
+
+
+def _signature(a: ActivitySignature) -> str:
+    params = []
+    for p in a.parameters:
+        text = {"var_positional": "*", "var_keyword": "**"}.get(p.kind, "") + p.name
+        text += f": {p.annotation}" if p.annotation else ""
+        text += f" = {p.default}" if p.default is not None else ""
+        params.append(text)
+    return f"{a.name}({', '.join(params)})"
+
+
 def cmd_workers_ls(args: argparse.Namespace) -> int:
     async def work(b: bus.Bus) -> int:
         rows: list[WorkerRecord] = await _all(b, "workers", WorkerRecord)
         rows.sort(key=lambda w: (w.tasklist, w.worker_id))
+        served = {w.worker_id: await _served(b, w.worker_id) for w in rows}
         if args.json:
-            print(pydantic.TypeAdapter(list[WorkerRecord]).dump_json(rows, indent=2).decode())
+            out = [{**w.model_dump(mode="json"), "activities": [a.model_dump(mode="json") for a in served[w.worker_id]]}
+                   for w in rows]  # fmt: skip
+            print(json.dumps(out, indent=2))
             return 0
         if not rows:
             print("no session workers")
@@ -158,6 +196,8 @@ def cmd_workers_ls(args: argparse.Namespace) -> int:
         for w in rows:
             print(f"{w.worker_id:<44}  {w.host_name[:20]:<20}  {w.tasklist:<12}  "
                   f"{len(w.sessions):>4}/{w.max_sessions:<4}  every {w.interval:g}s")  # fmt: skip
+            listed = "; ".join(_signature(a) for a in served[w.worker_id]) or "(none advertised)"
+            print(f"    activities: {listed}")
         return 0
 
     return _connected(args, work)

@@ -3,7 +3,12 @@
 State: one value per activity in the ``activities`` bucket, written by compare-and-set, so several
 replicas (sharing one durable consumer) never double-apply an event. Folding does not depend on the
 order events arrive in: "latest" fields follow the highest ``rev``, message seqs are kept as a set
-of ranges (a redelivered batch adds nothing), and the first terminal status wins.
+of ranges (a redelivered batch adds nothing), and the first terminal status wins. An update or message
+without ``rev`` (0: a client that does not count, such as ``nats pub``) applies in arrival order.
+
+Nothing is dropped in silence: input that does not validate is dead-lettered by the bus; an event that
+validates is folded, or is stale by the rules above (older ``rev``, after the end, a redelivered seq),
+which changes nothing by design. docs/wire.md lists what each consumer does with bad input.
 
 Host loss: the recorder follows ``<prefix>.worker.*.*`` (the stream keeps each worker's last
 started / heartbeat / stopped) and ends as ``failed`` every running activity whose worker stopped or
@@ -32,7 +37,9 @@ import bus
 from bus import Delivery
 from bus._activity_client import activity_kv_key, read_activity_messages
 from schemas import (
+    ENDPOINTS,
     ActivityCompleted,
+    ActivityFold,
     ActivityLevel,
     ActivityMessage,
     ActivityRecord,
@@ -49,6 +56,7 @@ from schemas import (
     ListActivitiesReply,
     ListActivitiesRequest,
     MessageEntry,
+    StoredActivity,
     TailActivityReply,
     TailActivityRequest,
     WorkerHeartbeat,
@@ -90,19 +98,9 @@ class RecorderConfig:
     sweep_interval: float = 0.5
 
 
-class _Fold(pydantic.BaseModel):
-    announced: bool = False
-    rev: int = 0
-    ranges: list[tuple[int, int]] = pydantic.Field(default_factory=list)
-    completed_event: str | None = None
-    host_lost: bool = False
-
-
-class Stored(pydantic.BaseModel):
-    """A value of the ``activities`` bucket: the public record and what folding needs."""
-
-    record: ActivityRecord
-    fold: _Fold = pydantic.Field(default_factory=_Fold)
+#: The fold state and the bucket value are wire shapes (schemas/json/kv.activities.json).
+_Fold = ActivityFold
+Stored = StoredActivity
 
 
 def _add_range(ranges: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]] | None:
@@ -166,15 +164,12 @@ class Recorder:
             await tg.start(bus.run_restarting, "activities watcher", self._watch_store)
             await tg.start(bus.run_restarting, "heartbeat follower", self._watch_workers)
             await tg.start(b.consume, spec, ACTIVITY_EVENTS, self._on_event)
-            endpoints = (
-                ("list", ListActivitiesRequest, self.list),
-                ("get", GetActivityRequest, self.get),
-                ("tail", TailActivityRequest, self.tail),
-                ("cancel", CancelActivityRequest, self.cancel),
-            )
-            for name, model, handler in endpoints:
-                serve = functools.partial(b.serve, name=f"recorder-{name}")
-                await tg.start(serve, b.rpc_subject("recorder", name), model, handler)
+            handlers = {"list": self.list, "get": self.get, "tail": self.tail, "cancel": self.cancel}
+            for endpoint in ENDPOINTS:
+                if endpoint.served_by == "recorder":
+                    serve = functools.partial(b.serve, name=f"recorder-{endpoint.method}")
+                    await tg.start(serve, b.rpc_subject("recorder", endpoint.method), endpoint.request,
+                                   handlers[endpoint.method])  # fmt: skip
             tg.start_soon(self._sweep_loop)
             tg.start_soon(self._prune_loop)
             task_status.started()
@@ -199,8 +194,10 @@ class Recorder:
                 else:
                     try:
                         stored = Stored.model_validate_json(entry.value)
-                    except pydantic.ValidationError:
+                    except pydantic.ValidationError as exc:
+                        # Another writer put a value that is no activity: keep a copy and say why.
                         _log.error("activities bucket: key %s does not hold an activity", entry.key)
+                        await self._reject_value(entry.key, entry.value, entry.revision or 0, exc)
                         continue
                     if entry.revision >= self._revisions.get(stored.record.id, 0):
                         self._put(stored)
@@ -212,6 +209,17 @@ class Recorder:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.bus.timeouts.shutdown):
                 with contextlib.suppress(Exception):
                     await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
+
+    async def _reject_value(self, key: str, value: bytes, revision: int, exc: pydantic.ValidationError) -> None:
+        b = self.bus
+        bucket = b.topology.bucket_name("activities")
+        with contextlib.suppress(bus.CadenzaError):  # the watcher goes on; the error is logged above
+            await b.dead_letter(
+                consumer="recorder-store", subject=f"$KV.{bucket}.{key}", data=value, headers=None,
+                reason=f"not a kv.activities value: {exc.errors()[0]['msg']} at "
+                f"{'.'.join(map(str, exc.errors()[0]['loc'])) or '(value)'}",
+                error_type="bad_shape", stream=f"KV_{bucket}", stream_seq=revision,
+            )  # fmt: skip
 
     def _put(self, stored: Stored) -> None:
         """Cache a record, with the indexes the sweep and the watcher use (no scans of the cache)."""
@@ -512,10 +520,8 @@ class Recorder:
                 req.batch_id and r.batch_id != req.batch_id
             ):
                 continue
-            if needle:
-                hay = " ".join(x or "" for x in (r.type, r.resource_name, r.latest_message, r.step, r.error)).lower()
-                if needle not in hay:
-                    continue
+            if needle and not _matches(r, needle):
+                continue
             items.append(r)
         epoch = datetime.min.replace(tzinfo=UTC)
         items.sort(key=lambda r: (r.terminal, -(r.created_at or epoch).timestamp(), r.id))
@@ -569,6 +575,16 @@ class Recorder:
         return CancelActivityReply(outcome="accepted", activity=record)
 
 
+def _matches(r: ActivityRecord, needle: str) -> bool:
+    """``list.search``: an id (activity, session, worker, batch, resource) starting with the needle, or
+    the needle anywhere in the type, resource name, latest message, step or error (case-insensitive)."""
+    ids = (r.id, r.session_id, r.worker_id, r.batch_id, r.resource_id)
+    if any(x and x.lower().startswith(needle) for x in ids):
+        return True
+    hay = " ".join(x or "" for x in (r.type, r.resource_name, r.latest_message, r.step, r.error)).lower()
+    return needle in hay
+
+
 # ---------------------------------------------------------------- pure folds
 
 
@@ -610,7 +626,7 @@ def fold_started(stored: Stored | None, e: ActivityStarted) -> Stored | None:
 def fold_updated(stored: Stored | None, e: ActivityUpdated) -> Stored | None:
     s = stored or _placeholder(e.activity_id, e.time)
     r = s.record
-    if r.terminal or e.rev < s.fold.rev:
+    if r.terminal or (e.rev and e.rev < s.fold.rev):
         return None
     update: dict[str, object] = {"updated_at": e.time}
     if e.status is not None and r.status is ActivityStatus.QUEUED:
@@ -621,7 +637,7 @@ def fold_updated(stored: Stored | None, e: ActivityUpdated) -> Stored | None:
         update["progress"] = bus.clamp_progress(e.progress)
     if e.message is not None and cut_text(e.message):
         update["latest_message"] = cut_text(e.message)
-    return Stored(record=r.model_copy(update=update), fold=s.fold.model_copy(update={"rev": e.rev}))
+    return Stored(record=r.model_copy(update=update), fold=s.fold.model_copy(update={"rev": max(e.rev, s.fold.rev)}))
 
 
 def fold_message(stored: Stored | None, e: ActivityMessage) -> Stored | None:
@@ -635,8 +651,8 @@ def fold_message(stored: Stored | None, e: ActivityMessage) -> Stored | None:
         "last_seq": max(r.last_seq, e.last_seq),
     }
     fold = s.fold.model_copy(update={"ranges": ranges})
-    if not r.terminal and e.rev >= s.fold.rev:
-        fold = fold.model_copy(update={"rev": e.rev})
+    if not r.terminal and (not e.rev or e.rev >= s.fold.rev):
+        fold = fold.model_copy(update={"rev": max(e.rev, s.fold.rev)})
         update["updated_at"] = e.time
         for entry in e.entries:
             text = cut_text(entry.message)
