@@ -144,7 +144,7 @@ async def read_activity_messages(
                 batch_size, timeout = 256, bus.timeouts.fetch + 1.0
             try:
                 msgs = await psub.fetch(batch_size, timeout=timeout)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats-py raises its own TimeoutError, or asyncio's (the builtin) from a wait_for
                 msgs = []
                 if not caught_up:
                     raise BusError(f"reading activity {activity_id}: the server stopped sending") from None
@@ -169,7 +169,7 @@ async def read_activity_messages(
                         seen.setdefault(event.final_seq, final)
             if soft_limit and len(seen) >= soft_limit:
                 break
-    except nats.errors.Error as exc:
+    except (TimeoutError, nats.errors.Error) as exc:
         raise BusError(f"cannot read the messages of activity {activity_id}: {exc!r}") from exc
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(bus.timeouts.shutdown):

@@ -364,7 +364,7 @@ class Bus:
             result = await self._publish_raw(subject, body, hdrs, timeout)
             span.set_attribute("messaging.nats.stream_sequence", result.seq)
             self.stats.published += 1
-            instruments.published.add(1, {"messaging.destination.name": event.type})
+            instruments.on_published(event)
             return result
 
     async def _publish_raw(self, subject: str, body: bytes, headers: dict[str, str], timeout: float) -> PublishResult:
@@ -526,6 +526,8 @@ class Bus:
         try:
             meta = msg.metadata
             seq, deliveries = meta.sequence.stream, meta.num_delivered
+            instruments.pending[spec.durable] = meta.num_pending
+            instruments.in_flight[spec.durable] = flight.count
             headers = dict(msg.headers or {})
             if seq in acked:
                 self.stats.redeliveries_skipped += 1
@@ -577,6 +579,7 @@ class Bus:
                 await self._settle(msg, "ack" if spec.ack_sync else "ack-async")
         finally:
             flight.remove(msg)
+            instruments.in_flight[spec.durable] = flight.count
 
     async def _keep_alive(self, flight: _InFlight, ack_wait: float) -> None:
         # Handlers that run long tell the server they are still working, so it does not redeliver:
@@ -847,6 +850,15 @@ def _token(value: str) -> str:
     return check_token(cleaned)
 
 
+def _check_urls(servers: Sequence[str]) -> None:
+    for url in servers:
+        if "://" in url and not url.startswith(_SCHEMES):
+            raise ConnectError(f"{url!r}: NATS URLs start with nats:// or tls:// (or ws://, wss://)")
+
+
+_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
+
+
 async def _open_nats(opts: ConnectOptions, timeouts: Timeouts) -> NatsClient:
     try:
         # Every inbox of the client (replies, JetStream API answers, watcher deliveries) starts with
@@ -855,17 +867,24 @@ async def _open_nats(opts: ConnectOptions, timeouts: Timeouts) -> NatsClient:
     except ValueError as exc:
         raise ConnectError(f"cannot connect: {exc} (CADENZA_INBOX_PREFIX)") from None
     errors: list[str] = []
+    client: list[NatsClient] = []
 
     async def on_error(exc: Exception) -> None:
         errors.append(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         if len(errors) > 5:
             del errors[0]
-        # After the first connect nobody awaits these: a permissions violation (a denied publish
-        # or subscription) is only ever reported here, so say it loudly.
-        _log.warning("NATS reported an error: %s", errors[-1])
+        # Before the first connect the error is in the ConnectError raised below. After it nobody
+        # awaits these: a permissions violation (a denied publish or subscription) is only ever
+        # reported here, so say it loudly.
+        if client:
+            _log.warning("NATS reported an error: %s", errors[-1])
 
     async def on_disconnect() -> None:
-        _log.info("disconnected from NATS")
+        # Our own close disconnects too: only a connection lost while open is news.
+        if client and not (client[0].is_closed or client[0].is_draining):
+            _log.info("disconnected from NATS")
+        else:
+            _log.debug("disconnected from NATS")
 
     async def on_reconnect() -> None:
         _log.info("reconnected to NATS")
@@ -896,12 +915,17 @@ async def _open_nats(opts: ConnectOptions, timeouts: Timeouts) -> NatsClient:
         with anyio.fail_after(timeouts.connect):
             # max_reconnect_attempts=-1 makes nats-py retry the first connection too; the
             # deadline above bounds it.
-            return await nats.connect(**kwargs)
+            nc = await nats.connect(**kwargs)
     except TimeoutError:
         detail = f" (last error: {errors[-1]})" if errors else ""
         raise ConnectError(f"no NATS server answered at {urls} within {timeouts.connect:g}s{detail}") from None
+    except nats.errors.NoServersError:
+        detail = f": {errors[-1]}" if errors else ""
+        raise ConnectError(f"cannot connect to NATS at {urls}{detail}") from None
     except (nats.errors.Error, OSError) as exc:
         raise ConnectError(f"cannot connect to NATS at {urls}: {exc}") from exc
+    client.append(nc)
+    return nc
 
 
 @contextlib.asynccontextmanager
@@ -939,6 +963,7 @@ async def connect(
         opts = ConnectOptions.from_env(servers=server, name=name)
     else:
         opts = dataclasses.replace(options, servers=_split(server)) if server else options
+    _check_urls(opts.servers)
     prefix = prefix or os.environ.get("CADENZA_PREFIX") or DEFAULT_PREFIX
     # Built first: a bad CADENZA_REPLICAS / CADENZA_STORAGE fails before anything is opened.
     topology = Topology(prefix) if replicas is None else Topology(prefix, replicas=replicas)

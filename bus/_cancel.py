@@ -27,6 +27,7 @@ from ._bus import Bus
 from ._codec import decode
 from ._context import CancelToken
 from ._exceptions import ValidationError
+from ._tracing import instruments
 
 __all__ = ("CancelRouter", "request_cancel")
 
@@ -67,7 +68,8 @@ class CancelRouter:
             task_status.started()
 
     async def _on_cancel(self, event: CancelRequested, subject: str) -> None:
-        self.deliver(event.target_id, event.cause)
+        if self.deliver(event.target_id, event.cause):
+            instruments.on_cancel_delivered(event.time, event.target)
 
     def deliver(self, target_id: str, cause: CancelCause) -> int:
         """Cancel every token registered under ``target_id``; returns how many were.

@@ -1,25 +1,51 @@
-"""OpenTelemetry for messages: producer and consumer spans, W3C context in headers.
+"""OpenTelemetry for messages: producer and consumer spans, W3C context in headers, the bus's metrics.
 
 Span names and attributes follow the messaging semantic conventions: ``send <destination>`` (kind
-PRODUCER) and ``process <destination>`` (kind CONSUMER), ``messaging.system = "nats"``. cadenza only
-uses the OpenTelemetry API; whether spans go anywhere is the application's choice, or
-:func:`configure_tracing` reads the standard ``OTEL_*`` variables. Nothing is exported by default.
+PRODUCER) and ``process <destination>`` (kind CONSUMER, started in the context carried by the
+message's headers, so it is the producer's child), ``messaging.system = "nats"``. Whatever a handler
+publishes is a child of its ``process`` span. cadenza only uses the OpenTelemetry API: whether spans
+and metrics go anywhere is the application's choice; processes started by the ``cadenza`` command
+install the SDK from the standard ``OTEL_*`` variables (``services/_telemetry.py``). Nothing is
+exported by default.
+
+Metrics recorded here (by every process that uses the bus):
+
+=====================================  =========  ====================================================
+``cadenza.messages.published``         counter    events stored, by event type
+``cadenza.messages.handled``           counter    events handled and acked, by consumer
+``cadenza.messages.retried``           counter    handler failures naked, by consumer
+``cadenza.dead_letters``               counter    inputs dead-lettered, by consumer and error type
+``cadenza.activity.duration``          histogram  seconds from an activity's start to its end, by
+                                                  type and status (recorded by the host that ran it)
+``cadenza.activity.outcomes``          counter    activities ended, by type and status
+``cadenza.cancel.latency``             histogram  seconds from a cancel request to the work it targets
+                                                  being cancelled in this process
+``cadenza.consumer.pending``           gauge      messages the server still holds for a consumer (as
+                                                  of its last delivery here), by consumer
+``cadenza.consumer.in_flight``         gauge      messages this process is handling, by consumer
+=====================================  =========  ====================================================
 """
 
 from __future__ import annotations
 
-import logging
-import os
-from collections.abc import Mapping
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
+from opentelemetry.metrics import CallbackOptions, Observation
 
 __all__ = ("configure_tracing", "extract_context", "inject_headers", "instruments", "tracer")
 
-_log = logging.getLogger("cadenza.tracing")
 tracer = trace.get_tracer("cadenza")
 meter = metrics.get_meter("cadenza")
+
+#: Explicit bucket bounds (seconds) for durations from milliseconds to hours.
+_DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 
 class _Instruments:
@@ -30,6 +56,53 @@ class _Instruments:
         self.handled = meter.create_counter("cadenza.messages.handled", description="events handled and acked")
         self.retried = meter.create_counter("cadenza.messages.retried", description="handler failures naked")
         self.dead_letters = meter.create_counter("cadenza.dead_letters", description="inputs dead-lettered")
+        self.activity_duration = meter.create_histogram(
+            "cadenza.activity.duration", unit="s", description="an activity's start to its end",
+            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
+        )  # fmt: skip
+        self.activity_outcomes = meter.create_counter("cadenza.activity.outcomes", description="activities ended")
+        self.cancel_latency = meter.create_histogram(
+            "cadenza.cancel.latency", unit="s", description="a cancel request to the work being cancelled",
+            explicit_bucket_boundaries_advisory=_LATENCY_BUCKETS,
+        )  # fmt: skip
+        # Consumer lag as last seen: num_pending of the newest delivery, the handlers in flight.
+        self.pending: dict[str, int] = {}
+        self.in_flight: dict[str, int] = {}
+        meter.create_observable_gauge(
+            "cadenza.consumer.pending", [self._observe_pending], description="messages the server holds for a consumer"
+        )
+        meter.create_observable_gauge(
+            "cadenza.consumer.in_flight", [self._observe_in_flight], description="messages being handled"
+        )
+        # Activity start times of this process (bounded): the duration is measured by the host.
+        self._started: OrderedDict[str, tuple[float, str]] = OrderedDict()
+
+    def _observe_pending(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(n, {"consumer": c}) for c, n in list(self.pending.items())]
+
+    def _observe_in_flight(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(n, {"consumer": c}) for c, n in list(self.in_flight.items())]
+
+    def on_published(self, event: Any) -> None:
+        """Count a stored event; an activity's start and end give its duration and outcome."""
+        kind = getattr(event, "type", "")
+        self.published.add(1, {"messaging.destination.name": kind})
+        if kind == "activity.started":
+            self._started[event.activity_id] = (time.monotonic(), event.activity_type)
+            if len(self._started) > 100_000:
+                self._started.popitem(last=False)
+        elif kind == "activity.completed":
+            start = self._started.pop(event.activity_id, None)
+            status = getattr(event.status, "value", str(event.status))
+            attrs = {"activity.type": start[1] if start else "", "activity.status": status}
+            self.activity_outcomes.add(1, attrs)
+            if start is not None:
+                self.activity_duration.record(time.monotonic() - start[0], attrs)
+
+    def on_cancel_delivered(self, requested_at: datetime, target: str) -> None:
+        """A cancel requested at ``requested_at`` reached running work in this process."""
+        seconds = (datetime.now(UTC) - requested_at).total_seconds()
+        self.cancel_latency.record(max(seconds, 0.0), {"cancel.target": target})
 
 
 instruments = _Instruments()
@@ -49,36 +122,14 @@ def extract_context(headers: Mapping[str, str] | None) -> otel_context.Context:
 
 
 def configure_tracing(service_name: str) -> bool:
-    """Install an SDK tracer provider when ``OTEL_TRACES_EXPORTER`` asks for one.
+    """Install the SDK's providers as the ``OTEL_*`` variables ask (what the ``cadenza`` command does).
 
-    ``console`` prints spans; ``otlp`` needs ``opentelemetry-exporter-otlp`` installed (a warning
-    says so when it is missing). ``none`` or unset leaves tracing to the application: nothing is
-    exported. Returns True when a provider was installed.
+    ``OTEL_TRACES_EXPORTER`` / ``OTEL_METRICS_EXPORTER``: ``console``, ``otlp`` (OTLP over
+    http/protobuf to ``OTEL_EXPORTER_OTLP_ENDPOINT``), ``none``; an unknown name is one warning.
+    ``OTEL_SERVICE_NAME`` wins over ``service_name``. Returns True when a provider was installed; the
+    SDK flushes it at exit. An application with its own OpenTelemetry set-up does not call this.
     """
-    wanted = os.environ.get("OTEL_TRACES_EXPORTER", "none").strip().lower()
-    if wanted in ("", "none"):
-        return False
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+    from ._telemetry import configure_telemetry
 
-    exporter: SpanExporter
-    if wanted == "console":
-        exporter = ConsoleSpanExporter()
-    elif wanted == "otlp":
-        try:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[import-not-found]
-                OTLPSpanExporter,
-            )
-        except ImportError:
-            _log.warning("OTEL_TRACES_EXPORTER=otlp but opentelemetry-exporter-otlp is not installed")
-            return False
-        exporter = OTLPSpanExporter()
-    else:
-        _log.warning("OTEL_TRACES_EXPORTER=%s is not supported by cadenza (use console or otlp)", wanted)
-        return False
-    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
-    provider = TracerProvider(resource=resource)
-    provider.add_span_processor(BatchSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
-    return True
+    telemetry = configure_telemetry(service_name.removeprefix("cadenza-"))
+    return bool(telemetry.traces or telemetry.metrics)

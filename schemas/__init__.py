@@ -50,6 +50,8 @@ from ._rpc import ErrorReply as ErrorReply
 from ._rpc import OkReply as OkReply
 from ._rpc import ReplyError as ReplyError
 from ._rpc import RpcReply as RpcReply
+from ._rpc import ServiceInfo as ServiceInfo
+from ._rpc import ServiceInfoRequest as ServiceInfoRequest
 from ._session import DEFAULT_HEARTBEAT_TIMEOUT as DEFAULT_HEARTBEAT_TIMEOUT
 from ._session import DEFAULT_TASKLIST as DEFAULT_TASKLIST
 from ._session import SessionAssigned as SessionAssigned
@@ -127,6 +129,8 @@ __all__ = (
     "OkReply",
     "ReplyError",
     "RpcReply",
+    "ServiceInfo",
+    "ServiceInfoRequest",
     "SessionAssigned",
     "SessionClosed",
     "SessionCompleteRequested",

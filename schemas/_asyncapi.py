@@ -47,26 +47,27 @@ ROLES: Final[dict[str, dict[str, tuple[str, ...]]]] = {
     "caller": {
         "send": ("session_requested", "session_complete", "task_queued", "task_inbox:task_activity",
                  "rpc_recorder_list", "rpc_recorder_get", "rpc_recorder_tail", "rpc_recorder_cancel",
-                 "cancel_requested", "activity_started", "activity_updated", "activity_message", "activity_completed"),
+                 "rpc_services_info", "cancel_requested", "activity_started", "activity_updated", "activity_message",
+                 "activity_completed"),
         "receive": ("session_assigned", "session_rejected", "session_completed", "session_failed"),
     },
     "worker": {
         "send": ("worker_started", "worker_heartbeat", "worker_stopped", "activity_started", "activity_updated",
                  "activity_message", "activity_completed", "dlq_rejected"),
-        "receive": ("task_queued", "task_inbox", "cancel_requested", "rpc_worker_ping"),
+        "receive": ("task_queued", "task_inbox", "cancel_requested", "rpc_worker_ping", "rpc_services_info"),
     },
     "broker": {
         "send": ("session_assigned", "session_rejected", "session_completed", "session_failed",
                  "task_inbox:task_session_opened", "task_inbox:task_session_closed",
                  "rpc_worker_ping", "dlq_rejected"),
         "receive": ("session_requested", "session_complete", "worker_started", "worker_heartbeat",
-                    "worker_stopped"),
+                    "worker_stopped", "rpc_services_info"),
     },
     "recorder": {
         "send": ("activity_message", "activity_completed", "cancel_requested", "dlq_rejected"),
         "receive": ("activity_started", "activity_updated", "activity_message", "activity_completed",
                     "worker_started", "worker_heartbeat", "worker_stopped", "rpc_recorder_list", "rpc_recorder_get",
-                    "rpc_recorder_tail", "rpc_recorder_cancel"),
+                    "rpc_recorder_tail", "rpc_recorder_cancel", "rpc_services_info"),
     },
 }  # fmt: skip
 

@@ -8,6 +8,7 @@ endpoint's request model (no envelope, no headers needed); the reply is always a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,7 +25,26 @@ from ._activity import (
 )
 from ._worker import WorkerPing, WorkerPong
 
-__all__ = ["ENDPOINTS", "Endpoint", "ErrorReply", "OkReply", "ReplyError", "RpcReply"]
+__all__ = [
+    "ENDPOINTS", "Endpoint", "ErrorReply", "OkReply", "ReplyError", "RpcReply", "ServiceInfo", "ServiceInfoRequest",
+]  # fmt: skip
+
+
+class ServiceInfoRequest(BaseModel):
+    """Request on ``<prefix>.rpc.services.info`` (no fields): every service process answers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServiceInfo(BaseModel):
+    """One service process's answer on ``<prefix>.rpc.services.info``."""
+
+    service: str = Field(description="recorder, broker, demo-worker, console, ...")
+    instance: str = Field(description="this process start (unique)")
+    version: str
+    host: str = ""
+    pid: int = 0
+    started_at: datetime
 
 
 class ReplyError(BaseModel):
@@ -104,4 +124,6 @@ ENDPOINTS: Final[tuple[Endpoint, ...]] = (
              "cancel an activity by a user"),
     Endpoint("<worker_id>", "ping", WorkerPing, WorkerPong, "worker", "broker",
              "is this worker's process still connected? (the broker asks when a heartbeat is late)"),
+    Endpoint("services", "info", ServiceInfoRequest, ServiceInfo, "every service process", "caller",
+             "which service processes run: each answers (a queue group of its own), e.g. the console's health"),
 )  # fmt: skip

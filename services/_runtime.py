@@ -1,4 +1,13 @@
-"""What every service process shares: argument parsing for the server, signals, the ready line."""
+"""What every service process shares: argument parsing for the server, logs and telemetry, signals,
+the ready line, and turning errors into one line on stderr.
+
+:func:`start_process` runs once per process (``cadenza <command>`` and the ``python -m
+services.<name>`` entry points): logging (``CADENZA_LOG``, ``--log-format``) and OpenTelemetry from
+the ``OTEL_*`` variables (``--metrics-port`` for a Prometheus endpoint); :func:`stop_process` flushes
+the exporters on the way out, so a one-shot command's spans leave too. A one-shot command connects
+with :func:`cli_bus` (a short connect bound, no reconnect loop: a dead server is one line in well
+under 2 s); services with :func:`service_bus` (reconnect forever).
+"""
 
 from __future__ import annotations
 
@@ -7,48 +16,153 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, NoReturn
 
-import anyio
+from . import _telemetry
 
-import bus
+if TYPE_CHECKING:  # imported when a command runs, not when the parser is built
+    import bus
 
-__all__ = ("READY", "add_server_args", "announce_ready", "run_service", "service_bus")
+__all__ = (
+    "READY",
+    "LazyChoices",
+    "Parser",
+    "add_metrics_args",
+    "add_server_args",
+    "announce_ready",
+    "cli_bus",
+    "fail",
+    "float_arg",
+    "id_arg",
+    "int_arg",
+    "run_service",
+    "service_bus",
+    "start_process",
+    "stop_process",
+)
 
 #: Printed on stdout once a service serves; tests and ``cadenza dev`` wait for it.
 READY = "cadenza: ready"
 
+_log = logging.getLogger("cadenza")
+_state = {"one_shot": False}
+
+
+def fail(message: str, code: int = 2) -> int:
+    """Print ``cadenza: <message>`` on stderr (one line) and return ``code``."""
+    print(f"cadenza: {message}", file=sys.stderr)
+    return code
+
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
-    """``--server`` and ``--prefix``, shared by every command that talks to NATS."""
-    p.add_argument("--server", "-s", default=None, help="NATS URL(s), comma-separated (default: $NATS_URL)")
+    """``--server``, ``--prefix`` and ``--log-format``, shared by every command that talks to NATS."""
+    p.add_argument("--server", "-s", default=None,
+                   help="NATS URL(s), comma-separated: nats://host:port or tls://host:port (default: $NATS_URL)"
+                   )  # fmt: skip
     p.add_argument(
         "--prefix", default=os.environ.get("CADENZA_PREFIX", "cadenza"), help="subject prefix (default: cadenza)"
     )
+    p.add_argument("--log-format", choices=("text", "json"), default=os.environ.get("CADENZA_LOG_FORMAT", "text"),
+                   help="log lines on stderr as text or one JSON object per line, with the trace id "
+                   "(default: text, or $CADENZA_LOG_FORMAT)")  # fmt: skip
+
+
+def add_metrics_args(p: argparse.ArgumentParser) -> None:
+    """``--metrics-port``: a Prometheus scrape endpoint on loopback (long-running commands)."""
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics (0: any free port)")  # fmt: skip
+
+
+def start_process(command: str, args: argparse.Namespace | None = None, *, one_shot: bool = False) -> None:
+    """Logs and telemetry for this process; ``one_shot`` commands report any failure in one line."""
+    _state["one_shot"] = one_shot
+    level = os.environ.get("CADENZA_LOG") or ("WARNING" if one_shot else "INFO")
+    _telemetry.start(
+        command,
+        log_format=getattr(args, "log_format", None) or os.environ.get("CADENZA_LOG_FORMAT", "text"),
+        log_level=level,
+        metrics_port=getattr(args, "metrics_port", None),
+    )
+
+
+def stop_process() -> None:
+    """Flush the telemetry exporters (bounded); safe without :func:`start_process`."""
+    _telemetry.stop()
 
 
 def announce_ready(what: str) -> None:
     print(f"{READY} {what}", flush=True)
 
 
+_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
+
+
+def server_urls(args: argparse.Namespace) -> str | None:
+    """``--server`` or ``NATS_URL``, checked (SystemExit with one line saying what to fix)."""
+    value = args.server or os.environ.get("NATS_URL") or None
+    if value is None:
+        return None
+    for url in (u.strip() for u in value.split(",")):
+        if "://" in url and not url.startswith(_SCHEMES):
+            where = "--server" if args.server else "NATS_URL"
+            raise SystemExit(f"cadenza: {where}={url!r}: NATS URLs start with nats:// or tls:// "
+                             "(or ws://, wss://), e.g. nats://127.0.0.1:4222")  # fmt: skip
+    return value
+
+
+_NO_SERVER = "no server given: pass --server nats://host:port or set NATS_URL (`cadenza dev` prints it)"
+
+
 @asynccontextmanager
 async def service_bus(args: argparse.Namespace, name: str, *, embedded_ok: bool = False) -> AsyncIterator[bus.Bus]:
     """Connect as a service: ``--server``, else ``NATS_URL``; refuse to start an embedded server
     unless ``embedded_ok`` (a service alone on its own private server is useless)."""
-    if not (args.server or os.environ.get("NATS_URL")) and not embedded_ok:
+    import anyio
+
+    import bus
+    from bus._service_info import serve_service_info
+
+    urls = server_urls(args)
+    if urls is None and not embedded_ok:
         raise SystemExit(f"cadenza {name}: no server given; pass --server nats://host:port or set NATS_URL")
-    async with bus.connect(args.server, prefix=args.prefix, name=name) as b:
+
+    async with bus.connect(urls, prefix=args.prefix, name=name) as b, anyio.create_task_group() as tg:
+        # Every service answers <prefix>.rpc.services.info (the console's Health page lists them).
+        await tg.start(serve_service_info, b, name)
+        yield b
+        tg.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def cli_bus(args: argparse.Namespace, name: str = "cadenza-cli", *, ensure_topology: bool = False
+                  ) -> AsyncIterator[bus.Bus]:  # fmt: skip
+    """Connect for one command: a 2 s connect bound, two tries per server, no reconnect loop."""
+    import bus
+
+    urls = server_urls(args)
+    if urls is None:
+        raise SystemExit(f"cadenza: {_NO_SERVER}")
+    options = bus.ConnectOptions.from_env(servers=urls, name=name, max_reconnect_attempts=1, reconnect_time_wait=0.1)
+    timeouts = bus.Timeouts(connect=2.0)
+    async with bus.connect(
+        urls, prefix=args.prefix, name=name, options=options, timeouts=timeouts, ensure_topology=ensure_topology
+    ) as b:
         yield b
 
 
 def run_service(main: Callable[[], Awaitable[None]]) -> int:
-    """Run ``main`` until it returns or SIGTERM/SIGINT arrives (then cancel it: graceful stop)."""
-    logging.basicConfig(
-        level=os.environ.get("CADENZA_LOG", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    """Run ``main`` until it returns or SIGTERM/SIGINT arrives (then cancel it: graceful stop).
+
+    A cadenza error (a refused connection, a remote error) is one line on stderr and exit code 1. In a
+    one-shot command anything else is one line too (``CADENZA_LOG=debug`` logs the traceback); in a
+    long-running service it is a bug and propagates with its traceback.
+    """
+    import anyio
+
+    if not logging.getLogger().handlers:
+        start_process(os.path.basename(sys.argv[0]).removesuffix(".py") or "service")
 
     async def runner() -> None:
         async with anyio.create_task_group() as tg:
@@ -68,25 +182,120 @@ def run_service(main: Callable[[], Awaitable[None]]) -> int:
     except KeyboardInterrupt:
         return 130
     except BaseException as exc:
+        exits = _leaves(exc, SystemExit)
+        if exits is not None and exits:
+            raise exits[0] from None
         errors = _cadenza_errors(exc)
-        if not errors:
+        if errors:
+            for message in dict.fromkeys((str(err).strip().splitlines() or [""])[0] for err in errors):
+                print(f"cadenza: {message}", file=sys.stderr)
+            return 1
+        if not _state["one_shot"] or not isinstance(exc, Exception):
             raise
-        for err in errors:
-            print(f"cadenza: {err}", file=sys.stderr)
+        leaf = (_leaves(exc, Exception) or [exc])[0]
+        _log.debug("unexpected error", exc_info=exc)
+        first = (str(leaf).strip().splitlines() or [""])[0]
+        print(f"cadenza: unexpected {type(leaf).__name__}: {first} (CADENZA_LOG=debug shows where)", file=sys.stderr)
         return 1
     return 0
 
 
-def _cadenza_errors(exc: BaseException) -> list[bus.CadenzaError]:
-    """The cadenza errors in ``exc`` (looking inside exception groups), or [] if anything else is there."""
-    if isinstance(exc, bus.CadenzaError):
-        return [exc]
+def _leaves(exc: BaseException, kind: type[BaseException]) -> list[BaseException] | None:
+    """The exceptions of type ``kind`` in ``exc`` (looking inside groups); None if there are others."""
     if isinstance(exc, BaseExceptionGroup):
-        found: list[bus.CadenzaError] = []
+        found: list[BaseException] = []
         for inner in exc.exceptions:
-            sub = _cadenza_errors(inner)
-            if not sub:
-                return []
+            sub = _leaves(inner, kind)
+            if sub is None:
+                return None
             found += sub
         return found
-    return []
+    return [exc] if isinstance(exc, kind) else None
+
+
+def _cadenza_errors(exc: BaseException) -> list[bus.CadenzaError]:
+    """The cadenza errors in ``exc`` (looking inside exception groups), or [] if anything else is there."""
+    import bus
+
+    found = _leaves(exc, bus.CadenzaError)
+    return [e for e in found or [] if isinstance(e, bus.CadenzaError)]
+
+
+def id_arg(what: str) -> Callable[[str], str]:
+    """An argparse ``type`` for an id (or the start of one): one line naming the rule when it is not."""
+
+    def check(value: str) -> str:
+        from schemas import check_token
+
+        try:
+            return check_token(value, what)
+        except ValueError:
+            if not value:
+                raise argparse.ArgumentTypeError(f"an empty {what}") from None
+            raise argparse.ArgumentTypeError(
+                f"{value!r} is not {_article(what)} {what}: use 1-200 letters, digits and _-:=+@~ (or the start of one)"
+            ) from None
+
+    return check
+
+
+def int_arg(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type`` for an integer in ``[low, high]``."""
+
+    def check(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        if number < low or (high is not None and number > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{number} is out of range: must be {bound}")
+        return number
+
+    return check
+
+
+def float_arg(low: float = 0.0) -> Callable[[str], float]:
+    """An argparse ``type`` for a number of seconds (or similar) of at least ``low``."""
+
+    def check(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+        if not number >= low or number == float("inf"):
+            raise argparse.ArgumentTypeError(f"{value} is out of range: must be a finite number >= {low:g}")
+        return number
+
+    return check
+
+
+class LazyChoices:
+    """``choices=`` whose values are computed when first needed (an enum of ``schemas``, say), so
+    building the parser imports nothing heavy. Give the argument a ``metavar`` too."""
+
+    def __init__(self, values: Callable[[], Sequence[str]]) -> None:
+        self._values = values
+        self._cache: tuple[str, ...] | None = None
+
+    def _all(self) -> tuple[str, ...]:
+        if self._cache is None:
+            self._cache = tuple(self._values())
+        return self._cache
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._all()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (exit code 2), not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"cadenza: {self.prog.removeprefix('cadenza ')}: {message} (see --help)\n")
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"

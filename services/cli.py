@@ -3,6 +3,10 @@
 Commands of the foundation live here (server, subjects, schemas, publish, tail, dev); the
 services add theirs (recorder/activities, broker/worker/sessions/workers/demo) through a
 ``register(subparsers)`` function in their ``_cli`` module.
+
+Start-up is kept short (``cadenza --help`` imports neither ``bus`` nor ``schemas``): the modules here
+and the ``_cli`` modules import the heavy packages (nats-py, pydantic models, OpenTelemetry's SDK)
+inside the command that needs them, never at module level.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ import argparse
 import importlib
 import importlib.util
 import json
-import logging
 import os
 import secrets
 import signal
@@ -19,26 +22,35 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anyio
-import nats.errors
-import nats.js.errors
+from ._runtime import (
+    READY,
+    Parser,
+    add_server_args,
+    cli_bus,
+    float_arg,
+    int_arg,
+    run_service,
+    start_process,
+    stop_process,
+)
 
-import bus
-import schemas
-from bus._process import ChildProcess as Child
-from bus._server import EmbeddedCluster
-from bus._topology import BUCKETS, STREAMS, format_size, parse_size
-
-from ._runtime import READY, add_server_args, run_service
+if TYPE_CHECKING:
+    import bus
+    from bus._process import ChildProcess as Child
 
 __all__ = ("build_parser", "main")
 
 #: Modules that add subcommands; a missing one is skipped (its service is not installed).
-_COMMAND_MODULES = ("services.recorder._cli", "services.broker._cli", "services.demo._cli")
+_COMMAND_MODULES = (
+    "services.recorder._cli", "services.broker._cli", "services.demo._cli", "services.console._cli",
+)  # fmt: skip
+
+
+#: Commands that run until stopped; the others are one-shot (quiet logs, any failure in one line).
+_LONG_RUNNING = frozenset({"server", "dev", "broker", "recorder", "worker", "demo", "tail", "console"})
 
 
 def _fail(message: str) -> int:
@@ -50,6 +62,8 @@ def _fail(message: str) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    import bus
+
     server = bus.EmbeddedServer(args.store, port=args.port, host=args.host)
     try:
         server.start()
@@ -74,6 +88,10 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_subjects(args: argparse.Namespace) -> int:
+    import bus
+    import schemas
+    from bus._topology import format_size
+
     try:
         topo = bus.Topology(args.prefix)
     except bus.TopologyError as exc:
@@ -97,11 +115,27 @@ def cmd_subjects(args: argparse.Namespace) -> int:
 
 
 def cmd_schemas(args: argparse.Namespace) -> int:
-    directory = Path(args.dir) if args.dir else schemas.JSON_DIR
-    asyncapi = Path(args.asyncapi) if args.asyncapi else schemas.ASYNCAPI_PATH
+    import schemas
+
     check = args.action == "check"
-    differ = schemas.export_json_schemas(directory, check=check)
-    stale = schemas.export_asyncapi(asyncapi, check=check)
+    if args.dir:
+        directory = Path(args.dir)
+        if not directory.is_dir() and (check or not directory.parent.is_dir()):
+            return _fail(f"no such directory: {directory}" + ("" if check else " (nor its parent)"))
+    elif check:
+        directory = schemas.JSON_DIR
+    elif (Path.cwd() / "schemas" / "json").is_dir():
+        directory = Path("schemas") / "json"
+        print(f"writing to ./{directory} (the checkout in this directory; --dir DIR to choose)", file=sys.stderr)
+    else:
+        return _fail("pass --dir DIR: where to write the JSON Schema files (there is no ./schemas/json here)")
+    # The AsyncAPI document lies beside the JSON Schema directory (schemas/asyncapi.json).
+    asyncapi = Path(args.asyncapi) if args.asyncapi else directory.parent / schemas.ASYNCAPI_PATH.name
+    try:
+        differ = schemas.export_json_schemas(directory, check=check)
+        stale = schemas.export_asyncapi(asyncapi, check=check)
+    except OSError as exc:
+        return _fail(f"cannot write to {directory}: {exc.strerror or exc}")
     count = len(schemas.wire_models())
     if check:
         if differ or stale:
@@ -137,6 +171,9 @@ def _read_json_arg(value: str) -> str:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
+    import bus
+    import schemas
+
     cls = schemas.lookup_event_type(args.event)
     if cls is None:
         known = ", ".join(schemas.event_types())
@@ -154,7 +191,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         return _fail(_NO_SERVER)
 
     async def go() -> None:
-        async with bus.connect(args.server, prefix=args.prefix, name="cadenza-cli") as b:
+        async with cli_bus(args, "cadenza-cli", ensure_topology=True) as b:
             result = await b.publish(event)
             dup = " (duplicate: already stored)" if result.duplicate else ""
             print(
@@ -164,41 +201,28 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return run_service(go)
 
 
-def _readable(subject: str, data: bytes) -> str:
-    stamp = datetime.now().strftime("%H:%M:%S.%f")[:-3]
-    try:
-        body: Any = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return f"{stamp} {subject} <{len(data)} bytes, not JSON>"
-    if not isinstance(body, dict):
-        return f"{stamp} {subject} {json.dumps(body)[:200]}"
-    skip = {"event_id", "type", "schema_version", "time", "source"}
-    fields = " ".join(f"{k}={json.dumps(v, separators=(',', ':'))[:120]}" for k, v in body.items() if k not in skip)
-    return f"{stamp} {subject} [{body.get('type', '?')}] {fields}"
-
-
 def cmd_tail(args: argparse.Namespace) -> int:
+    """Follow a subject: live, or ``--since``/``--all`` from the streams (services/_tail.py)."""
+    import anyio
+    from rich.console import Console
+
+    from ._tail import follow, printer
+
     if _no_server(args):
         return _fail(_NO_SERVER)
     subject = args.subject
     if not subject.startswith(args.prefix + ".") and not subject.startswith("$"):
         subject = f"{args.prefix}.{subject}"
+    if " " in subject or not all(subject.split(".")):
+        return _fail(f"{args.subject!r} is not a subject: dot-separated tokens without spaces, * and > as wildcards")
+    emit = printer(args, Console(highlight=False))
 
     async def go() -> None:
-        async with bus.connect(args.server, prefix=args.prefix, name="cadenza-tail", ensure_topology=False) as b:
-            sub = await b.nc.subscribe(subject)
-            print(f"following {subject} on {b.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
-            seen = 0
+        async with cli_bus(args, "cadenza-tail") as b:
+            what = "from the start" if args.all else f"from {args.since:g}s ago" if args.since is not None else "live"
+            print(f"following {subject} on {b.url} {what} (Ctrl-C to stop)", file=sys.stderr, flush=True)
             with anyio.move_on_after(args.timeout) if args.timeout else anyio.CancelScope():
-                async for msg in sub.messages:
-                    if args.json:
-                        print(msg.data.decode(errors="replace"), flush=True)
-                    else:
-                        print(_readable(msg.subject, msg.data), flush=True)
-                    seen += 1
-                    if args.count and seen >= args.count:
-                        break
-            await sub.unsubscribe()
+                await follow(b, subject, emit, since=args.since, everything=args.all)
 
     return run_service(go)
 
@@ -206,13 +230,11 @@ def cmd_tail(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ setup / status
 
 
-def _quiet_bus_logs() -> None:
-    """One line on an error: the bus's connection notices (attempts, disconnects) are for services."""
-    logging.getLogger("cadenza.bus").setLevel(logging.ERROR)
-
-
 def cmd_setup(args: argparse.Namespace) -> int:
     """Declare (or upgrade) every stream and bucket: run once as the admin user."""
+    import bus
+    from bus._topology import format_size, parse_size
+
     if _no_server(args):
         return _fail(_NO_SERVER)
     try:
@@ -224,14 +246,13 @@ def cmd_setup(args: argparse.Namespace) -> int:
         return _fail(str(exc))
 
     async def go() -> None:
-        async with bus.connect(args.server, prefix=args.prefix, name="cadenza-setup", ensure_topology=False) as b:
+        async with cli_bus(args, "cadenza-setup") as b:
             await bus.retry_transient(lambda: topo.ensure(b.js), what="declare the streams and buckets")
             for subject, stream, limits, _ in topo.table():
                 print(f"ok  {stream:<28} {subject:<28} {limits}")
             need = format_size(topo.storage_needed())
             print(f"replicas {topo.replicas or 1}, {need} of file store reserved per node")
 
-    _quiet_bus_logs()
     return run_service(go)
 
 
@@ -242,12 +263,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
 
     async def go() -> None:
-        timeouts = bus.Timeouts(connect=args.timeout, request=args.timeout)
-        async with bus.connect(args.server, prefix=args.prefix, name="cadenza-status", ensure_topology=False,
-                               timeouts=timeouts) as b:  # fmt: skip
+        async with cli_bus(args, "cadenza-status") as b:
             rows.extend(await _status_rows(b, args.timeout))
 
-    _quiet_bus_logs()
     code = run_service(go)
     if code:
         return code
@@ -259,6 +277,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 async def _status_rows(b: bus.Bus, timeout: float) -> list[dict[str, Any]]:
+    import anyio
+    import nats.errors
+    import nats.js.errors
+
+    from bus._topology import BUCKETS, STREAMS
+
     topo = b.topology
     names = [(topo.stream_name(s.domain), "stream") for s in STREAMS]
     names += [(f"KV_{topo.bucket_name(k.key)}", "bucket") for k in BUCKETS]
@@ -290,6 +314,8 @@ async def _status_rows(b: bus.Bus, timeout: float) -> list[dict[str, Any]]:
 
 
 def _print_status(rows: list[dict[str, Any]]) -> None:
+    from bus._topology import format_size
+
     width = max(len(r["name"]) for r in rows)
     print(f"{'stream / bucket':<{width}}  replicas  {'leader':<20} {'messages':>9}  {'bytes / max':<22} "
           "consumers  followers")  # fmt: skip
@@ -318,7 +344,12 @@ def _available(module: str) -> bool:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    """Embedded server (or ``--cluster N`` nodes) + recorder + broker + demo worker, in the foreground."""
+    """Embedded server (or ``--cluster N`` nodes) + recorder + broker + demo worker + web console, in the
+    foreground."""
+    import bus
+    from bus._process import ChildProcess as Child
+    from bus._server import EmbeddedCluster
+
     server: bus.EmbeddedServer | EmbeddedCluster
     if args.cluster and args.cluster not in (3, 5):
         return _fail(f"--cluster takes 3 or 5 nodes (the streams get as many replicas), not {args.cluster}")
@@ -340,7 +371,10 @@ def cmd_dev(args: argparse.Namespace) -> int:
         ("recorder", "services.recorder"),
         ("broker", "services.broker"),
         ("demo worker", "services.demo.worker"),
+        ("console", "services.console"),
     ]
+    # The console on its usual port, or any free one when the server's port is any free one too.
+    extra = {"console": ("--port", "0" if args.port == 0 else str(args.console_port))}
     children: list[tuple[str, Child]] = []
     if isinstance(server, EmbeddedCluster):
         print(f"{args.cluster}-node nats-server cluster (JetStream, replicas {args.cluster}), "
@@ -354,7 +388,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             if not _available(module):
                 print(f"  {label}: not available in this build ({module} missing)", flush=True)
                 continue
-            proc = Child(module, "--server", server.url, "--prefix", args.prefix, env=env)
+            proc = Child(module, "--server", server.url, "--prefix", args.prefix, *extra.get(label, ()), env=env)
             try:
                 proc.start(timeout=30)
             except RuntimeError as exc:
@@ -372,6 +406,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
             (f"cadenza activities ls{prefix}", "tracked activities"),
             (f"cadenza tail 'activity.>'{prefix}", "events as they happen"),
         ]
+        console = next((p.ready_line.split(" on ", 1)[1].split()[0] for n, p in children if n == "console"), "")
+        if console:
+            tips.insert(0, (console, "the web console (open it in a browser)"))
         width = max(len(cmd) for cmd, _ in tips)
         print("then, in another terminal:", flush=True)
         for cmd, what in tips:
@@ -401,10 +438,11 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="cadenza",
         description="Sessions and tracked, cancellable activities over NATS JetStream.",
     )
+    p.add_argument("--version", action=_Version, help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("server", help="run the embedded nats-server (JetStream) in the foreground")
@@ -414,14 +452,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_server)
 
     s = sub.add_parser("subjects", help="print the subjects, streams and buckets")
-    s.add_argument("--prefix", default=os.environ.get("CADENZA_PREFIX", "cadenza"))
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--prefix", default=os.environ.get("CADENZA_PREFIX", "cadenza"),
+                   help="subject prefix (default: cadenza)")  # fmt: skip
+    s.add_argument("--json", action="store_true", help="print the table as JSON")
     s.set_defaults(func=cmd_subjects)
 
     s = sub.add_parser("schemas", help="export or check the JSON Schema files and the AsyncAPI document")
-    s.add_argument("action", choices=("export", "check"))
-    s.add_argument("--dir", default=None, help="directory (default: schemas/json in the package)")
-    s.add_argument("--asyncapi", default=None, help="AsyncAPI file (default: schemas/asyncapi.json in the package)")
+    s.add_argument("action", choices=("export", "check"), help="export: write the files; check: fail if stale")
+    s.add_argument("--dir", default=None, help="directory (check: default schemas/json of the package; "
+                   "export: default ./schemas/json if it exists)")  # fmt: skip
+    s.add_argument("--asyncapi", default=None, help="AsyncAPI file (default: asyncapi.json beside the --dir "
+                   "directory; check: the package's)")  # fmt: skip
     s.set_defaults(func=cmd_schemas)
 
     s = sub.add_parser("publish", help="validate an event and publish it")
@@ -432,9 +473,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("tail", help="follow events on a subject (live)")
     s.add_argument("subject", metavar="SUBJECT", help="subject or wildcard, with or without the prefix ('activity.>')")
-    s.add_argument("--json", action="store_true", help="print raw JSON lines")
-    s.add_argument("--count", type=int, default=0, help="stop after this many messages")
-    s.add_argument("--timeout", type=float, default=0, help="stop after this many seconds")
+    s.add_argument("--json", action="store_true",
+                   help='one JSON object per line: {"subject": ..., "time": ..., "event": {...}}')  # fmt: skip
+    history = s.add_mutually_exclusive_group()
+    history.add_argument("--since", type=_duration, default=None, metavar="DURATION",
+                         help="first the events stored in the last DURATION (30s, 10m, 2h, 1d), then live")  # fmt: skip
+    history.add_argument("--all", action="store_true", help="first every stored event (dead letters too), then live")
+    s.add_argument("--count", type=int_arg(0), default=0, help="stop after this many messages (0: never)")
+    s.add_argument("--timeout", type=float_arg(0), default=0, help="stop after this many seconds (0: never)")
     add_server_args(s)
     s.set_defaults(func=cmd_tail)
 
@@ -450,17 +496,20 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="streams and buckets as the server has them: replicas, leader, lag, storage")
     add_server_args(s)
     s.add_argument("--json", action="store_true")
-    s.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the server (default 2)")
+    s.add_argument("--timeout", type=float_arg(0.1), default=2.0,
+                   help="seconds to wait for each stream's answer (default 2; connecting waits 2 s)")  # fmt: skip
     s.set_defaults(func=cmd_status)
 
-    s = sub.add_parser("dev", help="embedded server + recorder + broker + demo worker, in the foreground")
+    s = sub.add_parser("dev", help="embedded server + recorder + broker + demo worker + console, in the foreground")
     s.add_argument("--store", default=None, help="JetStream store directory (default: a temporary one)")
     s.add_argument("--port", type=int, default=4222, help="client port (0: any free port; default 4222)")
-    s.add_argument("--prefix", default=os.environ.get("CADENZA_PREFIX", "cadenza"))
+    s.add_argument("--prefix", default=os.environ.get("CADENZA_PREFIX", "cadenza"),
+                   help="subject prefix (default: cadenza)")  # fmt: skip
     s.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: until Ctrl-C)")
     s.add_argument("--cluster", type=int, default=0, metavar="N",
                    help="start an N-node loopback cluster (3 or 5; free ports, streams with N replicas) instead of "
                         "one server; --port is then ignored")  # fmt: skip
+    s.add_argument("--console-port", type=int, default=8765, help="the web console's port (default 8765)")
     s.set_defaults(func=cmd_dev)
 
     for name in _COMMAND_MODULES:
@@ -474,9 +523,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _duration(value: str) -> float:
+    from ._tail import duration_arg
+
+    return duration_arg(value)
+
+
+class _Version(argparse.Action):
+    """``--version``: reads the installed distribution's version only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"cadenza {version('cadenza')}")
+        except PackageNotFoundError:
+            print("cadenza (not installed: running from a source tree)")
+        parser.exit()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    start_process(args.command, args, one_shot=args.command not in _LONG_RUNNING)
+    try:
+        code: int = args.func(args)
+    except SystemExit:
+        raise
+    except Exception as exc:  # the last net: a command never ends in a traceback
+        import logging
+
+        logging.getLogger("cadenza").debug("unexpected error", exc_info=exc)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return _fail(f"unexpected {type(exc).__name__}: {first} (CADENZA_LOG=debug shows where)")
+    finally:
+        stop_process()
     return code
 
 

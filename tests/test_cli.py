@@ -70,8 +70,9 @@ def test_publish_and_tail_against_a_real_server(nats_server: bus.EmbeddedServer)
         stdout, _ = tail.communicate(timeout=30)
     finally:
         tail.kill()
-    event = json.loads(stdout.splitlines()[0])
-    assert event["type"] == "worker.heartbeat" and event["seq"] == 3
+    line = json.loads(stdout.splitlines()[0])
+    assert line["subject"] == f"{prefix}.worker.w1.heartbeat"
+    assert line["event"]["type"] == "worker.heartbeat" and line["event"]["seq"] == 3
 
 
 def test_server_command_runs_the_embedded_server_and_stops_on_sigterm() -> None:
@@ -100,3 +101,32 @@ def test_server_command_runs_the_embedded_server_and_stops_on_sigterm() -> None:
         assert proc.wait(15) == 0
     finally:
         proc.kill()
+
+
+def test_tail_reads_history_with_subjects_ellipses_and_dead_letters(nats_server: bus.EmbeddedServer) -> None:
+    import anyio
+
+    prefix = unique_prefix()
+
+    async def seed() -> None:
+        async with bus.connect(nats_server.url, prefix=prefix, name="seed") as b:
+            from schemas import WorkerHeartbeat
+
+            await b.publish(WorkerHeartbeat(worker_id="w" + "x" * 90, seq=1))
+            await b.dead_letter(consumer="recorder", subject=f"{prefix}.activity.a.started", data=b"{bad",
+                                headers=None, reason="not JSON", error_type="bad_json")  # fmt: skip
+
+    anyio.run(seed)
+    common = ("--server", nats_server.url, "--prefix", prefix, "--timeout", "30")
+    out = cadenza("tail", ">", "--all", "--count", "2", *common)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2
+    heartbeat = next(ln for ln in lines if "worker.heartbeat" in ln)
+    assert f"{prefix}.worker." in heartbeat and "…" in heartbeat and "x" * 90 not in heartbeat
+    dead = next(ln for ln in lines if "dlq.rejected" in ln)
+    assert f"{prefix}.dlq.recorder.rejected" in dead and "reason=not JSON" in dead
+    js = cadenza("tail", "dlq.>", "--since", "10m", "--json", "--count", "1", *common)
+    assert js.returncode == 0, js.stderr
+    line = json.loads(js.stdout)
+    assert line["subject"] == f"{prefix}.dlq.recorder.rejected" and line["event"]["error_type"] == "bad_json"

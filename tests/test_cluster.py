@@ -270,8 +270,8 @@ async def test_dev_cluster_starts_three_nodes_with_replicas_3_and_stops_on_sigte
     from bus._process import ChildProcess
 
     prefix = unique_prefix()
-    dev = ChildProcess("services", "dev", "--cluster", "3", "--prefix", prefix, "--duration", "100",
-                       ready_marker="cadenza: ready dev")  # fmt: skip
+    dev = ChildProcess("services", "dev", "--cluster", "3", "--console-port", "0", "--prefix", prefix,
+                       "--duration", "100", ready_marker="cadenza: ready dev")  # fmt: skip
     dev.start(timeout=90)  # on this thread: the child dies with the thread that started it
     try:
         text = "".join(dev.output)

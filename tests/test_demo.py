@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -75,10 +77,14 @@ def dev() -> Iterator[Dev]:
 
 def test_dev_starts_the_recorder_broker_and_demo_worker_and_says_how_to_run_the_demo(dev: Dev) -> None:
     text = "".join(dev.lines)
-    for label in ("recorder", "broker", "demo worker"):
+    for label in ("recorder", "broker", "demo worker", "console"):
         assert re.search(rf"^  {label}: running \(pid \d+\)", text, flags=re.M), text
     assert "not available" not in text and "failed to start" not in text
     assert f"cadenza demo --prefix {dev.prefix}" in text
+    console = re.search(r"^  (http://127\.0\.0\.1:\d+/) +the web console", text, flags=re.M)
+    assert console is not None, text
+    with urllib.request.urlopen(console.group(1) + "api/meta", timeout=10) as r:
+        assert json.load(r)["prefix"] == dev.prefix
 
 
 def test_demo_scenario_runs_against_dev(dev: Dev) -> None:

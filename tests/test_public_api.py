@@ -158,6 +158,8 @@ SCHEMAS_ALL = (
     "OkReply",
     "ReplyError",
     "RpcReply",
+    "ServiceInfo",
+    "ServiceInfoRequest",
     "SessionAssigned",
     "SessionClosed",
     "SessionCompleteRequested",

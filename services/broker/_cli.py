@@ -1,4 +1,9 @@
-"""``cadenza broker``, ``cadenza sessions ls|get|complete``, ``cadenza workers ls``, ``cadenza worker M:OBJ``."""
+"""``cadenza broker``, ``cadenza sessions ls|get|complete``, ``cadenza workers ls``, ``cadenza worker M:OBJ``.
+
+Heavy modules (bus, schemas, pydantic, the broker) are imported inside the commands: building the
+parser must stay cheap (``cadenza --help``). A session id on the command line may be the start of
+one when that start is unambiguous.
+"""
 
 from __future__ import annotations
 
@@ -9,26 +14,29 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anyio
-import nats.errors
-import nats.js.errors
-import pydantic
-
-import bus
-from schemas import (
-    ActivitySignature,
-    SessionCompleteRequested,
-    SessionRecord,
-    SessionState,
-    WorkerHeartbeat,
-    WorkerRecord,
-    WorkerStarted,
+from .._runtime import (
+    LazyChoices,
+    Parser,
+    add_metrics_args,
+    add_server_args,
+    announce_ready,
+    cli_bus,
+    float_arg,
+    id_arg,
+    int_arg,
+    run_service,
+    service_bus,
+    start_process,
+    stop_process,
 )
 
-from .._runtime import add_server_args, announce_ready, run_service, service_bus
-from ._broker import Broker, BrokerConfig
+if TYPE_CHECKING:
+    import pydantic
+
+    import bus
+    from schemas import ActivitySignature, SessionRecord, WorkerRecord
 
 __all__ = ("build_parser", "main", "register")
 
@@ -40,19 +48,28 @@ def _fail(message: str) -> int:
 
 def _add_broker_args(p: argparse.ArgumentParser) -> None:
     add_server_args(p)
-    d = BrokerConfig()
-    p.add_argument("--sweep-interval", type=float, default=d.sweep_interval,
-                   help="seconds between lost-worker / expiry checks")  # fmt: skip
-    p.add_argument("--request-ack-wait", type=float, default=d.request_ack_wait,
-                   help="seconds before a request held by a dead broker goes to another")  # fmt: skip
+    add_metrics_args(p)
+    # Defaults are BrokerConfig's (None here keeps the broker module out of the parser's imports).
+    p.add_argument("--sweep-interval", type=float_arg(0.01), default=None,
+                   help="seconds between lost-worker / expiry checks (default: BrokerConfig's)")  # fmt: skip
+    p.add_argument("--request-ack-wait", type=float_arg(0.1), default=None,
+                   help="seconds before a request held by a dead broker goes to another (default: BrokerConfig's)"
+                   )  # fmt: skip
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    config = BrokerConfig(sweep_interval=args.sweep_interval, request_ack_wait=args.request_ack_wait)
+    import anyio
+
+    from ._broker import Broker, BrokerConfig
+
+    given = {"sweep_interval": args.sweep_interval, "request_ack_wait": args.request_ack_wait}
+    config = BrokerConfig(**{k: v for k, v in given.items() if v is not None})
 
     async def go() -> None:
         async with service_bus(args, "broker") as b, anyio.create_task_group() as tg:
-            await tg.start(Broker(b, config).run)
+            broker = Broker(b, config)
+            await tg.start(broker.run)
+            observe_broker(broker)
             announce_ready(f"broker on {b.url} prefix {b.subjects.prefix}")
 
     return run_service(go)
@@ -67,22 +84,28 @@ def _connected(args: argparse.Namespace, work: Callable[[bus.Bus], Awaitable[int
     outcome = {"code": 0}
 
     async def go() -> None:
-        async with bus.connect(args.server, prefix=args.prefix, name="cadenza-cli", ensure_topology=False) as b:
+        async with cli_bus(args) as b:
             outcome["code"] = await work(b)
 
     return run_service(go) or outcome["code"]
 
 
-async def _all(b: bus.Bus, key: str, model: type[pydantic.BaseModel]) -> list[Any]:
+async def _keys(b: bus.Bus, key: str) -> list[str]:
+    import nats.js.errors
+
     kv = await b.kv(key)
     try:
-        keys = await kv.keys()
+        return [k for k in await kv.keys() if not k.startswith("_")]
     except nats.js.errors.NoKeysError:
         return []
+
+
+async def _all(b: bus.Bus, key: str, model: type[pydantic.BaseModel]) -> list[Any]:
+    import nats.js.errors
+
+    kv = await b.kv(key)
     out = []
-    for k in keys:
-        if k.startswith("_"):
-            continue
+    for k in await _keys(b, key):
         try:
             entry = await kv.get(k)
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
@@ -90,6 +113,34 @@ async def _all(b: bus.Bus, key: str, model: type[pydantic.BaseModel]) -> list[An
         if entry.value:
             out.append(model.model_validate_json(entry.value))
     return out
+
+
+async def _session(b: bus.Bus, given: str) -> SessionRecord | None:
+    """The session whose id is ``given`` or starts with it (one line on stderr and None if none or many)."""
+    import nats.js.errors
+
+    from schemas import SessionRecord
+
+    kv = await b.kv("sessions")
+    sid = given
+    try:
+        entry = await kv.get(sid)
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+        matches = sorted(k for k in await _keys(b, "sessions") if k.startswith(given))
+        if not matches:
+            print(f"cadenza: no session {given}", file=sys.stderr)
+            return None
+        if len(matches) > 1:
+            shown = ", ".join(matches[:10]) + (f" and {len(matches) - 10} more" if len(matches) > 10 else "")
+            print(f"cadenza: {given!r} is the start of {len(matches)} sessions: {shown}", file=sys.stderr)
+            return None
+        sid = matches[0]
+        try:
+            entry = await kv.get(sid)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            print(f"cadenza: no session {given}", file=sys.stderr)
+            return None
+    return SessionRecord.model_validate_json(entry.value or b"{}")
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -100,6 +151,10 @@ def _when(value: datetime | None) -> str:
 
 
 def cmd_sessions_ls(args: argparse.Namespace) -> int:
+    import pydantic
+
+    from schemas import SessionRecord, SessionState
+
     async def work(b: bus.Bus) -> int:
         rows: list[SessionRecord] = await _all(b, "sessions", SessionRecord)
         if args.state:
@@ -127,13 +182,9 @@ def cmd_sessions_ls(args: argparse.Namespace) -> int:
 
 def cmd_sessions_get(args: argparse.Namespace) -> int:
     async def work(b: bus.Bus) -> int:
-        kv = await b.kv("sessions")
-        try:
-            entry = await kv.get(args.id)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-            print(f"cadenza: no session {args.id}", file=sys.stderr)
+        rec = await _session(b, args.id)
+        if rec is None:
             return 1
-        rec = SessionRecord.model_validate_json(entry.value or b"{}")
         if args.json:
             print(rec.model_dump_json(indent=2))
         else:
@@ -145,9 +196,19 @@ def cmd_sessions_get(args: argparse.Namespace) -> int:
 
 
 def cmd_sessions_complete(args: argparse.Namespace) -> int:
+    from schemas import SessionCompleteRequested, SessionState
+
     async def work(b: bus.Bus) -> int:
-        await b.publish(SessionCompleteRequested(session_id=args.id, reason=args.reason))
-        print(f"completion of {args.id} requested (a no-op unless the session is open)")
+        # Checked first: the broker records a completion of a session it never saw as a withdrawn
+        # request (a caller that gave up before placement), so a typo would leave a phantom record.
+        rec = await _session(b, args.id)
+        if rec is None:
+            return 1
+        if rec.state is not SessionState.OPEN and rec.state is not SessionState.PENDING:
+            print(f"session {rec.session_id} is {rec.state.value} already; nothing to do")
+            return 0
+        await b.publish(SessionCompleteRequested(session_id=rec.session_id, reason=args.reason))
+        print(f"completion of {rec.session_id} requested")
         return 0
 
     return _connected(args, work)
@@ -155,6 +216,12 @@ def cmd_sessions_complete(args: argparse.Namespace) -> int:
 
 async def _served(b: bus.Bus, worker_id: str) -> list[ActivitySignature]:
     """The activities a worker advertised in its last heartbeat (else its started event)."""
+    import anyio
+    import nats.errors
+
+    import bus
+    from schemas import WorkerHeartbeat, WorkerStarted
+
     stream = b.topology.stream_name("worker")
     for event, model in (("heartbeat", WorkerHeartbeat), ("started", WorkerStarted)):
         try:
@@ -180,6 +247,8 @@ def _signature(a: ActivitySignature) -> str:
 
 
 def cmd_workers_ls(args: argparse.Namespace) -> int:
+    from schemas import WorkerRecord
+
     async def work(b: bus.Bus) -> int:
         rows: list[WorkerRecord] = await _all(b, "workers", WorkerRecord)
         rows.sort(key=lambda w: (w.tasklist, w.worker_id))
@@ -209,13 +278,23 @@ def cmd_workers_ls(args: argparse.Namespace) -> int:
 def load_activities(spec: str) -> dict[str, Callable[..., Any]]:
     """``module:object`` -> activities by name. The object is a ``bus.ActivityRegistry`` (or any
     mapping of names to functions), a ``bus.Worker`` (its activities), or a list of functions."""
+    import bus
+
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise SystemExit(f"cadenza worker: expected MODULE:OBJECT (e.g. myapp.activities:registry), got {spec!r}")
+    # As `python -m` does, the current directory is importable, so a project's own package is found
+    # (appended: it cannot shadow an installed module, bus and schemas included).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise SystemExit(f"cadenza worker: cannot import {module_name!r}: {exc}") from None
+        missing = f"module {exc.name!r} was not found" if isinstance(exc, ModuleNotFoundError) else str(exc)
+        raise SystemExit(f"cadenza worker: cannot import {module_name!r} ({missing}); it must be importable "
+                         f"from {os.getcwd()} or the Python path (is the package installed?)") from None
+    except Exception as exc:
+        raise SystemExit(f"cadenza worker: importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
     obj = getattr(module, attr, None)
     if obj is None:
         raise SystemExit(f"cadenza worker: module {module_name!r} has no {attr!r}")
@@ -230,6 +309,10 @@ def load_activities(spec: str) -> dict[str, Callable[..., Any]]:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    import anyio
+
+    import bus
+
     activities = load_activities(args.target)
     if not activities:
         return _fail(f"{args.target} holds no activities")
@@ -251,9 +334,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     add_server_args(p)
-    p.add_argument("--tasklist", default="default")
-    p.add_argument("--max-sessions", type=int, default=1000, help="max_concurrent_sessions")
-    p.add_argument("--heartbeat-interval", type=float, default=5.0)
+    add_metrics_args(p)
+    p.add_argument("--tasklist", type=id_arg("tasklist"), default="default",
+                   help="the tasklist to serve (default: default)")  # fmt: skip
+    p.add_argument("--max-sessions", type=int_arg(1), default=1000,
+                   help="max_concurrent_sessions: sessions open at once on this worker (default 1000)")  # fmt: skip
+    p.add_argument("--heartbeat-interval", type=float_arg(0.05), default=5.0,
+                   help="seconds between heartbeats (default 5)")  # fmt: skip
     p.add_argument("--no-sessions", action="store_true", help="serve the shared queue only")
 
 
@@ -266,27 +353,28 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("sessions", help="list, show or complete sessions")
     ssub = p.add_subparsers(dest="sessions_command", required=True, metavar="ACTION")
     s = ssub.add_parser("ls", help="sessions, open first, newest first")
-    s.add_argument("--state", action="append", choices=[x.value for x in SessionState], help="repeatable")
-    s.add_argument("--tasklist", default="")
-    s.add_argument("--limit", type=int, default=100)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--state", action="append", choices=LazyChoices(_session_states), metavar="STATE",
+                   help="only sessions in this state (repeatable): %(choices)s")  # fmt: skip
+    s.add_argument("--tasklist", default="", help="only sessions of this tasklist")
+    s.add_argument("--limit", type=int_arg(1), default=100, help="at most this many (default 100)")
+    s.add_argument("--json", action="store_true", help="print the records as JSON")
     add_server_args(s)
     s.set_defaults(func=cmd_sessions_ls)
     s = ssub.add_parser("get", help="one session's record")
-    s.add_argument("id")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("id", type=id_arg("session id"), help="the session id, or its start when unambiguous")
+    s.add_argument("--json", action="store_true", help="print the record as JSON")
     add_server_args(s)
     s.set_defaults(func=cmd_sessions_get)
     s = ssub.add_parser("complete", help="complete an open session (frees its slot, cancels its activities)")
-    s.add_argument("id")
-    s.add_argument("--reason", default="completed from the command line")
+    s.add_argument("id", type=id_arg("session id"), help="the session id, or its start when unambiguous")
+    s.add_argument("--reason", default="completed from the command line", help="recorded with the completion")
     add_server_args(s)
     s.set_defaults(func=cmd_sessions_complete)
 
     p = sub.add_parser("workers", help="list session workers")
     wsub = p.add_subparsers(dest="workers_command", required=True, metavar="ACTION")
     s = wsub.add_parser("ls", help="live session workers with their slots in use")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the records as JSON")
     add_server_args(s)
     s.set_defaults(func=cmd_workers_ls)
 
@@ -296,11 +384,30 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=cmd_worker)
 
 
+def _session_states() -> list[str]:
+    from schemas import SessionState
+
+    return [x.value for x in SessionState]
+
+
+def observe_broker(broker: Any) -> None:
+    """Per-tasklist gauges from the broker's caches: sessions open, slots free, ended sessions by
+    state and cause (what the sessions bucket holds: every replica reports the same numbers)."""
+    from ._metrics import observe
+
+    observe(broker)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m services.broker", description="the cadenza session broker")
+    p = Parser(prog="python -m services.broker", description="the cadenza session broker")
     _add_broker_args(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return cmd_broker(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    start_process("broker", args)
+    try:
+        return cmd_broker(args)
+    finally:
+        stop_process()

@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 
-import bus
-
-from .._runtime import add_server_args, run_service
-from ._scenario import DemoConfig, DemoFailed, print_error, run_demo
+from .._runtime import add_server_args, cli_bus, float_arg, run_service
 
 __all__ = ("cmd_demo", "register")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from ._scenario import DemoConfig, DemoFailed, print_error, run_demo
+
     if not (args.server or os.environ.get("NATS_URL")):
         print_error("no server given: start `cadenza dev` and pass --server nats://host:port (or set NATS_URL) "
                     "as it prints")  # fmt: skip
@@ -23,7 +22,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     failed: list[str] = []
 
     async def go() -> None:
-        async with bus.connect(args.server, prefix=args.prefix, name="cadenza-demo") as b:
+        async with cli_bus(args, "cadenza-demo", ensure_topology=True) as b:
             try:
                 await run_demo(b, config)
             except DemoFailed as exc:
@@ -41,9 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("demo", help="a scripted tour of sessions and activities (run `cadenza dev` first)")
     add_server_args(p)
     p.add_argument("--tasklist", default="demo", help="the demo worker's tasklist (default: demo)")
-    p.add_argument("--pace", type=float, default=1.5, help="seconds to pause between steps (default 1.5)")
-    p.add_argument("--heartbeat-timeout", type=float, default=3.0,
+    p.add_argument("--pace", type=float_arg(0), default=1.5, help="seconds to pause between steps (default 1.5)")
+    p.add_argument("--heartbeat-timeout", type=float_arg(0.1), default=3.0,
                    help="the sessions' heartbeat_timeout: how fast a killed worker is noticed (default 3)")  # fmt: skip
-    p.add_argument("--wait", type=float, default=15.0,
+    p.add_argument("--wait", type=float_arg(0.1), default=15.0,
                    help="seconds to wait for the broker to see the demo's own worker (default 15)")  # fmt: skip
     p.set_defaults(func=cmd_demo)

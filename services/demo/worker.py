@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 
 import bus
-from services._runtime import add_server_args, announce_ready, run_service, service_bus
+from services._runtime import add_server_args, announce_ready, run_service, service_bus, start_process, stop_process
 
 __all__ = ("activities", "download", "main", "transcode", "where")
 
@@ -110,7 +110,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                f"activities {', '.join(sorted(activities))}")  # fmt: skip
                 await anyio.sleep_forever()
 
-    return run_service(go)
+    start_process("worker", args)
+    try:
+        return run_service(go)
+    finally:
+        stop_process()
 
 
 if __name__ == "__main__":

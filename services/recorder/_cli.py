@@ -1,4 +1,8 @@
-"""``cadenza recorder`` and ``cadenza activities ls|get|tail|cancel``."""
+"""``cadenza recorder`` and ``cadenza activities ls|get|tail|cancel``.
+
+Heavy modules (bus, schemas, the recorder) are imported inside the commands, so building the parser
+stays cheap. An activity id may be the start of one when that start is unambiguous.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,27 @@ import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING
 
-import anyio
+from .._runtime import (
+    LazyChoices,
+    Parser,
+    add_metrics_args,
+    add_server_args,
+    announce_ready,
+    cli_bus,
+    float_arg,
+    id_arg,
+    int_arg,
+    run_service,
+    service_bus,
+    start_process,
+    stop_process,
+)
 
-import bus
-from schemas import ActivityRecord, ActivityStatus, MessageRecord
-
-from .._runtime import add_server_args, announce_ready, run_service, service_bus
-from ._recorder import Recorder, RecorderConfig
+if TYPE_CHECKING:
+    import bus
+    from schemas import ActivityRecord, MessageRecord
 
 __all__ = ("build_parser", "main", "register")
 
@@ -25,29 +42,32 @@ __all__ = ("build_parser", "main", "register")
 
 def _add_recorder_args(p: argparse.ArgumentParser) -> None:
     add_server_args(p)
-    d = RecorderConfig()
+    add_metrics_args(p)
+    # Defaults (None) are RecorderConfig's: the recorder module stays out of the parser's imports.
+    p.add_argument("--retention-days", type=float_arg(0), default=None,
+                   help="prune finished activities after N days (0: off; default: RecorderConfig's)")  # fmt: skip
+    p.add_argument("--retention-count", type=int_arg(0), default=None,
+                   help="keep N finished activities per environment (default: RecorderConfig's)")  # fmt: skip
+    p.add_argument("--prune-interval", type=float_arg(0.01), default=None,
+                   help="seconds between prune passes (default: RecorderConfig's)")  # fmt: skip
     p.add_argument(
-        "--retention-days", type=float, default=d.retention_days, help="prune finished after N days (0: off)"
-    )
-    p.add_argument("--retention-count", type=int, default=d.retention_count, help="keep N finished per environment")
-    p.add_argument("--prune-interval", type=float, default=d.prune_interval, help="seconds between prune passes")
-    p.add_argument(
-        "--host-timeout", type=float, default=None, help="seconds without heartbeat before a host counts as lost "
-        "(default: 3 x the worker's heartbeat interval)"
+        "--host-timeout", type=float_arg(0.01), default=None,
+        help="seconds without heartbeat before a host counts as lost (default: 3 x the worker's heartbeat interval)"
     )  # fmt: skip
-    p.add_argument("--host-timeout-factor", type=float, default=d.host_timeout_factor)
-    p.add_argument("--sweep-interval", type=float, default=d.sweep_interval, help="seconds between host-lost checks")
+    p.add_argument("--host-timeout-factor", type=float_arg(1.0), default=None,
+                   help="without --host-timeout: this many heartbeats (default: RecorderConfig's)")  # fmt: skip
+    p.add_argument("--sweep-interval", type=float_arg(0.01), default=None,
+                   help="seconds between host-lost checks (default: RecorderConfig's)")  # fmt: skip
 
 
 def cmd_recorder(args: argparse.Namespace) -> int:
-    config = RecorderConfig(
-        retention_days=args.retention_days,
-        retention_count=args.retention_count,
-        prune_interval=args.prune_interval,
-        host_timeout=args.host_timeout,
-        host_timeout_factor=args.host_timeout_factor,
-        sweep_interval=args.sweep_interval,
-    )
+    import anyio
+
+    from ._recorder import Recorder, RecorderConfig
+
+    names = ("retention_days", "retention_count", "prune_interval", "host_timeout", "host_timeout_factor",
+             "sweep_interval")  # fmt: skip
+    config = RecorderConfig(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
 
     async def go() -> None:
         async with service_bus(args, "recorder") as b, anyio.create_task_group() as tg:
@@ -89,21 +109,63 @@ def _detail(a: ActivityRecord) -> str:
 def _call(args: argparse.Namespace, work: object) -> int:
     if not (args.server or os.environ.get("NATS_URL")):
         return _fail("no server given: pass --server nats://host:port or set NATS_URL (`cadenza dev` prints it)")
+    import bus
+
     outcome: dict[str, int] = {"code": 0}
 
     async def go() -> None:
-        async with bus.connect(args.server, prefix=args.prefix, name="cadenza-cli", ensure_topology=False) as b:
+        async with cli_bus(args) as b:
             try:
-                outcome["code"] = await work(bus.ActivityClient(b))  # type: ignore[operator]
+                client = bus.ActivityClient(b)
+                if getattr(args, "id", None):
+                    resolved = await _resolve(b, client, args.id)
+                    if resolved is None:
+                        outcome["code"] = 1
+                        return
+                    args.id = resolved
+                outcome["code"] = await work(client)  # type: ignore[operator]
             except bus.RemoteError as exc:
                 print(f"cadenza: {exc.message} ({exc.remote_code})", file=sys.stderr)
                 outcome["code"] = 1
             except bus.RequestError as exc:
-                print(f"cadenza: {exc.message} (is `cadenza recorder` running?)", file=sys.stderr)
+                hint = "" if "running" in exc.message else " (is `cadenza recorder` running?)"
+                print(f"cadenza: {exc.message}{hint}", file=sys.stderr)
                 outcome["code"] = 1
 
     code = run_service(go)
     return code or outcome["code"]
+
+
+async def _resolve(b: bus.Bus, client: bus.ActivityClient, given: str) -> str | None:
+    """``given`` if an activity has that id, else the one id starting with it (None, with one line
+    on stderr, when none or several do). The recorder's bucket lists the ids."""
+    import nats.js.errors
+
+    from bus._activity_client import activity_kv_key
+
+    kv = await b.kv("activities")
+    try:
+        await kv.get(activity_kv_key(given))
+        return given
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+        pass
+    try:
+        keys = await kv.keys()
+    except nats.js.errors.NoKeysError:
+        keys = []
+    start = activity_kv_key(given)
+    matches = sorted(k for k in keys if k.startswith(start) and not k.startswith("_"))
+    if len(matches) == 1:
+        entry = await kv.get(matches[0])
+        from ._recorder import Stored
+
+        return Stored.model_validate_json(entry.value or b"{}").record.id
+    if not matches:
+        print(f"cadenza: activity {given} not found", file=sys.stderr)
+    else:
+        shown = ", ".join(matches[:10]) + (f" and {len(matches) - 10} more" if len(matches) > 10 else "")
+        print(f"cadenza: {given!r} is the start of {len(matches)} activities: {shown}", file=sys.stderr)
+    return None
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -147,17 +209,42 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
+    """Messages until the activity ends; on a terminal, a live progress bar with the current step."""
+    import contextlib
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    from schemas import ActivityStatus
+
+    err = Console(stderr=True, highlight=False)
+    live = err.is_terminal and not args.json and not args.no_follow
+
     async def work(client: bus.ActivityClient) -> int:
         after, cursor, status = args.after_seq, 0, ActivityStatus.RUNNING
-        while True:
-            reply = await client.tail(args.id, after_seq=after, cursor=cursor, wait=0.0 if args.no_follow else 5.0)
-            for m in reply.messages:
-                print(m.model_dump_json() if args.json else _line(m), flush=True)
-            after, cursor, status = max(after, reply.last_seq), reply.cursor, reply.status
-            if reply.done or args.no_follow:
-                break
+        record = (await client.get(args.id, limit=0)).activity
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                       console=err, transient=True)  # fmt: skip
+        with bar if live else contextlib.nullcontext():
+            task = bar.add_task(record.step or record.type, total=100, completed=int(record.progress))
+            while True:
+                wait = 0.0 if args.no_follow else 1.0 if live else 5.0
+                reply = await client.tail(args.id, after_seq=after, cursor=cursor, wait=wait)
+                for m in reply.messages:
+                    line = m.model_dump_json() if args.json else _line(m)
+                    if live:
+                        bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
+                    else:
+                        print(line, flush=True)
+                after, cursor, status = max(after, reply.last_seq), reply.cursor, reply.status
+                if live or reply.done:
+                    record = (await client.get(args.id, limit=0)).activity
+                    bar.update(task, completed=record.progress, description=record.step or record.type)
+                if reply.done or args.no_follow:
+                    break
         if not args.json:
-            print(f"-- {status.value}", file=sys.stderr)
+            step = f", step {record.step}" if record.step else ""
+            print(f"-- {status.value} ({record.progress:g}%{step})", file=sys.stderr)
         return 0
 
     return _call(args, work)
@@ -195,45 +282,57 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     s = asub.add_parser("ls", help="list activities (active first, newest first)")
     s.add_argument("--env", default="", help="environment id (default: the local one)")
-    s.add_argument("--status", action="append", choices=[x.value for x in ActivityStatus], help="repeatable")
-    s.add_argument("--type", default="")
-    s.add_argument("--resource-type", default="")
+    s.add_argument("--status", action="append", choices=LazyChoices(_statuses), metavar="STATUS",
+                   help="only activities in this status (repeatable): %(choices)s")  # fmt: skip
+    s.add_argument("--type", default="", help="only activities of this type")
+    s.add_argument("--resource-type", default="", help="only activities on this kind of resource")
     s.add_argument("--search", default="", help="text in type, resource name, latest message, step, error")
-    s.add_argument("--limit", type=int, default=50)
-    s.add_argument("--offset", type=int, default=0)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--limit", type=int_arg(1, 500), default=50, help="page size, 1-500 (default 50)")
+    s.add_argument("--offset", type=int_arg(0), default=0, help="skip this many (the next page)")
+    s.add_argument("--json", action="store_true", help="print the reply as JSON")
     add_server_args(s)
     s.set_defaults(func=cmd_ls)
 
     s = asub.add_parser("get", help="one activity with its last messages")
-    s.add_argument("id")
-    s.add_argument("--limit", type=int, default=500, help="last N messages (<= 500)")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("id", type=id_arg("activity id"), help="the activity id, or its start when unambiguous")
+    s.add_argument("--limit", type=int_arg(0, 500), default=500, help="last N messages, 0-500 (default 500)")
+    s.add_argument("--json", action="store_true", help="print the reply as JSON")
     add_server_args(s)
     s.set_defaults(func=cmd_get)
 
     s = asub.add_parser("tail", help="follow an activity's messages until it ends")
-    s.add_argument("id")
-    s.add_argument("--after-seq", type=int, default=0, help="resume after this message seq")
+    s.add_argument("id", type=id_arg("activity id"), help="the activity id, or its start when unambiguous")
+    s.add_argument("--after-seq", type=int_arg(0), default=0, help="resume after this message seq")
     s.add_argument("--no-follow", action="store_true", help="print what is there and stop")
     s.add_argument("--json", action="store_true", help="one JSON message per line")
     add_server_args(s)
     s.set_defaults(func=cmd_tail)
 
     s = asub.add_parser("cancel", help="cancel a running activity (as a user)")
-    s.add_argument("id")
+    s.add_argument("id", type=id_arg("activity id"), help="the activity id, or its start when unambiguous")
     s.add_argument("--who", default=_default_who(), help="your name, shown in the warning message")
-    s.add_argument("--reason", default="")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--reason", default="", help="why, shown with the cancellation")
+    s.add_argument("--json", action="store_true", help="print the reply as JSON")
     add_server_args(s)
     s.set_defaults(func=cmd_cancel)
 
 
+def _statuses() -> list[str]:
+    from schemas import ActivityStatus
+
+    return [x.value for x in ActivityStatus]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m services.recorder", description="the cadenza activity recorder")
+    p = Parser(prog="python -m services.recorder", description="the cadenza activity recorder")
     _add_recorder_args(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return cmd_recorder(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    start_process("recorder", args)
+    try:
+        return cmd_recorder(args)
+    finally:
+        stop_process()

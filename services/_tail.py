@@ -1,0 +1,204 @@
+"""``cadenza tail``: follow events on a subject, readably, live or from the streams' history.
+
+Live (the default) is a core subscription: every message on the subject as it is published, stored
+or not. ``--since 10m`` or ``--all`` read the streams that hold the subject instead (one ephemeral
+pull consumer per stream, no acks, from that time or from the start) and then go on live from them:
+dead letters (``dlq.>``) included. The task stream is a work queue (a task is gone once a worker has
+it), so history leaves it out.
+
+A line is the time (the server's store time for history), the subject, the event type and its
+fields, each value cut with an ellipsis at 60 characters and the line cut at the terminal's width;
+``--json`` prints one object per line: ``{"subject": ..., "time": ..., "event": {...}}`` (``"data"``
+instead of ``"event"`` when the payload is not JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    import bus
+
+__all__ = ("Line", "duration_arg", "follow", "format_line")
+
+_SKIP = frozenset({"event_id", "type", "schema_version", "time", "source"})
+_VALUE_WIDTH = 60
+_SUBJECT_WIDTH = 44
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_arg(value: str) -> float:
+    """``90``, ``30s``, ``10m``, ``2h``, ``1d`` -> seconds (an argparse ``type``)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", value)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a duration: use e.g. 90, 30s, 10m, 2h or 1d")
+    return float(m[1]) * _UNITS[m[2] or "s"]
+
+
+@dataclass(frozen=True)
+class Line:
+    """One message as ``tail`` shows it."""
+
+    subject: str
+    data: bytes
+    time: datetime
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_line(line: Line) -> str:
+    """``HH:MM:SS.mmm  subject  type  k=v ...`` with long values cut with an ellipsis."""
+    stamp = line.time.astimezone().strftime("%H:%M:%S.%f")[:-3]
+    subject = _cut(line.subject, _SUBJECT_WIDTH).ljust(_SUBJECT_WIDTH)
+    try:
+        body: Any = json.loads(line.data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{stamp}  {subject}  {'(not JSON)':<20}  {len(line.data)} bytes"
+    if not isinstance(body, dict):
+        return f"{stamp}  {subject}  {'(JSON)':<20}  {_cut(json.dumps(body), _VALUE_WIDTH)}"
+    fields = []
+    for key, value in body.items():
+        if key in _SKIP or value in (None, "", [], {}):
+            continue
+        text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        fields.append(f"{key}={_cut(text.replace(chr(10), ' '), _VALUE_WIDTH)}")
+    return f"{stamp}  {subject}  {_cut(str(body.get('type', '?')), 20):<20}  {' '.join(fields)}"
+
+
+def as_json(line: Line) -> str:
+    out: dict[str, Any] = {"subject": line.subject, "time": line.time.isoformat()}
+    try:
+        out["event"] = json.loads(line.data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        out["data"] = line.data.decode("utf-8", errors="replace")
+    return json.dumps(out, ensure_ascii=False)
+
+
+def _history_filters(b: bus.Bus, subject: str) -> list[tuple[str, str]]:
+    """(stream, filter) pairs of the streams holding ``subject`` (a filter under the prefix)."""
+    from bus._topology import STREAMS
+
+    prefix = b.subjects.prefix
+    tokens = subject.split(".")
+    if tokens[: len(prefix.split("."))] != prefix.split(".") or len(tokens) <= len(prefix.split(".")):
+        return []
+    rest = tokens[len(prefix.split(".")) :]
+    out = []
+    for spec in STREAMS:
+        if spec.domain == "task":  # a work queue: nothing to replay
+            continue
+        if rest[0] == ">":
+            filt = f"{prefix}.{spec.domain}.>"
+        elif rest[0] in ("*", spec.domain):
+            filt = ".".join([prefix, spec.domain, *rest[1:]])
+        else:
+            continue
+        out.append((b.topology.stream_name(spec.domain), filt))
+    return out
+
+
+async def follow(
+    b: bus.Bus, subject: str, emit: Callable[[Line], Awaitable[bool]], *, since: float | None, everything: bool
+) -> None:
+    """Call ``emit`` for each message (history first when asked) until it returns False."""
+    import anyio
+
+    if since is None and not everything:
+        sub = await b.nc.subscribe(subject)
+        try:
+            async for msg in sub.messages:
+                data = msg.data
+                if not await emit(Line(msg.subject, data, _event_time(data))):
+                    break
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(b.timeouts.shutdown):
+                await sub.unsubscribe()
+        return
+    start = None if everything else datetime.now(UTC) - timedelta(seconds=since or 0)
+    async with anyio.create_task_group() as tg:
+        done = anyio.Event()
+
+        async def one(stream: str, filt: str) -> None:
+            await _read_stream(b, stream, filt, start, emit, done)
+            if done.is_set():
+                tg.cancel_scope.cancel()
+
+        for stream, filt in _history_filters(b, subject):
+            tg.start_soon(one, stream, filt)
+
+
+async def _read_stream(
+    b: bus.Bus, stream: str, filt: str, start: datetime | None, emit: Callable[[Line], Awaitable[bool]],
+    done: Any,
+) -> None:  # fmt: skip
+    import nats.errors
+    import nats.js.errors
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    config = ConsumerConfig(
+        deliver_policy=DeliverPolicy.BY_START_TIME if start else DeliverPolicy.ALL,
+        opt_start_time=start,
+        ack_policy=AckPolicy.NONE, inactive_threshold=30.0, mem_storage=True, filter_subject=filt,
+    )  # fmt: skip
+    try:
+        psub = await b.js.pull_subscribe(filt, stream=stream, config=config)
+    except nats.js.errors.NotFoundError:
+        return  # the stream is not declared (yet): nothing stored
+    except nats.errors.Error as exc:
+        from bus import BusError
+
+        raise BusError(f"cannot read {stream}: {exc}") from exc
+    try:
+        while not done.is_set():
+            try:
+                msgs = await psub.fetch(256, timeout=b.timeouts.fetch)
+            except TimeoutError:  # nothing new (nats-py's own or asyncio's)
+                continue
+            for msg in msgs:
+                if not await emit(Line(msg.subject, msg.data, msg.metadata.timestamp)):
+                    done.set()
+                    return
+    finally:
+        import anyio
+
+        with anyio.CancelScope(shield=True), anyio.move_on_after(b.timeouts.shutdown):
+            try:
+                await psub.unsubscribe()
+            except nats.errors.Error:
+                pass
+
+
+def _event_time(data: bytes) -> datetime:
+    try:
+        value = json.loads(data).get("time")
+        return datetime.fromisoformat(value) if isinstance(value, str) else datetime.now(UTC)
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return datetime.now(UTC)
+
+
+def printer(args: argparse.Namespace, console: Console) -> Callable[[Line], Awaitable[bool]]:
+    """The ``emit`` of :func:`follow` for ``args`` (``--json``, ``--count``)."""
+    seen = [0]
+
+    async def emit(line: Line) -> bool:
+        if args.json:
+            print(as_json(line), flush=True)
+        elif console.is_terminal:
+            console.print(format_line(line), overflow="ellipsis", no_wrap=True, crop=True, markup=False,
+                          highlight=False)  # fmt: skip
+        else:
+            print(format_line(line), flush=True)
+        seen[0] += 1
+        return not (args.count and seen[0] >= args.count)
+
+    return emit

@@ -1,0 +1,393 @@
+"""What the console knows, kept in memory and followed live (never read per page view).
+
+Started once, at start-up, and then followed:
+
+* the ``sessions`` and ``workers`` buckets (the broker's records) and the ``activities`` bucket (the
+  recorder's folded records: the console indexes them by session and worker, and learns which types
+  and environments exist), each through a watcher (:func:`bus._watch.follow_bucket`);
+* the ``worker`` stream, last message per subject (every worker's last started / heartbeat /
+  stopped: host, slots, heartbeat age, why it stopped), like the broker and the recorder do;
+* the ``dlq`` stream from its last :attr:`ConsoleConfig.dead_letters` entries on, into a ring;
+* every service process's ``<prefix>.rpc.services.info`` answer, asked every few seconds.
+
+Activity lists themselves come from the recorder's ``list`` endpoint (filtered and paged there);
+an activity's messages from its ``get`` / ``tail`` endpoints. Each change bumps a counter per kind
+and wakes whoever waits in :meth:`ConsoleState.wait_change` (the browser's change feed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import anyio
+import nats.errors
+import nats.js.errors
+import pydantic
+from anyio.abc import TaskStatus
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+import bus
+from bus._activity_client import stored_record
+from bus._service_info import gather_service_info
+from bus._topology import STREAMS
+from bus._watch import follow_bucket, follow_worker_events
+from schemas import (
+    ActivityRecord,
+    DeadLetter,
+    ServiceInfo,
+    SessionRecord,
+    SessionState,
+    WorkerHeartbeat,
+    WorkerRecord,
+    WorkerStarted,
+    WorkerStopped,
+    utcnow,
+)
+
+__all__ = ("KINDS", "ConsoleConfig", "ConsoleState", "DeadLetterEntry", "ServiceSeen", "WorkerBeat")
+
+_log = logging.getLogger("cadenza.console")
+
+#: What can change (one counter each in the change feed).
+KINDS = ("workers", "sessions", "activities", "dead_letters", "health")
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    """Tunables of the console's caches.
+
+    Attributes:
+        dead_letters: how many of the newest dead letters are kept.
+        services_interval: seconds between two ``services.info`` rounds.
+        services_window: seconds one round waits for answers.
+        lost_factor: a worker silent for this many heartbeat intervals is shown as lost.
+    """
+
+    dead_letters: int = 1000
+    services_interval: float = 3.0
+    services_window: float = 0.5
+    lost_factor: float = 3.0
+
+
+@dataclass
+class WorkerBeat:
+    """A worker's last sign of life, from the ``worker`` stream."""
+
+    worker_id: str
+    host_name: str
+    pid: int
+    tasklist: str
+    sessions_enabled: bool
+    max_sessions: int
+    open_sessions: int
+    running_activities: int
+    interval: float
+    last_seen: datetime
+    started_at: datetime | None = None
+    stopped: str | None = None
+
+
+@dataclass
+class DeadLetterEntry:
+    """One dead letter of the ring: its stream position and the parsed entry (or why it is not one)."""
+
+    seq: int
+    time: datetime
+    letter: DeadLetter | None
+    raw: str = ""
+
+
+@dataclass
+class ServiceSeen:
+    info: ServiceInfo
+    last_seen: datetime
+
+
+@dataclass
+class ConsoleState:
+    """The console's caches. Run with ``await tg.start(state.run)`` (ready once every cache is loaded)."""
+
+    bus: bus.Bus
+    config: ConsoleConfig = field(default_factory=ConsoleConfig)
+    sessions: dict[str, SessionRecord] = field(default_factory=dict)
+    worker_records: dict[str, WorkerRecord] = field(default_factory=dict)
+    beats: dict[str, WorkerBeat] = field(default_factory=dict)
+    activities: dict[str, ActivityRecord] = field(default_factory=dict)
+    by_session: dict[str, set[str]] = field(default_factory=dict)
+    open_activities: set[str] = field(default_factory=set)
+    #: Worker id -> ids of its activities not ended yet (the workers page, without a scan).
+    open_by_worker: dict[str, set[str]] = field(default_factory=dict)
+    types: set[str] = field(default_factory=set)
+    environments: set[str] = field(default_factory=set)
+    tasklists: set[str] = field(default_factory=set)
+    dead_letters: deque[DeadLetterEntry] = field(default_factory=deque)
+    dead_letters_seen: int = 0
+    services: dict[str, ServiceSeen] = field(default_factory=dict)
+    recorder_rtt_ms: float | None = None
+    recorder_error: str = ""
+    versions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    _changed: anyio.Event = field(default_factory=anyio.Event)
+    _key_ids: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.dead_letters = deque(maxlen=self.config.dead_letters)
+
+    # ------------------------------------------------------------ run
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        b = self.bus
+        async with anyio.create_task_group() as tg:
+            await tg.start(follow_bucket, b, "sessions", self._put_session, self._del_session)
+            await tg.start(follow_bucket, b, "workers", self._put_worker, self._del_worker)
+            await tg.start(follow_bucket, b, "activities", self._put_activity, self._del_activity)
+            await tg.start(follow_worker_events, b, self._saw)
+            await tg.start(self._follow_dead_letters)
+            await tg.start(self._services_loop)
+            task_status.started()
+
+    def _notify(self, kind: str) -> None:
+        self.versions[kind] += 1
+        event, self._changed = self._changed, anyio.Event()
+        event.set()
+
+    async def wait_change(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for any change; True if one came."""
+        with anyio.move_on_after(timeout):
+            await self._changed.wait()
+            return True
+        return False
+
+    # ------------------------------------------------------------ buckets
+
+    def _put_session(self, key: str, value: bytes, _revision: int) -> None:
+        try:
+            record = SessionRecord.model_validate_json(value)
+        except pydantic.ValidationError:
+            _log.error("sessions bucket: key %s does not hold a session", key)
+            return
+        self.sessions[key] = record
+        self.tasklists.add(record.tasklist)
+        self._notify("sessions")
+
+    def _del_session(self, key: str) -> None:
+        if self.sessions.pop(key, None) is not None:
+            self._notify("sessions")
+
+    def _put_worker(self, key: str, value: bytes, _revision: int) -> None:
+        try:
+            record = WorkerRecord.model_validate_json(value)
+        except pydantic.ValidationError:
+            _log.error("workers bucket: key %s does not hold a worker", key)
+            return
+        self.worker_records[key] = record
+        self.tasklists.add(record.tasklist)
+        self._notify("workers")
+
+    def _del_worker(self, key: str) -> None:
+        if self.worker_records.pop(key, None) is not None:
+            self._notify("workers")
+
+    def _put_activity(self, key: str, value: bytes, _revision: int) -> None:
+        try:
+            record = stored_record(value)
+        except pydantic.ValidationError:
+            return  # the recorder logs a bad value of its own bucket
+        if not record.type:
+            return  # messages folded before the announce: not listed by the recorder either
+        self.activities[record.id] = record
+        self._key_ids[key] = record.id
+        if record.session_id:
+            self.by_session.setdefault(record.session_id, set()).add(record.id)
+        if record.terminal:
+            self._close(record)
+        else:
+            self.open_activities.add(record.id)
+            if record.worker_id:
+                self.open_by_worker.setdefault(record.worker_id, set()).add(record.id)
+        self.types.add(record.type)
+        self.environments.add(record.environment_id)
+        self._notify("activities")
+
+    def _del_activity(self, key: str) -> None:
+        aid = self._key_ids.pop(key, None)
+        record = self.activities.pop(aid, None) if aid is not None else None
+        if record is None:
+            return
+        self._close(record)
+        if record.session_id and record.session_id in self.by_session:
+            self.by_session[record.session_id].discard(record.id)
+        self._notify("activities")
+
+    def _close(self, record: ActivityRecord) -> None:
+        self.open_activities.discard(record.id)
+        if record.worker_id and record.worker_id in self.open_by_worker:
+            ids = self.open_by_worker[record.worker_id]
+            ids.discard(record.id)
+            if not ids:
+                del self.open_by_worker[record.worker_id]
+
+    # ------------------------------------------------------------ workers' signs of life
+
+    def _saw(self, event: WorkerStarted | WorkerHeartbeat | WorkerStopped, at: datetime) -> None:
+        cur = self.beats.get(event.worker_id)
+        if cur is not None and cur.stopped is not None:
+            return  # a worker id is one process start: once stopped it stays stopped
+        if cur is not None and at < cur.last_seen and not isinstance(event, WorkerStopped):
+            return
+        beat = WorkerBeat(
+            worker_id=event.worker_id, host_name=event.host_name, pid=event.pid, tasklist=event.tasklist,
+            sessions_enabled=event.sessions_enabled, max_sessions=event.max_sessions,
+            open_sessions=event.open_sessions, running_activities=event.running_activities,
+            interval=event.interval, last_seen=max(at, cur.last_seen) if cur else at,
+            started_at=event.time if isinstance(event, WorkerStarted) else (cur.started_at if cur else None),
+            stopped=(event.reason or "stopped") if isinstance(event, WorkerStopped) else None,
+        )  # fmt: skip
+        self.beats[event.worker_id] = beat
+        if event.tasklist:
+            self.tasklists.add(event.tasklist)
+        self._notify("workers")
+
+    def worker_state(self, beat: WorkerBeat | None, now: datetime | None = None) -> tuple[str, str]:
+        """``("live" | "lost" | "stopped" | "unknown", cause)`` of a worker."""
+        if beat is None:
+            return "unknown", "no heartbeat seen yet"
+        if beat.stopped is not None:
+            return "stopped", f"stopped: {beat.stopped}"
+        age = ((now or utcnow()) - beat.last_seen).total_seconds()
+        if age > self.config.lost_factor * beat.interval:
+            return "lost", f"no heartbeat for {age:.0f}s (every {beat.interval:g}s expected)"
+        return "live", ""
+
+    def running_on(self, worker_id: str) -> list[ActivityRecord]:
+        """The activities not ended yet whose host is ``worker_id``."""
+        ids = self.open_by_worker.get(worker_id, ())
+        out = [a for aid in ids if (a := self.activities.get(aid)) is not None and not a.terminal]
+        out.sort(key=lambda a: a.created_at or a.updated_at or utcnow())
+        return out
+
+    def in_session(self, session_id: str) -> list[ActivityRecord]:
+        out = [a for aid in self.by_session.get(session_id, ()) if (a := self.activities.get(aid)) is not None]
+        out.sort(key=lambda a: a.created_at or a.updated_at or utcnow())
+        return out
+
+    # ------------------------------------------------------------ dead letters
+
+    async def _follow_dead_letters(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        b = self.bus
+        stream = b.topology.stream_name("dlq")
+        try:
+            info = await b.js.stream_info(stream)
+        except nats.errors.Error as exc:
+            raise bus.BusError(f"cannot read the dead-letter stream {stream}: {exc}") from exc
+        last, first = info.state.last_seq, info.state.first_seq
+        start = max(first, last - self.config.dead_letters + 1, 1)
+        sub = await b.js.subscribe(
+            b.subjects.domain_wildcard("dlq"), stream=stream, ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start),
+            pending_msgs_limit=100_000,
+        )  # fmt: skip
+        try:
+            if info.state.messages == 0:
+                task_status.started()
+            ready = info.state.messages == 0
+            async for msg in sub.messages:
+                meta = msg.metadata
+                self._add_dead_letter(meta.sequence.stream, meta.timestamp or utcnow(), msg.data)
+                if not ready and meta.sequence.stream >= last:
+                    ready = True
+                    task_status.started()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(b.timeouts.shutdown):
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    def _add_dead_letter(self, seq: int, at: datetime, data: bytes) -> None:
+        try:
+            letter: DeadLetter | None = DeadLetter.model_validate_json(data)
+            raw = ""
+        except pydantic.ValidationError:
+            letter, raw = None, data[:4096].decode(errors="replace")
+        self.dead_letters.appendleft(DeadLetterEntry(seq=seq, time=at, letter=letter, raw=raw))
+        self.dead_letters_seen += 1
+        self._notify("dead_letters")
+
+    # ------------------------------------------------------------ services
+
+    async def _services_loop(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        started = False
+        while True:
+            await self.refresh_services()
+            if not started:
+                started = True
+                task_status.started()
+            await anyio.sleep(self.config.services_interval)
+
+    async def refresh_services(self) -> None:
+        """One round: every service process's answer, and the recorder's round trip."""
+        now = utcnow()
+        for info in await gather_service_info(self.bus, window=self.config.services_window):
+            self.services[info.instance] = ServiceSeen(info, now)
+        t0 = time.perf_counter()
+        try:
+            await bus.ActivityClient(self.bus, timeout=2.0).list(limit=1)
+        except bus.CadenzaError as exc:
+            self.recorder_rtt_ms, self.recorder_error = None, exc.message
+        else:
+            self.recorder_rtt_ms, self.recorder_error = (time.perf_counter() - t0) * 1000, ""
+        self._notify("health")
+
+    # ------------------------------------------------------------ queries (pure, from the caches)
+
+    def session_rows(self, states: Iterable[SessionState], tasklist: str) -> list[SessionRecord]:
+        wanted = set(states)
+        rows = [
+            s for s in self.sessions.values()
+            if (not wanted or s.state in wanted) and (not tasklist or s.tasklist == tasklist)
+        ]  # fmt: skip
+        rows.sort(key=lambda r: (r.state is not SessionState.OPEN, -(r.requested_at or _EPOCH).timestamp()))
+        return rows
+
+    async def server_health(self) -> dict[str, object]:
+        """The server as this client sees it: its INFO, the JetStream account, the streams."""
+        nc = self.bus.nc
+        info = dict(getattr(nc, "_server_info", {}) or {})
+        out: dict[str, object] = {
+            "url": self.bus.url,
+            "server_name": info.get("server_name", ""),
+            "server_id": info.get("server_id", ""),
+            "version": info.get("version", ""),
+            "cluster": info.get("cluster", ""),
+            "jetstream": bool(info.get("jetstream", False)),
+            "connected": nc.is_connected,
+            "max_payload": info.get("max_payload", 0),
+        }
+        try:
+            with anyio.fail_after(self.bus.timeouts.request):
+                acct = await self.bus.js.account_info()
+            out["account"] = {
+                "memory": acct.memory, "storage": acct.storage, "streams": acct.streams, "consumers": acct.consumers,
+                "max_storage": acct.limits.max_storage, "max_memory": acct.limits.max_memory,
+            }  # fmt: skip
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            out["account_error"] = f"JetStream account info is not available: {exc!r}"
+        streams = []
+        for spec in STREAMS:
+            name = self.bus.topology.stream_name(spec.domain)
+            try:
+                with anyio.fail_after(self.bus.timeouts.request):
+                    si = await self.bus.js.stream_info(name)
+                streams.append({"name": name, "messages": si.state.messages, "bytes": si.state.bytes,
+                                "consumers": si.state.consumer_count, "replicas": si.config.num_replicas})  # fmt: skip
+            except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+                streams.append({"name": name, "error": repr(exc)})
+        out["streams"] = streams
+        return out
+
+
+_EPOCH = datetime(1970, 1, 1).astimezone()
