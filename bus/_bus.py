@@ -938,6 +938,7 @@ async def connect(
     name: str = "cadenza",
     ensure_topology: bool = True,
     store_dir: str | os.PathLike[str] | None = None,
+    replicas: int | None = None,
 ) -> AsyncIterator[Bus]:
     """Connect to NATS (or start the embedded server) and yield a :class:`Bus`.
 
@@ -951,6 +952,7 @@ async def connect(
         timeouts: bounds of every wait.
         name: this process's name (client name, ``source`` of its events).
         ensure_topology: declare the streams and buckets (idempotent).
+        replicas: stream and bucket replicas, 3 on a cluster (default: ``CADENZA_REPLICAS``, else 1).
 
     Raises:
         ConnectError: no server answered; ServerStartError: the embedded server would not start;
@@ -962,6 +964,9 @@ async def connect(
     else:
         opts = dataclasses.replace(options, servers=_split(server)) if server else options
     _check_urls(opts.servers)
+    prefix = prefix or os.environ.get("CADENZA_PREFIX") or DEFAULT_PREFIX
+    # Built first: a bad CADENZA_REPLICAS / CADENZA_STORAGE fails before anything is opened.
+    topology = Topology(prefix) if replicas is None else Topology(prefix, replicas=replicas)
     embedded: EmbeddedServer | None = None
     if not opts.servers:
         embedded = EmbeddedServer(store_dir, start_timeout=timeouts.server_start)
@@ -975,8 +980,7 @@ async def connect(
         if embedded is not None:
             embedded.stop()
         raise
-    prefix = prefix or os.environ.get("CADENZA_PREFIX") or DEFAULT_PREFIX
-    bus = Bus(nc, topology=Topology(prefix), timeouts=timeouts, source=f"{name}@{_hostname()}", server=embedded)
+    bus = Bus(nc, topology=topology, timeouts=timeouts, source=f"{name}@{_hostname()}", server=embedded)
     try:
         if ensure_topology:
             await retry_transient(lambda: bus.topology.ensure(bus.js), what="declare the streams and buckets")

@@ -3,7 +3,9 @@
 Use as a pytest plugin (``pytest_plugins = ["bus.testing"]``) to get the fixtures ``nats_server``
 (one embedded server per test session, or the one ``--nats-url`` names) and ``cadenza_bus`` (a bus
 on a fresh, unique subject prefix, so tests never see each other's streams), or use
-:func:`embedded_server` and :func:`unique_prefix` directly.
+:func:`embedded_server` and :func:`unique_prefix` directly. ``nats_cluster`` is a 3-node loopback
+JetStream cluster (:class:`EmbeddedCluster`) per test module, for replicas-3 and fault tests:
+connect with ``bus.connect(nats_cluster.urls, replicas=3)``.
 """
 
 from __future__ import annotations
@@ -18,14 +20,16 @@ import pytest
 from ._bus import Bus, connect
 from ._config import Timeouts
 from ._process import ChildProcess
-from ._server import EmbeddedServer
+from ._server import EmbeddedCluster, EmbeddedServer
 
 __all__ = (
+    "EmbeddedCluster",
     "ExternalServer",
     "ServiceProcess",
     "cadenza_bus",
     "embedded_server",
     "eventually",
+    "nats_cluster",
     "nats_server",
     "pytest_addoption",
     "unique_prefix",
@@ -85,6 +89,16 @@ def nats_server(request: pytest.FixtureRequest) -> Iterator[EmbeddedServer | Ext
         return
     with embedded_server() as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedCluster]:
+    """A 3-node JetStream cluster on loopback for the test module (started formed, with a meta leader).
+
+    It runs even with ``--nats-url``: a cluster's nodes must be killable, an external server is not.
+    """
+    with EmbeddedCluster(3, tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
 
 
 @pytest.fixture

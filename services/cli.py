@@ -38,6 +38,7 @@ from ._runtime import (
 )
 
 if TYPE_CHECKING:
+    import bus
     from bus._process import ChildProcess as Child
 
 __all__ = ("build_parser", "main")
@@ -89,8 +90,12 @@ def cmd_server(args: argparse.Namespace) -> int:
 def cmd_subjects(args: argparse.Namespace) -> int:
     import bus
     import schemas
+    from bus._topology import format_size
 
-    topo = bus.Topology(args.prefix, replicas=1)
+    try:
+        topo = bus.Topology(args.prefix)
+    except bus.TopologyError as exc:
+        return _fail(str(exc))
     rows = topo.table()
     if args.json:
         print(json.dumps([dict(zip(("subject", "stream", "limits", "what"), r, strict=True)) for r in rows], indent=2))
@@ -99,6 +104,9 @@ def cmd_subjects(args: argparse.Namespace) -> int:
     print(f"{'subject':<{widths[0]}}  {'stream / bucket':<{widths[1]}}  {'limits':<{widths[2]}}  what")
     for subject, stream, limits, what in rows:
         print(f"{subject:<{widths[0]}}  {stream:<{widths[1]}}  {limits:<{widths[2]}}  {what}")
+    replicas = f"{topo.replicas} (CADENZA_REPLICAS)" if topo.replicas else "1 when created (CADENZA_REPLICAS unset)"
+    print(f"\nreplicas: {replicas}; file store reserved per node: {format_size(topo.storage_needed())}"
+          f"{' (CADENZA_STORAGE)' if topo.storage else ''}. What the server really has: `cadenza status`.")  # fmt: skip
     print()
     print("event types (subject <prefix>.<domain>.<id>.<event>):")
     for name, cls in schemas.event_types().items():
@@ -219,20 +227,110 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return run_service(go)
 
 
-# ------------------------------------------------------------------ setup
+# ------------------------------------------------------------------ setup / status
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
     """Declare (or upgrade) every stream and bucket: run once as the admin user."""
+    import bus
+    from bus._topology import format_size, parse_size
+
     if _no_server(args):
         return _fail(_NO_SERVER)
+    try:
+        configured = bus.Topology(args.prefix)  # CADENZA_REPLICAS / CADENZA_STORAGE
+        storage = configured.storage if args.storage is None else parse_size(args.storage)
+        replicas = configured.replicas if args.replicas is None else args.replicas
+        topo = bus.Topology(args.prefix, replicas=replicas, storage=storage)
+    except bus.TopologyError as exc:
+        return _fail(str(exc))
 
     async def go() -> None:
-        async with cli_bus(args, "cadenza-setup", ensure_topology=True) as b:
-            for subject, stream, limits, _ in b.topology.table():
+        async with cli_bus(args, "cadenza-setup") as b:
+            await bus.retry_transient(lambda: topo.ensure(b.js), what="declare the streams and buckets")
+            for subject, stream, limits, _ in topo.table():
                 print(f"ok  {stream:<28} {subject:<28} {limits}")
+            need = format_size(topo.storage_needed())
+            print(f"replicas {topo.replicas or 1}, {need} of file store reserved per node")
 
     return run_service(go)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Every stream and bucket of the prefix as the server has it: replicas, leader, lag, storage."""
+    if _no_server(args):
+        return _fail(_NO_SERVER)
+    rows: list[dict[str, Any]] = []
+
+    async def go() -> None:
+        async with cli_bus(args, "cadenza-status") as b:
+            rows.extend(await _status_rows(b, args.timeout))
+
+    code = run_service(go)
+    if code:
+        return code
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _print_status(rows)
+    return 1 if any(r["state"] != "ok" for r in rows) else 0
+
+
+async def _status_rows(b: bus.Bus, timeout: float) -> list[dict[str, Any]]:
+    import anyio
+    import nats.errors
+    import nats.js.errors
+
+    from bus._topology import BUCKETS, STREAMS
+
+    topo = b.topology
+    names = [(topo.stream_name(s.domain), "stream") for s in STREAMS]
+    names += [(f"KV_{topo.bucket_name(k.key)}", "bucket") for k in BUCKETS]
+    rows: list[dict[str, Any]] = []
+    for name, kind in names:
+        row: dict[str, Any] = {"name": name, "kind": kind}
+        try:
+            with anyio.fail_after(timeout):
+                info = await b.js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            rows.append({**row, "state": "missing (run `cadenza setup`)"})
+            continue
+        except (nats.errors.Error, TimeoutError) as exc:
+            rows.append({**row, "state": f"no answer ({type(exc).__name__}: {exc})".replace(": )", ")")})
+            continue
+        cluster = info.cluster
+        followers = [
+            {"name": p.name, "current": bool(p.current), "offline": bool(p.offline), "lag": p.lag or 0,
+             "active_s": round((p.active or 0) / 1e9, 3) if (p.active or 0) < 1e9 * 86_400 * 365 else None}
+            for p in (cluster.replicas or [] if cluster else [])
+        ]  # fmt: skip
+        rows.append({
+            **row, "state": "ok", "replicas": info.config.num_replicas or 1,
+            "leader": cluster.leader if cluster else None, "followers": followers,
+            "messages": info.state.messages, "bytes": info.state.bytes, "max_bytes": info.config.max_bytes,
+            "consumers": info.state.consumer_count,
+        })  # fmt: skip
+    return rows
+
+
+def _print_status(rows: list[dict[str, Any]]) -> None:
+    from bus._topology import format_size
+
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'stream / bucket':<{width}}  replicas  {'leader':<20} {'messages':>9}  {'bytes / max':<22} "
+          "consumers  followers")  # fmt: skip
+    for r in rows:
+        if r["state"] != "ok":
+            print(f"{r['name']:<{width}}  {r['state']}")
+            continue
+        followers = ", ".join(
+            f"{f['name']} " + ("offline" if f["offline"] else "current" if f["current"] else f"lag {f['lag']}")
+            + (f" (seen {f['active_s']:g}s ago)" if f["active_s"] is not None else "")
+            for f in r["followers"]
+        ) or "-"
+        limit = "unlimited" if (r["max_bytes"] or -1) < 0 else format_size(r["max_bytes"])
+        print(f"{r['name']:<{width}}  {r['replicas']:<8}  {r['leader'] or '-':<20} {r['messages']:>9}  "
+              f"{format_size(r['bytes']) + ' / ' + limit:<22} {r['consumers']:<9}  {followers}")  # fmt: skip
 
 
 # ------------------------------------------------------------------ dev
@@ -246,19 +344,29 @@ def _available(module: str) -> bool:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    """Embedded server + recorder + broker + demo worker + web console, in the foreground."""
+    """Embedded server (or ``--cluster N`` nodes) + recorder + broker + demo worker + web console, in the
+    foreground."""
     import bus
     from bus._process import ChildProcess as Child
+    from bus._server import EmbeddedCluster
 
-    server = bus.EmbeddedServer(args.store, port=args.port)
+    server: bus.EmbeddedServer | EmbeddedCluster
+    if args.cluster and args.cluster not in (3, 5):
+        return _fail(f"--cluster takes 3 or 5 nodes (the streams get as many replicas), not {args.cluster}")
+    if args.cluster:
+        server = EmbeddedCluster(args.cluster, args.store, name="cadenza-dev")
+    else:
+        server = bus.EmbeddedServer(args.store, port=args.port)
     try:
         server.start()
     except bus.ServerStartError as exc:
-        if args.port:
+        if args.port and not args.cluster:
             return _fail(f"{exc} (is port {args.port} taken? use --port 0 for any free port)")
         return _fail(str(exc))
     # One key for every broker of this dev installation, so recreate tokens survive a broker restart.
     env = {"CADENZA_TOKEN_KEY": os.environ.get("CADENZA_TOKEN_KEY") or secrets.token_hex(32), "NATS_URL": server.url}
+    if args.cluster:
+        env["CADENZA_REPLICAS"] = str(args.cluster)
     wanted = [
         ("recorder", "services.recorder"),
         ("broker", "services.broker"),
@@ -268,7 +376,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
     # The console on its usual port, or any free one when the server's port is any free one too.
     extra = {"console": ("--port", "0" if args.port == 0 else str(args.console_port))}
     children: list[tuple[str, Child]] = []
-    print(f"nats-server (JetStream) on {server.url}, store {server.store_dir}", flush=True)
+    if isinstance(server, EmbeddedCluster):
+        print(f"{args.cluster}-node nats-server cluster (JetStream, replicas {args.cluster}), "
+              f"store {server.store_root}:", flush=True)  # fmt: skip
+        for node in server.nodes:
+            print(f"  {node.server_name}: {node.url}", flush=True)
+    else:
+        print(f"nats-server (JetStream) on {server.url}, store {server.store_dir}", flush=True)
     try:
         for label, module in wanted:
             if not _available(module):
@@ -283,7 +397,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
             children.append((label, proc))
             print(f"  {label}: running (pid {proc.pid}) {proc.ready_line.removeprefix(READY).strip()}", flush=True)
         prefix = "" if args.prefix == "cadenza" else f" --prefix {args.prefix}"
-        print(f"\nexport NATS_URL={server.url}", flush=True)
+        print(f"\nexport NATS_URL={server.url}" + (f" CADENZA_REPLICAS={args.cluster}" if args.cluster else ""),
+              flush=True)  # fmt: skip
         tips = [
             (f"cadenza demo{prefix}", "a tour: sessions, streamed output, a cancel, a lost worker"),
             (f"cadenza sessions ls{prefix}", "sessions, open first"),
@@ -307,7 +422,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             if deadline is not None and time.monotonic() >= deadline:
                 break
             if not server.is_running():
-                return _fail("nats-server exited unexpectedly")
+                return _fail("a nats-server exited unexpectedly" if args.cluster else "nats-server exited unexpectedly")
             for label, proc in children:
                 if proc.proc is not None and proc.proc.poll() is not None:
                     tail = "".join(proc.output[-20:])
@@ -371,7 +486,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("setup", help="declare or upgrade the streams and buckets (run as the admin user)")
     add_server_args(s)
+    s.add_argument("--replicas", type=int, choices=(1, 3, 5), default=None,
+                   help="stream and bucket replicas, 3 on a cluster (default: $CADENZA_REPLICAS, else 1)")  # fmt: skip
+    s.add_argument("--storage", default=None, metavar="SIZE",
+                   help="file store all streams and buckets may reserve per node, e.g. 4GiB, split in the default "
+                        "proportions (default: $CADENZA_STORAGE, else 19 GiB)")  # fmt: skip
     s.set_defaults(func=cmd_setup)
+
+    s = sub.add_parser("status", help="streams and buckets as the server has them: replicas, leader, lag, storage")
+    add_server_args(s)
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--timeout", type=float_arg(0.1), default=2.0,
+                   help="seconds to wait for each stream's answer (default 2; connecting waits 2 s)")  # fmt: skip
+    s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("dev", help="embedded server + recorder + broker + demo worker + console, in the foreground")
     s.add_argument("--store", default=None, help="JetStream store directory (default: a temporary one)")
@@ -379,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefix", default=os.environ.get("CADENZA_PREFIX", "cadenza"),
                    help="subject prefix (default: cadenza)")  # fmt: skip
     s.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: until Ctrl-C)")
+    s.add_argument("--cluster", type=int, default=0, metavar="N",
+                   help="start an N-node loopback cluster (3 or 5; free ports, streams with N replicas) instead of "
+                        "one server; --port is then ignored")  # fmt: skip
     s.add_argument("--console-port", type=int, default=8765, help="the web console's port (default 8765)")
     s.set_defaults(func=cmd_dev)
 

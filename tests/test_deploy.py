@@ -30,7 +30,11 @@ def passwords() -> dict[str, str]:
 
 def _env(passwords: dict[str, str]) -> dict[str, str]:
     env = {f"CADENZA_{u.upper()}_PASSWORD": p for u, p in passwords.items()}
-    env.update(NODE_NAME="n1", ROUTE_1="127.0.0.1", ROUTE_2="127.0.0.1", ROUTE_3="127.0.0.1")
+    env.update(
+        NODE_NAME="n1", NATS_HOST="127.0.0.1", NATS_PORT="4222", NATS_MONITOR="127.0.0.1:8222",
+        CLUSTER_HOST="127.0.0.1", CLUSTER_PORT="6222", STORE_DIR="/tmp/cadenza-deploy-check",
+        **{f"ROUTE_{i}": f"nats-route://127.0.0.1:{6221 + i}" for i in (1, 2, 3)},
+    )  # fmt: skip
     return env
 
 
