@@ -159,7 +159,13 @@ class Recorder:
         self._started_at = utcnow()
         # Folding is idempotent (rev, seq ranges, first terminal wins): an ack lost on the way only
         # means a redelivery that changes nothing, so acks are not awaited.
-        spec = bus.ConsumerSpec("recorder", b.subjects.domain_wildcard("activity"), max_deliver=8, ack_sync=False)
+        # Up to 20 deliveries (the backoff's last step, 5 s, repeats): a fold failing on a cluster's
+        # election is retried inside the handler first and then redelivered for over a minute before
+        # it is dead-lettered, so a leader election never costs an event. An ack wait of 10 s (folds
+        # are short; a long one keeps itself alive): an event delivered to a recorder that was killed,
+        # or whose delivery a node restart lost, is handed out again within seconds, not half a minute.
+        spec = bus.ConsumerSpec("recorder", b.subjects.domain_wildcard("activity"), max_deliver=20, ack_sync=False,
+                                ack_wait=10.0)  # fmt: skip
         async with anyio.create_task_group() as tg:
             await tg.start(bus.run_restarting, "activities watcher", self._watch_store)
             await tg.start(bus.run_restarting, "heartbeat follower", self._watch_workers)
@@ -244,8 +250,9 @@ class Recorder:
 
     async def _load(self, activity_id: str) -> tuple[Stored | None, int]:
         assert self._kv is not None
+        kv, key = self._kv, activity_kv_key(activity_id)
         try:
-            entry = await self._kv.get(activity_kv_key(activity_id))
+            entry = await bus.retry_transient(lambda: kv.get(key), what=f"read activity {activity_id}")
         except nats.js.errors.KeyNotFoundError:
             return None, 0
         except nats.errors.Error as exc:
@@ -253,6 +260,10 @@ class Recorder:
         if not entry.value:
             return None, entry.revision or 0
         return Stored.model_validate_json(entry.value), entry.revision or 0
+
+    async def _write(self, key: str, value: bytes, revision: int) -> int:
+        assert self._kv is not None
+        return await self._kv.update(key, value, last=revision) if revision else await self._kv.create(key, value)
 
     async def _apply(self, activity_id: str, change: Callable[[Stored | None], Stored | None]) -> Stored | None:
         """Fold one change by compare-and-set; ``change`` returns None when nothing changes."""
@@ -279,10 +290,9 @@ class Recorder:
                     value = new.model_dump_json().encode()
                     key = activity_kv_key(activity_id)
                     try:
-                        if revision:
-                            written = await self._kv.update(key, value, last=revision)
-                        else:
-                            written = await self._kv.create(key, value)
+                        written = await bus.retry_transient(
+                            functools.partial(self._write, key, value, revision), what=f"store activity {activity_id}"
+                        )
                     except nats.js.errors.KeyWrongLastSequenceError:
                         continue  # another replica folded something first: read again
                     except nats.errors.Error as exc:
