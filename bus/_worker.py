@@ -347,13 +347,8 @@ class Worker:
     async def _on_task(self, event: Any, delivery: Delivery) -> None:
         if isinstance(event, (SessionOpened, SessionClosed)) and event.worker_id != self.worker_id:
             # In this worker's inbox but addressed to another: not applied, so dead-lettered.
-            body, _ = encode(event)
-            await self.bus.dead_letter(
-                consumer=delivery.consumer, subject=delivery.subject, data=body, headers=delivery.headers,
-                reason=f"a {event.type} notice for worker {event.worker_id} in the inbox of {self.worker_id}",
-                error_type="wrong_worker", stream=self.bus.topology.stream_name("task"),
-                stream_seq=delivery.stream_seq, deliveries=delivery.deliveries,
-            )  # fmt: skip
+            reason = f"a {event.type} notice for worker {event.worker_id} in the inbox of {self.worker_id}"
+            await self._dead_letter(event, delivery, reason, "wrong_worker")
             return
         if isinstance(event, SessionOpened):
             await self._opened(event)
@@ -551,12 +546,16 @@ class Worker:
         if task.reply_to:
             await self._reply(task, error=error)
             return
-        body, _ = encode(task)
-        # (Not stored: the error goes to the consumer, which hands the task back for a later try.)
+        reason = f"{error.type}: {error.message} (and the task has no reply_to to say so)"
+        await self._dead_letter(task, delivery, reason, "task_refused")
+
+    async def _dead_letter(self, event: Any, delivery: Delivery, reason: str, error_type: str) -> None:
+        """Copy a valid event of the inbox or queue this worker does not apply to the dead letters.
+        (Not stored: the error goes to the consumer, which hands the message back for a later try.)"""
+        body, _ = encode(event)
         await self.bus.dead_letter(
             consumer=delivery.consumer, subject=delivery.subject, data=body, headers=delivery.headers,
-            reason=f"{error.type}: {error.message} (and the task has no reply_to to say so)",
-            error_type="task_refused", stream=self.bus.topology.stream_name("task"),
+            reason=reason, error_type=error_type, stream=self.bus.topology.stream_name("task"),
             stream_seq=delivery.stream_seq, deliveries=delivery.deliveries,
         )  # fmt: skip
 

@@ -495,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="streams and buckets as the server has them: replicas, leader, lag, storage")
     add_server_args(s)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print every stream and bucket as JSON")
     s.add_argument("--timeout", type=float_arg(0.1), default=2.0,
                    help="seconds to wait for each stream's answer (default 2; connecting waits 2 s)")  # fmt: skip
     s.set_defaults(func=cmd_status)
