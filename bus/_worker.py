@@ -59,7 +59,7 @@ from ._bus import Bus, Delivery
 from ._cancel import CancelRouter
 from ._codec import encode
 from ._context import BUS_KEY, CancelToken, Context
-from ._exceptions import CadenzaError, SessionError
+from ._exceptions import CadenzaError, SessionError, ValidationError
 from ._heartbeat import Heartbeater, ProcessLoad, describe_activities, new_worker_id
 from ._retry import retry_transient
 from ._session import SessionInfo
@@ -564,14 +564,15 @@ class Worker:
             return
         reply = ActivityResult(activity_id=task.activity_id, worker_id=self.worker_id, ok=error is None,
                                result=_jsonable(result) if error is None else None, error=error)  # fmt: skip
-        try:
-            body, headers = encode(reply)
-        except CadenzaError as exc:
-            body, headers = encode(ActivityResult(
-                activity_id=task.activity_id, worker_id=self.worker_id, ok=False,
-                error=TaskError(type="ResultTooLargeError", message=str(exc), non_retryable=True)))  # fmt: skip
-        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
-            await self.bus.nc.publish(task.reply_to, body, headers=headers)
+        # A core reply with a producer span and the trace context in its headers, like every send.
+        with contextlib.suppress(nats.errors.Error, CadenzaError):
+            try:
+                await self.bus.publish_core(reply, subject=task.reply_to)
+            except ValidationError as exc:  # the result is too large to send
+                await self.bus.publish_core(ActivityResult(
+                    activity_id=task.activity_id, worker_id=self.worker_id, ok=False,
+                    error=TaskError(type="ResultTooLargeError", message=str(exc), non_retryable=True),
+                ), subject=task.reply_to)  # fmt: skip
 
 
 async def _call(fn: Callable[..., Any], task: ActivityTask) -> Any:

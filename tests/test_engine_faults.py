@@ -300,3 +300,27 @@ async def test_a_late_close_notice_does_not_put_a_worker_over_its_slots(cadenza_
         await eventually(lambda: "s-second" in w._sessions, timeout=30, what="the second session opened")
         assert w.open_sessions == 1 and w.oversubscribed == 0
         assert "s-first" not in w._sessions
+
+
+async def test_a_result_too_large_to_send_is_answered_as_an_error(cadenza_bus: bus.Bus) -> None:
+    b = cadenza_bus
+    w = bus.Worker(b, tasklist="too-large", heartbeat_interval=0.3, enable_sessions=False)
+
+    @w.activity("big")
+    async def big() -> str:
+        return "x" * (bus.MAX_EVENT_BYTES + 1)
+
+    got: list[Any] = []
+    inbox = b.nc.new_inbox()
+
+    async def on_reply(msg: Any) -> None:
+        got.append(msg)
+
+    async with w:
+        sub = await b.nc.subscribe(inbox, cb=on_reply)
+        await b.publish(ActivityTask(activity_id="big-1", name="big", tasklist="too-large", reply_to=inbox))
+        await eventually(lambda: bool(got), timeout=30, what="the worker's answer")
+        await sub.unsubscribe()
+    reply = bus.decode(got[0].data, got[0].headers, [ActivityResult])
+    assert not reply.ok and reply.error is not None and reply.error.type == "ResultTooLargeError"
+    assert "Cadenza-Event-Type" in (got[0].headers or {})
