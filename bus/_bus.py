@@ -809,7 +809,7 @@ class Bus:
             try:
                 bucket = await retry_transient(lambda: self.js.key_value(name), what=f"open bucket {name}")
             except nats.errors.Error as exc:
-                raise BusError(f"key-value bucket {self.topology.bucket_name(key)} is not available: {exc}") from exc
+                raise BusError(f"key-value bucket {name} is not available: {exc}") from exc
             self._kv[key] = bucket
         return bucket
 
