@@ -17,6 +17,7 @@ from schemas import SessionRejectReason as SessionRejectReason
 from schemas import SessionState as SessionState
 
 from ._activity import CANCELLED_BY_USER as CANCELLED_BY_USER
+from ._activity import FIRST_COMPLETION as FIRST_COMPLETION
 from ._activity import ActivityCancelledError as ActivityCancelledError
 from ._activity import ActivityFinishedError as ActivityFinishedError
 from ._activity import ActivityNotCancellableError as ActivityNotCancellableError
@@ -31,6 +32,7 @@ from ._activity import UpdateRequest as UpdateRequest
 from ._activity import cancelled_by_context as cancelled_by_context
 from ._activity import clamp_progress as clamp_progress
 from ._activity import complete_handler_activity as complete_handler_activity
+from ._activity import completed_already as completed_already
 from ._activity import run_handler_activity as run_handler_activity
 from ._activity import start_handler_activity_for_user as start_handler_activity_for_user
 from ._activity import status_for_cause as status_for_cause
@@ -65,6 +67,7 @@ from ._exceptions import ServerStartError as ServerStartError
 from ._exceptions import SessionError as SessionError
 from ._exceptions import TopologyError as TopologyError
 from ._exceptions import ValidationError as ValidationError
+from ._fold import fold_activity_event as fold_activity_event
 from ._heartbeat import Heartbeater as Heartbeater
 from ._heartbeat import ProcessLoad as ProcessLoad
 from ._heartbeat import new_worker_id as new_worker_id
@@ -105,6 +108,7 @@ from ._writer import write_started_line as write_started_line
 
 __all__ = (
     "CANCELLED_BY_USER",
+    "FIRST_COMPLETION",
     "MAX_EVENT_BYTES",
     "ActivityCancelledError",
     "ActivityClient",
@@ -177,6 +181,7 @@ __all__ = (
     "clamp_progress",
     "complete_handler_activity",
     "complete_session",
+    "completed_already",
     "configure_tracing",
     "connect",
     "create_session",
@@ -185,6 +190,7 @@ __all__ = (
     "execute_activity",
     "find_server_binary",
     "flush_writer",
+    "fold_activity_event",
     "get_session_info",
     "is_transient",
     "new_worker_id",

@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, runtime_checkable
+from types import MappingProxyType
+from typing import Any, Final, Protocol, runtime_checkable
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -39,6 +40,7 @@ from ._exceptions import ActivityError, CadenzaError
 
 __all__ = (
     "CANCELLED_BY_USER",
+    "FIRST_COMPLETION",
     "ActivityCancelledError",
     "ActivityFinishedError",
     "ActivityNotCancellableError",
@@ -53,6 +55,7 @@ __all__ = (
     "cancelled_by_context",
     "clamp_progress",
     "complete_handler_activity",
+    "completed_already",
     "run_handler_activity",
     "start_handler_activity_for_user",
     "status_for_cause",
@@ -63,6 +66,23 @@ _log = logging.getLogger("cadenza.activity")
 #: The cause set on an activity's work context when a user cancels it (the seed's ``ErrCanceled``).
 #: Cancels from the recorder carry the user's name in ``who``; compare ``cause.kind``, not equality.
 CANCELLED_BY_USER = CancelCause(kind=CancelKind.USER, who="", reason="activity cancelled by user")
+
+#: Headers of an activity's completion: the stream stores it only if no completion of the activity is
+#: stored yet (first terminal wins in the store itself, not only in the folds that read it).
+FIRST_COMPLETION: Final = MappingProxyType({"Nats-Expected-Last-Subject-Sequence": "0"})
+#: JetStream's error code for "wrong last sequence" (the expectation above failed).
+_WRONG_LAST_SEQUENCE: Final = 10071
+
+
+def completed_already(exc: BaseException) -> bool:
+    """True when ``exc`` (a publish error) says the activity's completion was stored before."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if getattr(cause, "err_code", None) == _WRONG_LAST_SEQUENCE:
+            return True
+        cause = cause.__cause__
+    return False
+
 
 #: Latest message of an activity a user cancelled.
 CANCELLED_MESSAGE = "Cancelled by user"

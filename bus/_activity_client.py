@@ -2,13 +2,15 @@
 
 Messages are not copied anywhere: they are the ``activity`` stream's ``message`` events (and the
 final message of the first ``completed`` event), read back with a short-lived consumer filtered on
-``<prefix>.activity.<id>.*``. The recorder's folded state is the ``activities`` key-value bucket; a
-dashboard follows it with :func:`watch_activities` (or ``nats kv watch <bucket>``).
+``<prefix>.activity.<id>.*``. The records are the stream folded in stream order (``bus._fold``): the
+recorder holds them and answers for them; a dashboard folds the stream itself with
+:func:`watch_activities`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ from schemas import (
     ListActivitiesRequest,
     MessageEntry,
     MessageRecord,
+    StoredActivity,
     TailActivityReply,
     TailActivityRequest,
     cut_text,
@@ -186,28 +189,48 @@ async def read_activity_messages(
 
 
 async def watch_activities(bus: Bus) -> AsyncIterator[ActivityRecord]:
-    """Every activity as the recorder stores it, then each change, live (for a dashboard).
+    """Every activity as the stream holds it, then each change, live (for a dashboard).
 
-    Raises:
-        BusError: the bucket is not available.
+    Folds the ``activity`` stream here with the recorder's folds (no recorder needed, no state on the
+    server): each record is yielded when an event changes it, announced activities only. Rides
+    through server restarts (the follower starts again where it was).
     """
-    kv = await bus.kv("activities")
-    try:
-        watcher = await kv.watchall()
-    except nats.errors.Error as exc:
-        raise BusError(f"cannot watch the activities bucket: {exc}") from exc
-    try:
-        async for entry in watcher:
-            if entry is None or entry.value is None or entry.operation in ("DEL", "PURGE"):
-                continue
+    from ._fold import fold_activity_event
+    from ._retry import run_restarting
+    from ._watch import follow_activity_events
+
+    records: dict[str, StoredActivity] = {}
+    send, receive = anyio.create_memory_object_stream[ActivityRecord](100_000)
+
+    def on_event(event: Any, _seq: int) -> None:
+        if event is None:
+            return
+        new = fold_activity_event(records.get(event.activity_id), event)
+        if new is None:
+            return
+        records[event.activity_id] = new
+        if new.fold.announced:
             try:
-                yield stored_record(entry.value)
-            except pydantic.ValidationError:
-                continue
-    finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(bus.timeouts.shutdown):
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
+                send.send_nowait(new.record)
+            except anyio.WouldBlock:
+                pass  # the reader is far behind: it sees this activity at its next change
+
+    position = [0]
+
+    def track(event: Any, seq: int) -> None:
+        position[0] = seq
+        on_event(event, seq)
+
+    async with anyio.create_task_group() as tg:
+        # Resumes where it was after a server restart or a lost consumer (never from the start again).
+        follow = functools.partial(follow_activity_events, bus, track, after=lambda: position[0])
+        await tg.start(run_restarting, "activity watch", follow)
+        try:
+            async with receive:
+                async for record in receive:
+                    yield record
+        finally:
+            tg.cancel_scope.cancel()
 
 
 def stored_record(value: bytes) -> ActivityRecord:

@@ -11,7 +11,7 @@ current session info, the current activity id and a :class:`CancelToken`. Derivi
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -37,7 +37,7 @@ class CancelToken:
         parent: the token this one derives from.
     """
 
-    __slots__ = ("_cause", "_children", "_event", "_scopes", "parent")
+    __slots__ = ("_callbacks", "_cause", "_children", "_event", "_scopes", "parent")
 
     def __init__(self, parent: CancelToken | None = None) -> None:
         self.parent = parent
@@ -45,6 +45,7 @@ class CancelToken:
         self._children: list[CancelToken] = []
         self._scopes: list[anyio.CancelScope] = []
         self._event: anyio.Event | None = None
+        self._callbacks: list[Callable[[CancelCause], None]] | None = None
         if parent is not None:
             if parent._cause is not None:
                 self._cause = parent._cause
@@ -79,6 +80,9 @@ class CancelToken:
             child.cancel(cause)
         if self._event is not None:
             self._event.set()
+        callbacks, self._callbacks = self._callbacks, None
+        for callback in callbacks or ():
+            callback(cause)
         if self.parent is not None:
             # Let the parent forget us: a long-lived token must not collect dead children.
             try:
@@ -86,6 +90,16 @@ class CancelToken:
             except ValueError:
                 pass
         return True
+
+    def on_cancel(self, callback: Callable[[CancelCause], None]) -> None:
+        """Call ``callback(cause)`` (plain, not awaited: schedule work from it) when cancelled; at
+        once if it is already. No task waits for it, so a token costs nothing until it is cancelled."""
+        if self._cause is not None:
+            callback(self._cause)
+        elif self._callbacks is None:
+            self._callbacks = [callback]
+        else:
+            self._callbacks.append(callback)
 
     def release(self) -> None:
         """Detach from the parent without cancelling (the work ended normally)."""

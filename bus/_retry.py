@@ -68,9 +68,7 @@ def backoff_delay(attempt: int, *, base: float = 0.05, cap: float = 2.0) -> floa
     return random.uniform(0.0, min(cap, base * 2 ** min(attempt, 30)))
 
 
-async def retry_transient(
-    op: Callable[[], Awaitable[T]], *, what: str, budget: float = 30.0, cap: float = 2.0
-) -> T:
+async def retry_transient(op: Callable[[], Awaitable[T]], *, what: str, budget: float = 30.0, cap: float = 2.0) -> T:
     """Await ``op()``, retrying transient engine errors with backoff and jitter for up to ``budget`` s.
 
     Any other error is raised at once. ``op`` must be safe to repeat.

@@ -465,7 +465,7 @@ class SessionClient:
                     await self._cancel_remote(aid, CancelCause(kind=CancelKind.SHUTDOWN, who=self.bus.source,
                                                                reason="the caller stopped waiting"))  # fmt: skip
                 raise
-            if not call.done.is_set():
+            if not call.done.is_set() and not token.cancelled:
                 # One look at the stored outcome: the reply may have been lost on a reconnect.
                 stored = await self._stored_result(aid)
                 if stored is not None:

@@ -140,7 +140,6 @@ STREAMS: Final[tuple[StreamSpec, ...]] = (
 BUCKETS: Final[tuple[BucketSpec, ...]] = (
     BucketSpec("sessions", "session state (broker), compare-and-set", history=5),
     BucketSpec("workers", "live workers and their slots (broker), compare-and-set", history=5),
-    BucketSpec("activities", "materialised activity state (recorder), compare-and-set", history=5),
     # Only the broker user may read it (deploy/nats/accounts.conf): the generated token key lives here.
     BucketSpec("broker", "broker-only secrets (the generated recreate-token key)", history=1, max_bytes=1024**2),
 )

@@ -11,9 +11,11 @@ before anything newer of that activity (so a retry never re-numbers or duplicate
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import enum
+import functools
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +27,7 @@ from schemas import (
     ActivityLevel,
     ActivityMessage,
     ActivityRecord,
+    ActivityStart,
     ActivityStarted,
     ActivityStatus,
     ActivityUpdated,
@@ -37,11 +40,13 @@ from schemas import (
 )
 
 from ._activity import (
+    FIRST_COMPLETION,
     ActivityFinishedError,
     AppendMessageRequest,
     StartRequest,
     UpdateRequest,
     clamp_progress,
+    completed_already,
 )
 from ._bus import Bus
 from ._cancel import CancelRouter
@@ -82,7 +87,12 @@ class _Track:
     pending: list[tuple[Event, object]] = field(default_factory=list)
     registration: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     token: CancelToken | None = None
-    watch: anyio.CancelScope | None = None
+    #: The announcement not published yet (``start_activity(announce_after=...)``): it goes out
+    #: before any other event of the activity, after ``announce_after`` seconds while it runs, or
+    #: inside the completion (one event for an activity that ends quickly).
+    deferred: StartRequest | None = None
+    #: The context the activity started in (its trace), for an announcement published later.
+    context: contextvars.Context | None = None
     writers: list[ActivityWriter] = field(default_factory=list)
     warned: bool = False
     #: The status of a completion that is not stored yet (kept in ``pending``, retried by the outbox).
@@ -128,6 +138,9 @@ class BusActivityService:
         self._finished: OrderedDict[str, ActivityStatus] = OrderedDict()
         self._tg: TaskGroup | None = None
         self._stack: contextlib.AsyncExitStack | None = None
+        #: Deferred announcements by due time (activities start in time order: a queue suffices).
+        self._due: deque[tuple[float, _Track]] = deque()
+        self._due_added = anyio.Event()
 
     def __repr__(self) -> str:
         return f"<BusActivityService {self.worker_id} {self.state.value} running={len(self._tracks)}>"
@@ -143,6 +156,7 @@ class BusActivityService:
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             if self._own_router:
                 await self._tg.start(self.router.run)
+            self._tg.start_soon(self._announce_due, name="activity-announcer")
             if self.heartbeat:
                 self.heartbeater = Heartbeater(
                     self.bus,
@@ -197,16 +211,38 @@ class BusActivityService:
 
     # ------------------------------------------------------------ publishing
 
+    async def _send(self, event: Event) -> None:
+        """Store one event; a completion only if none of the activity is stored (first one wins)."""
+        if not isinstance(event, ActivityCompleted):
+            await self.bus.publish(event)
+            return
+        try:
+            await self.bus.publish(event, headers=FIRST_COMPLETION)
+        except CadenzaError as exc:
+            if not completed_already(exc):
+                raise
+            # Another ending is stored (the recorder finalised it, or this very one on a retry after
+            # the window of duplicates): the activity has ended, which is what this publish wanted.
+            _log.info("activity %s: a completion was stored before this one; the first stays", event.activity_id)
+
+    def _undefer(self, track: _Track) -> None:
+        """Queue the deferred announcement in front of every other event of the activity."""
+        if track.deferred is not None:
+            track.pending.insert(0, (self._started_event(track.record, track.deferred), None))
+            track.deferred = None
+
     async def _publish_locked(self, track: _Track, event: Event, batch: object = None) -> None:
+        if not isinstance(event, ActivityCompleted):
+            self._undefer(track)
         try:
             # Older unacknowledged events first, unchanged: same id, same seq (dedupe on the server).
             while track.pending:
                 old, old_batch = track.pending[0]
-                await self.bus.publish(old)
+                await self._send(old)
                 track.pending.pop(0)
                 if batch is not None and old_batch is batch:
                     return
-            await self.bus.publish(event)
+            await self._send(event)
         except CadenzaError as exc:
             if not exc.non_retryable:
                 # Kept behind the older ones (once: a writer retrying a batch brings the same batch).
@@ -233,7 +269,7 @@ class BusActivityService:
                 async with track.lock:
                     try:
                         while track.pending:
-                            await self.bus.publish(track.pending[0][0])
+                            await self._send(track.pending[0][0])
                             track.pending.pop(0)
                     except CadenzaError as exc:
                         if exc.non_retryable:
@@ -260,67 +296,104 @@ class BusActivityService:
 
     # ------------------------------------------------------------ Service
 
-    async def start_activity(self, req: StartRequest, *, wait: bool = True) -> ActivityRecord:
+    async def start_activity(
+        self, req: StartRequest, *, wait: bool = True, announce_after: float | None = None
+    ) -> ActivityRecord:
         """Announce an activity (event id ``<id>.started``).
 
         With ``wait=False`` the activity is registered at once and the announcement is stored in the
         background (every later event of the activity is published after it, and retries it if it
-        failed); the session worker uses this to keep the announcement off a task's critical path.
+        failed). With ``announce_after=t`` it is not published unless the activity still runs ``t``
+        seconds later or publishes another event first; an activity that ends sooner is announced by
+        its completion alone (one stored event, see :class:`~schemas.ActivityStart`). The session
+        worker uses this: a quick activity costs one event, a long one shows as running after ``t``.
 
         Raises:
             ActivityError: the service is not open, or the id is already running here.
             PublishError / ValidationError: the announce was not stored.
         """
-        self._check_open()
+        tg = self._check_open()
         if req.id in self._tracks or req.id in self._finished:
             raise ActivityError(f"activity {req.id} was started already", non_retryable=True)
         now = utcnow()
-        record = ActivityRecord(
-            id=req.id,
-            environment_id=req.environment_id,
-            type=req.type,
-            status=req.status,
-            resource_type=req.resource_type,
-            resource_id=req.resource_id,
-            resource_name=req.resource_name,
-            progress=clamp_progress(req.progress),
-            step=req.step,
-            latest_message=cut_text(req.message),
-            started_by=req.started_by,
-            started_at=now,
-            metadata=req.metadata,
-            batch_id=req.batch_id,
-            worker_id=req.worker_id or self.worker_id,
-            session_id=req.session_id,
-            created_at=now,
-            updated_at=now,
-        )
-        event = ActivityStarted(
-            event_id=f"{req.id}.started",
-            time=now,
-            activity_id=req.id,
-            environment_id=req.environment_id,
-            activity_type=req.type,
-            status=req.status,
-            resource_type=req.resource_type,
-            resource_id=req.resource_id,
-            resource_name=req.resource_name,
-            step=req.step,
-            message=record.latest_message,
-            progress=record.progress,
-            started_by=req.started_by,
-            metadata=req.metadata,
-            batch_id=req.batch_id,
-            worker_id=record.worker_id,
-            session_id=req.session_id,
-        )
+        record = ActivityRecord.model_construct(
+            id=req.id, environment_id=req.environment_id, type=req.type, status=req.status,
+            resource_type=req.resource_type, resource_id=req.resource_id, resource_name=req.resource_name,
+            progress=clamp_progress(req.progress), step=req.step, latest_message=cut_text(req.message),
+            started_by=req.started_by, started_at=now, ended_at=None, duration_ms=None, error=None,
+            metadata=req.metadata, batch_id=req.batch_id, worker_id=req.worker_id or self.worker_id,
+            session_id=req.session_id, result=None, message_count=0, last_seq=0, created_at=now, updated_at=now,
+        )  # fmt: skip
+        if announce_after is not None:
+            track = self._tracks[req.id] = _Track(record=record, deferred=req, context=contextvars.copy_context())
+            self._due.append((anyio.current_time() + announce_after, track))
+            self._due_added.set()
+            return record
+        event = self._started_event(record, req)
         if not wait:
             track = self._tracks[req.id] = _Track(record=record, pending=[(event, None)])
-            self._check_open().start_soon(self._publish_pending, track, name=f"activity-start-{req.id}")
+            tg.start_soon(self._publish_pending, track, name=f"activity-start-{req.id}")
             return record
         await self.bus.publish(event)
         self._tracks[req.id] = _Track(record=record)
         return record
+
+    @staticmethod
+    def _started_event(record: ActivityRecord, req: StartRequest) -> ActivityStarted:
+        assert record.started_at is not None
+        return ActivityStarted(
+            event_id=f"{req.id}.started", time=record.started_at, activity_id=req.id,
+            environment_id=req.environment_id, activity_type=req.type, status=req.status,
+            resource_type=req.resource_type, resource_id=req.resource_id, resource_name=req.resource_name,
+            step=req.step, message=record.latest_message, progress=record.progress, started_by=req.started_by,
+            metadata=req.metadata, batch_id=req.batch_id, worker_id=record.worker_id, session_id=req.session_id,
+        )  # fmt: skip
+
+    @staticmethod
+    def _start_fields(record: ActivityRecord, req: StartRequest) -> ActivityStart:
+        """The announcement a completion carries for an activity that was never announced."""
+        assert record.started_at is not None
+        # Built from a validated request and record (trusted): no second validation on the hot path.
+        return ActivityStart.model_construct(
+            started_at=record.started_at, environment_id=req.environment_id, activity_type=req.type,
+            resource_type=req.resource_type, resource_id=req.resource_id, resource_name=req.resource_name,
+            step=req.step, message=record.latest_message, progress=record.progress, started_by=req.started_by,
+            metadata=req.metadata, batch_id=req.batch_id, worker_id=record.worker_id, session_id=req.session_id,
+        )  # fmt: skip
+
+    async def _announce_due(self) -> None:
+        """Publish the deferred announcements of activities still running when they fall due."""
+        while True:
+            if not self._due:
+                await self._due_added.wait()
+                self._due_added = anyio.Event()
+                continue
+            due, track = self._due[0]
+            wait = due - anyio.current_time()
+            if wait > 0:
+                await anyio.sleep(wait)
+                continue
+            self._due.popleft()
+            if track.deferred is not None and track.record.id in self._tracks:
+                assert self._tg is not None and track.context is not None
+                # In the activity's own context: the announcement joins the trace of its work.
+                name = f"activity-announce-{track.record.id}"
+                start = functools.partial(self._tg.start_soon, self._announce, track, name=name)
+                track.context.run(start)
+
+    async def _announce(self, track: _Track) -> None:
+        async with track.lock:
+            if track.deferred is None or track.record.id not in self._tracks:
+                return
+            self._undefer(track)
+            try:
+                while track.pending:
+                    await self._send(track.pending[0][0])
+                    track.pending.pop(0)
+            except CadenzaError as exc:
+                _log.warning("activity %s: announcement not stored yet: %s", track.record.id, exc)
+                if not exc.non_retryable:
+                    self._retry_later(track)
 
     async def _publish_pending(self, track: _Track) -> None:
         async with track.lock:
@@ -390,16 +463,29 @@ class BusActivityService:
             final = MessageEntry(level=_LEVEL_OF[status], message=text, step=final_step) if text else None
             final_seq = track.next_seq if final is not None else 0
             track.rev += 1
-            event = ActivityCompleted(
+            # Never announced (it ended within announce_after, with no other event): the completion
+            # announces it, unless an older event still waits in the outbox (then it goes first).
+            start = None
+            if track.deferred is not None and not track.pending:
+                start = self._start_fields(track.record, track.deferred)
+                track.deferred = None
+            else:
+                self._undefer(track)
+            # Every field checked here or built from validated values: constructed, not validated
+            # again (the worker's path); a step given by the caller is validated.
+            build = ActivityCompleted if final_step is not None else ActivityCompleted.model_construct
+            event = build(
+                type=ActivityCompleted.type_name(),
                 event_id=f"{activity_id}.completed",
                 activity_id=activity_id,
                 rev=track.rev,
-                status=status,
+                status=status,  # type: ignore[arg-type]  # terminal: checked above
                 error=cut_text(error) if error else None,
                 final=final,
                 final_seq=final_seq,
                 step=final_step,
                 result=result,
+                start=start,
             )
             if final is not None:
                 track.next_seq += 1
@@ -426,8 +512,6 @@ class BusActivityService:
         while len(self._finished) > 100_000:
             self._finished.popitem(last=False)
         track.registration.close()
-        if track.watch is not None:
-            track.watch.cancel()
         if track.token is not None:
             track.token.release()
 
@@ -505,8 +589,8 @@ class BusActivityService:
         work = ctx.child(activity_id=activity_id)
         track.registration.enter_context(self.router.register(activity_id, work.token))
         track.token = work.token
-        track.watch = anyio.CancelScope()
-        tg.start_soon(self._watch_cancel, track, work.token, name=f"activity-cancel-{activity_id}")
+        # No task per activity: the warning is scheduled only if the token is cancelled.
+        work.token.on_cancel(lambda _cause: self._cancelled(track))
         if not check_stored:
             pass  # the caller knows the router heard every cancel that could target this id
         elif check_now:
@@ -515,11 +599,9 @@ class BusActivityService:
             tg.start_soon(self.router.check_stored, activity_id, work.token, name=f"activity-stored-{activity_id}")
         return work
 
-    async def _watch_cancel(self, track: _Track, token: CancelToken) -> None:
-        assert track.watch is not None
-        with track.watch:
-            await token.wait()
-            await self._warn_cancelled(track)
+    def _cancelled(self, track: _Track) -> None:
+        if self._tg is not None and self.state is ServiceState.OPEN and track.record.id in self._tracks:
+            self._tg.start_soon(self._warn_cancelled, track, name=f"activity-cancel-{track.record.id}")
 
     async def _warn_cancelled(self, track: _Track) -> None:
         """Append "Cancellation requested by <name>" once, when a user cancelled the activity."""

@@ -1,8 +1,10 @@
-"""Follow what the services keep: a key-value bucket, or every worker's last sign of life.
+"""Follow what the services keep: a key-value bucket, every worker's last sign of life, the activities.
 
 * :func:`follow_bucket`: every key as stored, then each change, live (a read-only cache).
 * :func:`follow_worker_events`: the ``worker`` stream from each worker's last started / heartbeat /
   stopped on, with the server's time of storing (so a late reader sees how old a beat is).
+* :func:`follow_activity_events`: the ``activity`` stream in stream order, from a position on (the
+  stream is the activities' store: the recorder and every other reader fold it, see ``bus._fold``).
 
 The broker and the recorder keep their own loops (written before these); new readers use these.
 """
@@ -17,14 +19,17 @@ import anyio
 import nats.errors
 from anyio.abc import TaskStatus
 from nats.js.api import DeliverPolicy
+from opentelemetry.trace import SpanKind
 
 from schemas import WorkerHeartbeat, WorkerStarted, WorkerStopped, utcnow
 
 from ._bus import Bus
 from ._codec import decode
 from ._exceptions import BusError, CadenzaError, ValidationError
+from ._fold import ACTIVITY_EVENTS, ActivityEvent
+from ._tracing import SYSTEM, extract_context, instruments, tracer
 
-__all__ = ("WORKER_EVENTS", "follow_bucket", "follow_worker_events")
+__all__ = ("WORKER_EVENTS", "follow_activity_events", "follow_bucket", "follow_worker_events")
 
 WORKER_EVENTS = (WorkerStarted, WorkerHeartbeat, WorkerStopped)
 WorkerEvent = WorkerStarted | WorkerHeartbeat | WorkerStopped
@@ -101,6 +106,69 @@ async def follow_worker_events(
             else:
                 assert isinstance(event, WORKER_EVENTS)
                 on_event(event, meta.timestamp or utcnow())
+            if backlog and meta.num_pending == 0:
+                backlog = 0
+                task_status.started()
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(bus.timeouts.shutdown):
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+
+async def follow_activity_events(
+    bus: Bus,
+    on_event: Callable[[ActivityEvent | None, int], None],
+    *,
+    after: Callable[[], int] = lambda: 0,
+    consumer: str | None = None,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Call ``on_event(event, stream_seq)`` for each stored activity event after ``after()``, then live.
+
+    An ordered consumer (no acks, no state on the server): one delivery per event. ``after`` is read
+    at each (re)start, so a follower started again by :func:`run_restarting` resumes where its
+    reader is. Input that does not validate is passed as ``None`` (dead-lettered under ``consumer``
+    first, when given), so the reader's position still moves on. Ready once the events stored
+    before the start were delivered.
+    """
+    name = consumer or "activity-reader"
+    start = after() + 1
+    policy = {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": start} if start > 1 else {
+        "deliver_policy": DeliverPolicy.ALL}  # fmt: skip
+    sub = await bus.js.subscribe(
+        bus.subjects.domain_wildcard("activity"), stream=bus.topology.stream_name("activity"), ordered_consumer=True,
+        pending_msgs_limit=1_000_000, pending_bytes_limit=256 * 1024 * 1024, **policy,
+    )  # fmt: skip
+    try:
+        backlog = (await sub.consumer_info()).num_pending
+        if not backlog:
+            task_status.started()
+        async for msg in sub.messages:
+            meta = msg.metadata
+            seq = meta.sequence.stream
+            try:
+                event: ActivityEvent | None = decode(msg.data, msg.headers, ACTIVITY_EVENTS)  # type: ignore[assignment]
+            except ValidationError as exc:
+                event = None
+                if consumer is not None:
+                    with contextlib.suppress(CadenzaError):
+                        await bus.dead_letter(consumer=consumer, subject=msg.subject, data=msg.data,
+                                              headers=msg.headers, reason=exc.message, error_type=exc.kind,
+                                              stream=meta.stream, stream_seq=seq)  # fmt: skip
+            if event is None:
+                on_event(None, seq)
+            else:
+                instruments.pending[name] = meta.num_pending
+                # A consumer span per event, the child of its publisher's (one trace from caller to
+                # recorder), as bus.consume gives its handlers.
+                with tracer.start_as_current_span(
+                    f"process {msg.subject}", context=extract_context(msg.headers), kind=SpanKind.CONSUMER,
+                    attributes={"messaging.system": SYSTEM, "messaging.operation.type": "process",
+                                "messaging.destination.name": msg.subject, "messaging.consumer.group.name": name,
+                                "messaging.message.id": event.event_id, "messaging.nats.stream_sequence": seq},
+                ):  # fmt: skip
+                    on_event(event, seq)
+                instruments.handled.add(1, {"consumer": name})
             if backlog and meta.num_pending == 0:
                 backlog = 0
                 task_status.started()

@@ -171,7 +171,9 @@ class Worker:
             under twice this are not placed here.
         worker_id: identity of this process start (default: a fresh one).
         activities: activities to serve besides those registered with :meth:`activity`.
-        track_activities: publish activity events (started/completed) for the recorder.
+        track_activities: publish activity events for the recorder (a completion; a started event
+            too for an activity still running after ``announce_after`` seconds, or one that reports).
+        announce_after: seconds an activity runs before its start is published on its own.
     """
 
     def __init__(
@@ -186,8 +188,11 @@ class Worker:
         worker_id: str | None = None,
         activities: Mapping[str, Callable[..., Any]] | None = None,
         track_activities: bool = True,
+        announce_after: float = 0.5,
     ) -> None:
         check_token(tasklist, "tasklist")
+        if announce_after < 0:
+            raise ValueError("announce_after must be >= 0")
         if max_concurrent_sessions < 1 or max_concurrent_activities < 1:
             raise ValueError("max_concurrent_sessions and max_concurrent_activities must be at least 1")
         if heartbeat_interval <= 0:
@@ -201,6 +206,7 @@ class Worker:
         self.worker_id = worker_id or new_worker_id("worker")
         check_token(self.worker_id, "worker_id")
         self.track_activities = track_activities
+        self.announce_after = announce_after
         self.activities = ActivityRegistry(activities or {})
         self.state = WorkerState.NEW
         self.peak_sessions = 0
@@ -221,6 +227,7 @@ class Worker:
         self._tg: TaskGroup | None = None
         self._consumers: list[anyio.CancelScope] = []
         self._idle = anyio.Event()
+        self._values = MappingProxyType({BUS_KEY: bus})
 
     def __repr__(self) -> str:
         return f"<Worker {self.worker_id} {self.tasklist} {self.state.value} sessions={len(self._sessions)}>"
@@ -465,8 +472,7 @@ class Worker:
                     + (f" ({ended.cause.reason})" if ended is not None else "")))  # fmt: skip
                 return
         parent = sess.token if sess is not None else self._root
-        ctx = Context(token=parent, session=sess.info if sess is not None else None,
-                      values=MappingProxyType({BUS_KEY: self.bus}))  # fmt: skip
+        ctx = Context(token=parent, session=sess.info if sess is not None else None, values=self._values)
         # A cancel for this activity is published after the task; if the router was listening
         # before the task was sent, it heard (and keeps) any such cancel: no stream look-up needed.
         ask_stream = delivery.deliveries > 1 or not self.router.seen_since(task.time)
@@ -481,10 +487,13 @@ class Worker:
         svc = self.service
         if self.track_activities:
             try:
-                # Announced and checked for an early cancel in the background: the task's round trip
-                # does not wait for either (later events of the activity follow the announcement).
-                req = StartRequest(id=aid, type=task.name, worker_id=self.worker_id, session_id=task.session_id or None)
-                await svc.start_activity(req, wait=False)
+                # Announced only if it is still running after announce_after (or publishes an event
+                # first); a quick activity is announced by its completion alone. An early cancel is
+                # looked for in the background: the task's round trip waits for neither.
+                # From a validated task (id, name and session are tokens): constructed, not validated again.
+                req = StartRequest.model_construct(id=aid, type=task.name, worker_id=self.worker_id,
+                                                   session_id=task.session_id or None)  # fmt: skip
+                await svc.start_activity(req, announce_after=self.announce_after)
             except CadenzaError as exc:
                 if "started already" not in str(exc):
                     raise
@@ -501,7 +510,6 @@ class Worker:
             await self._body(task, fn, work)
 
     async def _body(self, task: ActivityTask, fn: Callable[..., Any], work: Context) -> None:
-        aid = task.activity_id
         svc = self.service
         run = _Running(ctx=work, task=task, service=svc)
         reset = _current.set(run)
@@ -520,25 +528,30 @@ class Worker:
                                   non_retryable=bool(getattr(exc, "non_retryable", False)))  # fmt: skip
         finally:
             _current.reset(reset)
-        await self._reply(task, result=result, error=error)
+        result = _jsonable(result)
         if run.writer is not None:
             with anyio.move_on_after(self.bus.timeouts.shutdown), contextlib.suppress(Exception):
                 await flush_writer(run.writer)
         if self.track_activities:
-            if error is None:
-                status = ActivityStatus.SUCCESS
-            elif error.cause is not None and error.cause.kind in _SESSION_ENDS:
-                # SPEC-sessions: work cut off by its session's end ends as cancelled (with that
-                # cause), not as lost; the cause stays in the record's error text. (For handler
-                # helpers, cancelled_by_context stays true for a user's cancel only.)
-                status = ActivityStatus.CANCELLED
-            elif error.cause is not None:
-                status = status_for_cause(error.cause)
-            else:
-                status = ActivityStatus.FAILED
-            with contextlib.suppress(CadenzaError):
-                await svc.complete_activity(aid, status, error=None if error is None else error.message,
-                                            result=_jsonable(result))  # fmt: skip
+            # Stored before the caller hears the result: a result seen means an outcome recorded.
+            await self._complete(task, result, error)
+        await self._reply(task, result=result, error=error)
+
+    async def _complete(self, task: ActivityTask, result: Any, error: TaskError | None) -> None:
+        if error is None:
+            status = ActivityStatus.SUCCESS
+        elif error.cause is not None and error.cause.kind in _SESSION_ENDS:
+            # SPEC-sessions: work cut off by its session's end ends as cancelled (with that cause),
+            # not as lost; the cause stays in the record's error text. (For handler helpers,
+            # cancelled_by_context stays true for a user's cancel only.)
+            status = ActivityStatus.CANCELLED
+        elif error.cause is not None:
+            status = status_for_cause(error.cause)
+        else:
+            status = ActivityStatus.FAILED
+        with contextlib.suppress(CadenzaError):
+            await self.service.complete_activity(task.activity_id, status, result=result,
+                                                 error=None if error is None else error.message)  # fmt: skip
 
     async def _refuse(self, task: ActivityTask, delivery: Delivery, error: TaskError) -> None:
         """A task this worker does not run: answered on its ``reply_to``, else dead-lettered with the
@@ -562,8 +575,11 @@ class Worker:
     async def _reply(self, task: ActivityTask, *, result: Any = None, error: TaskError | None = None) -> None:
         if not task.reply_to:
             return
-        reply = ActivityResult(activity_id=task.activity_id, worker_id=self.worker_id, ok=error is None,
-                               result=_jsonable(result) if error is None else None, error=error)  # fmt: skip
+        # Validated parts (the task, a JSON-able result, a TaskError): constructed, not validated again.
+        reply = ActivityResult.model_construct(
+            type=ActivityResult.type_name(), activity_id=task.activity_id,
+            worker_id=self.worker_id, ok=error is None, result=result if error is None else None, error=error,
+        )  # fmt: skip
         # A core reply with a producer span and the trace context in its headers, like every send.
         with contextlib.suppress(nats.errors.Error, CadenzaError):
             try:

@@ -12,6 +12,7 @@ from ._activity import ActivityFold as ActivityFold
 from ._activity import ActivityLevel as ActivityLevel
 from ._activity import ActivityMessage as ActivityMessage
 from ._activity import ActivityRecord as ActivityRecord
+from ._activity import ActivityStart as ActivityStart
 from ._activity import ActivityStarted as ActivityStarted
 from ._activity import ActivityStatus as ActivityStatus
 from ._activity import ActivityUpdated as ActivityUpdated
@@ -106,6 +107,7 @@ __all__ = (
     "ActivityRecord",
     "ActivityResult",
     "ActivitySignature",
+    "ActivityStart",
     "ActivityStarted",
     "ActivityStatus",
     "ActivityTask",

@@ -30,6 +30,7 @@ __all__ = [
     "ActivityLevel",
     "ActivityMessage",
     "ActivityRecord",
+    "ActivityStart",
     "ActivityStarted",
     "ActivityStatus",
     "ActivityUpdated",
@@ -185,15 +186,49 @@ class ActivityMessage(_ActivityEvent):
         return self.seq + len(self.entries) - 1
 
 
+class ActivityStart(BaseModel):
+    """What ``started`` would have said, carried by the completion of an activity that ended before
+    it was announced (schema version 2): one event for a quick activity instead of two."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    started_at: datetime = Field(description="when the activity started (the started event's time)")
+    environment_id: str = Field(default="", max_length=200)
+    activity_type: str = Field(min_length=1, max_length=200)
+    resource_type: str | None = Field(default=None, max_length=200)
+    resource_id: str | None = Field(default=None, max_length=512)
+    resource_name: str | None = Field(default=None, max_length=1024)
+    step: str = Field(default="", max_length=1024)
+    message: str = ""
+    progress: float = 0.0
+    started_by: ActivityUser | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    batch_id: str | None = Field(default=None, max_length=200)
+    worker_id: str | None = Field(default=None, pattern=_ID)
+    session_id: str | None = Field(default=None, pattern=_ID)
+
+
 class ActivityCompleted(_ActivityEvent):
     """The activity ended. The first completion of an activity wins; later ones change nothing.
 
-    Published with event id ``<activity_id>.completed``. ``final`` is the closing message, with
-    seq ``final_seq`` (0 when there is none).
+    Published with event id ``<activity_id>.completed`` and ``Nats-Expected-Last-Subject-Sequence: 0``
+    (the stream refuses a second completion of the activity). ``final`` is the closing message,
+    with seq ``final_seq`` (0 when there is none).
+
+    Schema version 2 adds ``start``: an activity that ends within a moment of starting is never
+    announced by a ``started`` event; its completion carries the announcement instead. Version-1
+    completions (no ``start``) are still accepted.
     """
 
     DOMAIN = "activity"
     EVENT = "completed"
+    SCHEMA_VERSION = 2
+
+    schema_version: int = Field(default=2, ge=1)
+    start: ActivityStart | None = Field(
+        default=None,
+        description="the announcement of an activity that was not announced by a started event (version 2)",
+    )
 
     status: Literal[ActivityStatus.SUCCESS, ActivityStatus.FAILED, ActivityStatus.CANCELLED]
     error: str | None = Field(default=None, description="error text (failed only)")

@@ -23,7 +23,6 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, create_model
 
-from ._activity import StoredActivity
 from ._envelope import Event, event_types
 from ._rpc import ENDPOINTS, Endpoint, ErrorReply
 from ._session import SessionRecord, WorkerRecord
@@ -49,7 +48,6 @@ _BASE: Final = "https://cadenza.dev/schemas/v1/"
 BUCKETS: Final[dict[str, tuple[type[BaseModel], str]]] = {
     "sessions": (SessionRecord, "the broker's record of a session; key = session id"),
     "workers": (WorkerRecord, "the broker's record of a session worker and its slots; key = worker id"),
-    "activities": (StoredActivity, "the recorder's record of an activity; key = a.<activity id, escaped>"),
 }
 
 

@@ -323,11 +323,15 @@ def _print_status(rows: list[dict[str, Any]]) -> None:
         if r["state"] != "ok":
             print(f"{r['name']:<{width}}  {r['state']}")
             continue
-        followers = ", ".join(
-            f"{f['name']} " + ("offline" if f["offline"] else "current" if f["current"] else f"lag {f['lag']}")
-            + (f" (seen {f['active_s']:g}s ago)" if f["active_s"] is not None else "")
-            for f in r["followers"]
-        ) or "-"
+        followers = (
+            ", ".join(
+                f"{f['name']} "
+                + ("offline" if f["offline"] else "current" if f["current"] else f"lag {f['lag']}")
+                + (f" (seen {f['active_s']:g}s ago)" if f["active_s"] is not None else "")
+                for f in r["followers"]
+            )
+            or "-"
+        )
         limit = "unlimited" if (r["max_bytes"] or -1) < 0 else format_size(r["max_bytes"])
         print(f"{r['name']:<{width}}  {r['replicas']:<8}  {r['leader'] or '-':<20} {r['messages']:>9}  "
               f"{format_size(r['bytes']) + ' / ' + limit:<22} {r['consumers']:<9}  {followers}")  # fmt: skip

@@ -38,14 +38,15 @@ CASES: list[tuple[str, list[str], dict[str, str] | None, str]] = [
     ("sessions no action", ["sessions"], None, "required"),
     ("activities get bad", ["activities", "get", "bad id!*"], None, "is not an activity id"),
     ("activities get limit", ["activities", "get", "abc", "--limit", "1000"], None, "between 0 and 500"),
-    ("activities get unknown", ["activities", "get", "nonexistent"], None, "activity nonexistent not found"),
+    # No recorder runs here: it is the one that knows the ids, and the line says so.
+    ("activities get unknown", ["activities", "get", "nonexistent"], None, "rpc.recorder.get; is it running"),
     ("activities ls limit 0", ["activities", "ls", "--limit", "0"], None, "between 1 and 500"),
     ("activities ls limit text", ["activities", "ls", "--limit", "many"], None, "not a whole number"),
     ("activities ls bad status", ["activities", "ls", "--status", "done"], None, "invalid choice"),
     ("activities ls offset", ["activities", "ls", "--offset", "-1"], None, "at least 0"),
     ("activities tail bad", ["activities", "tail", "a b"], None, "is not an activity id"),
-    ("activities tail unknown", ["activities", "tail", "nonexistent"], None, "activity nonexistent not found"),
-    ("activities cancel unknown", ["activities", "cancel", "nonexistent"], None, "activity nonexistent not found"),
+    ("activities tail unknown", ["activities", "tail", "nonexistent"], None, "rpc.recorder.get; is it running"),
+    ("activities cancel unknown", ["activities", "cancel", "nonexistent"], None, "rpc.recorder.get; is it running"),
     ("activities cancel wildcard", ["activities", "cancel", ">"], None, "is not an activity id"),
     ("schemas check missing dir", ["schemas", "check", "--dir", "/nonexistent"], None, "no such directory"),
     ("schemas export missing dir", ["schemas", "export", "--dir", "/nonexistent/deeper"], None, "no such directory"),
@@ -168,22 +169,27 @@ def test_version_and_help_on_every_option() -> None:
     assert not missing, "options without help text: " + ", ".join(missing)
 
 
-async def test_an_activity_id_prefix_is_resolved_from_the_recorders_bucket(installation: tuple[str, str]) -> None:
-    from schemas import ActivityRecord
-    from services.recorder._recorder import Stored
+async def test_an_activity_id_prefix_is_resolved_by_the_recorder(installation: tuple[str, str]) -> None:
+    import anyio
+
+    from schemas import ActivityCompleted, ActivityStart, ActivityStatus, utcnow
+    from services.recorder import Recorder
 
     url, prefix = installation
-    async with bus.connect(url, prefix=prefix, name="seed", ensure_topology=False) as b:
-        kv = await b.kv("activities")
-        for aid in ("act-111", "act-222", "zzz-333"):
-            await kv.put(aid, Stored(record=ActivityRecord(id=aid, type="t")).model_dump_json().encode())
     env = {"NATS_URL": url, "CADENZA_PREFIX": prefix}
-    many = _run(["activities", "get", "act"], env)
+    async with bus.connect(url, prefix=prefix, name="seed", ensure_topology=False) as b:
+        for aid in ("act-111", "act-222", "zzz-333"):
+            start = ActivityStart(started_at=utcnow(), activity_type="t")
+            await b.publish(ActivityCompleted(event_id=f"{aid}.completed", activity_id=aid,
+                                              status=ActivityStatus.SUCCESS, start=start))  # fmt: skip
+        async with anyio.create_task_group() as tg:
+            await tg.start(Recorder(b).run)
+            many = await anyio.to_thread.run_sync(lambda: _run(["activities", "get", "act"], env))
+            one = await anyio.to_thread.run_sync(lambda: _run(["activities", "get", "zzz"], env))
+            tg.cancel_scope.cancel()
     assert many.returncode == 1 and many.stderr.count("\n") == 1
     assert "act-111" in many.stderr and "act-222" in many.stderr
-    # Resolved (no recorder runs here, so the request that follows has nobody to answer it).
-    one = _run(["activities", "get", "zzz"], env)
-    assert one.returncode == 1 and "recorder" in one.stderr and "not found" not in one.stderr, one.stderr
+    assert one.returncode == 0 and "zzz-333" in one.stdout and "success" in one.stdout, one.stderr
 
 
 def test_schemas_export_without_dir_never_writes_into_the_package(tmp_path: Any) -> None:

@@ -34,7 +34,8 @@ from schemas import (
     wire_models,
 )
 from services.recorder import Recorder
-from services.recorder._recorder import _matches, fold_started, fold_updated
+from bus._fold import fold_started, fold_updated
+from services.recorder._recorder import _matches
 
 # ---------------------------------------------------------------- headers
 
@@ -106,7 +107,7 @@ def test_dead_letter_ids_differ_per_consumer_and_stay_bounded() -> None:
 
 def test_every_schema_file_is_draft_2020_12_with_an_id() -> None:
     files = json_schemas()
-    wanted = {"rpc.error.json", "kv.activities.json", "kv.sessions.json", "kv.workers.json",
+    wanted = {"rpc.error.json", "kv.sessions.json", "kv.workers.json",
               "rpc.worker.ping.request.json", "rpc.worker.ping.reply.json", "dlq.rejected.json"}  # fmt: skip
     assert wanted <= set(files)
     for method in ("list", "get", "tail", "cancel"):
@@ -118,7 +119,7 @@ def test_every_schema_file_is_draft_2020_12_with_an_id() -> None:
         assert schema["$id"].endswith(f"/{name}"), name
         ids.add(schema["$id"])
     assert len(ids) == len(files)
-    record = json.loads(files["kv.activities.json"])["$defs"]["ActivityRecord"]["properties"]
+    record = json.loads(files["rpc.recorder.get.reply.json"])["$defs"]["ActivityRecord"]["properties"]
     assert {"latest_message", "last_seq", "message_count", "result"} <= set(record)
 
 
@@ -268,4 +269,3 @@ async def test_a_worker_advertises_its_activities_in_its_heartbeats(cadenza_bus:
                 await anyio.sleep(0.05)
     assert [a.name for a in seen[-1].activities] == ["fetch"]
     assert [p.name for p in seen[-1].activities[0].parameters] == ["url", "chunks", "delay", "rest"]
-

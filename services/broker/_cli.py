@@ -291,8 +291,10 @@ def load_activities(spec: str) -> dict[str, Callable[..., Any]]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         missing = f"module {exc.name!r} was not found" if isinstance(exc, ModuleNotFoundError) else str(exc)
-        raise SystemExit(f"cadenza worker: cannot import {module_name!r} ({missing}); it must be importable "
-                         f"from {os.getcwd()} or the Python path (is the package installed?)") from None
+        raise SystemExit(
+            f"cadenza worker: cannot import {module_name!r} ({missing}); it must be importable "
+            f"from {os.getcwd()} or the Python path (is the package installed?)"
+        ) from None
     except Exception as exc:
         raise SystemExit(f"cadenza worker: importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
     obj = getattr(module, attr, None)

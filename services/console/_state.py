@@ -18,6 +18,7 @@ and wakes whoever waits in :meth:`ConsoleState.wait_change` (the browser's chang
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -33,16 +34,18 @@ from anyio.abc import TaskStatus
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 import bus
-from bus._activity_client import stored_record
+from bus import fold_activity_event, run_restarting
+from bus._fold import ActivityEvent
 from bus._service_info import gather_service_info
 from bus._topology import STREAMS
-from bus._watch import follow_bucket, follow_worker_events
+from bus._watch import follow_activity_events, follow_bucket, follow_worker_events
 from schemas import (
     ActivityRecord,
     DeadLetter,
     ServiceInfo,
     SessionRecord,
     SessionState,
+    StoredActivity,
     WorkerHeartbeat,
     WorkerRecord,
     WorkerStarted,
@@ -133,7 +136,8 @@ class ConsoleState:
     recorder_error: str = ""
     versions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     _changed: anyio.Event = field(default_factory=anyio.Event)
-    _key_ids: dict[str, str] = field(default_factory=dict)
+    _folds: dict[str, StoredActivity] = field(default_factory=dict)
+    _position: int = 0
 
     def __post_init__(self) -> None:
         self.dead_letters = deque(maxlen=self.config.dead_letters)
@@ -145,7 +149,8 @@ class ConsoleState:
         async with anyio.create_task_group() as tg:
             await tg.start(follow_bucket, b, "sessions", self._put_session, self._del_session)
             await tg.start(follow_bucket, b, "workers", self._put_worker, self._del_worker)
-            await tg.start(follow_bucket, b, "activities", self._put_activity, self._del_activity)
+            follow = functools.partial(follow_activity_events, b, self._on_activity_event, after=lambda: self._position)
+            await tg.start(run_restarting, "console activity follower", follow)
             await tg.start(follow_worker_events, b, self._saw)
             await tg.start(self._follow_dead_letters)
             await tg.start(self._services_loop)
@@ -193,15 +198,24 @@ class ConsoleState:
         if self.worker_records.pop(key, None) is not None:
             self._notify("workers")
 
-    def _put_activity(self, key: str, value: bytes, _revision: int) -> None:
-        try:
-            record = stored_record(value)
-        except pydantic.ValidationError:
-            return  # the recorder logs a bad value of its own bucket
+    def _on_activity_event(self, event: ActivityEvent | None, seq: int) -> None:
+        """Fold the activity stream here, as the recorder does (the stream is the activities' store)."""
+        if seq <= self._position:
+            return
+        self._position = seq
+        if event is None:
+            return
+        new = fold_activity_event(self._folds.get(event.activity_id), event)
+        if new is None:
+            return
+        self._folds[event.activity_id] = new
+        if new.fold.announced:
+            self._put_activity(new.record)
+
+    def _put_activity(self, record: ActivityRecord) -> None:
         if not record.type:
             return  # messages folded before the announce: not listed by the recorder either
         self.activities[record.id] = record
-        self._key_ids[key] = record.id
         if record.session_id:
             self.by_session.setdefault(record.session_id, set()).add(record.id)
         if record.terminal:
@@ -212,16 +226,6 @@ class ConsoleState:
                 self.open_by_worker.setdefault(record.worker_id, set()).add(record.id)
         self.types.add(record.type)
         self.environments.add(record.environment_id)
-        self._notify("activities")
-
-    def _del_activity(self, key: str) -> None:
-        aid = self._key_ids.pop(key, None)
-        record = self.activities.pop(aid, None) if aid is not None else None
-        if record is None:
-            return
-        self._close(record)
-        if record.session_id and record.session_id in self.by_session:
-            self.by_session[record.session_id].discard(record.id)
         self._notify("activities")
 
     def _close(self, record: ActivityRecord) -> None:

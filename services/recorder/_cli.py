@@ -118,7 +118,7 @@ def _call(args: argparse.Namespace, work: object) -> int:
             try:
                 client = bus.ActivityClient(b)
                 if getattr(args, "id", None):
-                    resolved = await _resolve(b, client, args.id)
+                    resolved = await _resolve(client, args.id, getattr(args, "env", ""))
                     if resolved is None:
                         outcome["code"] = 1
                         return
@@ -136,30 +136,21 @@ def _call(args: argparse.Namespace, work: object) -> int:
     return code or outcome["code"]
 
 
-async def _resolve(b: bus.Bus, client: bus.ActivityClient, given: str) -> str | None:
-    """``given`` if an activity has that id, else the one id starting with it (None, with one line
-    on stderr, when none or several do). The recorder's bucket lists the ids."""
-    import nats.js.errors
+async def _resolve(client: bus.ActivityClient, given: str, env: str = "") -> str | None:
+    """``given`` if an activity has that id, else the one id of ``env`` starting with it (None, with
+    one line on stderr, when none or several do). The recorder knows the ids."""
+    import bus
 
-    from bus._activity_client import activity_kv_key
-
-    kv = await b.kv("activities")
     try:
-        await kv.get(activity_kv_key(given))
+        await client.get(given, limit=0)
         return given
-    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-        pass
-    try:
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        keys = []
-    start = activity_kv_key(given)
-    matches = sorted(k for k in keys if k.startswith(start) and not k.startswith("_"))
+    except bus.RemoteError as exc:
+        if exc.remote_code != "not_found":
+            raise
+    reply = await client.list(environment_id=env, search=given, limit=500)
+    matches = sorted(a.id for a in reply.items if a.id.startswith(given))
     if len(matches) == 1:
-        entry = await kv.get(matches[0])
-        from ._recorder import Stored
-
-        return Stored.model_validate_json(entry.value or b"{}").record.id
+        return matches[0]
     if not matches:
         print(f"cadenza: activity {given} not found", file=sys.stderr)
     else:

@@ -1,0 +1,221 @@
+"""The activity fold: events of one activity -> its :class:`~schemas.StoredActivity` (record + fold state).
+
+Pure functions, shared by the recorder and by every reader that follows the ``activity`` stream itself
+(:func:`bus.watch_activities`, the console): the stream is the store, and anyone folding it in stream
+order gets the same records. Folding does not depend on the order events arrive in: "latest" fields
+follow the highest ``rev``, message seqs are kept as a set of ranges (a redelivered batch adds
+nothing), and the first terminal status wins. An update or message without ``rev`` (0: a client that
+does not count, such as ``nats pub``) applies in arrival order. A version-2 completion that carries
+``start`` announces the activity too (one event for an activity that ended before it was announced).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from schemas import (
+    ActivityCompleted,
+    ActivityFold,
+    ActivityMessage,
+    ActivityRecord,
+    ActivityStart,
+    ActivityStarted,
+    ActivityStatus,
+    ActivityUpdated,
+    StoredActivity,
+    cut_text,
+)
+
+from ._activity import clamp_progress
+
+__all__ = (
+    "ACTIVITY_EVENTS",
+    "ActivityEvent",
+    "announcement",
+    "fold_activity_event",
+    "fold_completed",
+    "fold_message",
+    "fold_started",
+    "fold_updated",
+)
+
+_log = logging.getLogger("cadenza.recorder")
+
+ACTIVITY_EVENTS = (ActivityStarted, ActivityUpdated, ActivityMessage, ActivityCompleted)
+ActivityEvent = ActivityStarted | ActivityUpdated | ActivityMessage | ActivityCompleted
+Stored = StoredActivity
+
+
+def fold_activity_event(stored: Stored | None, event: ActivityEvent) -> Stored | None:
+    """``stored`` with ``event`` folded in, or None when the event changes nothing."""
+    if isinstance(event, ActivityStarted):
+        return fold_started(stored, event)
+    if isinstance(event, ActivityUpdated):
+        return fold_updated(stored, event)
+    if isinstance(event, ActivityMessage):
+        return fold_message(stored, event)
+    return fold_completed(stored, event)
+
+
+def _add_range(ranges: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]] | None:
+    """``ranges`` with [lo, hi] added (merged), or None if it was covered already."""
+    for a, b in ranges:
+        if a <= lo and hi <= b:
+            return None
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted([*ranges, (lo, hi)]):
+        if merged and a <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def _duration_ms(start: datetime | None, end: datetime) -> int | None:
+    return None if start is None else max(0, int((end - start).total_seconds() * 1000))
+
+
+def _placeholder(activity_id: str, time: datetime) -> Stored:
+    return Stored(record=ActivityRecord(id=activity_id, updated_at=time))
+
+
+def fold_started(stored: Stored | None, e: ActivityStarted) -> Stored | None:
+    if stored is not None and stored.fold.announced:
+        return None
+    s = stored or _placeholder(e.activity_id, e.time)
+    r = s.record
+    late = s.fold.rev > 0  # messages or updates were folded before the announce
+    record = r.model_copy(
+        update={
+            "environment_id": e.environment_id,
+            "type": e.activity_type,
+            "status": r.status if r.terminal else e.status,
+            "resource_type": e.resource_type,
+            "resource_id": e.resource_id,
+            "resource_name": e.resource_name,
+            "step": r.step if late and r.step else e.step,
+            "latest_message": r.latest_message if late and r.latest_message else cut_text(e.message),
+            "progress": r.progress if late or r.terminal else clamp_progress(e.progress),
+            "started_by": e.started_by,
+            "started_at": e.time,
+            "metadata": e.metadata,
+            "batch_id": e.batch_id,
+            "worker_id": e.worker_id,
+            "session_id": e.session_id,
+            "created_at": e.time,
+            "updated_at": max(e.time, r.updated_at or e.time),
+            "duration_ms": _duration_ms(e.time, r.ended_at) if r.ended_at else None,
+        }
+    )
+    return Stored(record=record, fold=s.fold.model_copy(update={"announced": True}))
+
+
+def fold_updated(stored: Stored | None, e: ActivityUpdated) -> Stored | None:
+    s = stored or _placeholder(e.activity_id, e.time)
+    r = s.record
+    if r.terminal or (e.rev and e.rev < s.fold.rev):
+        return None
+    update: dict[str, object] = {"updated_at": e.time}
+    if e.status is not None and r.status is ActivityStatus.QUEUED:
+        update["status"] = ActivityStatus.RUNNING
+    if e.step is not None:
+        update["step"] = e.step
+    if e.progress is not None:
+        update["progress"] = clamp_progress(e.progress)
+    if e.message is not None and cut_text(e.message):
+        update["latest_message"] = cut_text(e.message)
+    return Stored(record=r.model_copy(update=update), fold=s.fold.model_copy(update={"rev": max(e.rev, s.fold.rev)}))
+
+
+def fold_message(stored: Stored | None, e: ActivityMessage) -> Stored | None:
+    s = stored or _placeholder(e.activity_id, e.time)
+    ranges = _add_range(s.fold.ranges, e.seq, e.last_seq)
+    if ranges is None:
+        return None  # already folded (a redelivery)
+    r = s.record
+    update: dict[str, object] = {
+        "message_count": sum(b - a + 1 for a, b in ranges),
+        "last_seq": max(r.last_seq, e.last_seq),
+    }
+    fold = s.fold.model_copy(update={"ranges": ranges})
+    if not r.terminal and (not e.rev or e.rev >= s.fold.rev):
+        fold = fold.model_copy(update={"rev": max(e.rev, s.fold.rev)})
+        update["updated_at"] = e.time
+        for entry in e.entries:
+            text = cut_text(entry.message)
+            if text:
+                update["latest_message"] = text
+            if entry.step is not None:
+                update["step"] = entry.step
+            if entry.progress is not None:
+                update["progress"] = clamp_progress(entry.progress)
+    return Stored(record=r.model_copy(update=update), fold=fold)
+
+
+def announcement(activity_id: str, start: ActivityStart) -> ActivityStarted:
+    """The ``started`` event a version-2 completion's ``start`` stands for (built from valid fields)."""
+    return ActivityStarted.model_construct(
+        event_id=f"{activity_id}.started", time=start.started_at, activity_id=activity_id,
+        status=ActivityStatus.RUNNING, type=ActivityStarted.type_name(),
+        **{k: v for k, v in start if k != "started_at"},
+    )  # fmt: skip
+
+
+def _first_event(e: ActivityCompleted, start: ActivityStart) -> Stored:
+    """The record of an activity whose first event is a completion carrying its announcement: the
+    same as folding the announcement and then the completion, in one step (the common case: a quick
+    activity is one event), from validated events, so nothing is validated again."""
+    text = cut_text(e.final.message) if e.final is not None and e.final_seq > 0 else ""
+    final = bool(text)
+    success = e.status is ActivityStatus.SUCCESS
+    record = ActivityRecord.model_construct(
+        id=e.activity_id, environment_id=start.environment_id, type=start.activity_type, status=e.status,
+        resource_type=start.resource_type, resource_id=start.resource_id, resource_name=start.resource_name,
+        progress=100.0 if success else clamp_progress(start.progress), step=e.step or start.step,
+        latest_message=text or cut_text(start.message), started_by=start.started_by, started_at=start.started_at,
+        ended_at=e.time, duration_ms=_duration_ms(start.started_at, e.time),
+        error=cut_text(e.error) if e.error else None,
+        metadata=start.metadata, batch_id=start.batch_id, worker_id=start.worker_id, session_id=start.session_id,
+        result=e.result, message_count=1 if final else 0, last_seq=e.final_seq if final else 0,
+        created_at=start.started_at, updated_at=e.time,
+    )  # fmt: skip
+    ranges = [(e.final_seq, e.final_seq)] if final else []
+    fold = ActivityFold.model_construct(announced=True, rev=0, ranges=ranges, completed_event=e.event_id,
+                                        host_lost=e.host_lost)  # fmt: skip
+    return Stored.model_construct(record=record, fold=fold)
+
+
+def fold_completed(stored: Stored | None, e: ActivityCompleted) -> Stored | None:
+    if stored is None and e.start is not None:
+        return _first_event(e, e.start)
+    if e.start is not None and (stored is None or not stored.fold.announced):
+        if stored is None or not stored.record.terminal:
+            stored = fold_started(stored, announcement(e.activity_id, e.start)) or stored
+    s = stored or _placeholder(e.activity_id, e.time)
+    r = s.record
+    if r.terminal:
+        if s.fold.completed_event != e.event_id:
+            _log.info("activity %s: second completion (%s) ignored: already %s", r.id, e.status, r.status.value)
+        return None
+    update: dict[str, object] = {
+        "status": e.status,
+        "error": cut_text(e.error) if e.error else None,
+        "ended_at": e.time,
+        "duration_ms": _duration_ms(r.started_at, e.time),
+        "updated_at": e.time,
+        "result": e.result,
+    }
+    if e.status is ActivityStatus.SUCCESS:
+        update["progress"] = 100.0
+    if e.step:
+        update["step"] = e.step
+    fold = s.fold.model_copy(update={"completed_event": e.event_id, "host_lost": e.host_lost})
+    if e.final is not None and e.final_seq > 0 and cut_text(e.final.message):
+        update["latest_message"] = cut_text(e.final.message)
+        ranges = _add_range(fold.ranges, e.final_seq, e.final_seq)
+        if ranges is not None:
+            fold = fold.model_copy(update={"ranges": ranges})
+            update["message_count"] = sum(b - a + 1 for a, b in ranges)
+            update["last_seq"] = max(r.last_seq, e.final_seq)
+    return Stored(record=r.model_copy(update=update), fold=fold)

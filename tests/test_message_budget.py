@@ -1,0 +1,129 @@
+"""The NATS messages one activity costs, counted on a real server (issue #10's budget, not a timing).
+
+A ``>`` subscriber on a connection of its own sees every message the server routes: publishes,
+JetStream acknowledgements (PubAcks) and deliveries (both to ``_INBOX`` subjects), consumer acks
+(``$JS.ACK``), pull requests (``$JS.API.CONSUMER.MSG.NEXT``), core replies. Caller, broker, recorder
+and worker each have their own connection, as separate processes would. Worker heartbeats are left
+out (one per interval for the whole process, not per activity), and so are the workers' pull
+requests, counted apart: one asks for up to 256 tasks and is renewed at half of that, so it is a
+cost per batch, not per activity (bounded below). Everything else the activities cause is counted,
+in steady state (after a warm-up, every process flushed before the count stops).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+
+import bus
+from bus.testing import eventually, unique_prefix
+from schemas import utcnow
+from services.broker import Broker, BrokerConfig
+from services.recorder import Recorder, RecorderConfig
+
+KEY = b"k" * 32
+WARM, COUNTED = 20, 100
+#: Issue #10: tracked <= 8 per activity, untracked <= 6.
+BUDGET = {True: 8.0, False: 6.0}
+
+
+def _kind(subject: str, prefix: str) -> str:
+    """A readable class of a routed message, for the breakdown printed on failure."""
+    if subject.startswith(f"{prefix}."):
+        parts = subject.split(".")
+        return f"{parts[1]}.{parts[-1]}" if len(parts) > 2 else parts[1]
+    if subject.startswith("$JS.ACK."):
+        return "consumer ack"
+    if subject.startswith("$JS.API.CONSUMER.MSG.NEXT."):
+        return "pull request"
+    if subject.startswith("$JS.API."):
+        return "JetStream API " + ".".join(subject.split(".")[2:4])
+    if subject.startswith("$JS.FC."):
+        return "flow control"
+    if subject.startswith("$KV."):
+        return "KV write"
+    if subject.startswith("_INBOX"):
+        return "inbox (PubAck, delivery or reply)"
+    return ".".join(subject.split(".")[:3])
+
+
+@contextlib.asynccontextmanager
+async def _system(url: str, prefix: str, tracked: bool) -> AsyncIterator[dict[str, Any]]:
+    async with contextlib.AsyncExitStack() as stack:
+        buses = {
+            name: await stack.enter_async_context(bus.connect(url, prefix=prefix, name=name))
+            for name in ("caller", "broker", "recorder", "worker")
+        }
+        tg = await stack.enter_async_context(anyio.create_task_group())
+        recorder = Recorder(buses["recorder"], RecorderConfig(prune_interval=3600))
+        await tg.start(Broker(buses["broker"], BrokerConfig(token_key=KEY)).run)
+        await tg.start(recorder.run)
+        worker = bus.Worker(buses["worker"], heartbeat_interval=30.0, track_activities=tracked)
+
+        @worker.activity()
+        async def echo(x: int) -> int:
+            return x
+
+        await tg.start(worker.run)
+        yield {"buses": buses, "recorder": recorder, "worker": worker}
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("tracked", [True, False], ids=["tracked", "untracked"])
+async def test_an_in_session_activity_stays_within_its_message_budget(nats_server: Any, tracked: bool) -> None:
+    prefix = unique_prefix()
+    async with _system(nats_server.url, prefix, tracked) as s, bus.connect(nats_server.url, prefix=prefix,
+                                                                           name="counter") as counter:  # fmt: skip
+        buses, recorder = s["buses"], s["recorder"]
+        caller = buses["caller"]
+        sctx = await bus.create_session(caller.context(), bus.SessionOptions(creation_timeout=10, execution_timeout=600, heartbeat_timeout=120))
+
+        async def run(n: int, base: int) -> str:
+            aid = ""
+            for i in range(n):
+                aid = f"budget-{base + i}"
+                assert await bus.execute_activity(sctx, "echo", i, activity_id=aid) == i
+            return aid
+
+        async def settled(last: str) -> None:
+            if tracked:
+                await eventually(lambda: last in recorder.cache and recorder.cache[last].record.terminal,
+                                 timeout=20, what="the recorder folded the last activity")  # fmt: skip
+            for b in buses.values():  # every message a process sent is routed before its PONG
+                await b.nc.flush(timeout=10)
+            await counter.nc.flush(timeout=10)
+
+        await settled(await run(WARM, 0))
+        # The worker's cancel router has listened long enough that no task needs a look-up of stored
+        # cancels any more (a start-up cost, not a per-activity one).
+        worker = s["worker"]
+        await eventually(lambda: worker.router.seen_since(utcnow()), timeout=20, what="the router's start-up margin")
+        await settled(await run(WARM, 1000))
+        seen: Counter[str] = Counter()
+
+        async def count(msg: Any) -> None:
+            if not msg.subject.startswith(f"{prefix}.worker."):
+                seen[_kind(msg.subject, prefix)] += 1
+
+        sub = await counter.nc.subscribe(">", cb=count)
+        await counter.nc.flush(timeout=10)
+        await settled(await run(COUNTED, WARM))
+        await sub.unsubscribe()
+        await bus.complete_session(sctx)
+
+    pulls = seen.pop("pull request", 0)
+    per = sum(seen.values()) / COUNTED
+    breakdown = ", ".join(f"{k}: {v / COUNTED:.2f}" for k, v in seen.most_common()) + f"; pull requests: {pulls}"
+    assert per <= BUDGET[tracked], f"{per:.2f} messages per activity (budget {BUDGET[tracked]:g}): {breakdown}"
+    assert pulls <= 2, f"pull requests are per batch, not per activity: {breakdown}"
+    # Not vacuous: the pattern's own messages were seen (the task, its delivery, the reply...).
+    assert per >= 5, f"only {per:.2f} messages per activity counted: {breakdown}"
+    if tracked:
+        # A delivery shows its stream subject: the completion's publish and the recorder's delivery.
+        assert seen["activity.completed"] == 2 * COUNTED, breakdown
+        assert seen["activity.started"] == 0, f"quick activities are announced by their completion: {breakdown}"
