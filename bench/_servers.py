@@ -66,5 +66,5 @@ class Servers:
 
     def description(self) -> str:
         if self.cluster:
-            return f"{CLUSTER_SIZE}-node nats-server cluster on loopback, replicas {CLUSTER_SIZE}"
+            return f"a {CLUSTER_SIZE}-node nats-server cluster on loopback, replicas {CLUSTER_SIZE}"
         return "one nats-server"
