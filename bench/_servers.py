@@ -64,6 +64,13 @@ class Servers:
         """Each node's ``/varz`` (its message and byte counters, among others)."""
         return [node.monitor("varz") for node in self.nodes]
 
+    def client_msgs(self) -> int:
+        """Messages the client connections of every node have sent so far (``/connz``: no route
+        traffic, so it stands still when the clients do, unlike ``/varz`` on a cluster, whose
+        routes carry the replication's heartbeats all the time)."""
+        conns = [c for node in self.nodes for c in node.monitor("connz?limit=4096").get("connections") or []]
+        return sum(int(c.get("in_msgs", 0)) for c in conns)
+
     def description(self) -> str:
         if self.cluster:
             return f"a {CLUSTER_SIZE}-node nats-server cluster on loopback, replicas {CLUSTER_SIZE}"

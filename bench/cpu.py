@@ -101,6 +101,8 @@ class Figures:
     messages: int = 0
     kinds: list[tuple[str, str, int]] = field(default_factory=list)
     quiet: bool = True
+    #: Slow consumers the servers noted during the counted pass (the counter may have missed messages).
+    slow_consumers: int = 0
 
     @property
     def cpu_all(self) -> float:
@@ -130,6 +132,7 @@ class Figures:
             "messages_per_activity_by_kind": {k: n / self.counted for _g, k, n in self.kinds} if self.counted else {},
             "kind_groups": {k: g for g, k, _n in self.kinds},
             "quiet_before_stop": self.quiet,
+            "slow_consumers_while_counting": self.slow_consumers,
         }
 
 
@@ -177,16 +180,16 @@ def _varz(servers: Servers) -> list[dict[str, float]]:
 
 
 async def _settle(servers: Servers, quiet: float = 0.5, bound: float = 10.0) -> None:
-    """Until the servers' message counters have not moved for ``quiet`` seconds (at most ``bound``):
-    the recorder's work that trails the last result belongs to the pass."""
+    """Until the clients have sent nothing for ``quiet`` seconds (at most ``bound``): the recorder's
+    work that trails the last result belongs to the pass."""
     t0 = time.monotonic()
-    last = _varz(servers)
+    last = servers.client_msgs()
     since = time.monotonic()
     while time.monotonic() - t0 < bound and time.monotonic() - since < quiet:
         await anyio.sleep(0.1)
-        now_ = _varz(servers)
-        if [n["in_msgs"] for n in now_] != [n["in_msgs"] for n in last]:
-            last, since = now_, time.monotonic()
+        sent = servers.client_msgs()
+        if sent != last:
+            last, since = sent, time.monotonic()
 
 
 async def _measure_pattern(
@@ -208,22 +211,33 @@ async def _measure_pattern(
         fig.cpu_ms = {k: (after[k] - before[k]) / fig.timed * 1000 for k in procs}
         fig.varz = [{k: b[k] - a[k] for k in a} for a, b in zip(v0, v1, strict=True)]
         # The counted pass: a `>` subscriber on its own connection (it costs CPU, so not in the pass above).
+        slow = sum(int(v.get("slow_consumers", 0)) for v in servers.varz())
         await counter.start()
         await run(args.count_ops)
         fig.quiet = await counter.stop()
+        fig.slow_consumers = sum(int(v.get("slow_consumers", 0)) for v in servers.varz()) - slow
         fig.counted = max(1, args.count_ops // lanes) * lanes
         fig.messages = counter.total()
         fig.kinds = counter.by_kind()
     return fig
 
 
-async def _measure(system: str, servers: Servers, args: argparse.Namespace) -> dict[str, Figures]:
+async def _stream_replicas(nc: Any, prefix: str) -> dict[str, int]:
+    """The replicas of every stream (buckets included) of a system, as the server has them."""
+    infos = await nc.jetstream().streams_info()
+    return {i.config.name: i.config.num_replicas for i in infos if prefix.upper() in i.config.name.upper()}
+
+
+async def _measure(
+    system: str, servers: Servers, args: argparse.Namespace
+) -> tuple[dict[str, Figures], dict[str, int]]:
     workdir = Path(tempfile.mkdtemp(prefix="cadenza-bench-cpu-"))
     peer: Any = _make_peer(system, workdir, servers)
     out: dict[str, Figures] = {}
     await peer.start()
     try:
         prefix, replies = (peer.main.prefix, (peer.reply,)) if system == "limit" else (peer.prefix, ())
+        streams = await _stream_replicas(peer.nc if system == "limit" else peer.bus.nc, prefix)
         # The counting connection on node 1; a probe connection on each node.
         async with MessageCounter(servers.urls, prefix, replies) as counter:
             for pattern, systems in PATTERNS.items():
@@ -231,7 +245,7 @@ async def _measure(system: str, servers: Servers, args: argparse.Namespace) -> d
                     out[pattern] = await _measure_pattern(peer, servers, counter, pattern, args)
     finally:
         await peer.close()
-    return out
+    return out, streams
 
 
 # ---------------------------------------------------------------- output
@@ -241,14 +255,19 @@ def _cell(x: float, fmt: str = ".2f") -> str:
     return "—" if math.isnan(x) else format(x, fmt)
 
 
-def system_table(system: str, figs: dict[str, Figures], args: argparse.Namespace, servers: Servers) -> str:
+def system_table(
+    system: str, figs: dict[str, Figures], streams: dict[str, int], args: argparse.Namespace, servers: Servers
+) -> str:
     patterns = list(figs)
     head = "| process | " + " | ".join(patterns) + " |\n|---|" + "---|" * len(patterns)
     procs: list[str] = []
     for f in figs.values():
         procs += [p for p in f.cpu_ms if p not in procs]
+    replicas = ", ".join(str(r) for r in sorted(set(streams.values()))) or "?"
     lines = [
         f"\n### {system}: {args.ops} timed activities, {args.sessions} callers at once, on {servers.description()}",
+        "",
+        f"{len(streams)} streams (key-value buckets included), replicas {replicas}.",
         "",
         "CPU ms per activity, by process:",
         "",
@@ -308,6 +327,10 @@ def system_table(system: str, figs: dict[str, Figures], args: argparse.Namespace
             + ", ".join(f"{advisories[x]:.1f} per activity in {x}" for x in patterns)
             + "): the server publishes them only when someone listens, here the counter itself."
         )
+    slow = [x for x in patterns if figs[x].slow_consumers]
+    if slow:
+        lines.append(f"\n(WARNING: the server noted slow consumers while counting {', '.join(slow)}: "
+                     "messages may have been dropped, the counts may be low)")  # fmt: skip
     loud = [x for x in patterns if not figs[x].quiet]
     if loud:
         lines.append(f"\n(not quiet 10 s after the counted pass of: {', '.join(loud)}; the count stopped there)")
@@ -350,12 +373,13 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     servers = Servers(Path(tempfile.mkdtemp(prefix="cadenza-bench-cpu-store-")), cluster=args.cluster)
     servers.start()
     results: dict[str, dict[str, Figures]] = {}
+    streams: dict[str, dict[str, int]] = {}
     try:
         print(f"bench.cpu on {servers.description()}: {args.ops} timed + {args.count_ops} counted activities "
               f"per pattern, {args.sessions} callers at once", flush=True)  # fmt: skip
         for system in args.systems:
-            results[system] = await _measure(system, servers, args)
-            print(system_table(system, results[system], args, servers), flush=True)
+            results[system], streams[system] = await _measure(system, servers, args)
+            print(system_table(system, results[system], streams[system], args, servers), flush=True)
     finally:
         servers.stop()
     print(summary_table(results))
@@ -375,6 +399,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             "counting": COUNTING_NOTE,
         },
         "results": {s: {p: f.to_json() for p, f in figs.items()} for s, figs in results.items()},
+        "stream_replicas": streams,
     }
 
 
