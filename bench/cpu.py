@@ -267,7 +267,7 @@ def system_table(
     lines = [
         f"\n### {system}: {args.ops} timed activities, {args.sessions} callers at once, on {servers.description()}",
         "",
-        f"{len(streams)} streams (key-value buckets included), replicas {replicas}.",
+        f"{len(streams)} stream{'' if len(streams) == 1 else 's'} (key-value buckets included), replicas {replicas}.",
         "",
         "CPU ms per activity, by process:",
         "",
@@ -358,15 +358,24 @@ def summary_table(results: dict[str, dict[str, Figures]]) -> str:
     return "\n".join(lines)
 
 
-COUNTING_NOTE = (
-    "Messages are counted by one connection subscribed to `>` on node 1 (its own probes left out). A `>` "
-    "subscription is interest in every subject, so on a cluster the other nodes route every message of the "
-    "account to node 1: each message published in the account, by a client or by the server (PubAcks, "
-    "deliveries), is counted once wherever it was published. Not counted: route protocol and JetStream's "
-    "replication between the nodes (system account); the /varz columns (summed over the nodes, during the "
-    "timed pass, which has no `>` subscriber) include them: on a cluster a message that crosses a route "
-    "counts on both nodes, and every stored message is also sent to the two other replicas."
-)
+def counting_note(cluster: bool) -> str:
+    """How the messages were counted (printed under the summary, kept in the JSON)."""
+    if not cluster:
+        return (
+            "Messages are counted by one connection of its own subscribed to `>` (its own probes left out; the "
+            "embedded server has no permissions, so it sees every subject), during the counted pass; the /varz "
+            "columns are the server's in_msgs / out_msgs deltas over the timed pass, which has no `>` subscriber."
+        )
+    return (
+        "Messages are counted by one connection of its own subscribed to `>` on node 1 (its own probes left out). "
+        "A `>` subscription is interest in every subject, so the other nodes route every message of the account "
+        "to node 1: each message published in the account, by a client or by the server (PubAcks, deliveries), "
+        "is counted once wherever it was published. Not counted: route protocol and JetStream's replication "
+        "between the nodes (system account). The /varz columns (each node's in_msgs / out_msgs deltas over the "
+        "timed pass, which has no `>` subscriber, summed over the three) include them: a message that crosses "
+        "a route counts on both nodes, every stored message is also sent to the two other replicas, and the "
+        "cluster's own background traffic over the pass is in them too."
+    )
 
 
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
@@ -383,7 +392,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         servers.stop()
     print(summary_table(results))
-    print("\n" + COUNTING_NOTE)
+    print("\n" + counting_note(args.cluster))
     sys.stdout.flush()
     from ._harness import machine
 
@@ -396,7 +405,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             "ops": args.ops,
             "count_ops": args.count_ops,
             "sessions": args.sessions,
-            "counting": COUNTING_NOTE,
+            "counting": counting_note(args.cluster),
         },
         "results": {s: {p: f.to_json() for p, f in figs.items()} for s, figs in results.items()},
         "stream_replicas": streams,
