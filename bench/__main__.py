@@ -10,7 +10,7 @@ from pathlib import Path
 
 import anyio
 
-from ._harness import SCENARIOS, SYSTEMS, main_async
+from ._harness import CLUSTER_SCENARIOS, CLUSTER_SYSTEMS, SCENARIOS, SYSTEMS, main_async
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,17 +22,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output directory")
     ap.add_argument(
         "--systems",
-        default="limit,cadenza,temporal,celery",
-        help="comma-separated, from: " + ", ".join(SYSTEMS) + " (celery runs only if redis-server is installed)",
+        default=None,
+        help="comma-separated, from: " + ", ".join(SYSTEMS) + " (default: limit,cadenza,temporal,celery; "
+        "celery runs only if redis-server is installed; with --cluster: limit,cadenza)",
     )
-    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated, from: a b c d e f g")
+    ap.add_argument("--scenarios", default=None, help="comma-separated, from: a b c d e f g (--cluster: a b c d)")
+    ap.add_argument(
+        "--cluster",
+        action="store_true",
+        help="limit and cadenza on one 3-node nats-server cluster on loopback, replicas 3 (scenarios a-d)",
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    default_systems = "limit,cadenza" if args.cluster else "limit,cadenza,temporal,celery"
+    systems = [s.strip() for s in (args.systems or default_systems).split(",") if s.strip()]
+    scenarios = [s.strip() for s in (args.scenarios or ",".join(SCENARIOS)).split(",") if s.strip()]
+    if args.cluster and args.scenarios is None:
+        scenarios = [s for s in scenarios if s in CLUSTER_SCENARIOS]
     bad = [s for s in systems if s not in SYSTEMS] + [s for s in scenarios if s not in SCENARIOS]
     if bad:
         ap.error(f"unknown: {', '.join(bad)}")
+    if args.cluster:
+        off = [s for s in systems if s not in CLUSTER_SYSTEMS] + [s for s in scenarios if s not in CLUSTER_SCENARIOS]
+        if off:
+            ap.error(f"--cluster runs systems {', '.join(CLUSTER_SYSTEMS)} and scenarios "
+                     f"{' '.join(CLUSTER_SCENARIOS)} only, not: {', '.join(off)}")  # fmt: skip
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s: %(message)s",
@@ -43,7 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("CADENZA_LOG", "WARNING")
     anyio.run(
         lambda: main_async(
-            quick=args.quick, out=args.out, systems=systems, scenarios=scenarios, command=command.strip()
+            quick=args.quick,
+            out=args.out,
+            systems=systems,
+            scenarios=scenarios,
+            command=command.strip(),
+            cluster=args.cluster,
         )
     )
     return 0

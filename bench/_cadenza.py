@@ -30,11 +30,11 @@ from typing import Any
 import anyio
 
 import bus
-from bus import EmbeddedServer
 
-from ._common import Sizes, now, rss_mb, wait_probe
+from ._common import Sizes, concurrently, now, rss_mb, wait_probe
 from ._peer import Peer, notes_from
 from ._procs import Proc, start_all, stop_all
+from ._servers import Servers
 
 __all__ = ("CadenzaPeer", "UntrackedCadenzaPeer")
 
@@ -48,9 +48,11 @@ class CadenzaPeer(Peer):
     #: Worker flags (:class:`UntrackedCadenzaPeer` turns activity tracking off).
     worker_flags: tuple[str, ...] = ()
 
-    def __init__(self, sizes: Sizes, workdir: Path) -> None:
+    def __init__(self, sizes: Sizes, workdir: Path, servers: Servers | None = None) -> None:
         super().__init__(sizes, workdir)
-        self.server: EmbeddedServer | None = None
+        #: The nats-server(s) it runs on: its own single server, or a cluster shared with the limit.
+        self.servers = servers or Servers(workdir / "store")
+        self._own_servers = servers is None
         self.procs: list[Proc] = []
         self.probe = workdir / "probes"
         self.prefix = f"bench{uuid.uuid4().hex[:8]}"
@@ -58,13 +60,18 @@ class CadenzaPeer(Peer):
         self._stack = contextlib.AsyncExitStack()
         # A fresh signing key for recreate tokens, per run (the broker would otherwise make one in KV).
         self._env = {"CADENZA_TOKEN_KEY": secrets.token_hex(32), "CADENZA_LOG": "WARNING"}
+        if self.servers.cluster:
+            # Every process creates (or checks) the streams and buckets with this many replicas.
+            self._env["CADENZA_REPLICAS"] = str(self.servers.replicas)
 
     async def start(self) -> None:
         self.probe.mkdir(parents=True, exist_ok=True)
-        self.server = EmbeddedServer(str(self.workdir / "store"))
-        self.server.start()
-        self.url = self.server.url
-        self.bus = await self._stack.enter_async_context(bus.connect(self.url, prefix=self.prefix, name="bench"))
+        if self._own_servers:
+            self.servers.start()
+        self.url = self.servers.url
+        self.bus = await self._stack.enter_async_context(
+            bus.connect(self.url, prefix=self.prefix, name="bench", replicas=self.servers.replicas)
+        )
         args = ("--server", self.url, "--prefix", self.prefix)
         self.procs += await start_all([
             Proc.module("services.broker", *args, env=self._env),
@@ -96,8 +103,8 @@ class CadenzaPeer(Peer):
         stop_all(self.procs, timeout=5)
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
             await self._stack.aclose()
-        if self.server is not None:
-            self.server.stop()
+        if self._own_servers:
+            self.servers.stop()
 
     # ---------------------------------------------------------------- the session API, in one place
 
@@ -172,21 +179,46 @@ class CadenzaPeer(Peer):
             await self._close(ctx)
 
     async def throughput(self, sessions: int, ops: int) -> float:
-        ctxs = await self._open_many(sessions)
-        per = max(1, ops // sessions)
-
-        async def run(ctx: bus.Context) -> None:
-            for _ in range(per):
-                await self._run(ctx, "work")
-
+        ctxs = await self.open_sessions(sessions)
         try:
-            t0 = now()
-            async with anyio.create_task_group() as tg:
-                for ctx in ctxs:
-                    tg.start_soon(run, ctx)
-            return per * sessions / (now() - t0)
+            return await self.run_in_sessions(ctxs, ops)
         finally:
-            await self._close_many(ctxs)
+            await self.close_sessions(ctxs)
+
+    async def open_sessions(self, sessions: int) -> list[bus.Context]:
+        return await self._open_many(sessions)
+
+    async def close_sessions(self, ctxs: list[bus.Context]) -> None:
+        await self._close_many(ctxs)
+
+    async def run_in_sessions(self, ctxs: list[bus.Context], ops: int) -> float:
+        """``ops // len(ctxs)`` activities one after another in each session, all sessions at once;
+        activities per second."""
+        return await concurrently(len(ctxs), max(1, ops // len(ctxs)), lambda i: self._run(ctxs[i], "work"))
+
+    async def run_shared(self, callers: int, ops: int) -> float:
+        """``execute_activity`` outside a session (to the tasklist's shared queue, any worker takes it),
+        ``callers`` at once, ``ops // callers`` each; activities per second."""
+
+        async def one(_i: int) -> None:
+            await bus.execute_activity(self.bus.context(), "work", tasklist="bench", start_to_close_timeout=60)
+
+        return await concurrently(callers, max(1, ops // callers), one)
+
+    async def run_handler(self, service: bus.BusActivityService, callers: int, ops: int) -> float:
+        """``run_handler_activity`` in this process (a service tracking its own work, no worker), tracked by
+        ``service``; ``callers`` at once, ``ops // callers`` each; activities per second."""
+        opts = bus.HandlerOptions(type="bench")
+
+        async def action(_ctx: bus.Context) -> None:
+            return None
+
+        async def one(_i: int) -> None:
+            _aid, err = await bus.run_handler_activity(self.bus.context(), service, opts, action)
+            if err is not None:
+                raise err
+
+        return await concurrently(callers, max(1, ops // callers), one)
 
     async def cancel(self, n: int) -> list[float]:
         sctx = await self._open()
@@ -270,7 +302,6 @@ class CadenzaPeer(Peer):
             stop_all(procs, timeout=3)
 
     async def memory(self, sessions: int, workers: int) -> dict[str, float]:
-        assert self.server is not None and self.server._proc is not None
         tasklist = f"mem{uuid.uuid4().hex[:8]}"
         per = -(-sessions // workers)
         procs = await start_all([self._worker(tasklist=tasklist, max_sessions=per) for _ in range(workers)])
@@ -283,7 +314,7 @@ class CadenzaPeer(Peer):
             got = {
                 "broker": broker.rss(),
                 "worker": max(p.rss() for p in procs),
-                "server": rss_mb(self.server._proc.pid),
+                "server": max(rss_mb(pid) for pid in self.servers.pids().values()),
             }
             await self._close_many(ctxs)
             return got

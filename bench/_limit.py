@@ -20,6 +20,7 @@ its own process, on a nats-server of their own started like cadenza's embedded o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import uuid
@@ -30,11 +31,10 @@ import nats
 from nats.aio.msg import Msg
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
-from bus import EmbeddedServer
-
-from ._common import Sizes, now, rss_mb, wait_probe
+from ._common import Sizes, concurrently, now, rss_mb, wait_probe
 from ._peer import Peer, notes_from
 from ._procs import Proc, start_all, stop_all
+from ._servers import Servers
 
 __all__ = ("LimitPeer",)
 
@@ -64,6 +64,7 @@ class _Install:
             StreamConfig(
                 name=self.stream, subjects=[f"{self.prefix}.task.>", f"{self.prefix}.create.>"],
                 retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE, max_age=600,
+                num_replicas=self.peer.servers.replicas,
             )
         )  # fmt: skip
         self.broker = Proc.module(
@@ -101,9 +102,11 @@ class LimitPeer(Peer):
     name = "limit"
     notes = notes_from(__doc__)
 
-    def __init__(self, sizes: Sizes, workdir: Path) -> None:
+    def __init__(self, sizes: Sizes, workdir: Path, servers: Servers | None = None) -> None:
         super().__init__(sizes, workdir)
-        self.server: EmbeddedServer | None = None
+        #: The nats-server(s) it runs on: its own single server, or a cluster shared with cadenza.
+        self.servers = servers or Servers(workdir / "limit-store")
+        self._own_servers = servers is None
         self.url = ""
         self.probe = workdir / "limit-probes"
         self._pending: dict[str, asyncio.Future[dict[str, str]]] = {}
@@ -113,10 +116,10 @@ class LimitPeer(Peer):
 
     async def start(self) -> None:
         self.probe.mkdir(parents=True, exist_ok=True)
-        self.server = EmbeddedServer(str(self.workdir / "limit-store"))
-        self.server.start()
-        self.url = self.server.url
-        self.nc = await nats.connect(self.url, name="limit-driver")
+        if self._own_servers:
+            self.servers.start()
+        self.url = self.servers.url
+        self.nc = await nats.connect(servers=self.servers.urls, name="limit-driver")
         self.js = self.nc.jetstream()
         await self.nc.subscribe(self.reply, cb=self._on_result)
         self.main = _Install(self, self.sizes.workers, 20.0)
@@ -126,9 +129,13 @@ class LimitPeer(Peer):
         if self.main is not None:
             stop_all([p for p in [self.main.broker, *self.main.workers.values()] if p is not None])
         if getattr(self, "nc", None) is not None:
+            if self.main is not None and not self._own_servers:
+                # A shared cluster outlives this side: leave nothing of it behind.
+                with anyio.move_on_after(10), contextlib.suppress(Exception):
+                    await self.nc.jetstream().delete_stream(self.main.stream)
             await self.nc.close()
-        if self.server is not None:
-            self.server.stop()
+        if self._own_servers:
+            self.servers.stop()
 
     async def _on_result(self, msg: Msg) -> None:
         body = json.loads(msg.data)
@@ -178,20 +185,26 @@ class LimitPeer(Peer):
         return out
 
     async def throughput(self, sessions: int, ops: int) -> float:
+        placed = await self.open_sessions(sessions)
+        try:
+            return await self.run_in_sessions(placed, ops)
+        finally:
+            await self.close_sessions(placed)
+
+    async def open_sessions(self, sessions: int) -> list[str]:
+        """Place ``sessions`` sessions (the worker id of each)."""
+        assert self.main is not None
+        return [await self._session(self.main) for _ in range(sessions)]
+
+    async def run_in_sessions(self, placed: list[str], ops: int) -> float:
+        """``ops // len(placed)`` activities one after another in each session, all sessions at once;
+        activities per second."""
         main = self.main
         assert main is not None
-        placed = [await self._session(main) for _ in range(sessions)]
-        per = max(1, ops // sessions)
+        return await concurrently(len(placed), max(1, ops // len(placed)), lambda i: self._activity(main, placed[i]))
 
-        async def run(wid: str) -> None:
-            for _ in range(per):
-                await self._activity(main, wid)
-
-        t0 = now()
-        async with anyio.create_task_group() as tg:
-            for wid in placed:
-                tg.start_soon(run, wid)
-        return per * sessions / (now() - t0)
+    async def close_sessions(self, placed: list[str]) -> None:
+        """Nothing to end: the broker stand-in keeps sessions in a dict and never closes them."""
 
     async def cancel(self, n: int) -> list[float]:
         assert self.main is not None
@@ -270,11 +283,11 @@ class LimitPeer(Peer):
             async with anyio.create_task_group() as tg:
                 for _ in range(sessions):
                     tg.start_soon(one)
-            assert inst.broker is not None and self.server is not None and self.server._proc is not None
+            assert inst.broker is not None
             return {
                 "broker": inst.broker.rss(),
                 "worker": max(p.rss() for p in inst.workers.values()),
-                "server": rss_mb(self.server._proc.pid),
+                "server": max(rss_mb(pid) for pid in self.servers.pids().values()),
             }
         finally:
             await inst.stop()

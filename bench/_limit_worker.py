@@ -32,6 +32,11 @@ from ._common import write_probe
 _BATCH = 128
 
 
+def _urls(text: str) -> list[str]:
+    """``--url``: one URL, or a cluster's URLs comma-joined."""
+    return [u.strip() for u in text.split(",") if u.strip()]
+
+
 async def _pull_forever(nc: NATS, stream: str, durable: str, handle: object) -> None:
     """Continuous pull: keep pull requests outstanding and handle each message as it arrives.
 
@@ -64,7 +69,7 @@ async def _pull_forever(nc: NATS, stream: str, durable: str, handle: object) -> 
 
 
 async def _worker(args: argparse.Namespace) -> None:
-    nc = await nats.connect(args.url, name=f"limit-{args.id}")
+    nc = await nats.connect(servers=_urls(args.url), name=f"limit-{args.id}")
     js = nc.jetstream()
     p = args.prefix
 
@@ -99,7 +104,7 @@ async def _worker(args: argparse.Namespace) -> None:
 
 
 async def _broker(args: argparse.Namespace) -> None:
-    nc = await nats.connect(args.url, name="limit-broker")
+    nc = await nats.connect(servers=_urls(args.url), name="limit-broker")
     js = nc.jetstream()
     p = args.prefix
     last: dict[str, float] = {}

@@ -1,30 +1,64 @@
-"""CPU time and NATS messages per activity, by process: where the machine's cores go in scenario (c).
+"""CPU time and NATS messages per activity, by process and by message kind, for each activity pattern.
 
-``python -m bench.cpu [--ops N] [--sessions S] [--systems limit,cadenza,cadenza-untracked]`` runs ``N``
-activities over ``S`` concurrent sessions on each system (as scenario (c) does) and prints, for every
-process of that system (the driver, nats-server, the broker, the recorder, the workers), the CPU time
-it used (user + system, from ``/proc``) divided by ``N``; then, from a shorter second pass, the
-messages the server routed per activity. On a machine with few cores the sum of the CPU times is
-what bounds activities per second; unlike a wall-clock figure it hardly moves when other programs
-load the machine.
+``python -m bench.cpu [--ops N] [--sessions S] [--systems limit,cadenza,cadenza-untracked] [--cluster]
+[--json PATH]`` runs, on each system, each of its activity patterns with ``S`` callers at once:
+
+- ``in-session``: ``execute_activity`` in ``S`` open sessions (scenario (c)); the limit runs its
+  raw nats-py version of the same pattern (its only row);
+- ``shared queue``: ``execute_activity`` outside a session, to the tasklist's shared queue;
+- ``handler helper``: ``bus.run_handler_activity`` in this process (a service tracking its own work
+  through a ``BusActivityService``, no worker), tracked by the recorder (cadenza only).
+
+Each pattern is warmed first (sessions opened, one pass), then timed over ``N`` activities: for every
+process of the system (this driver, nats-server, or the three nodes of a cluster, the broker, the
+recorder, the workers) the CPU time it used (user + system, from ``/proc``), divided by the
+activities, and each server's ``/varz`` message counters; then a second pass of ``--count-ops``
+activities (at least 200 by default) is counted by a ``>`` subscriber on its own connection, by kind,
+until no message has come for 0.5 s. The CPU pass has no subscriber, because counting costs CPU.
+On a machine with few cores the sum of the CPU times is what bounds activities per second; unlike a
+wall-clock figure it hardly moves when other programs load the machine.
+
+``--cluster``: every system on one 3-node nats-server cluster on loopback (replicas 3); CPU is
+summed over the three nodes; messages are counted on node 1 (see :mod:`bench._count`: each message of
+the account once, wherever it was published; not the replication between nodes, which ``/varz`` of
+each node shows).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import math
 import os
 import sys
 import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 
 from ._common import Sizes
+from ._count import GROUPS, MessageCounter
 from ._peer import Peer
+from ._servers import Servers
 
-__all__ = ("cpu_seconds", "main")
+__all__ = ("PATTERNS", "cpu_seconds", "main")
 
 _TICK = os.sysconf("SC_CLK_TCK")
+
+#: Every pattern, and which systems run it.
+PATTERNS: dict[str, tuple[str, ...]] = {
+    "in-session": ("limit", "cadenza", "cadenza-untracked"),
+    "shared queue": ("cadenza", "cadenza-untracked"),
+    "handler helper": ("cadenza",),
+}
+SYSTEMS = ("limit", "cadenza", "cadenza-untracked")
+#: Kinds below this many messages per activity in every pattern share one row of the printed breakdown.
+_SMALL = 0.05
 
 
 def cpu_seconds(pid: int) -> float:
@@ -36,12 +70,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
-def _processes(peer: Peer) -> dict[str, int]:
+def _processes(peer: Peer, servers: Servers) -> dict[str, int]:
     """The processes of a running system, by role."""
-    procs: dict[str, int] = {"driver (this process)": os.getpid()}
-    server = getattr(peer, "server", None)
-    if server is not None and server._proc is not None:
-        procs["nats-server"] = server._proc.pid
+    procs: dict[str, int] = {"driver (this process)": os.getpid(), **servers.pids()}
     if peer.name == "limit":
         main = peer.main  # type: ignore[attr-defined]
         procs["broker stand-in"] = main.broker.pid
@@ -58,69 +89,356 @@ def _processes(peer: Peer) -> dict[str, int]:
     return procs
 
 
-async def _measure(system: str, ops: int, sessions: int) -> tuple[float, dict[str, float], float]:
+@dataclass
+class Figures:
+    """What one pattern of one system measured."""
+
+    rate: float = math.nan
+    timed: int = 0
+    cpu_ms: dict[str, float] = field(default_factory=dict)
+    varz: list[dict[str, float]] = field(default_factory=list)
+    counted: int = 0
+    messages: int = 0
+    kinds: list[tuple[str, str, int]] = field(default_factory=list)
+    quiet: bool = True
+    #: Slow consumers the servers noted during the counted pass (the counter may have missed messages).
+    slow_consumers: int = 0
+
+    @property
+    def cpu_all(self) -> float:
+        return sum(self.cpu_ms.values())
+
+    @property
+    def per_activity(self) -> float:
+        return self.messages / self.counted if self.counted else math.nan
+
+    def varz_per(self, key: str) -> float:
+        return sum(v[key] for v in self.varz) / self.timed if self.timed and self.varz else math.nan
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "activities_per_s": self.rate,
+            "timed_activities": self.timed,
+            "cpu_ms_per_activity": self.cpu_ms,
+            "cpu_ms_per_activity_all": self.cpu_all,
+            "varz_per_activity_by_node": [{k: v / self.timed for k, v in n.items()} for n in self.varz]
+            if self.timed
+            else [],
+            "varz_in_msgs_per_activity": _num(self.varz_per("in_msgs")),
+            "varz_out_msgs_per_activity": _num(self.varz_per("out_msgs")),
+            "counted_activities": self.counted,
+            "counted_messages": self.messages,
+            "messages_per_activity": _num(self.per_activity),
+            "messages_per_activity_by_kind": {k: n / self.counted for _g, k, n in self.kinds} if self.counted else {},
+            "kind_groups": {k: g for g, k, _n in self.kinds},
+            "quiet_before_stop": self.quiet,
+            "slow_consumers_while_counting": self.slow_consumers,
+        }
+
+
+def _num(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def _make_peer(system: str, workdir: Path, servers: Servers) -> Peer:
     sizes = Sizes.quick()
-    workdir = Path(tempfile.mkdtemp(prefix="cadenza-bench-cpu-"))
-    peer: Peer
     if system == "limit":
         from ._limit import LimitPeer
 
-        peer = LimitPeer(sizes, workdir)
-    elif system == "cadenza":
+        return LimitPeer(sizes, workdir, servers)
+    if system == "cadenza":
         from ._cadenza import CadenzaPeer
 
-        peer = CadenzaPeer(sizes, workdir)
-    else:
-        from ._cadenza import UntrackedCadenzaPeer
+        return CadenzaPeer(sizes, workdir, servers)
+    from ._cadenza import UntrackedCadenzaPeer
 
-        peer = UntrackedCadenzaPeer(sizes, workdir)
+    return UntrackedCadenzaPeer(sizes, workdir, servers)
+
+
+@contextlib.asynccontextmanager
+async def _pattern(peer: Any, pattern: str, lanes: int) -> AsyncIterator[Callable[[int], Awaitable[float]]]:
+    """``run(ops) -> activities/s`` for one pattern, its sessions (or service) open around it."""
+    if pattern == "in-session":
+        handles = await peer.open_sessions(lanes)
+        try:
+            yield lambda ops: peer.run_in_sessions(handles, ops)
+        finally:
+            await peer.close_sessions(handles)
+    elif pattern == "shared queue":
+        yield lambda ops: peer.run_shared(lanes, ops)
+    elif pattern == "handler helper":
+        import bus
+
+        async with bus.BusActivityService(peer.bus) as service:
+            yield lambda ops: peer.run_handler(service, lanes, ops)
+    else:
+        raise ValueError(pattern)
+
+
+def _varz(servers: Servers) -> list[dict[str, float]]:
+    return [{k: float(v.get(k, 0)) for k in ("in_msgs", "out_msgs", "in_bytes", "out_bytes")} for v in servers.varz()]
+
+
+async def _settle(servers: Servers, quiet: float = 0.5, bound: float = 10.0) -> None:
+    """Until the clients have sent nothing for ``quiet`` seconds (at most ``bound``): the recorder's
+    work that trails the last result belongs to the pass."""
+    t0 = time.monotonic()
+    last = servers.client_msgs()
+    since = time.monotonic()
+    while time.monotonic() - t0 < bound and time.monotonic() - since < quiet:
+        await anyio.sleep(0.1)
+        sent = servers.client_msgs()
+        if sent != last:
+            last, since = sent, time.monotonic()
+
+
+async def _measure_pattern(
+    peer: Any, servers: Servers, counter: MessageCounter, pattern: str, args: argparse.Namespace
+) -> Figures:
+    fig = Figures()
+    lanes = args.sessions
+    async with _pattern(peer, pattern, lanes) as run:
+        await run(max(lanes, min(args.ops, 200)))  # warm
+        await _settle(servers)
+        procs = _processes(peer, servers)
+        before = {k: cpu_seconds(pid) for k, pid in procs.items()}
+        v0 = _varz(servers)
+        fig.rate = await run(args.ops)
+        await _settle(servers)
+        after = {k: cpu_seconds(pid) for k, pid in procs.items()}
+        v1 = _varz(servers)
+        fig.timed = max(1, args.ops // lanes) * lanes
+        fig.cpu_ms = {k: (after[k] - before[k]) / fig.timed * 1000 for k in procs}
+        fig.varz = [{k: b[k] - a[k] for k in a} for a, b in zip(v0, v1, strict=True)]
+        # The counted pass: a `>` subscriber on its own connection (it costs CPU, so not in the pass above).
+        slow = sum(int(v.get("slow_consumers", 0)) for v in servers.varz())
+        await counter.start()
+        await run(args.count_ops)
+        fig.quiet = await counter.stop()
+        fig.slow_consumers = sum(int(v.get("slow_consumers", 0)) for v in servers.varz()) - slow
+        fig.counted = max(1, args.count_ops // lanes) * lanes
+        fig.messages = counter.total()
+        fig.kinds = counter.by_kind()
+    return fig
+
+
+async def _stream_replicas(nc: Any, prefix: str) -> dict[str, int]:
+    """The replicas of every stream (buckets included) of a system, as the server has them."""
+    infos = await nc.jetstream().streams_info()
+    return {i.config.name: i.config.num_replicas for i in infos if prefix.upper() in i.config.name.upper()}
+
+
+async def _measure(
+    system: str, servers: Servers, args: argparse.Namespace
+) -> tuple[dict[str, Figures], dict[str, int]]:
+    workdir = Path(tempfile.mkdtemp(prefix="cadenza-bench-cpu-"))
+    peer: Any = _make_peer(system, workdir, servers)
+    out: dict[str, Figures] = {}
     await peer.start()
     try:
-        await peer.throughput(sessions, min(ops, 200))  # warm
-        procs = _processes(peer)
-        before = {k: cpu_seconds(pid) for k, pid in procs.items()}
-        rate = await peer.throughput(sessions, ops)
-        after = {k: cpu_seconds(pid) for k, pid in procs.items()}
-        done = max(1, ops // sessions) * sessions
-        per = {k: (after[k] - before[k]) / done * 1000 for k in procs}
-        # A second, shorter pass counts every message the server routes (the counting costs CPU, so
-        # it is kept out of the first pass).
-        nc = peer.nc if peer.name == "limit" else peer.bus.nc  # type: ignore[attr-defined]
-        seen = [0]
-
-        async def count(_msg: object) -> None:
-            seen[0] += 1
-
-        sub = await nc.subscribe(">", cb=count)
-        small = max(sessions, ops // 4)
-        await peer.throughput(sessions, small)
-        await anyio.sleep(0.5)
-        await sub.unsubscribe()
-        return rate, per, seen[0] / (max(1, small // sessions) * sessions)
+        prefix, replies = (peer.main.prefix, (peer.reply,)) if system == "limit" else (peer.prefix, ())
+        streams = await _stream_replicas(peer.nc if system == "limit" else peer.bus.nc, prefix)
+        # The counting connection on node 1; a probe connection on each node.
+        async with MessageCounter(servers.urls, prefix, replies) as counter:
+            for pattern, systems in PATTERNS.items():
+                if system in systems and pattern in args.patterns:
+                    out[pattern] = await _measure_pattern(peer, servers, counter, pattern, args)
     finally:
         await peer.close()
+    return out, streams
 
 
-async def _main(args: argparse.Namespace) -> None:
-    for system in args.systems.split(","):
-        rate, per, messages = await _measure(system.strip(), args.ops, args.sessions)
-        print(f"\n{system}: {args.ops} activities over {args.sessions} sessions, {rate:,.0f} activities/s")
-        print("| process | CPU ms per activity |\n|---|---|")
-        for k, v in per.items():
-            print(f"| {k} | {v:.2f} |")
-        print(f"| **all** | **{sum(per.values()):.2f}** |")
-        print(f"NATS messages per activity (every subject, as a `>` subscriber sees them): {messages:.1f}")
-        sys.stdout.flush()
+# ---------------------------------------------------------------- output
+
+
+def _cell(x: float, fmt: str = ".2f") -> str:
+    return "—" if math.isnan(x) else format(x, fmt)
+
+
+def system_table(
+    system: str, figs: dict[str, Figures], streams: dict[str, int], args: argparse.Namespace, servers: Servers
+) -> str:
+    patterns = list(figs)
+    head = "| process | " + " | ".join(patterns) + " |\n|---|" + "---|" * len(patterns)
+    procs: list[str] = []
+    for f in figs.values():
+        procs += [p for p in f.cpu_ms if p not in procs]
+    replicas = ", ".join(str(r) for r in sorted(set(streams.values()))) or "?"
+    lines = [
+        f"\n### {system}: {args.ops} timed activities, {args.sessions} callers at once, on {servers.description()}",
+        "",
+        f"{len(streams)} stream{'' if len(streams) == 1 else 's'} (key-value buckets included), replicas {replicas}.",
+        "",
+        "CPU ms per activity, by process:",
+        "",
+        head,
+    ]
+    lines += [f"| {p} | " + " | ".join(_cell(figs[x].cpu_ms.get(p, math.nan)) for x in patterns) + " |" for p in procs]
+    lines.append("| **all** | " + " | ".join(f"**{figs[x].cpu_all:.2f}**" for x in patterns) + " |")
+    lines.append("| activities/s | " + " | ".join(f"{figs[x].rate:,.0f}" for x in patterns) + " |")
+    lines.append(
+        "| **NATS messages per activity** (counted) | "
+        + " | ".join(f"**{_cell(figs[x].per_activity, '.1f')}**" for x in patterns)
+        + " |"
+    )
+    lines.append(
+        "| server in_msgs / out_msgs per activity (/varz, all nodes) | "
+        + " | ".join(_varz_cell(figs[x]) for x in patterns)
+        + " |"
+    )
+    counted = ", ".join(f"{figs[x].counted} ({x})" for x in patterns)
+    where = "node 1 of the cluster" if servers.cluster else "the server"
+    lines += [
+        "",
+        f"NATS messages per activity by kind (a `>` subscriber on {where}, over {counted} activities):",
+        "",
+        "| kind | " + " | ".join(patterns) + " |\n|---|" + "---|" * len(patterns),
+    ]
+    # In group order; within a group as the first pattern that has the kind lists it (the largest first).
+    order: dict[str, tuple[int, int]] = {}
+    for f in figs.values():
+        for j, (g, k, _n) in enumerate(f.kinds):
+            order.setdefault(k, (GROUPS.index(g), j))
+    per: dict[str, dict[str, float]] = {
+        x: {k: n / figs[x].counted for _g, k, n in figs[x].kinds} if figs[x].counted else {} for x in patterns
+    }
+    group = {k: g for f in figs.values() for g, k, _n in f.kinds}
+    small: dict[str, float] = dict.fromkeys(patterns, 0.0)
+    advisories: dict[str, float] = dict.fromkeys(patterns, 0.0)
+    for k in sorted(order, key=lambda k: order[k]):
+        if group[k] == "advisory":
+            for x in patterns:
+                advisories[x] += per[x].get(k, 0.0)
+        elif all(per[x].get(k, 0.0) < _SMALL for x in patterns):
+            for x in patterns:
+                small[x] += per[x].get(k, 0.0)
+        else:
+            lines.append(f"| {k} | " + " | ".join(f"{per[x].get(k, 0.0):.1f}" for x in patterns) + " |")
+    if any(small.values()):
+        lines.append(
+            f"| the other kinds (each under {_SMALL} per activity: heartbeats, pull requests, ...) | "
+            + " | ".join(f"{small[x]:.2f}" for x in patterns)
+            + " |"
+        )
+    lines.append("| **all** | " + " | ".join(f"**{_cell(figs[x].per_activity, '.1f')}**" for x in patterns) + " |")
+    if any(advisories.values()):
+        lines.append(
+            "\nNot in the counts: JetStream advisories ("
+            + ", ".join(f"{advisories[x]:.1f} per activity in {x}" for x in patterns)
+            + "): the server publishes them only when someone listens, here the counter itself."
+        )
+    slow = [x for x in patterns if figs[x].slow_consumers]
+    if slow:
+        lines.append(f"\n(WARNING: the server noted slow consumers while counting {', '.join(slow)}: "
+                     "messages may have been dropped, the counts may be low)")  # fmt: skip
+    loud = [x for x in patterns if not figs[x].quiet]
+    if loud:
+        lines.append(f"\n(not quiet 10 s after the counted pass of: {', '.join(loud)}; the count stopped there)")
+    return "\n".join(lines)
+
+
+def _varz_cell(f: Figures) -> str:
+    return f"{_cell(f.varz_per('in_msgs'), '.1f')} / {_cell(f.varz_per('out_msgs'), '.1f')}"
+
+
+def summary_table(results: dict[str, dict[str, Figures]]) -> str:
+    lines = [
+        "\n### Summary",
+        "",
+        "| system / pattern | activities/s | CPU ms per activity (all processes) | NATS messages per activity |"
+        " server in / out msgs per activity (/varz) |",
+        "|---|---|---|---|---|",
+    ]
+    for system, figs in results.items():
+        for pattern, f in figs.items():
+            lines.append(
+                f"| {system} / {pattern} | {f.rate:,.0f} | {f.cpu_all:.2f} | {_cell(f.per_activity, '.1f')} | "
+                f"{_varz_cell(f)} |"
+            )
+    return "\n".join(lines)
+
+
+def counting_note(cluster: bool) -> str:
+    """How the messages were counted (printed under the summary, kept in the JSON)."""
+    if not cluster:
+        return (
+            "Messages are counted by one connection of its own subscribed to `>` (its own probes left out; the "
+            "embedded server has no permissions, so it sees every subject), during the counted pass; the /varz "
+            "columns are the server's in_msgs / out_msgs deltas over the timed pass, which has no `>` subscriber."
+        )
+    return (
+        "Messages are counted by one connection of its own subscribed to `>` on node 1 (its own probes left out). "
+        "A `>` subscription is interest in every subject, so the other nodes route every message of the account "
+        "to node 1: each message published in the account, by a client or by the server (PubAcks, deliveries), "
+        "is counted once wherever it was published. Not counted: route protocol and JetStream's replication "
+        "between the nodes (system account). The /varz columns (each node's in_msgs / out_msgs deltas over the "
+        "timed pass, which has no `>` subscriber, summed over the three) include them: a message that crosses "
+        "a route counts on both nodes, every stored message is also sent to the two other replicas, and the "
+        "cluster's own background traffic over the pass is in them too."
+    )
+
+
+async def _main(args: argparse.Namespace) -> dict[str, Any]:
+    servers = Servers(Path(tempfile.mkdtemp(prefix="cadenza-bench-cpu-store-")), cluster=args.cluster)
+    servers.start()
+    results: dict[str, dict[str, Figures]] = {}
+    streams: dict[str, dict[str, int]] = {}
+    try:
+        print(f"bench.cpu on {servers.description()}: {args.ops} timed + {args.count_ops} counted activities "
+              f"per pattern, {args.sessions} callers at once", flush=True)  # fmt: skip
+        for system in args.systems:
+            results[system], streams[system] = await _measure(system, servers, args)
+            print(system_table(system, results[system], streams[system], args, servers), flush=True)
+    finally:
+        servers.stop()
+    print(summary_table(results))
+    print("\n" + counting_note(args.cluster))
+    sys.stdout.flush()
+    from ._harness import machine
+
+    return {
+        "meta": {
+            **machine(),
+            "command": "python -m bench.cpu " + " ".join(args.argv),
+            "servers": servers.description(),
+            "cluster": args.cluster,
+            "ops": args.ops,
+            "count_ops": args.count_ops,
+            "sessions": args.sessions,
+            "counting": counting_note(args.cluster),
+        },
+        "results": {s: {p: f.to_json() for p, f in figs.items()} for s, figs in results.items()},
+        "stream_replicas": streams,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.cpu", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ops", type=int, default=2000)
-    ap.add_argument("--sessions", type=int, default=10)
-    ap.add_argument("--systems", default="limit,cadenza,cadenza-untracked")
-    args = ap.parse_args(argv)
+    ap.add_argument("--ops", type=int, default=2000, help="activities of the timed (CPU) pass, per pattern")
+    ap.add_argument("--count-ops", type=int, default=200, help="activities of the counted pass (default 200)")
+    ap.add_argument("--sessions", type=int, default=10, help="callers (sessions) at once")
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, from: " + ", ".join(SYSTEMS))
+    ap.add_argument("--patterns", default=",".join(PATTERNS), help="comma-separated, from: " + ", ".join(PATTERNS))
+    ap.add_argument("--cluster", action="store_true", help="on a 3-node nats-server cluster (replicas 3)")
+    ap.add_argument("--json", type=Path, metavar="PATH", help="also write every figure to PATH as JSON")
+    raw = sys.argv[1:] if argv is None else argv
+    args = ap.parse_args(raw)
+    args.argv = raw
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    args.patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
+    bad = [s for s in args.systems if s not in SYSTEMS] + [p for p in args.patterns if p not in PATTERNS]
+    if bad:
+        ap.error(f"unknown: {', '.join(bad)}")
+    for name in ("ops", "count_ops", "sessions"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.ops < args.sessions or args.count_ops < args.sessions:
+        ap.error("--ops and --count-ops must be at least --sessions (one activity per caller)")
     os.environ.setdefault("CADENZA_LOG", "WARNING")
-    anyio.run(_main, args)
+    doc = anyio.run(_main, args)
+    if args.json is not None:
+        args.json.write_text(json.dumps(doc, indent=1))
+        print(f"figures: {args.json}", file=sys.stderr)
     return 0
 
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 from bench._common import Sizes, percentile
 from bench._harness import Results, markdown, run
@@ -55,3 +60,68 @@ def test_cpu_seconds_reads_proc() -> None:
 
     sum(range(200_000))
     assert cpu_seconds(os.getpid()) > 0
+
+
+def _bench_cpu(tmp_path: Path, *extra: str) -> tuple[str, dict[str, Any]]:
+    """``python -m bench.cpu`` with tiny sizes on the limit and cadenza; its printed output and its JSON."""
+    out = tmp_path / "cpu.json"
+    argv = ["--ops", "20", "--count-ops", "20", "--sessions", "2", "--systems", "limit,cadenza", "--json", str(out)]
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.cpu", *argv, *extra],
+        capture_output=True, text=True, timeout=110, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run.stdout, json.loads(out.read_text())
+
+
+def _summary(stdout: str) -> dict[str, list[str]]:
+    """The summary table's rows by their first cell (system / pattern)."""
+    rows = stdout.split("### Summary", 1)[1].splitlines()
+    cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows if r.startswith("| ")]
+    return {c[0]: c[1:] for c in cells[1:]}
+
+
+def _check_counts(stdout: str, doc: dict[str, Any]) -> None:
+    summary = _summary(stdout)
+    assert set(summary) == {"limit / in-session", "cadenza / in-session", "cadenza / shared queue",
+                            "cadenza / handler helper"}, stdout  # fmt: skip
+    for row, cells in summary.items():
+        # Messages per activity: a count with one decimal (a timing would be ms or /s), at least the
+        # task (or event), its storage acknowledgement and its delivery or result.
+        assert re.fullmatch(r"\d+\.\d", cells[2]), (row, cells)
+        assert float(cells[2]) >= 3, (row, cells)
+    limit = doc["results"]["limit"]["in-session"]
+    # The limit's pattern: task publish, its PubAck, its delivery, the ack, the result; heartbeats and
+    # pull requests add a little.
+    assert 5 <= limit["messages_per_activity"] < 6, limit
+    assert limit["messages_per_activity_by_kind"]["task publish"] == 1, limit
+    for pattern in ("in-session", "shared queue"):
+        figs = doc["results"]["cadenza"][pattern]
+        assert figs["counted_messages"] > 0 and figs["messages_per_activity_by_kind"]["task publish"] == 1, figs
+        assert figs["cpu_ms_per_activity_all"] > 0, figs
+    for system in doc["results"].values():
+        for figs in system.values():
+            kinds = figs["messages_per_activity_by_kind"]
+            counted = sum(v for k, v in kinds.items() if figs["kind_groups"][k] != "advisory")
+            assert abs(counted - figs["messages_per_activity"]) < 1e-9, figs
+    assert "| task publish |" in stdout and "NATS messages per activity by kind" in stdout
+
+
+def test_bench_cpu_counts_messages_by_kind_on_one_server(tmp_path: Path) -> None:
+    stdout, doc = _bench_cpu(tmp_path)
+    _check_counts(stdout, doc)
+    assert "| nats-server |" in stdout and not doc["meta"]["cluster"]
+    assert set(doc["stream_replicas"]["limit"].values()) == {1}
+
+
+def test_bench_cpu_on_a_three_node_cluster_with_replicas_3(tmp_path: Path) -> None:
+    stdout, doc = _bench_cpu(tmp_path, "--cluster")
+    _check_counts(stdout, doc)
+    for i in (1, 2, 3):
+        assert f"| nats-server {i} |" in stdout
+    assert doc["meta"]["cluster"]
+    # Both systems' streams (the limit's and every cadenza stream and bucket) are replicated on all three.
+    assert set(doc["stream_replicas"]["limit"].values()) == {3}
+    assert len(doc["stream_replicas"]["cadenza"]) > 1 and set(doc["stream_replicas"]["cadenza"].values()) == {3}
+    nodes = doc["results"]["limit"]["in-session"]["varz_per_activity_by_node"]
+    assert len(nodes) == 3 and all(n["in_msgs"] > 0 for n in nodes)
