@@ -168,6 +168,8 @@ async def cli_bus(args: argparse.Namespace, name: str = "cadenza-cli", *, ensure
 
 
 _RECONNECT_WAIT = 0.25
+#: How often :func:`watch_connection` and :func:`again_after_reconnect` look at the connection (seconds).
+_WATCH_EVERY = 0.1
 
 
 def keep_reconnecting(b: bus.Bus) -> None:
@@ -265,8 +267,6 @@ def since_reconnect(b: bus.Bus) -> float:
     if seen is None or seen[0] != count:
         _reconnect_seen[id(b)] = seen = (count, time.monotonic())
     return time.monotonic() - seen[1]
-#: How often :func:`watch_connection` looks at the connection (seconds).
-_WATCH_EVERY = 0.1
 
 
 async def watch_connection(b: bus.Bus, *, give_up_after: float, what: str = "") -> NoReturn:

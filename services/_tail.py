@@ -198,8 +198,10 @@ async def _read_stream(
             except TimeoutError:  # nothing new (nats-py's own or asyncio's)
                 msgs = []
             except nats.errors.Error:  # the connection dropped, or the server forgot the consumer
-                msgs = []
+                await drop(psub)
+                psub = None
                 await anyio.sleep(_RETRY_EVERY)
+                continue  # a new consumer from the last message emitted
             for msg in msgs:
                 seq = msg.metadata.sequence.stream
                 if seq <= last_seq:
