@@ -1,6 +1,6 @@
 """The contracts of cadenza: every event as a pydantic model, and the subject grammar.
 
-Nothing here does I/O or imports the rest of cadenza.
+Nothing here does I/O (but read this file once: schemas/_lazy.py) or imports the rest of cadenza.
 
 Importing the package imports none of its modules: a name's module is imported when the name is first
 used (schemas/_lazy.py), so ``from schemas import Event`` does not build the activity or session models.
