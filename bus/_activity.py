@@ -153,7 +153,7 @@ class StartRequest(BaseModel):
         worker_id / session_id: set by the service / the session worker.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     id: str = Field(default_factory=lambda: str(uuid.uuid4()))
     environment_id: str = ""
@@ -187,7 +187,7 @@ class StartRequest(BaseModel):
 class UpdateRequest(BaseModel):
     """Change step, progress or latest message; None leaves a field alone."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     step: str | None = None
     progress: float | None = None
@@ -198,7 +198,7 @@ class UpdateRequest(BaseModel):
 class AppendMessageRequest(BaseModel):
     """One message for an activity's log."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     message: str
     level: ActivityLevel = ActivityLevel.INFO
@@ -210,7 +210,7 @@ class AppendMessageRequest(BaseModel):
 class HandlerOptions(BaseModel):
     """What :func:`run_handler_activity` announces, and the message it ends with on success."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     type: str = Field(min_length=1, max_length=200)
     environment_id: str = ""

@@ -239,7 +239,7 @@ def stored_record(value: bytes) -> ActivityRecord:
 
 
 class _StoredView(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="ignore")
+    model_config = pydantic.ConfigDict(extra="ignore", defer_build=True)
     record: ActivityRecord
 
 

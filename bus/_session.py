@@ -145,7 +145,7 @@ class SessionOptions(BaseModel):
         tasklist: the workers that may hold it.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     execution_timeout: float = Field(gt=0)
     creation_timeout: float = Field(gt=0)
@@ -170,7 +170,7 @@ class SessionInfo(BaseModel):
         recreate_token: opaque, signed; :func:`recreate_session` opens a new session on the same worker.
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     session_id: str
     host_name: str = ""

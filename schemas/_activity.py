@@ -95,7 +95,7 @@ class ActivityLevel(StrEnum):
 class ActivityUser(BaseModel):
     """Who started an activity (no user means "System")."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     user_id: str = Field(default="", max_length=256)
     username: str = Field(default="", max_length=256)
@@ -109,7 +109,7 @@ class ActivityUser(BaseModel):
 class MessageEntry(BaseModel):
     """One message line inside an :class:`ActivityMessage` (its seq is implied by its position)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     level: ActivityLevel = ActivityLevel.INFO
     message: str = Field(description="text; trimmed and cut to 8192 UTF-8 bytes by the recorder")
@@ -190,7 +190,7 @@ class ActivityStart(BaseModel):
     """What ``started`` would have said, carried by the completion of an activity that ended before
     it was announced (schema version 2): one event for a quick activity instead of two."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     started_at: datetime = Field(description="when the activity started (the started event's time)")
     environment_id: str = Field(default="", max_length=200)
@@ -245,7 +245,7 @@ class ActivityCompleted(_ActivityEvent):
 class ActivityRecord(BaseModel):
     """One activity as the recorder knows it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     id: str = Field(pattern=_ID)
     environment_id: str = ""
@@ -280,7 +280,7 @@ class ActivityRecord(BaseModel):
 class ActivityFold(BaseModel):
     """What the recorder needs to fold events in any order (beside the record in the bucket)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     announced: bool = Field(default=False, description="the started event was folded")
     rev: int = Field(default=0, ge=0, description="highest rev folded into the latest fields")
@@ -292,7 +292,7 @@ class ActivityFold(BaseModel):
 class StoredActivity(BaseModel):
     """A value of the ``activities`` bucket (key ``a.<activity_id>``): the record and its fold state."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     record: ActivityRecord
     fold: ActivityFold = Field(default_factory=ActivityFold)
@@ -301,7 +301,7 @@ class StoredActivity(BaseModel):
 class MessageRecord(BaseModel):
     """One stored message of an activity."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     activity_id: str = Field(pattern=_ID)
     seq: int
@@ -316,7 +316,7 @@ class MessageRecord(BaseModel):
 class ListActivitiesRequest(BaseModel):
     """``<prefix>.rpc.recorder.list``: activities of an environment, active first, then newest first."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     environment_id: str = ""
     status: list[ActivityStatus] = Field(default_factory=list, description="any of these (empty: all)")
@@ -336,7 +336,7 @@ class ListActivitiesRequest(BaseModel):
 class ListActivitiesReply(BaseModel):
     """A page of activities (``<prefix>.rpc.recorder.list``); ``next_offset`` is None on the last page."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     items: list[ActivityRecord]
     total: int
@@ -348,7 +348,7 @@ class ListActivitiesReply(BaseModel):
 class GetActivityRequest(BaseModel):
     """``<prefix>.rpc.recorder.get``: one activity with its last ``limit`` messages, oldest first."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     activity_id: str = Field(pattern=_ID)
     limit: int = Field(default=500, ge=0, le=500)
@@ -357,7 +357,7 @@ class GetActivityRequest(BaseModel):
 class GetActivityReply(BaseModel):
     """One activity and its last messages, oldest first (``<prefix>.rpc.recorder.get``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     activity: ActivityRecord
     messages: list[MessageRecord]
@@ -369,7 +369,7 @@ class TailActivityRequest(BaseModel):
     Pass the reply's ``cursor`` back to continue cheaply; ``after_seq`` alone also resumes exactly.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     activity_id: str = Field(pattern=_ID)
     after_seq: int = Field(default=0, ge=0)
@@ -381,7 +381,7 @@ class TailActivityRequest(BaseModel):
 class TailActivityReply(BaseModel):
     """Messages after a seq, with a cursor to resume from (``<prefix>.rpc.recorder.tail``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     messages: list[MessageRecord]
     last_seq: int
@@ -393,7 +393,7 @@ class TailActivityReply(BaseModel):
 class CancelActivityRequest(BaseModel):
     """``<prefix>.rpc.recorder.cancel``: ask for an activity to be cancelled by a user."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     activity_id: str = Field(pattern=_ID)
     who: str = Field(default="", max_length=256, description="the user's name, for the warning message")
@@ -403,7 +403,7 @@ class CancelActivityRequest(BaseModel):
 class CancelActivityReply(BaseModel):
     """What a cancel request did (``<prefix>.rpc.recorder.cancel``): accepted, or finalised at once."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     outcome: Literal["accepted", "finalised"] = Field(
         description="accepted: the host was told; finalised: nobody runs it, the recorder ended it"

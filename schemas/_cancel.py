@@ -27,7 +27,7 @@ class CancelKind(StrEnum):
 class CancelCause(BaseModel):
     """Who asked, why, and what kind of cancellation it is."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     kind: CancelKind
     who: str = Field(default="", max_length=256, description="user id or name, or the service that asked")

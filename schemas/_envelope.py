@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import uuid
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -11,6 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 __all__ = ["Event", "event_types", "lookup_event_type", "new_event_id", "utcnow"]
 
 _REGISTRY: dict[str, type[Event]] = {}
+#: The modules of this package that declare events: imported by :func:`event_types` and
+#: :func:`lookup_event_type` (the package imports its modules lazily; tests/test_public_api.py checks
+#: the list).
+_EVENT_MODULES = ("_activity", "_cancel", "_dlq", "_session", "_task", "_worker")
 
 
 def new_event_id() -> str:
@@ -32,7 +37,7 @@ class Event(BaseModel):
     claims a newer one is rejected by consumers.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     DOMAIN: ClassVar[str] = ""
     EVENT: ClassVar[str] = ""
@@ -91,9 +96,16 @@ class Event(BaseModel):
 
 def event_types() -> dict[str, type[Event]]:
     """Every registered event class by its type name, sorted."""
+    _import_event_modules()
     return dict(sorted(_REGISTRY.items()))
 
 
 def lookup_event_type(name: str) -> type[Event] | None:
     """The event class registered under ``name`` ('<domain>.<event>'), or None."""
+    _import_event_modules()
     return _REGISTRY.get(name)
+
+
+def _import_event_modules() -> None:
+    for module in _EVENT_MODULES:
+        importlib.import_module(f"{__package__}.{module}")

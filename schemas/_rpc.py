@@ -33,11 +33,13 @@ __all__ = [
 class ServiceInfoRequest(BaseModel):
     """Request on ``<prefix>.rpc.services.info`` (no fields): every service process answers."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 class ServiceInfo(BaseModel):
     """One service process's answer on ``<prefix>.rpc.services.info``."""
+
+    model_config = ConfigDict(defer_build=True)
 
     service: str = Field(description="recorder, broker, demo-worker, console, ...")
     instance: str = Field(description="this process start (unique)")
@@ -54,7 +56,7 @@ class ReplyError(BaseModel):
     ``not_found``, ``not_cancellable``, ``internal``, or another error code of cadenza's error tree.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     code: str = Field(description="validation, not_found, not_cancellable, internal, ...")
     message: str = Field(description="what was wrong, readable")
@@ -63,7 +65,7 @@ class ReplyError(BaseModel):
 class RpcReply(BaseModel):
     """Every answer on an ``rpc`` subject: ``ok`` with a ``result``, or not ``ok`` with an ``error``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     ok: bool
     result: Any = None
@@ -73,7 +75,7 @@ class RpcReply(BaseModel):
 class ErrorReply(BaseModel):
     """An answer that says the request failed (the shape of :class:`RpcReply` when ``ok`` is false)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     ok: Literal[False]
     error: ReplyError
@@ -82,7 +84,7 @@ class ErrorReply(BaseModel):
 class OkReply(BaseModel):
     """An answer that carries the endpoint's result (the shape of :class:`RpcReply` when ``ok`` is true)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     ok: Literal[True]
     result: Any

@@ -153,7 +153,7 @@ class SessionFailed(_SessionEvent):
 class SessionRecord(BaseModel):
     """The broker's record of one session (bucket ``sessions``, key = session id)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", defer_build=True)
 
     session_id: str = Field(pattern=_ID)
     tasklist: str = Field(default=DEFAULT_TASKLIST, pattern=_ID)
@@ -186,7 +186,7 @@ class WorkerRecord(BaseModel):
     session opens and removed when it ends, so ``len(sessions) <= max_sessions`` always holds.
     """
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", defer_build=True)
 
     worker_id: str = Field(pattern=_ID)
     host_name: str = ""

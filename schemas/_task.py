@@ -101,7 +101,7 @@ class SessionClosed(Event):
 class TaskError(BaseModel):
     """What went wrong in an activity, as the caller sees it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     type: str = Field(description="exception class name")
     message: str = Field(default="", max_length=8192)

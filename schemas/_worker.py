@@ -33,7 +33,7 @@ _OPT_ID = OPTIONAL_TOKEN_PATTERN
 class ActivityParameter(BaseModel):
     """One parameter of an activity a worker serves (from the registered function's signature)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     name: str = Field(max_length=200)
     kind: Literal["positional", "positional_or_keyword", "keyword", "var_positional", "var_keyword"] = Field(
@@ -47,7 +47,7 @@ class ActivityParameter(BaseModel):
 class ActivitySignature(BaseModel):
     """An activity a worker serves: ``ActivityTask.name`` and what ``args`` / ``kwargs`` it takes."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     name: str = Field(min_length=1, max_length=200)
     parameters: list[ActivityParameter] = Field(default_factory=list, max_length=100)
@@ -106,13 +106,13 @@ class WorkerPing(BaseModel):
     heartbeat timeout.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 class WorkerPong(BaseModel):
     """The worker's answer to :class:`WorkerPing`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     worker_id: str = Field(pattern=_ID)
     open_sessions: int = 0

@@ -18,7 +18,8 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, NoReturn
+from functools import partial
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from . import _telemetry
 
@@ -30,23 +31,31 @@ __all__ = (
     "LazyChoices",
     "Parser",
     "add_metrics_args",
+    "add_reconnect_args",
     "add_server_args",
+    "again_after_reconnect",
     "announce_ready",
     "cli_bus",
     "fail",
     "float_arg",
     "id_arg",
     "int_arg",
+    "keep_reconnecting",
+    "reconnects",
+    "riding_out",
     "run_service",
     "service_bus",
+    "since_reconnect",
     "start_process",
     "stop_process",
+    "watch_connection",
 )
 
 #: Printed on stdout once a service serves; tests and ``cadenza dev`` wait for it.
 READY = "cadenza: ready"
 
 _log = logging.getLogger("cadenza")
+_T = TypeVar("_T")
 _state = {"one_shot": False}
 
 
@@ -136,9 +145,13 @@ async def service_bus(args: argparse.Namespace, name: str, *, embedded_ok: bool 
 
 
 @asynccontextmanager
-async def cli_bus(args: argparse.Namespace, name: str = "cadenza-cli", *, ensure_topology: bool = False
-                  ) -> AsyncIterator[bus.Bus]:  # fmt: skip
-    """Connect for one command: a 2 s connect bound, two tries per server, no reconnect loop."""
+async def cli_bus(args: argparse.Namespace, name: str = "cadenza-cli", *, ensure_topology: bool = False,
+                  reconnect: bool = False) -> AsyncIterator[bus.Bus]:  # fmt: skip
+    """Connect for one command: a 2 s connect bound, two tries per server, no reconnect loop.
+
+    ``reconnect``: once connected, reconnect for as long as it takes (a command that follows something:
+    ``tail``); :func:`watch_connection` then says when the connection drops and bounds the wait.
+    """
     import bus
 
     urls = server_urls(args)
@@ -149,7 +162,165 @@ async def cli_bus(args: argparse.Namespace, name: str = "cadenza-cli", *, ensure
     async with bus.connect(
         urls, prefix=args.prefix, name=name, options=options, timeouts=timeouts, ensure_topology=ensure_topology
     ) as b:
+        if reconnect:
+            keep_reconnecting(b)
         yield b
+
+
+_RECONNECT_WAIT = 0.25
+#: How often :func:`watch_connection` and :func:`again_after_reconnect` look at the connection (seconds).
+_WATCH_EVERY = 0.1
+
+
+def keep_reconnecting(b: bus.Bus) -> None:
+    """From now on, reconnect ``b`` for as long as it takes (:func:`watch_connection` bounds the wait).
+
+    nats-py reads these options at each reconnect: a dead server still fails a command's first connect
+    fast (``cli_bus``), a server lost later is tried again every 0.25 s.
+    """
+    b.nc.options["max_reconnect_attempts"] = -1
+    b.nc.options["reconnect_time_wait"] = _RECONNECT_WAIT
+
+
+def add_reconnect_args(p: argparse.ArgumentParser) -> None:
+    """``--reconnect-timeout``, for the commands that follow something (``tail``, ``activities tail``)."""
+    p.add_argument("--reconnect-timeout", type=float_arg(0.1), default=60.0, metavar="SECONDS",
+                   help="if the server goes away, wait this long for it to come back, then exit 1 (default 60)"
+                   )  # fmt: skip
+
+
+async def riding_out(b: bus.Bus, call: Callable[[], Awaitable[_T]], *, give_up_after: float, what: str = "") -> _T:
+    """``await call()`` on ``b`` while :func:`watch_connection` watches it (reconnecting, saying so in a
+    line when it drops and when it is back, giving up after ``give_up_after`` s); ``call``'s own
+    exception comes out as it is, not in a group."""
+    import anyio
+
+    keep_reconnecting(b)
+    result: list[_T] = []
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(watch_connection, b, give_up_after=give_up_after, what=what))
+            result.append(await call())
+            tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+    return result[0]
+
+
+async def again_after_reconnect(b: bus.Bus, call: Callable[[], Awaitable[_T]]) -> _T:
+    """``await call()`` (a request); when the connection drops meanwhile, cancel it (its answer is lost)
+    and call again once the connection is back. Wait for that under :func:`riding_out`, which bounds it."""
+    import anyio
+
+    import bus
+
+    async def run(result: list[_T], scope: anyio.CancelScope) -> None:
+        result.append(await call())
+        scope.cancel()
+
+    while True:
+        while not b.nc.is_connected:  # noqa: ASYNC110 - nats-py's connection state has no event to wait on
+            await anyio.sleep(_WATCH_EVERY)
+        before = reconnects(b)
+        result: list[_T] = []
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run, result, tg.cancel_scope)
+                while b.nc.is_connected and reconnects(b) == before:  # noqa: ASYNC110 - as above
+                    await anyio.sleep(_WATCH_EVERY)
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            error = group.exceptions[0] if len(group.exceptions) == 1 else group
+            if not isinstance(error, bus.RequestError) or isinstance(error, bus.RemoteError):
+                raise error from None
+            same_connection = b.nc.is_connected and reconnects(b) == before
+            if same_connection and since_reconnect(b) > _SERVICES_BACK:
+                raise error from None
+            # The request was lost with the connection, or the service has not reconnected yet.
+            await anyio.sleep(_WATCH_EVERY)
+        if result:
+            return result[0]
+
+
+#: Seconds after a reconnect during which a request without an answer is asked again: the services
+#: reconnect too, a moment after us.
+_SERVICES_BACK = 10.0
+_reconnect_seen: dict[int, tuple[int, float]] = {}
+
+
+def reconnects(b: bus.Bus) -> int:
+    """How many times nats-py has reconnected ``b`` (a new connection: server state may be gone)."""
+    return int(b.nc.stats.get("reconnects", 0))
+
+
+def since_reconnect(b: bus.Bus) -> float:
+    """Seconds since ``b`` was first seen reconnected (by this or :func:`watch_connection`'s polls);
+    infinite if it never was."""
+    import time
+
+    count = reconnects(b)
+    if not count:
+        return float("inf")
+    seen = _reconnect_seen.get(id(b))
+    if seen is None or seen[0] != count:
+        _reconnect_seen[id(b)] = seen = (count, time.monotonic())
+    return time.monotonic() - seen[1]
+
+
+async def watch_connection(b: bus.Bus, *, give_up_after: float, what: str = "") -> NoReturn:
+    """Watch ``b``'s connection until cancelled: one line on stderr when it drops, one when it is back;
+    a :class:`bus.BusError` when it stays down for ``give_up_after`` seconds (the command's one line).
+
+    Meanwhile nats-py's reconnect errors (one per attempt) stay out of the log: the two lines say it.
+    Run it beside the work in a task group, on a bus from ``cli_bus(..., reconnect=True)``.
+    """
+    import time
+
+    import anyio
+
+    import bus
+
+    nc = b.nc
+    url = b.url
+    quiet = _QuietWhileDown(nc)
+    logger = logging.getLogger("cadenza.bus")
+    logger.addFilter(quiet)
+    down_since: float | None = None
+    try:
+        while True:
+            await anyio.sleep(_WATCH_EVERY)
+            if nc.is_closed:
+                raise bus.BusError(f"the connection to {url} was closed")
+            if nc.is_connected:
+                since_reconnect(b)  # notes the time of a reconnect
+                if down_since is not None:
+                    down_since = None
+                    url = b.url
+                    print(f"cadenza: reconnected to {url}{'; ' + what if what else ''}", file=sys.stderr, flush=True)
+            elif down_since is None:
+                down_since = time.monotonic()
+                print(f"cadenza: lost the connection to {url}; reconnecting (giving up after {give_up_after:g}s)",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            elif time.monotonic() - down_since >= give_up_after:
+                raise bus.BusError(f"{url} did not come back within {give_up_after:g}s; giving up")
+    finally:
+        logger.removeFilter(quiet)
+
+
+class _QuietWhileDown(logging.Filter):
+    """Drops the bus's info and warning lines while the connection is down (a failed try each), and
+    nats-py's report of the end of the stream that starts it (``UnexpectedEOF``, still "connected")."""
+
+    def __init__(self, nc: object) -> None:
+        super().__init__()
+        self._nc = nc
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.WARNING:
+            return True
+        return bool(getattr(self._nc, "is_connected", True)) and "UnexpectedEOF" not in record.getMessage()
 
 
 def run_service(main: Callable[[], Awaitable[None]]) -> int:

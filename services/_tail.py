@@ -10,6 +10,10 @@ A line is the time (the server's store time for history), the subject, the event
 fields, each value cut with an ellipsis at 60 characters and the line cut at the terminal's width;
 ``--json`` prints one object per line: ``{"subject": ..., "time": ..., "event": {...}}`` (``"data"``
 instead of ``"event"`` when the payload is not JSON).
+
+A server restart is ridden out (services/_runtime.py's ``watch_connection`` says when the connection
+drops and when it is back): the live subscription is renewed by nats-py on reconnect; a history
+consumer that the server no longer has is created again after the last message printed.
 """
 
 from __future__ import annotations
@@ -141,41 +145,81 @@ async def _read_stream(
     b: bus.Bus, stream: str, filt: str, start: datetime | None, emit: Callable[[Line], Awaitable[bool]],
     done: Any,
 ) -> None:  # fmt: skip
+    """Emit what ``stream`` holds under ``filt`` from ``start`` (None: everything), then live, until
+    ``done``. After a reconnect the consumer is made again, from the message after the last one
+    emitted (a restarted server has forgotten the ephemeral one)."""
+    import anyio
     import nats.errors
     import nats.js.errors
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-    config = ConsumerConfig(
-        deliver_policy=DeliverPolicy.BY_START_TIME if start else DeliverPolicy.ALL,
-        opt_start_time=start,
-        ack_policy=AckPolicy.NONE, inactive_threshold=30.0, mem_storage=True, filter_subject=filt,
-    )  # fmt: skip
-    try:
-        psub = await b.js.pull_subscribe(filt, stream=stream, config=config)
-    except nats.js.errors.NotFoundError:
-        return  # the stream is not declared (yet): nothing stored
-    except nats.errors.Error as exc:
-        from bus import BusError
+    from ._runtime import reconnects
 
-        raise BusError(f"cannot read {stream}: {exc}") from exc
-    try:
-        while not done.is_set():
-            try:
-                msgs = await psub.fetch(256, timeout=b.timeouts.fetch)
-            except TimeoutError:  # nothing new (nats-py's own or asyncio's)
-                continue
-            for msg in msgs:
-                if not await emit(Line(msg.subject, msg.data, msg.metadata.timestamp)):
-                    done.set()
-                    return
-    finally:
-        import anyio
+    last_seq = 0  # the stream seq of the last message emitted
 
+    async def subscribe() -> Any:
+        if last_seq:
+            policy: dict[str, Any] = {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": last_seq + 1}
+        elif start:
+            policy = {"deliver_policy": DeliverPolicy.BY_START_TIME, "opt_start_time": start}
+        else:
+            policy = {"deliver_policy": DeliverPolicy.ALL}
+        config = ConsumerConfig(**policy, ack_policy=AckPolicy.NONE, inactive_threshold=30.0, mem_storage=True,
+                                filter_subject=filt)  # fmt: skip
+        return await b.js.pull_subscribe(filt, stream=stream, config=config)
+
+    async def drop(psub: Any) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(b.timeouts.shutdown):
             try:
                 await psub.unsubscribe()
             except nats.errors.Error:
                 pass
+
+    psub = None
+    try:
+        while not done.is_set():
+            if psub is None:
+                if not b.nc.is_connected:
+                    await anyio.sleep(_RETRY_EVERY)  # the connection watcher bounds the wait
+                    continue
+                generation = reconnects(b)
+                try:
+                    psub = await subscribe()
+                except nats.js.errors.NotFoundError:
+                    return  # the stream is not declared (yet): nothing stored
+                except (nats.errors.Error, TimeoutError) as exc:
+                    if reconnects(b) == generation and b.nc.is_connected:
+                        from bus import BusError
+
+                        raise BusError(f"cannot read {stream}: {exc}") from exc
+                    continue  # the connection went away meanwhile: again once it is back
+            try:
+                msgs = await psub.fetch(256, timeout=b.timeouts.fetch)
+            except TimeoutError:  # nothing new (nats-py's own or asyncio's)
+                msgs = []
+            except nats.errors.Error:  # the connection dropped, or the server forgot the consumer
+                await drop(psub)
+                psub = None
+                await anyio.sleep(_RETRY_EVERY)
+                continue  # a new consumer from the last message emitted
+            for msg in msgs:
+                seq = msg.metadata.sequence.stream
+                if seq <= last_seq:
+                    continue  # delivered again around a reconnect
+                last_seq = seq
+                if not await emit(Line(msg.subject, msg.data, msg.metadata.timestamp)):
+                    done.set()
+                    return
+            if reconnects(b) != generation:
+                await drop(psub)
+                psub = None
+    finally:
+        if psub is not None:
+            await drop(psub)
+
+
+#: Seconds between tries while the connection is down (history reads).
+_RETRY_EVERY = 0.2
 
 
 def _event_time(data: bytes) -> datetime:
@@ -186,14 +230,20 @@ def _event_time(data: bytes) -> datetime:
         return datetime.now(UTC)
 
 
-def printer(args: argparse.Namespace, console: Console) -> Callable[[Line], Awaitable[bool]]:
-    """The ``emit`` of :func:`follow` for ``args`` (``--json``, ``--count``)."""
+def printer(args: argparse.Namespace, console: Console | None = None) -> Callable[[Line], Awaitable[bool]]:
+    """The ``emit`` of :func:`follow` for ``args`` (``--json``, ``--count``); the console (rich's, made
+    at the first line unless given) cuts lines at a terminal's width."""
     seen = [0]
+    consoles = [console] if console is not None else []
 
     async def emit(line: Line) -> bool:
+        if not consoles and not args.json:
+            from rich.console import Console
+
+            consoles.append(Console(highlight=False))
         if args.json:
             print(as_json(line), flush=True)
-        elif console.is_terminal:
+        elif (console := consoles[0]).is_terminal:
             console.print(format_line(line), overflow="ellipsis", no_wrap=True, crop=True, markup=False,
                           highlight=False)  # fmt: skip
         else:

@@ -22,16 +22,19 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._runtime import (
     READY,
     Parser,
+    add_reconnect_args,
     add_server_args,
     cli_bus,
     float_arg,
     int_arg,
+    riding_out,
     run_service,
     start_process,
     stop_process,
@@ -49,8 +52,9 @@ _COMMAND_MODULES = (
 )  # fmt: skip
 
 
-#: Commands that run until stopped; the others are one-shot (quiet logs, any failure in one line).
-_LONG_RUNNING = frozenset({"server", "dev", "broker", "recorder", "worker", "demo", "tail", "console"})
+#: Commands that run until stopped; the others are one-shot (quiet logs, any failure in one line). ``tail``
+#: runs until stopped too, but as a one-shot: its output is the events, and any failure is one line.
+_LONG_RUNNING = frozenset({"server", "dev", "broker", "recorder", "worker", "demo", "console"})
 
 
 def _fail(message: str) -> int:
@@ -202,10 +206,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    """Follow a subject: live, or ``--since``/``--all`` from the streams (services/_tail.py)."""
-    import anyio
-    from rich.console import Console
-
+    """Follow a subject: live, or ``--since``/``--all`` from the streams (services/_tail.py); rides out a
+    server restart (``--reconnect-timeout``)."""
     from ._tail import follow, printer
 
     if _no_server(args):
@@ -215,14 +217,17 @@ def cmd_tail(args: argparse.Namespace) -> int:
         subject = f"{args.prefix}.{subject}"
     if " " in subject or not all(subject.split(".")):
         return _fail(f"{args.subject!r} is not a subject: dot-separated tokens without spaces, * and > as wildcards")
-    emit = printer(args, Console(highlight=False))
+    emit = printer(args)
 
     async def go() -> None:
-        async with cli_bus(args, "cadenza-tail") as b:
+        import anyio
+
+        async with cli_bus(args, "cadenza-tail", reconnect=True) as b:
             what = "from the start" if args.all else f"from {args.since:g}s ago" if args.since is not None else "live"
             print(f"following {subject} on {b.url} {what} (Ctrl-C to stop)", file=sys.stderr, flush=True)
             with anyio.move_on_after(args.timeout) if args.timeout else anyio.CancelScope():
-                await follow(b, subject, emit, since=args.since, everything=args.all)
+                run = partial(follow, b, subject, emit, since=args.since, everything=args.all)
+                await riding_out(b, run, give_up_after=args.reconnect_timeout, what=f"following {subject}")
 
     return run_service(go)
 
@@ -485,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--all", action="store_true", help="first every stored event (dead letters too), then live")
     s.add_argument("--count", type=int_arg(0), default=0, help="stop after this many messages (0: never)")
     s.add_argument("--timeout", type=float_arg(0), default=0, help="stop after this many seconds (0: never)")
+    add_reconnect_args(s)
     add_server_args(s)
     s.set_defaults(func=cmd_tail)
 

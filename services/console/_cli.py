@@ -7,14 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-import anyio
-
-import bus
-from bus._service_info import serve_service_info
-
 from .._runtime import add_server_args, announce_ready, run_service
-from ._app import ConsoleOptions
-from ._server import is_loopback, running_console
 
 __all__ = ("build_parser", "cmd_console", "main", "register")
 
@@ -32,6 +25,14 @@ def add_console_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_console(args: argparse.Namespace) -> int:
+    import anyio
+
+    import bus
+    from bus._service_info import serve_service_info
+
+    from ._app import ConsoleOptions
+    from ._server import is_loopback, running_console
+
     if not is_loopback(args.host) and not args.token:
         print(f"cadenza console: --host {args.host} is not loopback: pass --token or set CADENZA_CONSOLE_TOKEN "
               "(every request must then carry it)", file=sys.stderr)  # fmt: skip

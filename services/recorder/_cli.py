@@ -18,12 +18,15 @@ from .._runtime import (
     LazyChoices,
     Parser,
     add_metrics_args,
+    add_reconnect_args,
     add_server_args,
+    again_after_reconnect,
     announce_ready,
     cli_bus,
     float_arg,
     id_arg,
     int_arg,
+    riding_out,
     run_service,
     service_bus,
     start_process,
@@ -202,25 +205,35 @@ def cmd_get(args: argparse.Namespace) -> int:
 def cmd_tail(args: argparse.Namespace) -> int:
     """Messages until the activity ends; on a terminal, a live progress bar with the current step."""
     import contextlib
+    from functools import partial
+    from typing import Any
 
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+    async def work(client: bus.ActivityClient) -> int:  # rides out a server restart (--reconnect-timeout)
+        return await riding_out(client.bus, partial(follow, client), give_up_after=args.reconnect_timeout)
 
-    from schemas import ActivityStatus
+    async def follow(client: bus.ActivityClient) -> int:
+        from rich.console import Console  # once connected: a dead server is reported without it
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-    err = Console(stderr=True, highlight=False)
-    live = err.is_terminal and not args.json and not args.no_follow
+        from schemas import ActivityStatus
 
-    async def work(client: bus.ActivityClient) -> int:
+        def ask(call: Any, *a: Any, **kw: Any) -> Any:
+            return again_after_reconnect(client.bus, partial(call, *a, **kw))
+
+        err = Console(stderr=True, highlight=False)
+        live = err.is_terminal and not args.json and not args.no_follow
+
         after, cursor, status = args.after_seq, 0, ActivityStatus.RUNNING
-        record = (await client.get(args.id, limit=0)).activity
+        record = (await ask(client.get, args.id, limit=0)).activity
+        if not args.no_follow:
+            print(f"following {args.id} on {client.bus.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
         bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
                        console=err, transient=True)  # fmt: skip
         with bar if live else contextlib.nullcontext():
             task = bar.add_task(record.step or record.type, total=100, completed=int(record.progress))
             while True:
                 wait = 0.0 if args.no_follow else 1.0 if live else 5.0
-                reply = await client.tail(args.id, after_seq=after, cursor=cursor, wait=wait)
+                reply = await ask(client.tail, args.id, after_seq=after, cursor=cursor, wait=wait)
                 for m in reply.messages:
                     line = m.model_dump_json() if args.json else _line(m)
                     if live:
@@ -229,7 +242,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
                         print(line, flush=True)
                 after, cursor, status = max(after, reply.last_seq), reply.cursor, reply.status
                 if live or reply.done:
-                    record = (await client.get(args.id, limit=0)).activity
+                    record = (await ask(client.get, args.id, limit=0)).activity
                     bar.update(task, completed=record.progress, description=record.step or record.type)
                 if reply.done or args.no_follow:
                     break
@@ -296,6 +309,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("--after-seq", type=int_arg(0), default=0, help="resume after this message seq")
     s.add_argument("--no-follow", action="store_true", help="print what is there and stop")
     s.add_argument("--json", action="store_true", help="one JSON message per line")
+    add_reconnect_args(s)
     add_server_args(s)
     s.set_defaults(func=cmd_tail)
 
