@@ -49,7 +49,6 @@ if _typing.TYPE_CHECKING:
     from ._activity_client import MessageBatch as MessageBatch
     from ._activity_client import read_activity_messages as read_activity_messages
     from ._activity_client import watch_activities as watch_activities
-    from ._fold import fold_activity_event as fold_activity_event
     from ._bus import Bus as Bus
     from ._bus import BusState as BusState
     from ._bus import BusStats as BusStats
@@ -77,6 +76,7 @@ if _typing.TYPE_CHECKING:
     from ._exceptions import SessionError as SessionError
     from ._exceptions import TopologyError as TopologyError
     from ._exceptions import ValidationError as ValidationError
+    from ._fold import fold_activity_event as fold_activity_event
     from ._heartbeat import Heartbeater as Heartbeater
     from ._heartbeat import ProcessLoad as ProcessLoad
     from ._heartbeat import new_worker_id as new_worker_id
@@ -191,8 +191,8 @@ __all__ = (
     "cancelled_by_context",
     "clamp_progress",
     "complete_handler_activity",
-    "completed_already",
     "complete_session",
+    "completed_already",
     "configure_tracing",
     "connect",
     "create_session",

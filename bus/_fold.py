@@ -155,7 +155,7 @@ def fold_message(stored: Stored | None, e: ActivityMessage) -> Stored | None:
 
 def announcement(activity_id: str, start: ActivityStart) -> ActivityStarted:
     """The ``started`` event a version-2 completion's ``start`` stands for (built from valid fields)."""
-    return ActivityStarted.model_construct(
+    return ActivityStarted(
         event_id=f"{activity_id}.started", time=start.started_at, activity_id=activity_id,
         status=ActivityStatus.RUNNING, type=ActivityStarted.type_name(),
         **{k: v for k, v in start if k != "started_at"},
@@ -165,11 +165,11 @@ def announcement(activity_id: str, start: ActivityStart) -> ActivityStarted:
 def _first_event(e: ActivityCompleted, start: ActivityStart) -> Stored:
     """The record of an activity whose first event is a completion carrying its announcement: the
     same as folding the announcement and then the completion, in one step (the common case: a quick
-    activity is one event), from validated events, so nothing is validated again."""
+    activity is one event)."""
     text = cut_text(e.final.message) if e.final is not None and e.final_seq > 0 else ""
     final = bool(text)
     success = e.status is ActivityStatus.SUCCESS
-    record = ActivityRecord.model_construct(
+    record = ActivityRecord(
         id=e.activity_id, environment_id=start.environment_id, type=start.activity_type, status=e.status,
         resource_type=start.resource_type, resource_id=start.resource_id, resource_name=start.resource_name,
         progress=100.0 if success else clamp_progress(start.progress), step=e.step or start.step,
@@ -181,9 +181,9 @@ def _first_event(e: ActivityCompleted, start: ActivityStart) -> Stored:
         created_at=start.started_at, updated_at=e.time,
     )  # fmt: skip
     ranges = [(e.final_seq, e.final_seq)] if final else []
-    fold = ActivityFold.model_construct(announced=True, rev=0, ranges=ranges, completed_event=e.event_id,
+    fold = ActivityFold(announced=True, rev=0, ranges=ranges, completed_event=e.event_id,
                                         host_lost=e.host_lost)  # fmt: skip
-    return Stored.model_construct(record=record, fold=fold)
+    return Stored(record=record, fold=fold)
 
 
 def fold_completed(stored: Stored | None, e: ActivityCompleted) -> Stored | None:

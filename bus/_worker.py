@@ -490,8 +490,7 @@ class Worker:
                 # Announced only if it is still running after announce_after (or publishes an event
                 # first); a quick activity is announced by its completion alone. An early cancel is
                 # looked for in the background: the task's round trip waits for neither.
-                # From a validated task (id, name and session are tokens): constructed, not validated again.
-                req = StartRequest.model_construct(id=aid, type=task.name, worker_id=self.worker_id,
+                req = StartRequest(id=aid, type=task.name, worker_id=self.worker_id,
                                                    session_id=task.session_id or None)  # fmt: skip
                 await svc.start_activity(req, announce_after=self.announce_after)
             except CadenzaError as exc:
@@ -575,9 +574,8 @@ class Worker:
     async def _reply(self, task: ActivityTask, *, result: Any = None, error: TaskError | None = None) -> None:
         if not task.reply_to:
             return
-        # Validated parts (the task, a JSON-able result, a TaskError): constructed, not validated again.
-        reply = ActivityResult.model_construct(
-            type=ActivityResult.type_name(), activity_id=task.activity_id,
+        reply = ActivityResult(
+            activity_id=task.activity_id,
             worker_id=self.worker_id, ok=error is None, result=result if error is None else None, error=error,
         )  # fmt: skip
         # A core reply with a producer span and the trace context in its headers, like every send.
