@@ -12,16 +12,18 @@ The broker and the recorder keep their own loops (written before these); new rea
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import Any
 
 import anyio
 import nats.errors
 from anyio.abc import TaskStatus
+from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 from opentelemetry.trace import SpanKind
 
-from schemas import WorkerHeartbeat, WorkerStarted, WorkerStopped, utcnow
+from schemas import Event, WorkerHeartbeat, WorkerStarted, WorkerStopped, utcnow
 
 from ._bus import Bus
 from ._codec import decode
@@ -73,6 +75,47 @@ async def follow_bucket(
                 await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
 
 
+async def _follow(
+    bus: Bus,
+    domain: str,
+    accept: Sequence[type[Event]],
+    on_msg: Callable[[Msg, Event | None], None],
+    consumer: str | None,
+    task_status: TaskStatus[None],
+    **policy: Any,
+) -> None:
+    """One ordered consumer on ``domain``'s stream: ``on_msg(msg, event)`` for each message (``None``
+    for input that does not validate, dead-lettered first under ``consumer`` when given), ready once
+    the messages stored before the start were delivered."""
+    sub = await bus.js.subscribe(
+        bus.subjects.domain_wildcard(domain), stream=bus.topology.stream_name(domain), ordered_consumer=True,
+        pending_msgs_limit=1_000_000, pending_bytes_limit=256 * 1024 * 1024, **policy,
+    )  # fmt: skip
+    try:
+        backlog = (await sub.consumer_info()).num_pending
+        if not backlog:
+            task_status.started()
+        async for msg in sub.messages:
+            meta = msg.metadata
+            try:
+                event: Event | None = decode(msg.data, msg.headers, accept)
+            except ValidationError as exc:
+                event = None
+                if consumer is not None:
+                    with contextlib.suppress(CadenzaError):
+                        await bus.dead_letter(consumer=consumer, subject=msg.subject, data=msg.data,
+                                              headers=msg.headers, reason=exc.message, error_type=exc.kind,
+                                              stream=meta.stream, stream_seq=meta.sequence.stream)  # fmt: skip
+            on_msg(msg, event)
+            if backlog and meta.num_pending == 0:
+                backlog = 0
+                task_status.started()
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(bus.timeouts.shutdown):
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+
 async def follow_worker_events(
     bus: Bus,
     on_event: Callable[[WorkerEvent, datetime], None],
@@ -85,34 +128,14 @@ async def follow_worker_events(
     Ready once the stored backlog was delivered. Bad input is dead-lettered under ``consumer``
     (skipped silently when None: a reader that only shows what it sees leaves that to the services).
     """
-    sub = await bus.js.subscribe(
-        bus.subjects.domain_wildcard("worker"), stream=bus.topology.stream_name("worker"), ordered_consumer=True,
-        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, pending_msgs_limit=1_000_000,
-    )  # fmt: skip
-    try:
-        backlog = (await sub.consumer_info()).num_pending
-        if not backlog:
-            task_status.started()
-        async for msg in sub.messages:
-            meta = msg.metadata
-            try:
-                event = decode(msg.data, msg.headers, WORKER_EVENTS)
-            except ValidationError as exc:
-                if consumer is not None:
-                    with contextlib.suppress(CadenzaError):
-                        await bus.dead_letter(consumer=consumer, subject=msg.subject, data=msg.data,
-                                              headers=msg.headers, reason=exc.message, error_type=exc.kind,
-                                              stream=meta.stream, stream_seq=meta.sequence.stream)  # fmt: skip
-            else:
-                assert isinstance(event, WORKER_EVENTS)
-                on_event(event, meta.timestamp or utcnow())
-            if backlog and meta.num_pending == 0:
-                backlog = 0
-                task_status.started()
-    finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(bus.timeouts.shutdown):
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+
+    def on_msg(msg: Msg, event: Event | None) -> None:
+        if event is not None:
+            assert isinstance(event, WORKER_EVENTS)
+            on_event(event, msg.metadata.timestamp or utcnow())
+
+    await _follow(bus, "worker", WORKER_EVENTS, on_msg, consumer, task_status,
+                  deliver_policy=DeliverPolicy.LAST_PER_SUBJECT)  # fmt: skip
 
 
 async def follow_activity_events(
@@ -132,47 +155,30 @@ async def follow_activity_events(
     before the start were delivered.
     """
     name = consumer or "activity-reader"
+
+    def on_msg(msg: Msg, event: Event | None) -> None:
+        meta = msg.metadata
+        seq = meta.sequence.stream
+        if event is None:
+            on_event(None, seq)
+            return
+        assert isinstance(event, ACTIVITY_EVENTS)
+        instruments.pending[name] = meta.num_pending
+        # A consumer span per event, the child of its publisher's (one trace from caller to recorder),
+        # as bus.consume gives its handlers.
+        with tracer.start_as_current_span(
+            f"process {msg.subject}", context=extract_context(msg.headers), kind=SpanKind.CONSUMER,
+            attributes={"messaging.system": SYSTEM, "messaging.operation.type": "process",
+                        "messaging.destination.name": msg.subject, "messaging.consumer.group.name": name,
+                        "messaging.message.id": event.event_id, "messaging.nats.stream_sequence": seq},
+        ):  # fmt: skip
+            on_event(event, seq)
+        instruments.handled.add(1, {"consumer": name})
+
     start = after() + 1
-    policy = {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": start} if start > 1 else {
-        "deliver_policy": DeliverPolicy.ALL}  # fmt: skip
-    sub = await bus.js.subscribe(
-        bus.subjects.domain_wildcard("activity"), stream=bus.topology.stream_name("activity"), ordered_consumer=True,
-        pending_msgs_limit=1_000_000, pending_bytes_limit=256 * 1024 * 1024, **policy,
-    )  # fmt: skip
-    try:
-        backlog = (await sub.consumer_info()).num_pending
-        if not backlog:
-            task_status.started()
-        async for msg in sub.messages:
-            meta = msg.metadata
-            seq = meta.sequence.stream
-            try:
-                event: ActivityEvent | None = decode(msg.data, msg.headers, ACTIVITY_EVENTS)  # type: ignore[assignment]
-            except ValidationError as exc:
-                event = None
-                if consumer is not None:
-                    with contextlib.suppress(CadenzaError):
-                        await bus.dead_letter(consumer=consumer, subject=msg.subject, data=msg.data,
-                                              headers=msg.headers, reason=exc.message, error_type=exc.kind,
-                                              stream=meta.stream, stream_seq=seq)  # fmt: skip
-            if event is None:
-                on_event(None, seq)
-            else:
-                instruments.pending[name] = meta.num_pending
-                # A consumer span per event, the child of its publisher's (one trace from caller to
-                # recorder), as bus.consume gives its handlers.
-                with tracer.start_as_current_span(
-                    f"process {msg.subject}", context=extract_context(msg.headers), kind=SpanKind.CONSUMER,
-                    attributes={"messaging.system": SYSTEM, "messaging.operation.type": "process",
-                                "messaging.destination.name": msg.subject, "messaging.consumer.group.name": name,
-                                "messaging.message.id": event.event_id, "messaging.nats.stream_sequence": seq},
-                ):  # fmt: skip
-                    on_event(event, seq)
-                instruments.handled.add(1, {"consumer": name})
-            if backlog and meta.num_pending == 0:
-                backlog = 0
-                task_status.started()
-    finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(bus.timeouts.shutdown):
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+    if start > 1:
+        await _follow(bus, "activity", ACTIVITY_EVENTS, on_msg, consumer, task_status,
+                      deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)  # fmt: skip
+    else:
+        await _follow(bus, "activity", ACTIVITY_EVENTS, on_msg, consumer, task_status,
+                      deliver_policy=DeliverPolicy.ALL)  # fmt: skip

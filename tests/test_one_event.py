@@ -1,0 +1,157 @@
+"""Issue #10's flow: one stored event for a quick activity, `started` for a long one, the first
+completion kept by the stream itself, and a result the caller saw is a record that survives kills."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import nats.js.errors
+import pytest
+
+import bus
+from bus.testing import ServiceProcess, eventually, unique_prefix
+from schemas import ActivityCompleted, ActivityStart, ActivityStatus, utcnow
+from services.broker import Broker, BrokerConfig
+from tests.test_activity_host import running_recorder, terminal, wait_record
+
+KEY = b"k" * 32
+
+
+async def _stored(b: bus.Bus, activity_id: str, event: str) -> dict[str, Any] | None:
+    """The activity's stored ``event`` (its JSON body), or None."""
+    import json
+
+    try:
+        stream, subject = b.topology.stream_name("activity"), b.subjects.build("activity", activity_id, event)
+        msg = await b.js.get_last_msg(stream, subject)
+    except nats.js.errors.NotFoundError:
+        return None
+    body: dict[str, Any] = json.loads(msg.data or b"{}")
+    return body
+
+
+@contextlib.asynccontextmanager
+async def _worker(b: bus.Bus, gate: anyio.Event, **kw: Any) -> AsyncIterator[bus.Worker]:
+    w = bus.Worker(b, heartbeat_interval=0.5, **kw)
+
+    @w.activity()
+    async def quick(x: int) -> int:
+        return x * 2
+
+    @w.activity()
+    async def slow() -> str:
+        bus.activity_context()  # inside a worker
+        await gate.wait()
+        return "done"
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(w.run)
+        yield w
+        tg.cancel_scope.cancel()
+
+
+def _opts() -> bus.SessionOptions:
+    return bus.SessionOptions(creation_timeout=10, execution_timeout=120, heartbeat_timeout=10)
+
+
+async def test_a_quick_activity_is_one_stored_event_and_a_whole_record(cadenza_bus: bus.Bus) -> None:
+    b, gate = cadenza_bus, anyio.Event()
+    async with running_recorder(b) as rec, _worker(b, gate) as w:
+        async with anyio.create_task_group() as tg:
+            await tg.start(Broker(b, BrokerConfig(token_key=KEY)).run)
+            sctx = await bus.create_session(b.context(), _opts())
+            assert await bus.execute_activity(sctx, "quick", 21, activity_id="q-1") == 42
+            # Stored before the caller heard the result: the completion is there at once, and alone.
+            done = await _stored(b, "q-1", "completed")
+            assert done is not None and done["schema_version"] == 2 and done["status"] == "success"
+            assert done["start"]["activity_type"] == "quick" and done["start"]["worker_id"] == w.worker_id
+            assert await _stored(b, "q-1", "started") is None
+            record, _ = await wait_record(b, "q-1", terminal)
+            assert record.status is ActivityStatus.SUCCESS and record.type == "quick" and record.result == 42
+            assert sctx.session is not None
+            assert record.worker_id == w.worker_id and record.session_id == sctx.session.session_id
+            assert record.started_at is not None and record.ended_at is not None and record.duration_ms is not None
+            assert rec.cache["q-1"].fold.announced
+            tg.cancel_scope.cancel()
+
+
+async def test_a_long_activity_shows_running_while_it_runs(cadenza_bus: bus.Bus) -> None:
+    b, gate = cadenza_bus, anyio.Event()
+    async with running_recorder(b), _worker(b, gate, announce_after=0.2):
+        async with anyio.create_task_group() as tg:
+            await tg.start(Broker(b, BrokerConfig(token_key=KEY)).run)
+            sctx = await bus.create_session(b.context(), _opts())
+            result: list[str] = []
+
+            async def call() -> None:
+                result.append(await bus.execute_activity(sctx, "slow", activity_id="s-1"))
+
+            tg.start_soon(call)
+            # Announced after announce_after while it still runs: the recorder shows it running.
+            record, _ = await wait_record(b, "s-1", lambda r: r.status is ActivityStatus.RUNNING, timeout=20)
+            assert record.type == "slow" and record.ended_at is None
+            started = await _stored(b, "s-1", "started")
+            assert started is not None and started["activity_type"] == "slow"
+            gate.set()
+            await eventually(lambda: result == ["done"], timeout=20, what="the result")
+            done = await _stored(b, "s-1", "completed")
+            assert done is not None and done["start"] is None  # announced already: not again
+            record, _ = await wait_record(b, "s-1", terminal)
+            assert record.status is ActivityStatus.SUCCESS and record.result == "done"
+            tg.cancel_scope.cancel()
+
+
+async def test_the_stream_keeps_the_first_completion(cadenza_bus: bus.Bus) -> None:
+    b = cadenza_bus
+    start = ActivityStart(started_at=utcnow(), activity_type="t")
+    first = ActivityCompleted(event_id="f-1.completed", activity_id="f-1", status=ActivityStatus.SUCCESS, start=start)
+    await b.publish(first, headers=bus.FIRST_COMPLETION)
+    # Another completion of the same activity, or the same one again (a retry after a lost ack: the
+    # server checks the expectation before its duplicate window): refused, and recognised as "ended".
+    other = ActivityCompleted(event_id="f-1.completed-again", activity_id="f-1", status=ActivityStatus.FAILED)
+    for event in (other, first):
+        with pytest.raises(bus.PublishError) as err:
+            await b.publish(event, headers=bus.FIRST_COMPLETION)
+        assert bus.completed_already(err.value)
+    stored = await _stored(b, "f-1", "completed")
+    assert stored is not None and stored["status"] == "success"
+
+
+def test_a_result_the_caller_saw_is_recorded_after_killing_the_worker_and_the_recorder(nats_server: Any) -> None:
+    """SIGKILL of the worker right after the caller saw the result, then of the recorder: a recorder
+    started again (reading the stream) still has the record, with the result."""
+    prefix, url = unique_prefix(), nats_server.url
+    worker = ServiceProcess("tests.session_worker", "--prefix", prefix, url=url)
+    recorder = ServiceProcess("services.recorder", "--prefix", prefix, url=url)
+
+    async def run() -> None:
+        async with bus.connect(url, prefix=prefix, name="kill-test") as b, anyio.create_task_group() as tg:
+            await tg.start(Broker(b, BrokerConfig(token_key=KEY)).run)
+            sctx = await bus.create_session(b.context(), _opts())
+            assert await bus.execute_activity(sctx, "echo", {"v": 7}, activity_id="k-1") == {"v": 7}
+            await anyio.to_thread.run_sync(worker.kill)
+            await anyio.to_thread.run_sync(recorder.kill)
+            tg.cancel_scope.cancel()
+
+    try:
+        recorder.start(timeout=30)
+        worker.start(timeout=30)
+        anyio.run(run)
+        again = ServiceProcess("services.recorder", "--prefix", prefix, url=url)
+        try:
+            again.start(timeout=30)
+
+            async def check() -> None:
+                async with bus.connect(url, prefix=prefix, name="kill-check") as b:
+                    record, _ = await wait_record(b, "k-1", terminal, timeout=30)
+                    assert record.status is ActivityStatus.SUCCESS and record.result == {"v": 7}
+
+            anyio.run(check)
+        finally:
+            again.kill()
+    finally:
+        worker.kill()
+        recorder.kill()
