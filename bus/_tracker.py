@@ -93,6 +93,8 @@ class _Track:
     deferred: StartRequest | None = None
     #: The context the activity started in (its trace), for an announcement published later.
     context: contextvars.Context | None = None
+    #: Its id was made here (not given): nobody could cancel it before it started.
+    fresh_id: bool = False
     writers: list[ActivityWriter] = field(default_factory=list)
     warned: bool = False
     #: The status of a completion that is not stored yet (kept in ``pending``, retried by the outbox).
@@ -325,18 +327,20 @@ class BusActivityService:
             metadata=req.metadata, batch_id=req.batch_id, worker_id=req.worker_id or self.worker_id,
             session_id=req.session_id, result=None, message_count=0, last_seq=0, created_at=now, updated_at=now,
         )  # fmt: skip
+        fresh = "id" not in req.model_fields_set
         if announce_after is not None:
-            track = self._tracks[req.id] = _Track(record=record, deferred=req, context=contextvars.copy_context())
+            track = self._tracks[req.id] = _Track(record=record, deferred=req, context=contextvars.copy_context(),
+                                                  fresh_id=fresh)  # fmt: skip
             self._due.append((anyio.current_time() + announce_after, track))
             self._due_added.set()
             return record
         event = self._started_event(record, req)
         if not wait:
-            track = self._tracks[req.id] = _Track(record=record, pending=[(event, None)])
+            track = self._tracks[req.id] = _Track(record=record, pending=[(event, None)], fresh_id=fresh)
             tg.start_soon(self._publish_pending, track, name=f"activity-start-{req.id}")
             return record
         await self.bus.publish(event)
-        self._tracks[req.id] = _Track(record=record)
+        self._tracks[req.id] = _Track(record=record, fresh_id=fresh)
         return record
 
     @staticmethod
@@ -587,6 +591,10 @@ class BusActivityService:
         track.token = work.token
         # No task per activity: the warning is scheduled only if the token is cancelled.
         work.token.on_cancel(lambda _cause: self._cancelled(track))
+        if check_stored and track.fresh_id and track.record.started_at is not None:
+            # An id made by start_activity cannot have been cancelled before it existed: if the router
+            # was listening then, it heard (and keeps) every cancel for it; no look-up needed.
+            check_stored = not self.router.seen_since(track.record.started_at)
         if not check_stored:
             pass  # the caller knows the router heard every cancel that could target this id
         elif check_now:
