@@ -5,7 +5,8 @@ What each figure measures (the same patterns as the limit, through cadenza's API
 
 (a) ``create_session`` then ``execute_activity`` in it, until the result is back in the caller.
 (b) ``execute_activity`` in an open session, one after another; caller-side round trip. Activities
-    are tracked (the worker publishes started/completed activity events for the recorder).
+    are tracked (the worker stores one ``completed`` event, carrying the start, before it answers;
+    the recorder folds it from the stream).
 (c) (b) from 1, 10 or 100 concurrent sessions, all opened before the clock starts.
 (d) ``execute_activity`` of an activity that waits in the session's worker; the caller's context
     is cancelled (the call publishes the stored cancel event; the worker's router cancels the

@@ -233,14 +233,15 @@ def _targets(res: Results, m: Metric, stat: str) -> str:
     def known(*xs: float) -> bool:
         return not any(math.isnan(x) for x in xs)
 
+    # Issue #10's targets (stricter than issue #5's: ≤3x, ≥30x; ≥40%, ≥10x; < 5 ms).
     if m.key == "round_trip" and stat == "p50":
-        ok = (c <= 3 * lim and tem >= 30 * c) if known(c, lim, tem) else None
-        return "≤3x limit, Temporal ≥30x" + verdict(ok)
+        ok = (c <= 2 * lim and tem >= 40 * c) if known(c, lim, tem) else None
+        return "≤2x limit, Temporal ≥40x" + verdict(ok)
     if m.key == "throughput_100":
-        ok = (c >= 0.4 * lim and c >= 10 * tem) if known(c, lim, tem) else None
-        return "≥40% of limit, ≥10x Temporal" + verdict(ok)
+        ok = (c >= 0.35 * lim and c >= 15 * tem) if known(c, lim, tem) else None
+        return "≥35% of limit, ≥15x Temporal" + verdict(ok)
     if m.key == "cancel" and stat == "p99":
-        return "< 5 ms" + verdict(c < 5 if known(c) else None)
+        return "≤ 3 ms" + verdict(c <= 3 if known(c) else None)
     if m.key == "worker_loss" and stat == "max":
         bound = 1.1 * s.loss_heartbeat_timeout
         return f"≤ 1.1 x {s.loss_heartbeat_timeout:g} s timeout" + verdict(c <= bound if known(c) else None)
