@@ -375,7 +375,9 @@ class BusActivityService:
             due, track = self._due[0]
             wait = due - anyio.current_time()
             if wait > 0:
-                await anyio.sleep(wait)
+                # Not less than 50 ms: one wake-up takes every announcement due by then (a steady
+                # flow of activities would otherwise wake this loop once per activity).
+                await anyio.sleep(max(wait, 0.05))
                 continue
             self._due.popleft()
             if track.deferred is not None and track.record.id in self._tracks:
