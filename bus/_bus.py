@@ -60,7 +60,7 @@ from ._exceptions import (
 from ._retry import backoff_delay, is_transient, retry_transient
 from ._server import EmbeddedServer
 from ._topology import ConsumerSpec, Topology
-from ._tracing import SYSTEM, extract_context, inject_headers, instruments, tracer
+from ._tracing import NO_SPAN, SYSTEM, extract_context, inject_headers, instruments, traced_receive, traced_send, tracer
 
 __all__ = ("Bus", "BusState", "Delivery", "PublishResult", "connect")
 
@@ -348,19 +348,25 @@ class Bus:
         if headers:
             hdrs.update(headers)
         timeout = self.timeouts.publish if timeout is None else timeout
-        with tracer.start_as_current_span(
-            f"send {subject}",
-            kind=SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": SYSTEM,
-                "messaging.operation.type": "send",
-                "messaging.operation.name": "send",
-                "messaging.destination.name": subject,
-                "messaging.message.id": event.event_id,
-                "messaging.message.body.size": len(body),
-            },
+        traced = traced_send()
+        with (
+            tracer.start_as_current_span(
+                f"send {subject}",
+                kind=SpanKind.PRODUCER,
+                attributes={
+                    "messaging.system": SYSTEM,
+                    "messaging.operation.type": "send",
+                    "messaging.operation.name": "send",
+                    "messaging.destination.name": subject,
+                    "messaging.message.id": event.event_id,
+                    "messaging.message.body.size": len(body),
+                },
+            )
+            if traced
+            else NO_SPAN
         ) as span:
-            inject_headers(hdrs)
+            if traced:
+                inject_headers(hdrs)
             result = await self._publish_raw(subject, body, hdrs, timeout)
             span.set_attribute("messaging.nats.stream_sequence", result.seq)
             self.stats.published += 1
@@ -400,6 +406,9 @@ class Bus:
         self._check_open()
         subject = subject or self.subject_of(event)
         body, hdrs = encode(event)
+        if not traced_send():
+            await self.nc.publish(subject, body, headers=hdrs)
+            return
         with tracer.start_as_current_span(
             f"send {subject}", kind=SpanKind.PRODUCER,
             attributes={"messaging.system": SYSTEM, "messaging.destination.name": subject,
@@ -539,20 +548,24 @@ class Bus:
                 await self._reject(msg, spec.durable, exc.message, exc.kind, seq, deliveries)
                 return
             delivery = Delivery(msg.subject, headers, seq, deliveries, spec.durable)
-            with tracer.start_as_current_span(
-                f"process {msg.subject}",
-                context=extract_context(headers),
-                kind=SpanKind.CONSUMER,
-                attributes={
-                    "messaging.system": SYSTEM,
-                    "messaging.operation.type": "process",
-                    "messaging.operation.name": "process",
-                    "messaging.destination.name": msg.subject,
-                    "messaging.consumer.group.name": spec.durable,
-                    "messaging.message.id": event.event_id,
-                    "messaging.nats.stream_sequence": seq,
-                    "messaging.nats.delivery_count": deliveries,
-                },
+            with (
+                tracer.start_as_current_span(
+                    f"process {msg.subject}",
+                    context=extract_context(headers),
+                    kind=SpanKind.CONSUMER,
+                    attributes={
+                        "messaging.system": SYSTEM,
+                        "messaging.operation.type": "process",
+                        "messaging.operation.name": "process",
+                        "messaging.destination.name": msg.subject,
+                        "messaging.consumer.group.name": spec.durable,
+                        "messaging.message.id": event.event_id,
+                        "messaging.nats.stream_sequence": seq,
+                        "messaging.nats.delivery_count": deliveries,
+                    },
+                )
+                if traced_receive(headers)
+                else NO_SPAN
             ) as span:
                 failure: Exception | None = None
                 try:
@@ -673,7 +686,7 @@ class Bus:
                     f"process {msg.subject}", context=extract_context(headers), kind=SpanKind.CONSUMER,
                     attributes={"messaging.system": SYSTEM, "messaging.destination.name": msg.subject,
                                 "messaging.operation.type": "process"},
-                ):  # fmt: skip
+                ) if traced_receive(headers) else NO_SPAN:  # fmt: skip
                     try:
                         await handler(event, msg.subject)
                     except Exception as exc:
@@ -711,7 +724,9 @@ class Bus:
         """
         self._check_open()
         timeout = self.timeouts.request if timeout is None else timeout
-        hdrs = inject_headers({"Content-Type": "application/json"})
+        hdrs = {"Content-Type": "application/json"}
+        if traced_send():
+            inject_headers(hdrs)
         try:
             msg = await self.nc.request(subject, payload.model_dump_json().encode(), timeout=timeout, headers=hdrs)
         except nats.errors.NoRespondersError as exc:
@@ -769,7 +784,7 @@ class Bus:
             f"process {msg.subject}", context=extract_context(headers), kind=SpanKind.SERVER,
             attributes={"messaging.system": SYSTEM, "messaging.destination.name": msg.subject,
                         "messaging.operation.type": "process"},
-        ):  # fmt: skip
+        ) if traced_receive(headers) else NO_SPAN:  # fmt: skip
             try:
                 if len(msg.data) > MAX_EVENT_BYTES:
                     raise ValidationError(f"request is {len(msg.data)} bytes, over {MAX_EVENT_BYTES}", kind="oversize")
