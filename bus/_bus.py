@@ -15,6 +15,7 @@ A message is terminated only after its dead-letter copy is stored, so rejected i
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -25,7 +26,7 @@ import logging
 import os
 import socket
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -157,6 +158,10 @@ class _Pull:
     ``pending`` counts messages asked for and not yet delivered. A request that expires or ends early
     says how many it leaves undelivered (``Nats-Pending-Messages``); a request lost with a server
     restart or a reconnect is written off after its expiry (or at once on reconnect).
+
+    Messages are taken by a subscription callback into a queue of our own: nats-py's ``next_msg``
+    costs two tasks, a uuid and a ``wait_for`` per message; waiting here is one future, and none
+    when a message is already queued.
     """
 
     def __init__(self, bus: Bus, stream: str, spec: ConsumerSpec, batch: int) -> None:
@@ -171,12 +176,20 @@ class _Pull:
         self.inbox = ""
         self.sub: Any = None
         self.errors_in_row = 0
+        self._arrived: deque[Msg] = deque()
+        self._waiter: asyncio.Future[None] | None = None
 
     async def open(self) -> None:
         nc = self.bus.nc
         self.inbox = nc.new_inbox()
-        self.sub = await nc.subscribe(self.inbox, pending_msgs_limit=1_000_000)
+        self.sub = await nc.subscribe(self.inbox, cb=self._arrive, pending_msgs_limit=1_000_000)
         self.reconnects = int(nc.stats.get("reconnects", 0))
+
+    async def _arrive(self, msg: Msg) -> None:
+        self._arrived.append(msg)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -207,10 +220,18 @@ class _Pull:
 
     async def next(self) -> Msg | None:
         """The next message, or None (a status, or nothing within half a second: time to top up)."""
-        try:
-            msg: Msg = await self.sub.next_msg(timeout=0.5)
-        except nats.errors.TimeoutError:
-            return None
+        if not self._arrived:
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(0.5, _wake, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+            if not self._arrived:
+                return None
+        msg = self._arrived.popleft()
         headers = msg.headers or {}
         status = headers.get("Status") if not msg.data else None
         if status:
@@ -235,6 +256,11 @@ class BusStats:
     dead_letters: int = 0
     redeliveries_skipped: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _hostname() -> str:
