@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import json
 import subprocess
 import sys
 from typing import Any
 
-from bus.testing import unique_prefix
+import anyio
+import pytest
+
+import bus
+from bus.testing import eventually, unique_prefix
+
+from ._events import Ping
 
 
 def test_without_a_tracer_provider_nothing_is_traced_but_carried_context_travels_on(nats_server: Any) -> None:
@@ -32,3 +40,78 @@ def test_without_a_tracer_provider_nothing_is_traced_but_carried_context_travels
     assert provider["ping_headers"]["traceparent"].startswith("00-")
     assert provider["handler_span_valid"] is True
     assert provider["spans"] == ["process", "send"]
+
+
+# ---------------------------------------------------------------- handlers run as a task group's children would
+
+
+def spec(b: bus.Bus, name: str = "c") -> bus.ConsumerSpec:
+    return bus.ConsumerSpec(name, b.subjects.filter("session"))
+
+
+async def test_consume_ends_after_its_cancelled_handlers_finish_their_shielded_cleanup(cadenza_bus: bus.Bus) -> None:
+    started = anyio.Event()
+    events: list[str] = []
+
+    async def handler(ev: Ping, d: bus.Delivery) -> None:
+        started.set()
+        try:
+            await anyio.sleep(60)
+        except anyio.get_cancelled_exc_class():
+            events.append("cancelled")
+            try:
+                await anyio.sleep(60)  # still cancelled: the scope stays cancelled (level-triggered)
+            except anyio.get_cancelled_exc_class():
+                events.append("cancelled again")
+                with anyio.CancelScope(shield=True):
+                    await anyio.sleep(0.05)  # a shield is honoured
+                    events.append("cleaned up")
+                raise
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            await tg.start(cadenza_bus.consume, spec(cadenza_bus), [Ping], handler)
+            await cadenza_bus.publish(Ping(n=1))
+            await started.wait()
+            tg.cancel_scope.cancel()
+    assert events == ["cancelled", "cancelled again", "cleaned up"]
+    assert cadenza_bus.stats.handled == 0
+
+
+_VAR: contextvars.ContextVar[int] = contextvars.ContextVar("fastpath_test", default=0)
+
+
+async def test_each_handler_starts_in_a_copy_of_the_consumers_context(cadenza_bus: bus.Bus) -> None:
+    seen: list[int] = []
+
+    async def handler(ev: Ping, d: bus.Delivery) -> None:
+        seen.append(_VAR.get())
+        _VAR.set(ev.n)  # never reset: must not leak into the next message's handler
+
+    token = _VAR.set(7)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(functools.partial(cadenza_bus.consume, spec(cadenza_bus), [Ping], handler, concurrency=1))
+            for n in (1, 2, 3):
+                await cadenza_bus.publish(Ping(n=n))
+            await eventually(lambda: len(seen) == 3)
+            tg.cancel_scope.cancel()
+    finally:
+        _VAR.reset(token)
+    assert seen == [7, 7, 7]
+
+
+class _Boom(BaseException):
+    """Not an Exception: the consumer does not treat it as a handler failure."""
+
+
+async def test_what_escapes_a_handler_crashes_the_consumer_as_a_failed_child_would(cadenza_bus: bus.Bus) -> None:
+    async def handler(ev: Ping, d: bus.Delivery) -> None:
+        raise _Boom("out")
+
+    with anyio.fail_after(20), pytest.raises(BaseExceptionGroup) as info:
+        async with anyio.create_task_group() as tg:
+            await tg.start(cadenza_bus.consume, spec(cadenza_bus), [Ping], handler)
+            await cadenza_bus.publish(Ping(n=1))
+            await anyio.sleep_forever()
+    assert info.group_contains(_Boom)
