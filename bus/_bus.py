@@ -731,11 +731,14 @@ class Bus:
 
     async def _settle(self, msg: Msg, how: str, delay: float | None = None) -> bool:
         try:
+            if how == "ack-async":
+                # One publish, no round trip: it waits only for a forced flush of a full outgoing
+                # buffer, which the connection bounds (flush_timeout), so no timer of our own here.
+                await msg.ack()
+                return True
             with anyio.fail_after(self.timeouts.ack):
                 if how == "ack":
                     await msg.ack_sync(timeout=self.timeouts.ack)
-                elif how == "ack-async":
-                    await msg.ack()
                 elif how == "nak":
                     await msg.nak(delay=delay)
                 else:
@@ -1013,6 +1016,9 @@ async def _open_nats(opts: ConnectOptions, timeouts: Timeouts) -> NatsClient:
         "disconnected_cb": on_disconnect,
         "reconnected_cb": on_reconnect,
         "inbox_prefix": inbox_prefix,
+        # A publish waits for the socket only when the outgoing buffer is full (a forced flush);
+        # nats-py waits for ever there unless told.
+        "flush_timeout": timeouts.publish,
     }
     if opts.user:
         kwargs["user"], kwargs["password"] = opts.user, opts.password
