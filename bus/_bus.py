@@ -128,7 +128,8 @@ class _InFlight:
 
     def __init__(self) -> None:
         self._since: dict[int, tuple[Msg, float]] = {}
-        self._changed = anyio.Event()
+        #: Set when a message leaves; made only while the consume loop waits for room.
+        self._changed: anyio.Event | None = None
 
     @property
     def count(self) -> int:
@@ -139,11 +140,14 @@ class _InFlight:
 
     def remove(self, msg: Msg) -> None:
         self._since.pop(id(msg), None)
-        event, self._changed = self._changed, anyio.Event()
-        event.set()
+        event, self._changed = self._changed, None
+        if event is not None:
+            event.set()
 
     async def below(self, limit: int) -> None:
         while len(self._since) >= limit:
+            if self._changed is None:
+                self._changed = anyio.Event()
             await self._changed.wait()
 
     def older_than(self, seconds: float) -> list[Msg]:

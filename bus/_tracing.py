@@ -172,7 +172,10 @@ def traced_receive(headers: Mapping[str, str]) -> bool:
     records spans, the headers carry trace context, or the current context is not empty."""
     if _installed or tracer_installed() or otel_context.get_current():
         return True
-    return any(name in headers for name in _propagated_fields())
+    for name in _propagated_fields():
+        if name in headers:
+            return True
+    return False
 
 
 class _NoSpan:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import itertools
 import json
 import subprocess
 import sys
@@ -13,9 +14,11 @@ import anyio
 import pytest
 
 import bus
+from bus import _codec
 from bus.testing import eventually, unique_prefix
+from schemas import Event
 
-from ._events import Ping
+from ._events import Ping, Pong
 
 
 def test_without_a_tracer_provider_nothing_is_traced_but_carried_context_travels_on(nats_server: Any) -> None:
@@ -115,3 +118,47 @@ async def test_what_escapes_a_handler_crashes_the_consumer_as_a_failed_child_wou
             await cadenza_bus.publish(Ping(n=1))
             await anyio.sleep_forever()
     assert info.group_contains(_Boom)
+
+
+# ---------------------------------------------------------------- decode: the at-a-glance path agrees with the rules
+
+
+def _outcome(data: bytes, headers: dict[str, str] | None, accept: list[type[Event]]) -> str:
+    try:
+        event = bus.decode(data, headers, accept)
+    except bus.ValidationError as exc:
+        return f"error {exc.kind}: {exc.message}"
+    return f"ok {event!r}"
+
+
+_ABSENT = object()
+
+
+def test_decode_answers_as_the_full_rules_do_for_every_mix_of_body_and_headers(monkeypatch: pytest.MonkeyPatch) -> None:
+    versions: list[object] = [_ABSENT, 1, 2, "1", 1.0, True, 0, -1, None]
+    header_versions: list[object] = [_ABSENT, "1", "01", " 1", "2", "x", ""]
+    types: list[object] = [_ABSENT, "session.ping", "", "session.pong", None, 5]
+    header_types: list[object] = [_ABSENT, "session.ping", "session.pong", ""]
+    ids: list[object] = [_ABSENT, "same", "other"]
+    cases: list[tuple[bytes, dict[str, str], list[type[Event]]]] = []
+    mixes = itertools.product(versions, header_versions, types, header_types, ids)
+    for version, hversion, kind, hkind, msg_id in mixes:
+        body: dict[str, object] = {"event_id": "same", "time": "2026-12-02T00:00:00Z", "n": 1}
+        if version is not _ABSENT:
+            body["schema_version"] = version
+        if kind is not _ABSENT:
+            body["type"] = kind
+        headers = {name: str(value) for name, value in (("Cadenza-Schema-Version", hversion),
+                   ("Cadenza-Event-Type", hkind), ("Nats-Msg-Id", msg_id)) if value is not _ABSENT}  # fmt: skip
+        data = json.dumps(body).encode()
+        cases += [(data, headers, accept) for accept in ([Ping], [Ping, Pong])]
+    base = '{"event_id": "same", "time": "2026-12-02T00:00:00Z", "n": 1}'
+    cases += [(b"\xef\xbb\xbf" + base.encode(), {}, [Ping]),  # a UTF-8 byte-order mark
+              (base.encode("utf-16"), {}, [Ping]),  # UTF-16, which json.loads takes
+              (b'{"n": 1, "key": "\\ud800"}', {}, [Ping]), (b'{"n": NaN}', {}, [Ping]), (b"null", {}, [Ping]),
+              (b'{"n": 1}\xff', {}, [Ping]), (b"[" * 100_000, {}, [Ping])]  # fmt: skip
+    fast = [_outcome(*case) for case in cases]
+    monkeypatch.setattr(_codec, "_plain", lambda *args: False)  # every message through the full checks
+    full = [_outcome(*case) for case in cases]
+    assert fast == full
+    assert sum(o.startswith("ok") for o in fast) > 50 and sum(o.startswith("error") for o in fast) > 500
