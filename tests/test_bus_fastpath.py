@@ -8,15 +8,17 @@ import itertools
 import json
 import subprocess
 import sys
+import uuid
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import bus
 from bus import _codec
 from bus.testing import eventually, unique_prefix
-from schemas import Event
+from schemas import Event, new_event_id
 
 from ._events import Ping, Pong
 
@@ -162,3 +164,53 @@ def test_decode_answers_as_the_full_rules_do_for_every_mix_of_body_and_headers(m
     full = [_outcome(*case) for case in cases]
     assert fast == full
     assert sum(o.startswith("ok") for o in fast) > 50 and sum(o.startswith("error") for o in fast) > 500
+
+
+# ---------------------------------------------------------------- CancelToken.scope (a class now, not a generator)
+
+
+_CAUSE = bus.CancelCause(kind=bus.CancelKind.USER, who="test", reason="test")
+
+
+async def test_a_token_scope_is_cancelled_at_once_when_the_token_is_and_when_it_becomes_so() -> None:
+    token = bus.CancelToken()
+    token.cancel(_CAUSE)
+    with token.scope() as scope:
+        await anyio.sleep(10)
+    assert scope.cancelled_caught
+
+    live = bus.CancelToken()
+    entered = anyio.Event()
+    scopes: list[anyio.CancelScope] = []
+
+    async def work() -> None:
+        with live.child().scope() as scope:
+            scopes.append(scope)
+            entered.set()
+            await anyio.sleep(10)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(work)
+            await entered.wait()
+            live.cancel(_CAUSE)
+    assert scopes[0].cancelled_caught
+
+
+async def test_a_token_scope_lets_errors_through_and_forgets_its_scope_on_exit() -> None:
+    token = bus.CancelToken()
+    with pytest.raises(KeyError), token.scope():
+        raise KeyError("x")
+    with token.scope() as scope:
+        await anyio.lowlevel.checkpoint()
+    token.cancel(_CAUSE)  # the ended scopes are no longer the token's: nothing to cancel
+    assert not scope.cancel_called
+
+
+def test_event_ids_are_fresh_uuid4_strings() -> None:
+    ids = [new_event_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    assert Ping(n=1).event_id != Ping(n=1).event_id
