@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
 import itertools
 import json
@@ -214,3 +215,39 @@ def test_event_ids_are_fresh_uuid4_strings() -> None:
         parsed = uuid.UUID(text)
         assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
     assert Ping(n=1).event_id != Ping(n=1).event_id
+
+
+# ---------------------------------------------------------------- stored publishes: nats-py's answers, our own inbox
+
+
+async def test_a_stored_publish_says_what_the_server_said(cadenza_bus: bus.Bus) -> None:
+    b = cadenza_bus
+    first, again = await b.publish(ping := Ping(n=1)), await b.publish(ping)
+    assert (first.stream, first.duplicate) == (b.topology.stream_name("session"), False)
+    assert (again.seq, again.duplicate) == (first.seq, True)
+    many = [await b.publish(Ping(n=n)) for n in range(2, 12)]
+    assert [r.seq for r in many] == list(range(first.seq + 1, first.seq + 11))
+
+
+async def test_a_publish_the_stream_refuses_fails_at_once_and_says_so(cadenza_bus: bus.Bus) -> None:
+    # The server's error reply (here: the stream is not the one the publisher expects) is not retried.
+    with anyio.fail_after(10), pytest.raises(bus.PublishError, match="refused") as err:
+        await cadenza_bus.publish(Ping(n=1), headers={"Nats-Expected-Stream": "not-this-one"})
+    assert err.value.non_retryable
+
+
+async def test_a_publish_no_stream_takes_or_nobody_answers_is_retried_then_fails(cadenza_bus: bus.Bus) -> None:
+    b = cadenza_bus
+    quick = dataclasses.replace(b.timeouts, publish_retries=1)
+    b.timeouts = quick
+    # No stream takes the subject: the server answers "no responders" at once, every attempt.
+    with anyio.fail_after(20), pytest.raises(bus.PublishError, match="does a stream take this subject"):
+        await b.publish(Ping(n=1), subject=f"{b.subjects.prefix}-nostream.x", timeout=0.2)
+    # Something listens but no acknowledgement comes: each attempt times out.
+    silent = await b.nc.subscribe(f"{b.subjects.prefix}-silent.x")
+    try:
+        with anyio.fail_after(20), pytest.raises(bus.PublishError, match="TimeoutError"):
+            await b.publish(Ping(n=2), subject=f"{b.subjects.prefix}-silent.x", timeout=0.2)
+    finally:
+        await silent.unsubscribe()
+    assert (await b.publish(Ping(n=3))).seq >= 1  # and the bus goes on
