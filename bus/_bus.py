@@ -346,7 +346,9 @@ class _PubAcks:
         if waiter is not None and not waiter.done():
             waiter.set_result(msg)
 
-    async def publish(self, subject: str, body: bytes, headers: dict[str, str], timeout: float) -> PublishResult:
+    async def publish(
+        self, subject: str, body: bytes, headers: dict[str, str] | None, timeout: float
+    ) -> nats.js.api.PubAck:
         if not self._prefix:
             await self._open()
         token = str(next(self._ids))
@@ -365,8 +367,30 @@ class _PubAcks:
         resp = json.loads(msg.data)
         if "error" in resp:
             raise nats.js.errors.APIError.from_error(resp["error"])
-        ack = nats.js.api.PubAck.from_response(resp)
-        return PublishResult(ack.stream, ack.seq, bool(ack.duplicate))
+        return nats.js.api.PubAck.from_response(resp)
+
+
+class _JetStream(JetStreamContext):
+    """The bus's JetStream context: a plain stored publish (the key-value writes of nats-py's
+    ``KeyValue`` among them) goes through :class:`_PubAcks`; the rest is nats-py's."""
+
+    def __init__(self, nc: NatsClient, *, timeout: float) -> None:
+        super().__init__(nc, timeout=timeout)
+        self.acks = _PubAcks(nc)
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        timeout: float | None = None,
+        stream: str | None = None,
+        headers: dict[str, Any] | None = None,
+        msg_ttl: float | None = None,
+    ) -> nats.js.api.PubAck:
+        if stream is not None or msg_ttl is not None:
+            return await super().publish(subject, payload, timeout=timeout, stream=stream, headers=headers,
+                                         msg_ttl=msg_ttl)  # fmt: skip
+        return await self.acks.publish(subject, payload, headers, self._timeout if timeout is None else timeout)
 
 
 def _time_out(waiter: asyncio.Future[Msg]) -> None:
@@ -418,7 +442,7 @@ class Bus:
         server: EmbeddedServer | None = None,
     ) -> None:
         self.nc = nc
-        self.js: JetStreamContext = nc.jetstream(timeout=timeouts.publish)
+        self.js: JetStreamContext = _JetStream(nc, timeout=timeouts.publish)
         self.topology = topology
         self.subjects: Subjects = topology.subjects
         self.timeouts = timeouts
@@ -427,7 +451,6 @@ class Bus:
         self.state = BusState.OPEN
         self.stats = BusStats()
         self._kv: dict[str, KeyValue] = {}
-        self._acks = _PubAcks(nc)
         #: Per-process helpers started on demand (the session client), by name.
         self.helpers: dict[str, object] = {}
         self._helper_ready: dict[str, anyio.Event] = {}
@@ -538,7 +561,8 @@ class Bus:
         while attempt <= self.timeouts.publish_retries or time.monotonic() - started < budget:
             attempt += 1
             try:
-                return await self._acks.publish(subject, body, headers, timeout)
+                ack = await self.js.publish(subject, body, timeout=timeout, headers=headers)
+                return PublishResult(ack.stream, ack.seq, bool(ack.duplicate))
             except nats.errors.Error as exc:
                 if not is_transient(exc):
                     if isinstance(exc, nats.js.errors.APIError):

@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import nats.js.errors
 import pytest
 
 import bus
@@ -251,3 +252,17 @@ async def test_a_publish_no_stream_takes_or_nobody_answers_is_retried_then_fails
     finally:
         await silent.unsubscribe()
     assert (await b.publish(Ping(n=3))).seq >= 1  # and the bus goes on
+
+
+async def test_key_value_writes_answer_as_nats_py_does(cadenza_bus: bus.Bus) -> None:
+    # nats-py's KeyValue writes go through the bus's JetStream context, hence through its publish.
+    kv = await cadenza_bus.kv("activities")
+    first = await kv.put("fastpath", b"1")
+    second = await kv.update("fastpath", b"2", last=first)
+    assert second > first and (await kv.get("fastpath")).value == b"2"
+    with pytest.raises(nats.js.errors.KeyWrongLastSequenceError):
+        await kv.update("fastpath", b"3", last=first)  # a stale revision: the compare-and-set fails
+    with pytest.raises(nats.js.errors.KeyWrongLastSequenceError):
+        await kv.create("fastpath", b"4")  # it exists
+    await kv.delete("fastpath")
+    assert await kv.create("fastpath", b"5") > second  # created again after the delete
