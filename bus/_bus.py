@@ -15,25 +15,29 @@ A message is terminated only after its dead-letter copy is stored, so rejected i
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import dataclasses
 import enum
 import hashlib
+import itertools
 import json
 import logging
 import os
 import socket
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeVar
 
 import anyio
+import anyio.abc
 import nats
 import nats.errors
+import nats.js.api
 import nats.js.errors
 import pydantic
 from anyio.abc import TaskStatus
@@ -60,7 +64,7 @@ from ._exceptions import (
 from ._retry import backoff_delay, is_transient, retry_transient
 from ._server import EmbeddedServer
 from ._topology import ConsumerSpec, Topology
-from ._tracing import SYSTEM, extract_context, inject_headers, instruments, tracer
+from ._tracing import NO_SPAN, SYSTEM, extract_context, inject_headers, instruments, traced_receive, traced_send, tracer
 
 __all__ = ("Bus", "BusState", "Delivery", "PublishResult", "connect")
 
@@ -126,7 +130,8 @@ class _InFlight:
 
     def __init__(self) -> None:
         self._since: dict[int, tuple[Msg, float]] = {}
-        self._changed = anyio.Event()
+        #: Set when a message leaves; made only while the consume loop waits for room.
+        self._changed: anyio.Event | None = None
 
     @property
     def count(self) -> int:
@@ -137,16 +142,83 @@ class _InFlight:
 
     def remove(self, msg: Msg) -> None:
         self._since.pop(id(msg), None)
-        event, self._changed = self._changed, anyio.Event()
-        event.set()
+        event, self._changed = self._changed, None
+        if event is not None:
+            event.set()
 
     async def below(self, limit: int) -> None:
         while len(self._since) >= limit:
+            if self._changed is None:
+                self._changed = anyio.Event()
             await self._changed.wait()
 
     def older_than(self, seconds: float) -> list[Msg]:
         cut = time.monotonic() - seconds
         return [m for m, t in self._since.values() if t <= cut]
+
+
+class _Handlers:
+    """The running handlers of one consumer: a plain asyncio task per message, each inside an anyio
+    cancel scope of its own, in place of a task group's child (anyio's ``start_soon`` costs about four
+    times as much CPU as the task it makes, and a consumer starts one per message).
+
+    What a task group child had, these have: each task copies the context of the consume loop; it
+    is cancelled (level-triggered, shields honoured) only through its scope, by :meth:`close`,
+    which waits for every one to end as a task group's exit does; an exception that escapes a
+    handler task is re-raised in ``group`` (crashing the consumer as a failed child would), or by
+    :meth:`close` once that group has ended.
+    """
+
+    def __init__(self) -> None:
+        self.group: anyio.abc.TaskGroup | None = None
+        self._running: dict[asyncio.Task[None], anyio.CancelScope] = {}
+        self._errors: list[BaseException] = []
+        self._idle: anyio.Event | None = None
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        scope = anyio.CancelScope()
+        task = asyncio.get_running_loop().create_task(_in_scope(scope, coro))
+        self._running[task] = scope
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._running.pop(task, None)
+        if not self._running and self._idle is not None:
+            self._idle.set()
+        if task.cancelled():  # not through its scope: the loop itself is going away
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        group = self.group
+        if group is not None:
+            try:
+                group.start_soon(_reraise, exc)
+                return
+            except RuntimeError:  # the group has just ended
+                pass
+        self._errors.append(exc)
+
+    async def close(self) -> None:
+        """Cancel every running handler and wait until all have ended; raise what escaped them."""
+        self.group = None
+        for scope in self._running.values():
+            scope.cancel()
+        while self._running:
+            self._idle = anyio.Event()
+            await self._idle.wait()
+        if self._errors:
+            errors, self._errors = self._errors, []
+            raise BaseExceptionGroup("unhandled errors in the handlers of a consumer", errors)
+
+
+async def _in_scope(scope: anyio.CancelScope, coro: Coroutine[Any, Any, None]) -> None:
+    with scope:
+        await coro
+
+
+async def _reraise(exc: BaseException) -> None:
+    raise exc
 
 
 class _Pull:
@@ -157,6 +229,10 @@ class _Pull:
     ``pending`` counts messages asked for and not yet delivered. A request that expires or ends early
     says how many it leaves undelivered (``Nats-Pending-Messages``); a request lost with a server
     restart or a reconnect is written off after its expiry (or at once on reconnect).
+
+    Messages are taken by a subscription callback into a queue of our own: nats-py's ``next_msg``
+    costs two tasks, a uuid and a ``wait_for`` per message; waiting here is one future, and none
+    when a message is already queued.
     """
 
     def __init__(self, bus: Bus, stream: str, spec: ConsumerSpec, batch: int) -> None:
@@ -171,12 +247,20 @@ class _Pull:
         self.inbox = ""
         self.sub: Any = None
         self.errors_in_row = 0
+        self._arrived: deque[Msg] = deque()
+        self._waiter: asyncio.Future[None] | None = None
 
     async def open(self) -> None:
         nc = self.bus.nc
         self.inbox = nc.new_inbox()
-        self.sub = await nc.subscribe(self.inbox, pending_msgs_limit=1_000_000)
+        self.sub = await nc.subscribe(self.inbox, cb=self._arrive, pending_msgs_limit=1_000_000)
         self.reconnects = int(nc.stats.get("reconnects", 0))
+
+    async def _arrive(self, msg: Msg) -> None:
+        self._arrived.append(msg)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -207,10 +291,18 @@ class _Pull:
 
     async def next(self) -> Msg | None:
         """The next message, or None (a status, or nothing within half a second: time to top up)."""
-        try:
-            msg: Msg = await self.sub.next_msg(timeout=0.5)
-        except nats.errors.TimeoutError:
-            return None
+        if not self._arrived:
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(0.5, _wake, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+            if not self._arrived:
+                return None
+        msg = self._arrived.popleft()
         headers = msg.headers or {}
         status = headers.get("Status") if not msg.data else None
         if status:
@@ -225,6 +317,87 @@ class _Pull:
         return msg
 
 
+class _PubAcks:
+    """Stored publishes and their acknowledgements, on one wildcard inbox of the connection.
+
+    What nats-py's ``js.publish`` does through ``nc.request``, without the NUID, the random token
+    (a getrandom call), the done-callback and the ``asyncio.wait_for`` it makes per request, which
+    are about a third of a stored publish's CPU. The answers are nats-py's: a PubAck, its
+    ``APIError`` for an error reply, ``NoStreamResponseError`` when no stream takes the subject,
+    ``nats.errors.TimeoutError`` when nothing came in time.
+    """
+
+    def __init__(self, nc: NatsClient) -> None:
+        self.nc = nc
+        self._prefix = ""
+        self._opening = anyio.Lock()
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._ids = itertools.count(1)
+
+    async def _open(self) -> None:
+        async with self._opening:
+            if not self._prefix:
+                prefix = self.nc.new_inbox() + "."
+                await self.nc.subscribe(prefix + "*", cb=self._answer)
+                self._prefix = prefix
+
+    async def _answer(self, msg: Msg) -> None:
+        waiter = self._waiting.pop(msg.subject[len(self._prefix) :], None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(msg)
+
+    async def publish(
+        self, subject: str, body: bytes, headers: dict[str, str] | None, timeout: float
+    ) -> nats.js.api.PubAck:
+        if not self._prefix:
+            await self._open()
+        token = str(next(self._ids))
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Msg] = loop.create_future()
+        self._waiting[token] = waiter
+        timer = loop.call_later(timeout, _time_out, waiter)
+        try:
+            await self.nc.publish(subject, body, reply=self._prefix + token, headers=headers)
+            msg = await waiter
+        finally:
+            timer.cancel()
+            self._waiting.pop(token, None)
+        if msg.headers and msg.headers.get("Status") == "503":
+            raise nats.js.errors.NoStreamResponseError
+        resp = json.loads(msg.data)
+        if "error" in resp:
+            raise nats.js.errors.APIError.from_error(resp["error"])
+        return nats.js.api.PubAck.from_response(resp)
+
+
+class _JetStream(JetStreamContext):
+    """The bus's JetStream context: a plain stored publish (the key-value writes of nats-py's
+    ``KeyValue`` among them) goes through :class:`_PubAcks`; the rest is nats-py's."""
+
+    def __init__(self, nc: NatsClient, *, timeout: float) -> None:
+        super().__init__(nc, timeout=timeout)
+        self.acks = _PubAcks(nc)
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        timeout: float | None = None,
+        stream: str | None = None,
+        headers: dict[str, Any] | None = None,
+        msg_ttl: float | None = None,
+    ) -> nats.js.api.PubAck:
+        if stream is not None or msg_ttl is not None:
+            return await super().publish(subject, payload, timeout=timeout, stream=stream, headers=headers,
+                                         msg_ttl=msg_ttl)  # fmt: skip
+        return await self.acks.publish(subject, payload, headers, self._timeout if timeout is None else timeout)
+
+
+def _time_out(waiter: asyncio.Future[Msg]) -> None:
+    if not waiter.done():
+        waiter.set_exception(nats.errors.TimeoutError())
+
+
 @dataclass
 class BusStats:
     """Counters a service can expose (and tests can read)."""
@@ -235,6 +408,11 @@ class BusStats:
     dead_letters: int = 0
     redeliveries_skipped: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _hostname() -> str:
@@ -264,7 +442,7 @@ class Bus:
         server: EmbeddedServer | None = None,
     ) -> None:
         self.nc = nc
-        self.js: JetStreamContext = nc.jetstream(timeout=timeouts.publish)
+        self.js: JetStreamContext = _JetStream(nc, timeout=timeouts.publish)
         self.topology = topology
         self.subjects: Subjects = topology.subjects
         self.timeouts = timeouts
@@ -348,19 +526,25 @@ class Bus:
         if headers:
             hdrs.update(headers)
         timeout = self.timeouts.publish if timeout is None else timeout
-        with tracer.start_as_current_span(
-            f"send {subject}",
-            kind=SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": SYSTEM,
-                "messaging.operation.type": "send",
-                "messaging.operation.name": "send",
-                "messaging.destination.name": subject,
-                "messaging.message.id": event.event_id,
-                "messaging.message.body.size": len(body),
-            },
+        traced = traced_send()
+        with (
+            tracer.start_as_current_span(
+                f"send {subject}",
+                kind=SpanKind.PRODUCER,
+                attributes={
+                    "messaging.system": SYSTEM,
+                    "messaging.operation.type": "send",
+                    "messaging.operation.name": "send",
+                    "messaging.destination.name": subject,
+                    "messaging.message.id": event.event_id,
+                    "messaging.message.body.size": len(body),
+                },
+            )
+            if traced
+            else NO_SPAN
         ) as span:
-            inject_headers(hdrs)
+            if traced:
+                inject_headers(hdrs)
             result = await self._publish_raw(subject, body, hdrs, timeout)
             span.set_attribute("messaging.nats.stream_sequence", result.seq)
             self.stats.published += 1
@@ -400,6 +584,9 @@ class Bus:
         self._check_open()
         subject = subject or self.subject_of(event)
         body, hdrs = encode(event)
+        if not traced_send():
+            await self.nc.publish(subject, body, headers=hdrs)
+            return
         with tracer.start_as_current_span(
             f"send {subject}", kind=SpanKind.PRODUCER,
             attributes={"messaging.system": SYSTEM, "messaging.destination.name": subject,
@@ -495,8 +682,10 @@ class Bus:
         await pull.open()
         acked = _Acked()
         flight = _InFlight()
+        handlers = _Handlers()
         try:
             async with anyio.create_task_group() as tg:
+                handlers.group = tg
                 tg.start_soon(self._keep_alive, flight, spec.ack_wait)
                 task_status.started()
                 while True:
@@ -507,12 +696,17 @@ class Bus:
                     if msg is None:
                         continue
                     flight.add(msg)
-                    tg.start_soon(self._handle, msg, spec, accept, handler, acked, flight)
+                    handlers.spawn(self._handle(msg, spec, accept, handler, acked, flight))
                     if flight.count >= concurrency:
                         await flight.below(concurrency)
         finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeouts.shutdown):
-                await pull.close()
+            try:
+                # Unbounded, as a task group's exit: a cancelled handler hands its message back first.
+                with anyio.CancelScope(shield=True):
+                    await handlers.close()
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeouts.shutdown):
+                    await pull.close()
 
     async def _handle(
         self,
@@ -539,20 +733,24 @@ class Bus:
                 await self._reject(msg, spec.durable, exc.message, exc.kind, seq, deliveries)
                 return
             delivery = Delivery(msg.subject, headers, seq, deliveries, spec.durable)
-            with tracer.start_as_current_span(
-                f"process {msg.subject}",
-                context=extract_context(headers),
-                kind=SpanKind.CONSUMER,
-                attributes={
-                    "messaging.system": SYSTEM,
-                    "messaging.operation.type": "process",
-                    "messaging.operation.name": "process",
-                    "messaging.destination.name": msg.subject,
-                    "messaging.consumer.group.name": spec.durable,
-                    "messaging.message.id": event.event_id,
-                    "messaging.nats.stream_sequence": seq,
-                    "messaging.nats.delivery_count": deliveries,
-                },
+            with (
+                tracer.start_as_current_span(
+                    f"process {msg.subject}",
+                    context=extract_context(headers),
+                    kind=SpanKind.CONSUMER,
+                    attributes={
+                        "messaging.system": SYSTEM,
+                        "messaging.operation.type": "process",
+                        "messaging.operation.name": "process",
+                        "messaging.destination.name": msg.subject,
+                        "messaging.consumer.group.name": spec.durable,
+                        "messaging.message.id": event.event_id,
+                        "messaging.nats.stream_sequence": seq,
+                        "messaging.nats.delivery_count": deliveries,
+                    },
+                )
+                if traced_receive(headers)
+                else NO_SPAN
             ) as span:
                 failure: Exception | None = None
                 try:
@@ -620,11 +818,14 @@ class Bus:
 
     async def _settle(self, msg: Msg, how: str, delay: float | None = None) -> bool:
         try:
+            if how == "ack-async":
+                # One publish, no round trip: it waits only for a forced flush of a full outgoing
+                # buffer, which the connection bounds (flush_timeout), so no timer of our own here.
+                await msg.ack()
+                return True
             with anyio.fail_after(self.timeouts.ack):
                 if how == "ack":
                     await msg.ack_sync(timeout=self.timeouts.ack)
-                elif how == "ack-async":
-                    await msg.ack()
                 elif how == "nak":
                     await msg.nak(delay=delay)
                 else:
@@ -673,7 +874,7 @@ class Bus:
                     f"process {msg.subject}", context=extract_context(headers), kind=SpanKind.CONSUMER,
                     attributes={"messaging.system": SYSTEM, "messaging.destination.name": msg.subject,
                                 "messaging.operation.type": "process"},
-                ):  # fmt: skip
+                ) if traced_receive(headers) else NO_SPAN:  # fmt: skip
                     try:
                         await handler(event, msg.subject)
                     except Exception as exc:
@@ -711,7 +912,9 @@ class Bus:
         """
         self._check_open()
         timeout = self.timeouts.request if timeout is None else timeout
-        hdrs = inject_headers({"Content-Type": "application/json"})
+        hdrs = {"Content-Type": "application/json"}
+        if traced_send():
+            inject_headers(hdrs)
         try:
             msg = await self.nc.request(subject, payload.model_dump_json().encode(), timeout=timeout, headers=hdrs)
         except nats.errors.NoRespondersError as exc:
@@ -769,7 +972,7 @@ class Bus:
             f"process {msg.subject}", context=extract_context(headers), kind=SpanKind.SERVER,
             attributes={"messaging.system": SYSTEM, "messaging.destination.name": msg.subject,
                         "messaging.operation.type": "process"},
-        ):  # fmt: skip
+        ) if traced_receive(headers) else NO_SPAN:  # fmt: skip
             try:
                 if len(msg.data) > MAX_EVENT_BYTES:
                     raise ValidationError(f"request is {len(msg.data)} bytes, over {MAX_EVENT_BYTES}", kind="oversize")
@@ -900,6 +1103,9 @@ async def _open_nats(opts: ConnectOptions, timeouts: Timeouts) -> NatsClient:
         "disconnected_cb": on_disconnect,
         "reconnected_cb": on_reconnect,
         "inbox_prefix": inbox_prefix,
+        # A publish waits for the socket only when the outgoing buffer is full (a forced flush);
+        # nats-py waits for ever there unless told.
+        "flush_timeout": timeouts.publish,
     }
     if opts.user:
         kwargs["user"], kwargs["password"] = opts.user, opts.password

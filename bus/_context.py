@@ -11,8 +11,7 @@ current session info, the current activity id and a :class:`CancelToken`. Derivi
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -109,18 +108,12 @@ class CancelToken:
             except ValueError:
                 pass
 
-    @contextmanager
-    def scope(self) -> Iterator[anyio.CancelScope]:
-        """A cancel scope bound to this token: cancelled at once if the token already is, or when it is."""
-        scope = anyio.CancelScope()
-        if self._cause is not None:
-            scope.cancel()
-        self._scopes.append(scope)
-        try:
-            with scope:
-                yield scope
-        finally:
-            self._scopes.remove(scope)
+    def scope(self) -> _TokenScope:
+        """A cancel scope bound to this token: cancelled at once if the token already is, or when it is.
+
+        Use as ``with token.scope() as scope:`` (``scope`` is the anyio cancel scope).
+        """
+        return _TokenScope(self)
 
     async def wait(self) -> CancelCause:
         """Wait until cancelled; returns the cause. Callers bound it with ``anyio.fail_after``."""
@@ -130,6 +123,34 @@ class CancelToken:
             await self._event.wait()
         assert self._cause is not None
         return self._cause
+
+
+class _TokenScope:
+    """What :meth:`CancelToken.scope` returns: an anyio cancel scope registered with the token while
+    the block runs (a class, not a generator context manager: one is entered per activity and call)."""
+
+    __slots__ = ("_scope", "_token")
+
+    def __init__(self, token: CancelToken) -> None:
+        self._token = token
+        self._scope = anyio.CancelScope()
+
+    def __enter__(self) -> anyio.CancelScope:
+        scope = self._scope
+        if self._token._cause is not None:
+            scope.cancel()
+        self._token._scopes.append(scope)
+        try:
+            return scope.__enter__()
+        except BaseException:
+            self._token._scopes.remove(scope)
+            raise
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool | None:
+        try:
+            return self._scope.__exit__(exc_type, exc, tb)
+        finally:
+            self._token._scopes.remove(self._scope)
 
 
 @dataclass(frozen=True, slots=True)

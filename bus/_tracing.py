@@ -38,7 +38,16 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 
-__all__ = ("configure_tracing", "extract_context", "inject_headers", "instruments", "tracer")
+__all__ = (
+    "NO_SPAN",
+    "configure_tracing",
+    "extract_context",
+    "inject_headers",
+    "instruments",
+    "traced_receive",
+    "traced_send",
+    "tracer",
+)
 
 tracer = trace.get_tracer("cadenza")
 meter = metrics.get_meter("cadenza")
@@ -108,6 +117,81 @@ class _Instruments:
 instruments = _Instruments()
 
 SYSTEM = "nats"
+
+
+# ---------------------------------------------------------------- the no-provider fast path
+#
+# Without a tracer provider (the API's default proxy, or its no-op one) a span records nothing, and
+# with an empty current context there is no trace context to write into headers either: a send or a
+# receive would build a span, its attribute dict and a context for nothing. Those are skipped then;
+# what goes on the wire and what handlers see are the same (``get_current_span()`` is the invalid
+# span either way). A message that carries trace context still takes the span path without a
+# provider, so that context travels on through what its handler sends.
+
+_MISSING = object()
+_installed = False
+_fields: tuple[object, tuple[str, ...]] = (None, ())
+
+
+def tracer_installed() -> bool:
+    """True once the process has a tracer provider that records spans (not the API's proxy or no-op).
+
+    The provider can be set once per process, at any time: a True answer is kept, and until then the
+    check is one attribute look-up (the public ``get_tracer_provider()`` reads the environment on
+    every call while none is set).
+    """
+    global _installed
+    if _installed:
+        return True
+    provider = getattr(trace, "_TRACER_PROVIDER", _MISSING)
+    if provider is _MISSING:  # an API without that global: ask it the public way
+        provider = trace.get_tracer_provider()
+    if provider is None or isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
+        return False
+    _installed = True
+    return True
+
+
+def _propagated_fields() -> tuple[str, ...]:
+    """The header names the global propagator reads (``traceparent``, ``tracestate``, ``baggage``)."""
+    global _fields
+    textmap = propagate.get_global_textmap()
+    if _fields[0] is not textmap:
+        _fields = (textmap, tuple(textmap.fields))
+    return _fields[1]
+
+
+def traced_send() -> bool:
+    """Whether a send opens its producer span and writes trace context into its headers: a provider
+    records spans, or the current context holds a span or baggage to carry."""
+    return _installed or tracer_installed() or bool(otel_context.get_current())
+
+
+def traced_receive(headers: Mapping[str, str]) -> bool:
+    """Whether the handling of a message with ``headers`` runs in a consumer/server span: a provider
+    records spans, the headers carry trace context, or the current context is not empty."""
+    if _installed or tracer_installed() or otel_context.get_current():
+        return True
+    for name in _propagated_fields():
+        if name in headers:
+            return True
+    return False
+
+
+class _NoSpan:
+    """Stands for the span of a send or receive the fast path does not trace (a no-op span)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> trace.Span:
+        return trace.INVALID_SPAN
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+#: ``with (tracer.start_as_current_span(...) if traced_send() else NO_SPAN) as span:``
+NO_SPAN = _NoSpan()
 
 
 def inject_headers(headers: dict[str, str]) -> dict[str, str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-import uuid
+import os
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -19,8 +19,13 @@ _EVENT_MODULES = ("_activity", "_cancel", "_dlq", "_session", "_task", "_worker"
 
 
 def new_event_id() -> str:
-    """A fresh event id (UUID4, lower-case hex with dashes)."""
-    return str(uuid.uuid4())
+    """A fresh event id (UUID4, lower-case hex with dashes): ``str(uuid.uuid4())`` without the UUID
+    object, which costs twice as much, for every event made."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def utcnow() -> datetime:

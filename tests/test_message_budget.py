@@ -81,7 +81,8 @@ async def test_an_in_session_activity_stays_within_its_message_budget(nats_serve
                                                                            name="counter") as counter:  # fmt: skip
         buses, recorder = s["buses"], s["recorder"]
         caller = buses["caller"]
-        sctx = await bus.create_session(caller.context(), bus.SessionOptions(creation_timeout=10, execution_timeout=600, heartbeat_timeout=120))
+        options = bus.SessionOptions(creation_timeout=10, execution_timeout=600, heartbeat_timeout=120)
+        sctx = await bus.create_session(caller.context(), options)
 
         async def run(n: int, base: int) -> str:
             aid = ""

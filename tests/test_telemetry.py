@@ -186,6 +186,15 @@ async def test_one_trace_joins_caller_broker_worker_and_recorder(nats_server: An
                          timeout=60, what="the recorder's and broker's spans in the caller's trace")  # fmt: skip
         assert {s.service for s in in_trace()} >= {"test-caller", "cadenza-broker", "cadenza-worker",
                                                    "cadenza-recorder"}  # fmt: skip
+
+        def whole() -> bool:
+            # Each process exports on its own schedule, and a span only once it ends: a parent can
+            # arrive after its children (the broker's send of the closing notice after the worker's
+            # process span of it; the cancelled task's process span after the sends made inside it).
+            ids = {s.span_id for s in in_trace()}
+            return all(s.parent_id in ids for s in in_trace() if s.parent_id)
+
+        await eventually(whole, timeout=30, what="every span of the trace with its parent")
         spans = {s.span_id: s for s in in_trace()}
 
         # caller -> broker: the broker's process span is the child of the caller's send span.

@@ -208,7 +208,8 @@ def _bad_event(kind: int, valid: dict[str, Any], rnd: random.Random) -> tuple[by
         case 7:
             body["zz_unknown_field"] = 1  # extra field
         case 8:
-            body["schema_version"] = rnd.choice([3, 999, "v-one", 0, -1, 1.5, "1", None])  # version in the body (3: newer than any)
+            # A version in the body no consumer knows (3: newer than any type's).
+            body["schema_version"] = rnd.choice([3, 999, "v-one", 0, -1, 1.5, "1", None])
         case 9:
             hdrs["Cadenza-Schema-Version"] = rnd.choice(["999", "v-one", "0", "", "3", "-1", "1.0"])  # in the header
         case 10:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import bus
 from bus._bus import _dead_letter_id
+from bus._fold import fold_started, fold_updated
 from bus._heartbeat import describe_activities
 from schemas import (
     ASYNCAPI_PATH,
@@ -34,7 +35,6 @@ from schemas import (
     wire_models,
 )
 from services.recorder import Recorder
-from bus._fold import fold_started, fold_updated
 from services.recorder._recorder import _matches
 
 # ---------------------------------------------------------------- headers

@@ -1,0 +1,268 @@
+"""The transport's fast paths change nothing a peer or a handler can see (tracing, acks, decoding)."""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import functools
+import itertools
+import json
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import nats.js.errors
+import pytest
+
+import bus
+from bus import _codec
+from bus.testing import eventually, unique_prefix
+from schemas import Event, new_event_id
+
+from ._events import Ping, Pong
+
+
+def test_without_a_tracer_provider_nothing_is_traced_but_carried_context_travels_on(nats_server: Any) -> None:
+    # In a process of its own: the tracer provider can be set once per process, and other tests set it.
+    out = subprocess.run([sys.executable, "-m", "tests.tracing_probe", nats_server.url, unique_prefix()],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+
+    plain = got["plain"]
+    assert "traceparent" not in plain["ping_headers"] and "traceparent" not in plain["pong_headers"]
+    assert plain["ping_headers"]["Cadenza-Event-Type"] == "session.ping"
+    assert plain["handler_span_valid"] is False
+
+    # A traceparent that came in goes out again with what its handler sends (same trace, same parent).
+    carried = got["carried"]
+    assert carried["handler_span_valid"] is True
+    assert carried["pong_headers"]["traceparent"] == "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+    # A provider installed late (after the first sends) is used from then on.
+    provider = got["provider"]
+    assert provider["ping_headers"]["traceparent"].startswith("00-")
+    assert provider["handler_span_valid"] is True
+    assert provider["spans"] == ["process", "send"]
+
+
+# ---------------------------------------------------------------- handlers run as a task group's children would
+
+
+def spec(b: bus.Bus, name: str = "c") -> bus.ConsumerSpec:
+    return bus.ConsumerSpec(name, b.subjects.filter("session"))
+
+
+async def test_consume_ends_after_its_cancelled_handlers_finish_their_shielded_cleanup(cadenza_bus: bus.Bus) -> None:
+    started = anyio.Event()
+    events: list[str] = []
+
+    async def handler(ev: Ping, d: bus.Delivery) -> None:
+        started.set()
+        try:
+            await anyio.sleep(60)
+        except anyio.get_cancelled_exc_class():
+            events.append("cancelled")
+            try:
+                await anyio.sleep(60)  # still cancelled: the scope stays cancelled (level-triggered)
+            except anyio.get_cancelled_exc_class():
+                events.append("cancelled again")
+                with anyio.CancelScope(shield=True):
+                    await anyio.sleep(0.05)  # a shield is honoured
+                    events.append("cleaned up")
+                raise
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            await tg.start(cadenza_bus.consume, spec(cadenza_bus), [Ping], handler)
+            await cadenza_bus.publish(Ping(n=1))
+            await started.wait()
+            tg.cancel_scope.cancel()
+    assert events == ["cancelled", "cancelled again", "cleaned up"]
+    assert cadenza_bus.stats.handled == 0
+
+
+_VAR: contextvars.ContextVar[int] = contextvars.ContextVar("fastpath_test", default=0)
+
+
+async def test_each_handler_starts_in_a_copy_of_the_consumers_context(cadenza_bus: bus.Bus) -> None:
+    seen: list[int] = []
+
+    async def handler(ev: Ping, d: bus.Delivery) -> None:
+        seen.append(_VAR.get())
+        _VAR.set(ev.n)  # never reset: must not leak into the next message's handler
+
+    token = _VAR.set(7)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(functools.partial(cadenza_bus.consume, spec(cadenza_bus), [Ping], handler, concurrency=1))
+            for n in (1, 2, 3):
+                await cadenza_bus.publish(Ping(n=n))
+            await eventually(lambda: len(seen) == 3)
+            tg.cancel_scope.cancel()
+    finally:
+        _VAR.reset(token)
+    assert seen == [7, 7, 7]
+
+
+class _Boom(BaseException):
+    """Not an Exception: the consumer does not treat it as a handler failure."""
+
+
+async def test_what_escapes_a_handler_crashes_the_consumer_as_a_failed_child_would(cadenza_bus: bus.Bus) -> None:
+    async def handler(ev: Ping, d: bus.Delivery) -> None:
+        raise _Boom("out")
+
+    with anyio.fail_after(20), pytest.raises(BaseExceptionGroup) as info:
+        async with anyio.create_task_group() as tg:
+            await tg.start(cadenza_bus.consume, spec(cadenza_bus), [Ping], handler)
+            await cadenza_bus.publish(Ping(n=1))
+            await anyio.sleep_forever()
+    assert info.group_contains(_Boom)
+
+
+# ---------------------------------------------------------------- decode: the at-a-glance path agrees with the rules
+
+
+def _outcome(data: bytes, headers: dict[str, str] | None, accept: list[type[Event]]) -> str:
+    try:
+        event = bus.decode(data, headers, accept)
+    except bus.ValidationError as exc:
+        return f"error {exc.kind}: {exc.message}"
+    return f"ok {event!r}"
+
+
+_ABSENT = object()
+
+
+def test_decode_answers_as_the_full_rules_do_for_every_mix_of_body_and_headers(monkeypatch: pytest.MonkeyPatch) -> None:
+    versions: list[object] = [_ABSENT, 1, 2, "1", 1.0, True, 0, -1, None]
+    header_versions: list[object] = [_ABSENT, "1", "01", " 1", "2", "x", ""]
+    types: list[object] = [_ABSENT, "session.ping", "", "session.pong", None, 5]
+    header_types: list[object] = [_ABSENT, "session.ping", "session.pong", ""]
+    ids: list[object] = [_ABSENT, "same", "other"]
+    cases: list[tuple[bytes, dict[str, str], list[type[Event]]]] = []
+    mixes = itertools.product(versions, header_versions, types, header_types, ids)
+    for version, hversion, kind, hkind, msg_id in mixes:
+        body: dict[str, object] = {"event_id": "same", "time": "2026-12-02T00:00:00Z", "n": 1}
+        if version is not _ABSENT:
+            body["schema_version"] = version
+        if kind is not _ABSENT:
+            body["type"] = kind
+        headers = {name: str(value) for name, value in (("Cadenza-Schema-Version", hversion),
+                   ("Cadenza-Event-Type", hkind), ("Nats-Msg-Id", msg_id)) if value is not _ABSENT}  # fmt: skip
+        data = json.dumps(body).encode()
+        cases += [(data, headers, accept) for accept in ([Ping], [Ping, Pong])]
+    base = '{"event_id": "same", "time": "2026-12-02T00:00:00Z", "n": 1}'
+    cases += [(b"\xef\xbb\xbf" + base.encode(), {}, [Ping]),  # a UTF-8 byte-order mark
+              (base.encode("utf-16"), {}, [Ping]),  # UTF-16, which json.loads takes
+              (b'{"n": 1, "key": "\\ud800"}', {}, [Ping]), (b'{"n": NaN}', {}, [Ping]), (b"null", {}, [Ping]),
+              (b'{"n": 1}\xff', {}, [Ping]), (b"[" * 100_000, {}, [Ping])]  # fmt: skip
+    fast = [_outcome(*case) for case in cases]
+    monkeypatch.setattr(_codec, "_plain", lambda *args: False)  # every message through the full checks
+    full = [_outcome(*case) for case in cases]
+    assert fast == full
+    assert sum(o.startswith("ok") for o in fast) > 50 and sum(o.startswith("error") for o in fast) > 500
+
+
+# ---------------------------------------------------------------- CancelToken.scope (a class now, not a generator)
+
+
+_CAUSE = bus.CancelCause(kind=bus.CancelKind.USER, who="test", reason="test")
+
+
+async def test_a_token_scope_is_cancelled_at_once_when_the_token_is_and_when_it_becomes_so() -> None:
+    token = bus.CancelToken()
+    token.cancel(_CAUSE)
+    with token.scope() as scope:
+        await anyio.sleep(10)
+    assert scope.cancelled_caught
+
+    live = bus.CancelToken()
+    entered = anyio.Event()
+    scopes: list[anyio.CancelScope] = []
+
+    async def work() -> None:
+        with live.child().scope() as scope:
+            scopes.append(scope)
+            entered.set()
+            await anyio.sleep(10)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(work)
+            await entered.wait()
+            live.cancel(_CAUSE)
+    assert scopes[0].cancelled_caught
+
+
+async def test_a_token_scope_lets_errors_through_and_forgets_its_scope_on_exit() -> None:
+    token = bus.CancelToken()
+    with pytest.raises(KeyError), token.scope():
+        raise KeyError("x")
+    with token.scope() as scope:
+        await anyio.lowlevel.checkpoint()
+    token.cancel(_CAUSE)  # the ended scopes are no longer the token's: nothing to cancel
+    assert not scope.cancel_called
+
+
+def test_event_ids_are_fresh_uuid4_strings() -> None:
+    ids = [new_event_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    assert Ping(n=1).event_id != Ping(n=1).event_id
+
+
+# ---------------------------------------------------------------- stored publishes: nats-py's answers, our own inbox
+
+
+async def test_a_stored_publish_says_what_the_server_said(cadenza_bus: bus.Bus) -> None:
+    b = cadenza_bus
+    first, again = await b.publish(ping := Ping(n=1)), await b.publish(ping)
+    assert (first.stream, first.duplicate) == (b.topology.stream_name("session"), False)
+    assert (again.seq, again.duplicate) == (first.seq, True)
+    many = [await b.publish(Ping(n=n)) for n in range(2, 12)]
+    assert [r.seq for r in many] == list(range(first.seq + 1, first.seq + 11))
+
+
+async def test_a_publish_the_stream_refuses_fails_at_once_and_says_so(cadenza_bus: bus.Bus) -> None:
+    # The server's error reply (here: the stream is not the one the publisher expects) is not retried.
+    with anyio.fail_after(10), pytest.raises(bus.PublishError, match="refused") as err:
+        await cadenza_bus.publish(Ping(n=1), headers={"Nats-Expected-Stream": "not-this-one"})
+    assert err.value.non_retryable
+
+
+async def test_a_publish_no_stream_takes_or_nobody_answers_is_retried_then_fails(cadenza_bus: bus.Bus) -> None:
+    b = cadenza_bus
+    quick = dataclasses.replace(b.timeouts, publish_retries=1)
+    b.timeouts = quick
+    # No stream takes the subject: the server answers "no responders" at once, every attempt.
+    with anyio.fail_after(20), pytest.raises(bus.PublishError, match="does a stream take this subject"):
+        await b.publish(Ping(n=1), subject=f"{b.subjects.prefix}-nostream.x", timeout=0.2)
+    # Something listens but no acknowledgement comes: each attempt times out.
+    silent = await b.nc.subscribe(f"{b.subjects.prefix}-silent.x")
+    try:
+        with anyio.fail_after(20), pytest.raises(bus.PublishError, match="TimeoutError"):
+            await b.publish(Ping(n=2), subject=f"{b.subjects.prefix}-silent.x", timeout=0.2)
+    finally:
+        await silent.unsubscribe()
+    assert (await b.publish(Ping(n=3))).seq >= 1  # and the bus goes on
+
+
+async def test_key_value_writes_answer_as_nats_py_does(cadenza_bus: bus.Bus) -> None:
+    # nats-py's KeyValue writes go through the bus's JetStream context, hence through its publish.
+    kv = await cadenza_bus.kv("activities")
+    first = await kv.put("fastpath", b"1")
+    second = await kv.update("fastpath", b"2", last=first)
+    assert second > first and (await kv.get("fastpath")).value == b"2"
+    with pytest.raises(nats.js.errors.KeyWrongLastSequenceError):
+        await kv.update("fastpath", b"3", last=first)  # a stale revision: the compare-and-set fails
+    with pytest.raises(nats.js.errors.KeyWrongLastSequenceError):
+        await kv.create("fastpath", b"4")  # it exists
+    await kv.delete("fastpath")
+    assert await kv.create("fastpath", b"5") > second  # created again after the delete
