@@ -18,6 +18,7 @@ from typing import Any
 
 import anyio
 import nats.errors
+import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
@@ -29,7 +30,7 @@ from ._bus import Bus
 from ._codec import decode
 from ._exceptions import BusError, CadenzaError, ValidationError
 from ._fold import ACTIVITY_EVENTS, ActivityEvent
-from ._tracing import SYSTEM, extract_context, instruments, tracer
+from ._tracing import SYSTEM, extract_context, instruments, traced_receive, tracer
 
 __all__ = ("WORKER_EVENTS", "follow_activity_events", "follow_bucket", "follow_worker_events")
 
@@ -86,30 +87,45 @@ async def _follow(
 ) -> None:
     """One ordered consumer on ``domain``'s stream: ``on_msg(msg, event)`` for each message (``None``
     for input that does not validate, dead-lettered first under ``consumer`` when given), ready once
-    the messages stored before the start were delivered."""
+    every message stored before the start was handled. Returns when the subscription ends (then
+    :func:`run_restarting` starts it again).
+
+    Messages are taken by a subscription callback (nats-py's message iterator costs a task and an
+    ``asyncio.wait`` per message).
+    """
+    stream, everything = bus.topology.stream_name(domain), bus.subjects.domain_wildcard(domain)
+    try:
+        last = (await bus.js.get_last_msg(stream, everything)).seq or 0
+    except nats.js.errors.NotFoundError:
+        last = 0
+    caught_up = anyio.Event()
+    if last < policy.get("opt_start_seq", 1):
+        caught_up.set()  # nothing stored from where it starts (the last stored message is always delivered)
+
+    async def handle(msg: Msg) -> None:
+        meta = msg.metadata
+        try:
+            event: Event | None = decode(msg.data, msg.headers, accept)
+        except ValidationError as exc:
+            event = None
+            if consumer is not None:
+                with contextlib.suppress(CadenzaError):
+                    await bus.dead_letter(consumer=consumer, subject=msg.subject, data=msg.data,
+                                          headers=msg.headers, reason=exc.message, error_type=exc.kind,
+                                          stream=meta.stream, stream_seq=meta.sequence.stream)  # fmt: skip
+        on_msg(msg, event)
+        if meta.sequence.stream >= last or meta.num_pending == 0:
+            caught_up.set()
+
     sub = await bus.js.subscribe(
-        bus.subjects.domain_wildcard(domain), stream=bus.topology.stream_name(domain), ordered_consumer=True,
+        everything, stream=stream, ordered_consumer=True, cb=handle,
         pending_msgs_limit=1_000_000, pending_bytes_limit=256 * 1024 * 1024, **policy,
     )  # fmt: skip
     try:
-        backlog = (await sub.consumer_info()).num_pending
-        if not backlog:
-            task_status.started()
-        async for msg in sub.messages:
-            meta = msg.metadata
-            try:
-                event: Event | None = decode(msg.data, msg.headers, accept)
-            except ValidationError as exc:
-                event = None
-                if consumer is not None:
-                    with contextlib.suppress(CadenzaError):
-                        await bus.dead_letter(consumer=consumer, subject=msg.subject, data=msg.data,
-                                              headers=msg.headers, reason=exc.message, error_type=exc.kind,
-                                              stream=meta.stream, stream_seq=meta.sequence.stream)  # fmt: skip
-            on_msg(msg, event)
-            if backlog and meta.num_pending == 0:
-                backlog = 0
-                task_status.started()
+        await caught_up.wait()
+        task_status.started()
+        while not sub._closed and not bus.nc.is_closed:  # noqa: ASYNC110 - nats-py gives no event for it
+            await anyio.sleep(1.0)
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(bus.timeouts.shutdown):
             with contextlib.suppress(Exception):
@@ -166,13 +182,17 @@ async def follow_activity_events(
         instruments.pending[name] = meta.num_pending
         # A consumer span per event, the child of its publisher's (one trace from caller to recorder),
         # as bus.consume gives its handlers.
-        with tracer.start_as_current_span(
-            f"process {msg.subject}", context=extract_context(msg.headers), kind=SpanKind.CONSUMER,
-            attributes={"messaging.system": SYSTEM, "messaging.operation.type": "process",
-                        "messaging.destination.name": msg.subject, "messaging.consumer.group.name": name,
-                        "messaging.message.id": event.event_id, "messaging.nats.stream_sequence": seq},
-        ):  # fmt: skip
-            on_event(event, seq)
+        headers = msg.headers or {}
+        if not traced_receive(headers):
+            on_event(event, seq)  # nothing would be traced: no span (see bus._tracing)
+        else:
+            with tracer.start_as_current_span(
+                f"process {msg.subject}", context=extract_context(headers), kind=SpanKind.CONSUMER,
+                attributes={"messaging.system": SYSTEM, "messaging.operation.type": "process",
+                            "messaging.destination.name": msg.subject, "messaging.consumer.group.name": name,
+                            "messaging.message.id": event.event_id, "messaging.nats.stream_sequence": seq},
+            ):  # fmt: skip
+                on_event(event, seq)
         instruments.handled.add(1, {"consumer": name})
 
     start = after() + 1

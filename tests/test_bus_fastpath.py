@@ -256,7 +256,7 @@ async def test_a_publish_no_stream_takes_or_nobody_answers_is_retried_then_fails
 
 async def test_key_value_writes_answer_as_nats_py_does(cadenza_bus: bus.Bus) -> None:
     # nats-py's KeyValue writes go through the bus's JetStream context, hence through its publish.
-    kv = await cadenza_bus.kv("activities")
+    kv = await cadenza_bus.kv("sessions")
     first = await kv.put("fastpath", b"1")
     second = await kv.update("fastpath", b"2", last=first)
     assert second > first and (await kv.get("fastpath")).value == b"2"
