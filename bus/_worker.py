@@ -549,7 +549,7 @@ class Worker:
         else:
             status = ActivityStatus.FAILED
         with contextlib.suppress(CadenzaError):
-            await self.service.complete_activity(task.activity_id, status, result=result,
+            await self.service.complete_activity(task.activity_id, status, result=result, _record=False,
                                                  error=None if error is None else error.message)  # fmt: skip
 
     async def _refuse(self, task: ActivityTask, delivery: Delivery, error: TaskError) -> None:
