@@ -153,13 +153,13 @@ def fold_message(stored: Stored | None, e: ActivityMessage) -> Stored | None:
     return Stored(record=r.model_copy(update=update), fold=fold)
 
 
-def announcement(activity_id: str, start: ActivityStart) -> ActivityStarted:
-    """The ``started`` event a version-2 completion's ``start`` stands for (built from valid fields)."""
-    return ActivityStarted(
-        event_id=f"{activity_id}.started", time=start.started_at, activity_id=activity_id,
-        status=ActivityStatus.RUNNING, type=ActivityStarted.type_name(),
-        **{k: v for k, v in start if k != "started_at"},
-    )  # fmt: skip
+def announcement(
+    activity_id: str, start: ActivityStart, status: ActivityStatus = ActivityStatus.RUNNING
+) -> ActivityStarted:
+    """The ``started`` event for ``start`` (what a version-2 completion's ``start`` stands for)."""
+    fields = {k: v for k, v in start if k != "started_at"}
+    return ActivityStarted(event_id=f"{activity_id}.started", time=start.started_at, activity_id=activity_id,
+                           status=status, **fields)  # fmt: skip
 
 
 def _first_event(e: ActivityCompleted, start: ActivityStart) -> Stored:

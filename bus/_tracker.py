@@ -53,6 +53,7 @@ from ._bus import Bus
 from ._cancel import CancelRouter
 from ._context import CancelToken, Context
 from ._exceptions import ActivityError, CadenzaError
+from ._fold import announcement
 from ._heartbeat import Heartbeater, ProcessLoad, new_worker_id
 from ._retry import backoff_delay
 from ._writer import ActivityWriter, TextSink, flush_writer
@@ -347,16 +348,9 @@ class BusActivityService:
         self._tracks[req.id] = _Track(record=record, fresh_id=fresh)
         return record
 
-    @staticmethod
-    def _started_event(record: ActivityRecord, req: StartRequest) -> ActivityStarted:
-        assert record.started_at is not None
-        return ActivityStarted(
-            event_id=f"{req.id}.started", time=record.started_at, activity_id=req.id,
-            environment_id=req.environment_id, activity_type=req.type, status=req.status,
-            resource_type=req.resource_type, resource_id=req.resource_id, resource_name=req.resource_name,
-            step=req.step, message=record.latest_message, progress=record.progress, started_by=req.started_by,
-            metadata=req.metadata, batch_id=req.batch_id, worker_id=record.worker_id, session_id=req.session_id,
-        )  # fmt: skip
+    @classmethod
+    def _started_event(cls, record: ActivityRecord, req: StartRequest) -> ActivityStarted:
+        return announcement(req.id, cls._start_fields(record, req), req.status)
 
     @staticmethod
     def _start_fields(record: ActivityRecord, req: StartRequest) -> ActivityStart:
