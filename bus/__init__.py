@@ -27,6 +27,7 @@ if _typing.TYPE_CHECKING:
 
     from ._activity import CANCELLED_BY_USER as CANCELLED_BY_USER
     from ._activity import FIRST_COMPLETION as FIRST_COMPLETION
+    from ._activity import ActivityAlreadyStartedError as ActivityAlreadyStartedError
     from ._activity import ActivityCancelledError as ActivityCancelledError
     from ._activity import ActivityFinishedError as ActivityFinishedError
     from ._activity import ActivityNotCancellableError as ActivityNotCancellableError
@@ -121,6 +122,7 @@ __all__ = (
     "CANCELLED_BY_USER",
     "FIRST_COMPLETION",
     "MAX_EVENT_BYTES",
+    "ActivityAlreadyStartedError",
     "ActivityCancelledError",
     "ActivityClient",
     "ActivityError",

@@ -41,6 +41,7 @@ from ._exceptions import ActivityError, CadenzaError
 __all__ = (
     "CANCELLED_BY_USER",
     "FIRST_COMPLETION",
+    "ActivityAlreadyStartedError",
     "ActivityCancelledError",
     "ActivityFinishedError",
     "ActivityNotCancellableError",
@@ -100,6 +101,13 @@ class ActivityCancelledError(ActivityError):
         text = "activity cancelled by user" if cause.kind is CancelKind.USER else cause.text()
         super().__init__(text, non_retryable=True)
         self.cause = cause
+
+
+class ActivityAlreadyStartedError(ActivityError):
+    """An activity id was started a second time in the same service (a redelivered task, say)."""
+
+    code = "already_started"
+    default_non_retryable = True
 
 
 class ActivityFinishedError(ActivityError):

@@ -42,6 +42,7 @@ from schemas import (
 
 from ._activity import (
     FIRST_COMPLETION,
+    ActivityAlreadyStartedError,
     ActivityFinishedError,
     AppendMessageRequest,
     StartRequest,
@@ -321,7 +322,7 @@ class BusActivityService:
         """
         tg = self._check_open()
         if req.id in self._tracks or req.id in self._finished:
-            raise ActivityError(f"activity {req.id} was started already", non_retryable=True)
+            raise ActivityAlreadyStartedError(f"activity {req.id} was started already")
         now = utcnow()
         # (Validated in pydantic-core: faster than model_construct, which is Python, for this many fields.)
         record = ActivityRecord(

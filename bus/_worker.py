@@ -54,7 +54,7 @@ from schemas import (
     utcnow,
 )
 
-from ._activity import StartRequest, status_for_cause
+from ._activity import ActivityAlreadyStartedError, StartRequest, status_for_cause
 from ._bus import Bus, Delivery
 from ._cancel import CancelRouter
 from ._codec import encode
@@ -493,9 +493,7 @@ class Worker:
                 req = StartRequest(id=aid, type=task.name, worker_id=self.worker_id,
                                                    session_id=task.session_id or None)  # fmt: skip
                 await svc.start_activity(req, announce_after=self.announce_after)
-            except CadenzaError as exc:
-                if "started already" not in str(exc):
-                    raise
+            except ActivityAlreadyStartedError:
                 # A redelivery of a task this process runs or ran: the first run answers.
                 return
             work = await svc.track(ctx, aid, check_now=False, check_stored=ask_stream)

@@ -155,3 +155,15 @@ def test_a_result_the_caller_saw_is_recorded_after_killing_the_worker_and_the_re
     finally:
         worker.kill()
         recorder.kill()
+
+
+async def test_an_id_started_twice_in_one_service_is_a_typed_error(cadenza_bus: bus.Bus) -> None:
+    async with bus.BusActivityService(cadenza_bus, heartbeat=False) as svc:
+        req = bus.StartRequest(id="twice-1", type="t")
+        await svc.start_activity(req, announce_after=5.0)
+        with pytest.raises(bus.ActivityAlreadyStartedError) as err:
+            await svc.start_activity(req)
+        assert err.value.code == "already_started" and err.value.non_retryable
+        await svc.complete_activity("twice-1", ActivityStatus.SUCCESS)
+        with pytest.raises(bus.ActivityAlreadyStartedError):
+            await svc.start_activity(req)  # finished here: still the same id

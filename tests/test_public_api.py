@@ -19,6 +19,7 @@ import bus
 import schemas
 
 BUS_ALL = (
+    "ActivityAlreadyStartedError",
     "ActivityCancelledError",
     "ActivityClient",
     "ActivityError",
