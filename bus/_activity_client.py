@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import re
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,15 +19,12 @@ from typing import Any
 import anyio
 import nats.errors
 import nats.js.errors
-import pydantic
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from schemas import (
     ActivityCompleted,
     ActivityMessage,
     ActivityRecord,
-    ActivityStarted,
-    ActivityUpdated,
     CancelActivityReply,
     CancelActivityRequest,
     GetActivityReply,
@@ -46,22 +43,17 @@ from ._activity import clamp_progress
 from ._bus import Bus
 from ._codec import decode
 from ._exceptions import BusError, ValidationError
+from ._fold import ACTIVITY_EVENTS
 
 __all__ = (
     "ActivityClient",
     "MessageBatch",
-    "activity_kv_key",
     "read_activity_messages",
     "watch_activities",
 )
 
-_KV_SAFE = re.compile(r"[^-_a-zA-Z0-9]")
-_ACTIVITY_EVENTS = (ActivityStarted, ActivityUpdated, ActivityMessage, ActivityCompleted)
-
-
-def activity_kv_key(activity_id: str) -> str:
-    """The key of an activity in the ``activities`` bucket (ids may hold characters keys may not)."""
-    return _KV_SAFE.sub(lambda m: f"={ord(m.group()):02X}", activity_id)
+#: Finished activities :func:`watch_activities` remembers (a late event for an older one is stale).
+_WATCH_FINISHED = 100_000
 
 
 @dataclass
@@ -158,7 +150,7 @@ async def read_activity_messages(
                 if meta.num_pending == 0:
                     caught_up = True
                 try:
-                    event = decode(msg.data, msg.headers, _ACTIVITY_EVENTS)
+                    event = decode(msg.data, msg.headers, ACTIVITY_EVENTS)
                 except ValidationError:
                     continue  # dead-lettered by the recorder; nothing to show
                 if isinstance(event, ActivityMessage):
@@ -200,6 +192,7 @@ async def watch_activities(bus: Bus) -> AsyncIterator[ActivityRecord]:
     from ._watch import follow_activity_events
 
     records: dict[str, StoredActivity] = {}
+    finished: OrderedDict[str, None] = OrderedDict()  # bounded: a dashboard runs for good
     send, receive = anyio.create_memory_object_stream[ActivityRecord](100_000)
 
     def on_event(event: Any, _seq: int) -> None:
@@ -209,6 +202,10 @@ async def watch_activities(bus: Bus) -> AsyncIterator[ActivityRecord]:
         if new is None:
             return
         records[event.activity_id] = new
+        if new.record.terminal:
+            finished[event.activity_id] = None
+            while len(finished) > _WATCH_FINISHED:
+                records.pop(finished.popitem(last=False)[0], None)
         if new.fold.announced:
             try:
                 send.send_nowait(new.record)
@@ -231,16 +228,6 @@ async def watch_activities(bus: Bus) -> AsyncIterator[ActivityRecord]:
                     yield record
         finally:
             tg.cancel_scope.cancel()
-
-
-def stored_record(value: bytes) -> ActivityRecord:
-    """The :class:`ActivityRecord` inside a value of the ``activities`` bucket."""
-    return _StoredView.model_validate_json(value).record
-
-
-class _StoredView(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="ignore", defer_build=True)
-    record: ActivityRecord
 
 
 class ActivityClient:

@@ -167,3 +167,21 @@ async def test_an_id_started_twice_in_one_service_is_a_typed_error(cadenza_bus: 
         await svc.complete_activity("twice-1", ActivityStatus.SUCCESS)
         with pytest.raises(bus.ActivityAlreadyStartedError):
             await svc.start_activity(req)  # finished here: still the same id
+
+
+def test_the_consoles_fold_keeps_a_bounded_number_of_finished_activities() -> None:
+    """The console folds the stream itself and cannot see the recorder's pruning: it drops the
+    oldest finished activities beyond its bound (running ones are never dropped)."""
+    from services.console._state import ConsoleConfig, ConsoleState
+
+    state = ConsoleState(bus=None, config=ConsoleConfig(finished_activities=3))  # type: ignore[arg-type]
+    start = ActivityStart(started_at=utcnow(), activity_type="t", session_id="s1")
+    for i in range(5):
+        done = ActivityCompleted(event_id=f"c{i}.completed", activity_id=f"c{i}", status=ActivityStatus.SUCCESS,
+                                 start=start)  # fmt: skip
+        state._on_activity_event(done, i + 1)
+    from schemas import ActivityStarted
+
+    state._on_activity_event(ActivityStarted(activity_id="r1", activity_type="t", session_id="s1"), 6)
+    assert set(state.activities) == {"c2", "c3", "c4", "r1"}
+    assert state.by_session["s1"] == {"c2", "c3", "c4", "r1"} and state.open_activities == {"r1"}

@@ -21,7 +21,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -70,9 +70,12 @@ class ConsoleConfig:
         services_interval: seconds between two ``services.info`` rounds.
         services_window: seconds one round waits for answers.
         lost_factor: a worker silent for this many heartbeat intervals is shown as lost.
+        finished_activities: how many finished activities are kept (the oldest ended first go; the
+            recorder's pruning is not an event the console can follow, so it keeps its own bound).
     """
 
     dead_letters: int = 1000
+    finished_activities: int = 20_000
     services_interval: float = 3.0
     services_window: float = 0.5
     lost_factor: float = 3.0
@@ -137,6 +140,8 @@ class ConsoleState:
     versions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     _changed: anyio.Event = field(default_factory=anyio.Event)
     _folds: dict[str, StoredActivity] = field(default_factory=dict)
+    #: Finished activities in the order they ended (the bound drops the oldest).
+    _finished: OrderedDict[str, None] = field(default_factory=OrderedDict)
     _position: int = 0
 
     def __post_init__(self) -> None:
@@ -220,6 +225,9 @@ class ConsoleState:
             self.by_session.setdefault(record.session_id, set()).add(record.id)
         if record.terminal:
             self._close(record)
+            self._finished[record.id] = None
+            while len(self._finished) > self.config.finished_activities:
+                self._forget(self._finished.popitem(last=False)[0])
         else:
             self.open_activities.add(record.id)
             if record.worker_id:
@@ -227,6 +235,15 @@ class ConsoleState:
         self.types.add(record.type)
         self.environments.add(record.environment_id)
         self._notify("activities")
+
+    def _forget(self, activity_id: str) -> None:
+        """Drop a finished activity beyond the bound (its fold too: a late event is stale anyway)."""
+        self._folds.pop(activity_id, None)
+        record = self.activities.pop(activity_id, None)
+        if record is not None and record.session_id in self.by_session:
+            self.by_session[record.session_id].discard(activity_id)
+            if not self.by_session[record.session_id]:
+                del self.by_session[record.session_id]
 
     def _close(self, record: ActivityRecord) -> None:
         self.open_activities.discard(record.id)
