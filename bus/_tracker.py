@@ -219,13 +219,13 @@ class BusActivityService:
 
     # ------------------------------------------------------------ publishing
 
-    async def _send(self, event: Event) -> None:
+    async def _send(self, event: Event, timeout: float | None = None) -> None:
         """Store one event; a completion only if none of the activity is stored (first one wins)."""
         if not isinstance(event, ActivityCompleted):
             await self.bus.publish(event)
             return
         try:
-            await self.bus.publish(event, headers=FIRST_COMPLETION)
+            await self.bus.publish(event, headers=FIRST_COMPLETION, timeout=timeout)
         except CadenzaError as exc:
             if not completed_already(exc):
                 raise
@@ -239,7 +239,9 @@ class BusActivityService:
             track.pending.insert(0, (self._started_event(track.record, track.deferred), None))
             track.deferred = None
 
-    async def _publish_locked(self, track: _Track, event: Event, batch: object = None) -> None:
+    async def _publish_locked(
+        self, track: _Track, event: Event, batch: object = None, timeout: float | None = None
+    ) -> None:
         if not isinstance(event, ActivityCompleted):
             self._undefer(track)
         try:
@@ -250,7 +252,7 @@ class BusActivityService:
                 track.pending.pop(0)
                 if batch is not None and old_batch is batch:
                     return
-            await self._send(event)
+            await self._send(event, timeout)
         except CadenzaError as exc:
             if not exc.non_retryable:
                 # Kept behind the older ones (once: a writer retrying a batch brings the same batch).
@@ -437,6 +439,7 @@ class BusActivityService:
         result: Any = None,
         _closing: bool = False,
         _record: bool = True,
+        _publish_timeout: float | None = None,
     ) -> ActivityRecord:
         """End an activity (event id ``<id>.completed``); the first completion wins.
 
@@ -493,7 +496,7 @@ class BusActivityService:
                 track.next_seq += 1
             track.completing = status
             # Not stored: PublishError to the caller; the outbox keeps the completion and retries it.
-            await self._publish_locked(track, event)
+            await self._publish_locked(track, event, timeout=_publish_timeout)
             self._finish(activity_id, status)
         if not _record:
             return track.record  # (the session worker does not use the ending record: not built)

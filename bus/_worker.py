@@ -74,6 +74,8 @@ _log = logging.getLogger("cadenza.worker")
 F = TypeVar("F", bound=Callable[..., Any])
 
 _SESSION_ENDS = frozenset({CancelKind.SESSION_COMPLETED, CancelKind.SESSION_FAILED})
+#: Seconds per attempt of storing a completion before its caller is answered (x the publish retries).
+_COMPLETION_TIMEOUT = 0.75
 
 _current: ContextVar[_Running | None] = ContextVar("cadenza_activity", default=None)
 
@@ -546,8 +548,12 @@ class Worker:
             status = status_for_cause(error.cause)
         else:
             status = ActivityStatus.FAILED
+        # Stored before the caller is answered, but not at any price: a stream electing a leader (a
+        # node restart on a cluster) would hold every caller for the whole publish budget. After
+        # about 3 s the completion stays with the outbox, which stores it when the stream is back.
         with contextlib.suppress(CadenzaError):
             await self.service.complete_activity(task.activity_id, status, result=result, _record=False,
+                                                 _publish_timeout=_COMPLETION_TIMEOUT,
                                                  error=None if error is None else error.message)  # fmt: skip
 
     async def _refuse(self, task: ActivityTask, delivery: Delivery, error: TaskError) -> None:

@@ -3,7 +3,8 @@
 ``python -m tests.chaos_caller --prefix P --concurrency N --execution-timeout S`` runs N loops, each:
 create a session, run two ``echo`` activities in it, publish a tracked activity of its own (its
 ``started`` and ``completed`` events, each through ``Bus.publish``), complete the session (every
-fifth is left open on purpose, for the broker's execution-timeout sweep). It prints ``cadenza: ready
+fifth is left open on purpose, for the broker's execution-timeout sweep, at most one per loop at a
+time). It prints ``cadenza: ready
 caller`` and then one line per fact the test checks:
 
 - ``opened <session_id> <worker_id> <seconds>``: a creation that succeeded, and how long it took;
@@ -57,6 +58,9 @@ async def _loop(b: bus.Bus, args: argparse.Namespace, n: int) -> None:
     )  # fmt: skip
     ctx = b.context()
     round_ = 0
+    # At most one session of this loop left open at a time: how many slots they hold must not grow
+    # with the throughput (at 8 sessions/s, every fifth left open for 15 s would fill 18 slots).
+    open_until = 0.0
     while True:
         round_ += 1
         t0 = time.monotonic()
@@ -79,7 +83,8 @@ async def _loop(b: bus.Bus, args: argparse.Namespace, n: int) -> None:
                 break
             _say("result", aid, info.session_id)
         await _tracked(b)
-        if (round_ + n) % 5 == 0:
+        if (round_ + n) % 5 == 0 and time.monotonic() >= open_until:
+            open_until = time.monotonic() + args.execution_timeout + 5.0
             _say("left_open", info.session_id)
             continue
         try:
