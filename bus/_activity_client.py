@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +32,6 @@ from schemas import (
     ListActivitiesRequest,
     MessageEntry,
     MessageRecord,
-    StoredActivity,
     TailActivityReply,
     TailActivityRequest,
     cut_text,
@@ -187,40 +185,24 @@ async def watch_activities(bus: Bus) -> AsyncIterator[ActivityRecord]:
     server): each record is yielded when an event changes it, announced activities only. Rides
     through server restarts (the follower starts again where it was).
     """
-    from ._fold import fold_activity_event
+    from ._fold import StreamFold
     from ._retry import run_restarting
     from ._watch import follow_activity_events
 
-    records: dict[str, StoredActivity] = {}
-    finished: OrderedDict[str, None] = OrderedDict()  # bounded: a dashboard runs for good
+    folded = StreamFold(keep_finished=_WATCH_FINISHED)  # bounded: a dashboard runs for good
     send, receive = anyio.create_memory_object_stream[ActivityRecord](100_000)
 
-    def on_event(event: Any, _seq: int) -> None:
-        if event is None:
-            return
-        new = fold_activity_event(records.get(event.activity_id), event)
-        if new is None:
-            return
-        records[event.activity_id] = new
-        if new.record.terminal:
-            finished[event.activity_id] = None
-            while len(finished) > _WATCH_FINISHED:
-                records.pop(finished.popitem(last=False)[0], None)
-        if new.fold.announced:
+    def on_event(event: Any, seq: int) -> None:
+        new = folded.apply(event, seq)
+        if new is not None and new.fold.announced:
             try:
                 send.send_nowait(new.record)
             except anyio.WouldBlock:
                 pass  # the reader is far behind: it sees this activity at its next change
 
-    position = [0]
-
-    def track(event: Any, seq: int) -> None:
-        position[0] = seq
-        on_event(event, seq)
-
     async with anyio.create_task_group() as tg:
         # Resumes where it was after a server restart or a lost consumer (never from the start again).
-        follow = functools.partial(follow_activity_events, bus, track, after=lambda: position[0])
+        follow = functools.partial(follow_activity_events, bus, on_event, after=lambda: folded.position)
         await tg.start(run_restarting, "activity watch", follow)
         try:
             async with receive:

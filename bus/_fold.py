@@ -12,6 +12,8 @@ does not count, such as ``nats pub``) applies in arrival order. A version-2 comp
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
+from collections.abc import Callable
 from datetime import datetime
 
 from schemas import (
@@ -32,6 +34,7 @@ from ._activity import clamp_progress
 __all__ = (
     "ACTIVITY_EVENTS",
     "ActivityEvent",
+    "StreamFold",
     "announcement",
     "fold_activity_event",
     "fold_completed",
@@ -45,6 +48,45 @@ _log = logging.getLogger("cadenza.recorder")
 ACTIVITY_EVENTS = (ActivityStarted, ActivityUpdated, ActivityMessage, ActivityCompleted)
 ActivityEvent = ActivityStarted | ActivityUpdated | ActivityMessage | ActivityCompleted
 Stored = StoredActivity
+
+
+class StreamFold:
+    """The ``activity`` stream folded in stream order by a reader that follows it (the console,
+    :func:`bus.watch_activities`): the records by id, the stream position reached, and a bound on the
+    finished activities kept (such a reader cannot see the recorder's pruning, so it keeps its own).
+
+    Args:
+        keep_finished: finished activities kept; the one that ended first goes first.
+        on_forget: called with the id of each activity dropped by the bound.
+    """
+
+    def __init__(self, keep_finished: int, on_forget: Callable[[str], None] | None = None) -> None:
+        self.records: dict[str, Stored] = {}
+        self.position = 0
+        self.keep_finished = keep_finished
+        self._on_forget = on_forget
+        self._finished: OrderedDict[str, None] = OrderedDict()
+
+    def apply(self, event: ActivityEvent | None, seq: int) -> Stored | None:
+        """Fold the event stored at ``seq`` (None: one that did not validate); the new state, or None
+        when nothing changed (or ``seq`` was folded already, as after a follower's restart)."""
+        if seq <= self.position:
+            return None
+        self.position = seq
+        if event is None:
+            return None
+        new = fold_activity_event(self.records.get(event.activity_id), event)
+        if new is None:
+            return None
+        self.records[event.activity_id] = new
+        if new.record.terminal:
+            self._finished[event.activity_id] = None
+            while len(self._finished) > self.keep_finished:
+                gone = self._finished.popitem(last=False)[0]
+                self.records.pop(gone, None)
+                if self._on_forget is not None:
+                    self._on_forget(gone)
+        return new
 
 
 def fold_activity_event(stored: Stored | None, event: ActivityEvent) -> Stored | None:

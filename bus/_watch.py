@@ -32,7 +32,7 @@ from ._exceptions import BusError, CadenzaError, ValidationError
 from ._fold import ACTIVITY_EVENTS, ActivityEvent
 from ._tracing import SYSTEM, extract_context, instruments, traced_receive, tracer
 
-__all__ = ("WORKER_EVENTS", "follow_activity_events", "follow_bucket", "follow_worker_events")
+__all__ = ("WORKER_EVENTS", "follow_activity_events", "follow_bucket", "follow_worker_events", "last_stored_seq")
 
 WORKER_EVENTS = (WorkerStarted, WorkerHeartbeat, WorkerStopped)
 WorkerEvent = WorkerStarted | WorkerHeartbeat | WorkerStopped
@@ -76,6 +76,15 @@ async def follow_bucket(
                 await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
 
 
+async def last_stored_seq(bus: Bus, domain: str) -> int:
+    """The stream sequence of the last message stored on ``domain``'s stream (0: none)."""
+    try:
+        last = await bus.js.get_last_msg(bus.topology.stream_name(domain), bus.subjects.domain_wildcard(domain))
+    except nats.js.errors.NotFoundError:
+        return 0
+    return last.seq or 0
+
+
 async def _follow(
     bus: Bus,
     domain: str,
@@ -94,10 +103,7 @@ async def _follow(
     ``asyncio.wait`` per message).
     """
     stream, everything = bus.topology.stream_name(domain), bus.subjects.domain_wildcard(domain)
-    try:
-        last = (await bus.js.get_last_msg(stream, everything)).seq or 0
-    except nats.js.errors.NotFoundError:
-        last = 0
+    last = await last_stored_seq(bus, domain)
     caught_up = anyio.Event()
     if last < policy.get("opt_start_seq", 1):
         caught_up.set()  # nothing stored from where it starts (the last stored message is always delivered)

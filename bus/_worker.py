@@ -492,8 +492,7 @@ class Worker:
                 # Announced only if it is still running after announce_after (or publishes an event
                 # first); a quick activity is announced by its completion alone. An early cancel is
                 # looked for in the background: the task's round trip waits for neither.
-                req = StartRequest(id=aid, type=task.name, worker_id=self.worker_id,
-                                                   session_id=task.session_id or None)  # fmt: skip
+                req = StartRequest(id=aid, type=task.name, worker_id=self.worker_id, session_id=task.session_id or None)
                 await svc.start_activity(req, announce_after=self.announce_after)
             except ActivityAlreadyStartedError:
                 # A redelivery of a task this process runs or ran: the first run answers.

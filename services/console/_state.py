@@ -21,7 +21,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,8 +34,8 @@ from anyio.abc import TaskStatus
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 import bus
-from bus import fold_activity_event, run_restarting
-from bus._fold import ActivityEvent
+from bus import run_restarting
+from bus._fold import ActivityEvent, StreamFold
 from bus._service_info import gather_service_info
 from bus._topology import STREAMS
 from bus._watch import follow_activity_events, follow_bucket, follow_worker_events
@@ -45,7 +45,6 @@ from schemas import (
     ServiceInfo,
     SessionRecord,
     SessionState,
-    StoredActivity,
     WorkerHeartbeat,
     WorkerRecord,
     WorkerStarted,
@@ -139,13 +138,11 @@ class ConsoleState:
     recorder_error: str = ""
     versions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     _changed: anyio.Event = field(default_factory=anyio.Event)
-    _folds: dict[str, StoredActivity] = field(default_factory=dict)
-    #: Finished activities in the order they ended (the bound drops the oldest).
-    _finished: OrderedDict[str, None] = field(default_factory=OrderedDict)
-    _position: int = 0
+    _folded: StreamFold = field(init=False)
 
     def __post_init__(self) -> None:
         self.dead_letters = deque(maxlen=self.config.dead_letters)
+        self._folded = StreamFold(keep_finished=self.config.finished_activities, on_forget=self._forget)
 
     # ------------------------------------------------------------ run
 
@@ -154,7 +151,8 @@ class ConsoleState:
         async with anyio.create_task_group() as tg:
             await tg.start(follow_bucket, b, "sessions", self._put_session, self._del_session)
             await tg.start(follow_bucket, b, "workers", self._put_worker, self._del_worker)
-            follow = functools.partial(follow_activity_events, b, self._on_activity_event, after=lambda: self._position)
+            follow = functools.partial(follow_activity_events, b, self._on_activity_event,
+                                       after=lambda: self._folded.position)  # fmt: skip
             await tg.start(run_restarting, "console activity follower", follow)
             await tg.start(follow_worker_events, b, self._saw)
             await tg.start(self._follow_dead_letters)
@@ -205,16 +203,8 @@ class ConsoleState:
 
     def _on_activity_event(self, event: ActivityEvent | None, seq: int) -> None:
         """Fold the activity stream here, as the recorder does (the stream is the activities' store)."""
-        if seq <= self._position:
-            return
-        self._position = seq
-        if event is None:
-            return
-        new = fold_activity_event(self._folds.get(event.activity_id), event)
-        if new is None:
-            return
-        self._folds[event.activity_id] = new
-        if new.fold.announced:
+        new = self._folded.apply(event, seq)
+        if new is not None and new.fold.announced:
             self._put_activity(new.record)
 
     def _put_activity(self, record: ActivityRecord) -> None:
@@ -225,9 +215,6 @@ class ConsoleState:
             self.by_session.setdefault(record.session_id, set()).add(record.id)
         if record.terminal:
             self._close(record)
-            self._finished[record.id] = None
-            while len(self._finished) > self.config.finished_activities:
-                self._forget(self._finished.popitem(last=False)[0])
         else:
             self.open_activities.add(record.id)
             if record.worker_id:
@@ -237,8 +224,7 @@ class ConsoleState:
         self._notify("activities")
 
     def _forget(self, activity_id: str) -> None:
-        """Drop a finished activity beyond the bound (its fold too: a late event is stale anyway)."""
-        self._folds.pop(activity_id, None)
+        """Drop a finished activity beyond the fold's bound (a late event for it is stale anyway)."""
         record = self.activities.pop(activity_id, None)
         if record is not None and record.session_id in self.by_session:
             self.by_session[record.session_id].discard(activity_id)

@@ -34,7 +34,7 @@ from anyio.abc import TaskStatus
 import bus
 from bus._activity_client import read_activity_messages
 from bus._fold import ActivityEvent, fold_activity_event
-from bus._watch import WORKER_EVENTS, follow_activity_events, follow_worker_events
+from bus._watch import WORKER_EVENTS, follow_activity_events, follow_worker_events, last_stored_seq
 from schemas import (
     ENDPOINTS,
     ActivityCompleted,
@@ -62,7 +62,7 @@ __all__ = ("Recorder", "RecorderConfig", "Stored")
 
 _log = logging.getLogger("cadenza.recorder")
 
-#: The fold state and the record of one activity (schemas/json/kv.activities.json).
+#: The record of one activity and its fold state (what a recorder replica holds per activity).
 Stored = StoredActivity
 
 
@@ -170,14 +170,10 @@ class Recorder:
         bound = b.timeouts.request / 3 if timeout is None else timeout
         with anyio.move_on_after(bound):
             try:
-                stream, everything = b.topology.stream_name("activity"), b.subjects.domain_wildcard("activity")
-                last = await b.js.get_last_msg(stream, everything)
-            except nats.js.errors.NotFoundError:
-                return True
+                target = await last_stored_seq(b, "activity")
             except nats.errors.Error as exc:
                 _log.info("cannot read the end of the activity stream (%r); answering from what is folded", exc)
                 return False
-            target = last.seq or 0
             if self.position >= target:
                 return True
             ready = anyio.Event()
