@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import anyio
 
-from bus._server import _die_with_parent
+from bus.transport import die_with_parent
 
 from ._common import rss_mb
 
@@ -58,7 +58,7 @@ class Proc:
             stdin=subprocess.DEVNULL,
             text=True,
             env=env,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
         )
         threading.Thread(target=self._read, daemon=True, name=f"out-{self.name}").start()
         if self.ready_marker is None:

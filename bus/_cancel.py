@@ -23,11 +23,11 @@ from anyio.abc import TaskStatus
 
 from schemas import CancelCause, CancelRequested, utcnow
 
-from ._bus import Bus
-from ._codec import decode
 from ._context import CancelToken
 from ._exceptions import ValidationError
-from ._tracing import instruments
+from .transport._bus import Bus
+from .transport._codec import decode
+from .transport._tracing import instruments
 
 __all__ = ("CancelRouter", "request_cancel")
 

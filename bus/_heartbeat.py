@@ -17,8 +17,8 @@ from anyio.abc import TaskStatus
 
 from schemas import ActivityParameter, ActivitySignature, WorkerHeartbeat, WorkerStarted, WorkerStopped
 
-from ._bus import Bus
 from ._exceptions import CadenzaError
+from .transport._bus import Bus
 
 __all__ = ("Heartbeater", "ProcessLoad", "describe_activities", "new_worker_id")
 

@@ -17,10 +17,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import anyio
 import pytest
 
-from ._bus import Bus, connect
 from ._config import Timeouts
-from ._process import ChildProcess
-from ._server import EmbeddedCluster, EmbeddedServer
+from .transport._bus import Bus, connect
+from .transport._process import ChildProcess
+from .transport._server import EmbeddedCluster, EmbeddedServer
 
 __all__ = (
     "EmbeddedCluster",

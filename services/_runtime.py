@@ -131,7 +131,7 @@ async def service_bus(args: argparse.Namespace, name: str, *, embedded_ok: bool 
     import anyio
 
     import bus
-    from bus._service_info import serve_service_info
+    from bus.transport import serve_service_info
 
     urls = server_urls(args)
     if urls is None and not embedded_ok:

@@ -90,7 +90,7 @@ def as_json(line: Line) -> str:
 
 def _history_filters(b: bus.Bus, subject: str) -> list[tuple[str, str]]:
     """(stream, filter) pairs of the streams holding ``subject`` (a filter under the prefix)."""
-    from bus._topology import STREAMS
+    from bus.transport import STREAMS
 
     prefix = b.subjects.prefix
     tokens = subject.split(".")

@@ -87,7 +87,7 @@ def start(command: str, *, log_format: str = "text", log_level: str = "INFO", me
     global _current
     configure_logging(log_level, log_format)
     if _current is None and (metrics_port is not None or _asked()):
-        from bus._telemetry import configure_telemetry
+        from bus.transport import configure_telemetry
 
         _current = configure_telemetry(command, metrics_port=metrics_port)
         if _current.metrics_url:

@@ -42,7 +42,7 @@ from ._runtime import (
 
 if TYPE_CHECKING:
     import bus
-    from bus._process import ChildProcess as Child
+    from bus.transport import ChildProcess as Child
 
 __all__ = ("build_parser", "main")
 
@@ -94,7 +94,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 def cmd_subjects(args: argparse.Namespace) -> int:
     import bus
     import schemas
-    from bus._topology import format_size
+    from bus.transport import format_size
 
     try:
         topo = bus.Topology(args.prefix)
@@ -238,7 +238,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
 def cmd_setup(args: argparse.Namespace) -> int:
     """Declare (or upgrade) every stream and bucket: run once as the admin user."""
     import bus
-    from bus._topology import format_size, parse_size
+    from bus.transport import format_size, parse_size
 
     if _no_server(args):
         return _fail(_NO_SERVER)
@@ -286,7 +286,7 @@ async def _status_rows(b: bus.Bus, timeout: float) -> list[dict[str, Any]]:
     import nats.errors
     import nats.js.errors
 
-    from bus._topology import BUCKETS, STREAMS
+    from bus.transport import BUCKETS, STREAMS
 
     topo = b.topology
     names = [(topo.stream_name(s.domain), "stream") for s in STREAMS]
@@ -319,7 +319,7 @@ async def _status_rows(b: bus.Bus, timeout: float) -> list[dict[str, Any]]:
 
 
 def _print_status(rows: list[dict[str, Any]]) -> None:
-    from bus._topology import format_size
+    from bus.transport import format_size
 
     width = max(len(r["name"]) for r in rows)
     print(f"{'stream / bucket':<{width}}  replicas  {'leader':<20} {'messages':>9}  {'bytes / max':<22} "
@@ -356,8 +356,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
     """Embedded server (or ``--cluster N`` nodes) + recorder + broker + demo worker + web console, in the
     foreground."""
     import bus
-    from bus._process import ChildProcess as Child
-    from bus._server import EmbeddedCluster
+    from bus.transport import ChildProcess as Child
+    from bus.transport import EmbeddedCluster
 
     server: bus.EmbeddedServer | EmbeddedCluster
     if args.cluster and args.cluster not in (3, 5):

@@ -13,7 +13,7 @@ import sys
 import anyio
 
 import bus
-from bus._worker import _current  # the running activity's tracker: there is no public progress call yet
+from bus.sessions._activity import _current  # the running activity's tracker: there is no public progress call yet
 from services._runtime import add_server_args, announce_ready, run_service, service_bus
 
 activities = bus.ActivityRegistry()

@@ -140,7 +140,7 @@ async def test_topology_is_idempotent_and_upgrades_limits_without_losing_data(
     topo = cadenza_bus.topology
     await topo.ensure(cadenza_bus.js)  # second run: nothing to do, no error
     await cadenza_bus.publish(Ping(n=1))
-    import bus._topology as t
+    import bus.transport._topology as t
 
     changed = tuple(
         s if s.domain != "session" else t.StreamSpec(s.domain, s.description, max_age=3 * t.DAY, max_bytes=s.max_bytes)
@@ -158,7 +158,7 @@ async def test_topology_refuses_a_change_the_server_cannot_make_in_place(
 ) -> None:
     from nats.js.api import RetentionPolicy
 
-    import bus._topology as t
+    import bus.transport._topology as t
 
     changed = tuple(
         s

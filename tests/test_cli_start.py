@@ -24,7 +24,7 @@ import schemas
 HEAVY = ("nats", "pydantic", "pydantic_core", "opentelemetry", "rich", "anyio", "starlette", "uvicorn")
 
 
-#: The one model built at import: constants of bus._context (SHUTDOWN) and bus._activity
+#: The one model built at import: constants of bus._context (SHUTDOWN) and bus.tracking._api
 #: (CANCELLED_BY_USER) are instances of it.
 BUILT_AT_IMPORT = "CancelCause"
 
@@ -81,8 +81,9 @@ def test_a_connecting_command_imports_only_what_connecting_needs(argv: list[str]
     )
     modules, built = _modules_after(code, "BUILT")
     assert built in ("", BUILT_AT_IMPORT)
-    late = ("opentelemetry.sdk", "rich", "starlette", "uvicorn", "bus._session", "bus._worker", "bus._tracker",
-            "bus._heartbeat", "bus._writer", "bus._activity", "schemas._asyncapi", "schemas._jsonschema")  # fmt: skip
+    late = ("opentelemetry.sdk", "rich", "starlette", "uvicorn", "bus.sessions.", "bus.tracking._service",
+            "bus._heartbeat", "bus.tracking._writer", "bus.tracking._api",
+            "schemas._asyncapi", "schemas._jsonschema")  # fmt: skip
     assert [m for m in modules if m.startswith(late)] == []
 
 

@@ -22,9 +22,9 @@ import nats.errors
 import pytest
 
 import bus
-from bus._server import _die_with_parent, _free_port, _free_ports
-from bus._topology import BUCKETS, DEFAULT_STORAGE, MIN_BYTES, STREAMS, parse_size
 from bus.testing import EmbeddedCluster, ExternalServer, unique_prefix
+from bus.transport._server import _free_port, _free_ports, die_with_parent
+from bus.transport._topology import BUCKETS, DEFAULT_STORAGE, MIN_BYTES, STREAMS, parse_size
 
 DEPLOY = Path(__file__).parent.parent / "deploy" / "nats"
 USERS = ("admin", "broker", "recorder", "worker", "caller")
@@ -69,7 +69,7 @@ def conf_cluster(tmp_path: Path) -> Iterator[tuple[str, dict[str, str], list[str
             log = open(tmp_path / f"node-{i + 1}.log", "wb")
             procs.append(subprocess.Popen(
                 [bus.find_server_binary(), "-c", str(tmp_path / "cluster.conf")], env=env, stdout=log,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
             ))  # fmt: skip
             log.close()
         yield ",".join(f"nats://127.0.0.1:{p}" for p in client), passwords, [f"127.0.0.1:{m}" for m in monitor]
@@ -267,7 +267,7 @@ async def test_durability_bench_measures_a_round_trip_and_a_rate(tmp_path: Path)
 
 
 async def test_dev_cluster_starts_three_nodes_with_replicas_3_and_stops_on_sigterm() -> None:
-    from bus._process import ChildProcess
+    from bus.transport._process import ChildProcess
 
     prefix = unique_prefix()
     dev = ChildProcess("services", "dev", "--cluster", "3", "--console-port", "0", "--prefix", prefix,

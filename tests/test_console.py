@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 import bus
-from bus._service_info import serve_service_info
 from bus.testing import eventually
+from bus.transport._service_info import serve_service_info
 from schemas import ActivityCompleted, ActivityStarted, ActivityStatus, utcnow
 from services.cli import main as cli_main
 from services.console import ConsoleConfig, ConsoleOptions, running_console

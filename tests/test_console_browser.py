@@ -23,8 +23,8 @@ import anyio
 import pytest
 
 import bus
-from bus._server import EmbeddedServer
 from bus.testing import ExternalServer, ServiceProcess, unique_prefix
+from bus.transport._server import EmbeddedServer
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [

@@ -17,7 +17,7 @@ import pytest
 import bus
 import bus.testing
 from bus import EmbeddedServer, find_server_binary
-from bus._process import ChildProcess as Child
+from bus.transport._process import ChildProcess as Child
 
 DEPLOY = Path(__file__).parent.parent / "deploy" / "nats"
 USERS = ("admin", "broker", "recorder", "worker", "caller")

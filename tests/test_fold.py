@@ -1,4 +1,4 @@
-"""The activity fold (bus._fold): a version-2 completion that carries its announcement folds to the
+"""The activity fold (bus.tracking._fold): a version-2 completion that carries its announcement folds to the
 same record as the announcement and the completion folded one after the other."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from datetime import timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bus._fold import announcement, fold_activity_event, fold_completed, fold_started
+from bus.tracking._fold import announcement, fold_activity_event, fold_completed, fold_started
 from schemas import ActivityCompleted, ActivityLevel, ActivityStart, ActivityStatus, MessageEntry, utcnow
 
 _TEXT = st.text(max_size=20)

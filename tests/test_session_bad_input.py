@@ -26,8 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bus
-from bus._codec import INPUT_ERRORS
 from bus.testing import ExternalServer, ServiceProcess, unique_prefix
+from bus.transport._codec import INPUT_ERRORS
 from schemas import (
     ActivityResult,
     ActivityTask,

@@ -269,7 +269,7 @@ def test_an_unknown_exporter_is_one_warning_line(variable: str) -> None:
 
 
 def test_service_name_and_resource_attributes_come_from_the_environment(receiver: Receiver) -> None:
-    from bus._telemetry import _service_name
+    from bus.transport._telemetry import _service_name
 
     old = dict(os.environ)
     try:

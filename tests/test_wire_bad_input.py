@@ -29,9 +29,9 @@ import pydantic
 import pytest
 
 import bus
-from bus._codec import MAX_EVENT_BYTES
-from bus._session import client_of
+from bus.sessions._client import client_of
 from bus.testing import ExternalServer, ServiceProcess, unique_prefix
+from bus.transport._codec import MAX_EVENT_BYTES
 from schemas import (
     ENDPOINTS,
     ActivityCompleted,

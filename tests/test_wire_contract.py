@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bus
-from bus._bus import _dead_letter_id
-from bus._fold import fold_started, fold_updated
 from bus._heartbeat import describe_activities
+from bus.tracking._fold import fold_started, fold_updated
+from bus.transport._bus import _dead_letter_id
 from schemas import (
     ASYNCAPI_PATH,
     TOKEN_PATTERN,

@@ -46,7 +46,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import bus
-from bus._service_info import package_version
+from bus.transport import package_version
 from schemas import ActivityRecord, ActivityStatus, ListActivitiesRequest, SessionState, utcnow
 
 from ._state import ConsoleState

@@ -28,7 +28,7 @@ def cmd_console(args: argparse.Namespace) -> int:
     import anyio
 
     import bus
-    from bus._service_info import serve_service_info
+    from bus.transport import serve_service_info
 
     from ._app import ConsoleOptions
     from ._server import is_loopback, running_console

@@ -4,7 +4,7 @@ Started once, at start-up, and then followed:
 
 * the ``sessions`` and ``workers`` buckets (the broker's records) and the ``activities`` bucket (the
   recorder's folded records: the console indexes them by session and worker, and learns which types
-  and environments exist), each through a watcher (:func:`bus._watch.follow_bucket`);
+  and environments exist), each through a watcher (:func:`bus.transport._follow.follow_bucket`);
 * the ``worker`` stream, last message per subject (every worker's last started / heartbeat /
   stopped: host, slots, heartbeat age, why it stopped), like the broker and the recorder do;
 * the ``dlq`` stream from its last :attr:`ConsoleConfig.dead_letters` entries on, into a ring;
@@ -35,10 +35,8 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 import bus
 from bus import run_restarting
-from bus._fold import ActivityEvent, StreamFold
-from bus._service_info import gather_service_info
-from bus._topology import STREAMS
-from bus._watch import follow_activity_events, follow_bucket, follow_worker_events
+from bus.tracking import ActivityEvent, StreamFold, follow_activity_events
+from bus.transport import STREAMS, follow_bucket, follow_worker_events, gather_service_info
 from schemas import (
     ActivityRecord,
     DeadLetter,

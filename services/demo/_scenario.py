@@ -28,7 +28,7 @@ import nats.errors
 import nats.js.errors
 
 import bus
-from bus._process import ChildProcess as Child
+from bus.transport import ChildProcess as Child
 
 __all__ = ("DemoConfig", "DemoFailed", "run_demo")
 

@@ -2,7 +2,7 @@
 
 The ``activity`` stream is the store. Every replica follows it in stream order with an ordered
 consumer (no acks, nothing written back) and folds each event into its own in-memory records with
-the pure folds of ``bus._fold``; replicas reading the same stream in the same order hold the same
+the pure folds of ``bus.tracking._fold``; replicas reading the same stream in the same order hold the same
 records, so any of them answers a request (after catching up with the stream's end as it was when
 the request came, so a caller that saw its result sees the record). A restarted recorder reads the
 stream again from its start. Folding does not depend on the order events arrive in: "latest"
@@ -32,9 +32,8 @@ import nats.js.errors
 from anyio.abc import TaskStatus
 
 import bus
-from bus._activity_client import read_activity_messages
-from bus._fold import ActivityEvent, fold_activity_event
-from bus._watch import WORKER_EVENTS, follow_activity_events, follow_worker_events, last_stored_seq
+from bus.tracking import ActivityEvent, fold_activity_event, follow_activity_events, read_activity_messages
+from bus.transport import WORKER_EVENTS, follow_worker_events, last_stored_seq
 from schemas import (
     ENDPOINTS,
     ActivityCompleted,

@@ -22,7 +22,7 @@ import nats.errors
 import nats.js.errors
 from anyio.abc import TaskStatus
 
-from ._exceptions import BusError, CadenzaError
+from .._exceptions import BusError, CadenzaError
 
 __all__ = ("backoff_delay", "is_transient", "retry_transient", "run_restarting")
 

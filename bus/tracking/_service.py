@@ -40,7 +40,13 @@ from schemas import (
     utcnow,
 )
 
-from ._activity import (
+from .._cancel import CancelRouter
+from .._context import CancelToken, Context
+from .._exceptions import ActivityError, CadenzaError
+from .._heartbeat import Heartbeater, ProcessLoad, new_worker_id
+from ..transport._bus import Bus
+from ..transport._retry import backoff_delay
+from ._api import (
     FIRST_COMPLETION,
     ActivityAlreadyStartedError,
     ActivityFinishedError,
@@ -50,13 +56,7 @@ from ._activity import (
     clamp_progress,
     completed_already,
 )
-from ._bus import Bus
-from ._cancel import CancelRouter
-from ._context import CancelToken, Context
-from ._exceptions import ActivityError, CadenzaError
 from ._fold import announcement
-from ._heartbeat import Heartbeater, ProcessLoad, new_worker_id
-from ._retry import backoff_delay
 from ._writer import ActivityWriter, TextSink, flush_writer
 
 __all__ = ("BusActivityService", "ServiceState")

@@ -23,7 +23,6 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
@@ -54,20 +53,21 @@ from schemas import (
     utcnow,
 )
 
-from ._activity import ActivityAlreadyStartedError, StartRequest, status_for_cause
-from ._bus import Bus, Delivery
-from ._cancel import CancelRouter
-from ._codec import encode
-from ._context import BUS_KEY, CancelToken, Context
-from ._exceptions import CadenzaError, SessionError, ValidationError
-from ._heartbeat import Heartbeater, ProcessLoad, describe_activities, new_worker_id
-from ._retry import retry_transient
-from ._session import SessionInfo
-from ._topology import ConsumerSpec
-from ._tracker import BusActivityService
-from ._writer import ActivityWriter, flush_writer
+from .._cancel import CancelRouter
+from .._context import BUS_KEY, CancelToken, Context
+from .._exceptions import CadenzaError, SessionError, ValidationError
+from .._heartbeat import Heartbeater, ProcessLoad, describe_activities, new_worker_id
+from ..tracking._api import ActivityAlreadyStartedError, StartRequest, status_for_cause
+from ..tracking._service import BusActivityService
+from ..tracking._writer import flush_writer
+from ..transport._bus import Bus, Delivery
+from ..transport._codec import encode
+from ..transport._retry import retry_transient
+from ..transport._topology import ConsumerSpec
+from ._activity import _current, _Running
+from ._client import SessionInfo
 
-__all__ = ("ActivityRegistry", "Worker", "WorkerState", "activity_context", "activity_writer")
+__all__ = ("ActivityRegistry", "Worker", "WorkerState")
 
 _log = logging.getLogger("cadenza.worker")
 
@@ -76,8 +76,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 _SESSION_ENDS = frozenset({CancelKind.SESSION_COMPLETED, CancelKind.SESSION_FAILED})
 #: Seconds per attempt of storing a completion before its caller is answered (x the publish retries).
 _COMPLETION_TIMEOUT = 0.75
-
-_current: ContextVar[_Running | None] = ContextVar("cadenza_activity", default=None)
 
 
 class WorkerState(enum.Enum):
@@ -125,36 +123,6 @@ class _Session:
     info: SessionInfo
     token: CancelToken
     registration: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
-
-
-@dataclass(eq=False)
-class _Running:
-    ctx: Context
-    task: ActivityTask
-    service: BusActivityService
-    writer: ActivityWriter | None = None
-
-
-def activity_context() -> Context:
-    """The context of the activity running in this task: ``activity_id``, ``session``, ``token``/``cause``.
-
-    Raises:
-        SessionError: called outside an activity run by a :class:`Worker`.
-    """
-    run = _current.get()
-    if run is None:
-        raise SessionError("activity_context() is only available inside an activity run by a Worker")
-    return run.ctx
-
-
-def activity_writer() -> ActivityWriter:
-    """A file-like writer whose lines become messages of the running activity (flushed when it ends)."""
-    run = _current.get()
-    if run is None:
-        raise SessionError("activity_writer() is only available inside an activity run by a Worker")
-    if run.writer is None:
-        run.writer = run.service.open_writer(run.task.activity_id)
-    return run.writer
 
 
 class Worker:

@@ -4,7 +4,7 @@
 * :func:`follow_worker_events`: the ``worker`` stream from each worker's last started / heartbeat /
   stopped on, with the server's time of storing (so a late reader sees how old a beat is).
 * :func:`follow_activity_events`: the ``activity`` stream in stream order, from a position on (the
-  stream is the activities' store: the recorder and every other reader fold it, see ``bus._fold``).
+  stream is the activities' store: the recorder and every other reader fold it, see ``bus.tracking._fold``).
 
 The broker and the recorder keep their own loops (written before these); new readers use these.
 """
@@ -22,17 +22,14 @@ import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
-from opentelemetry.trace import SpanKind
 
 from schemas import Event, WorkerHeartbeat, WorkerStarted, WorkerStopped, utcnow
 
+from .._exceptions import BusError, CadenzaError, ValidationError
 from ._bus import Bus
 from ._codec import decode
-from ._exceptions import BusError, CadenzaError, ValidationError
-from ._fold import ACTIVITY_EVENTS, ActivityEvent
-from ._tracing import SYSTEM, extract_context, instruments, traced_receive, tracer
 
-__all__ = ("WORKER_EVENTS", "follow_activity_events", "follow_bucket", "follow_worker_events", "last_stored_seq")
+__all__ = ("WORKER_EVENTS", "follow_bucket", "follow_stream", "follow_worker_events", "last_stored_seq")
 
 WORKER_EVENTS = (WorkerStarted, WorkerHeartbeat, WorkerStopped)
 WorkerEvent = WorkerStarted | WorkerHeartbeat | WorkerStopped
@@ -85,7 +82,7 @@ async def last_stored_seq(bus: Bus, domain: str) -> int:
     return last.seq or 0
 
 
-async def _follow(
+async def follow_stream(
     bus: Bus,
     domain: str,
     accept: Sequence[type[Event]],
@@ -156,55 +153,5 @@ async def follow_worker_events(
             assert isinstance(event, WORKER_EVENTS)
             on_event(event, msg.metadata.timestamp or utcnow())
 
-    await _follow(bus, "worker", WORKER_EVENTS, on_msg, consumer, task_status,
+    await follow_stream(bus, "worker", WORKER_EVENTS, on_msg, consumer, task_status,
                   deliver_policy=DeliverPolicy.LAST_PER_SUBJECT)  # fmt: skip
-
-
-async def follow_activity_events(
-    bus: Bus,
-    on_event: Callable[[ActivityEvent | None, int], None],
-    *,
-    after: Callable[[], int] = lambda: 0,
-    consumer: str | None = None,
-    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    """Call ``on_event(event, stream_seq)`` for each stored activity event after ``after()``, then live.
-
-    An ordered consumer (no acks, no state on the server): one delivery per event. ``after`` is read
-    at each (re)start, so a follower started again by :func:`run_restarting` resumes where its
-    reader is. Input that does not validate is passed as ``None`` (dead-lettered under ``consumer``
-    first, when given), so the reader's position still moves on. Ready once the events stored
-    before the start were delivered.
-    """
-    name = consumer or "activity-reader"
-
-    def on_msg(msg: Msg, event: Event | None) -> None:
-        meta = msg.metadata
-        seq = meta.sequence.stream
-        if event is None:
-            on_event(None, seq)
-            return
-        assert isinstance(event, ACTIVITY_EVENTS)
-        instruments.pending[name] = meta.num_pending
-        # A consumer span per event, the child of its publisher's (one trace from caller to recorder),
-        # as bus.consume gives its handlers.
-        headers = msg.headers or {}
-        if not traced_receive(headers):
-            on_event(event, seq)  # nothing would be traced: no span (see bus._tracing)
-        else:
-            with tracer.start_as_current_span(
-                f"process {msg.subject}", context=extract_context(headers), kind=SpanKind.CONSUMER,
-                attributes={"messaging.system": SYSTEM, "messaging.operation.type": "process",
-                            "messaging.destination.name": msg.subject, "messaging.consumer.group.name": name,
-                            "messaging.message.id": event.event_id, "messaging.nats.stream_sequence": seq},
-            ):  # fmt: skip
-                on_event(event, seq)
-        instruments.handled.add(1, {"consumer": name})
-
-    start = after() + 1
-    if start > 1:
-        await _follow(bus, "activity", ACTIVITY_EVENTS, on_msg, consumer, task_status,
-                      deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)  # fmt: skip
-    else:
-        await _follow(bus, "activity", ACTIVITY_EVENTS, on_msg, consumer, task_status,
-                      deliver_policy=DeliverPolicy.ALL)  # fmt: skip

@@ -2,7 +2,7 @@
 
 Messages are not copied anywhere: they are the ``activity`` stream's ``message`` events (and the
 final message of the first ``completed`` event), read back with a short-lived consumer filtered on
-``<prefix>.activity.<id>.*``. The records are the stream folded in stream order (``bus._fold``): the
+``<prefix>.activity.<id>.*``. The records are the stream folded in stream order (``bus.tracking._fold``): the
 recorder holds them and answers for them; a dashboard folds the stream itself with
 :func:`watch_activities`.
 """
@@ -37,10 +37,10 @@ from schemas import (
     cut_text,
 )
 
-from ._activity import clamp_progress
-from ._bus import Bus
-from ._codec import decode
-from ._exceptions import BusError, ValidationError
+from .._exceptions import BusError, ValidationError
+from ..transport._bus import Bus
+from ..transport._codec import decode
+from ._api import clamp_progress
 from ._fold import ACTIVITY_EVENTS
 
 __all__ = (
@@ -185,9 +185,9 @@ async def watch_activities(bus: Bus) -> AsyncIterator[ActivityRecord]:
     server): each record is yielded when an event changes it, announced activities only. Rides
     through server restarts (the follower starts again where it was).
     """
+    from ..transport._retry import run_restarting
     from ._fold import StreamFold
-    from ._retry import run_restarting
-    from ._watch import follow_activity_events
+    from ._follow import follow_activity_events
 
     folded = StreamFold(keep_finished=_WATCH_FINISHED)  # bounded: a dashboard runs for good
     send, receive = anyio.create_memory_object_stream[ActivityRecord](100_000)

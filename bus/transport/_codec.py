@@ -16,7 +16,7 @@ import pydantic
 
 from schemas import Event
 
-from ._exceptions import ValidationError
+from .._exceptions import ValidationError
 
 __all__ = (
     "CONTENT_TYPE",

@@ -49,10 +49,9 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from schemas import DEFAULT_PREFIX, DeadLetter, Event, ReplyError, RpcReply, Subjects, check_token, new_event_id
 
-from ._codec import MAX_EVENT_BYTES, decode, encode
-from ._config import ConnectOptions, Timeouts
-from ._context import BUS_KEY, Context
-from ._exceptions import (
+from .._config import ConnectOptions, Timeouts
+from .._context import BUS_KEY, Context
+from .._exceptions import (
     BusError,
     CadenzaError,
     ConnectError,
@@ -61,6 +60,7 @@ from ._exceptions import (
     RequestError,
     ValidationError,
 )
+from ._codec import MAX_EVENT_BYTES, decode, encode
 from ._retry import backoff_delay, is_transient, retry_transient
 from ._server import EmbeddedServer
 from ._topology import ConsumerSpec, Topology

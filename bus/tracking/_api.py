@@ -35,8 +35,8 @@ from schemas import (
     MessageRecord,
 )
 
-from ._context import Context
-from ._exceptions import ActivityError, CadenzaError
+from .._context import Context
+from .._exceptions import ActivityError, CadenzaError
 
 __all__ = (
     "CANCELLED_BY_USER",

@@ -54,11 +54,11 @@ from schemas import (
     utcnow,
 )
 
-from ._activity import ActivityCancelledError
-from ._bus import Bus
-from ._codec import decode
-from ._context import BUS_KEY, CancelToken, Context
-from ._exceptions import ActivityError, CadenzaError, SessionError, ValidationError
+from .._context import BUS_KEY, CancelToken, Context
+from .._exceptions import ActivityError, CadenzaError, SessionError, ValidationError
+from ..tracking._api import ActivityCancelledError
+from ..transport._bus import Bus
+from ..transport._codec import decode
 
 __all__ = (
     "ActivityFailedError",

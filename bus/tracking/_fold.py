@@ -29,7 +29,7 @@ from schemas import (
     cut_text,
 )
 
-from ._activity import clamp_progress
+from ._api import clamp_progress
 
 __all__ = (
     "ACTIVITY_EVENTS",

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 
-from ._server import _die_with_parent
+from ._server import die_with_parent
 
 __all__ = ("ChildProcess",)
 
@@ -54,7 +54,7 @@ class ChildProcess:
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             # Dies with the thread that started it (PR_SET_PDEATHSIG): nothing outlives its parent.
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
         )
         self._ready.clear()
         self.ready_line = ""

@@ -35,7 +35,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from ._exceptions import ServerStartError
+from .._exceptions import ServerStartError
 
 __all__ = ("EmbeddedCluster", "EmbeddedServer", "find_server_binary")
 
@@ -69,7 +69,7 @@ def find_server_binary() -> str:
     )
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -177,7 +177,7 @@ class EmbeddedServer:
                 "-l", str(self._log_path),
                 *self.extra_args,
             ]  # fmt: skip
-            preexec = _die_with_parent if sys.platform.startswith("linux") else None
+            preexec = die_with_parent if sys.platform.startswith("linux") else None
             self._proc = subprocess.Popen(
                 args,
                 stdin=subprocess.DEVNULL,

@@ -28,9 +28,9 @@ import anyio
 
 from schemas import ActivityLevel, MessageEntry, cut_text
 
-from ._activity import AppendMessageRequest, MessageAppender
-from ._context import Context
-from ._exceptions import ActivityError, CadenzaError
+from .._context import Context
+from .._exceptions import ActivityError, CadenzaError
+from ._api import AppendMessageRequest, MessageAppender
 
 __all__ = ("ActivityWriter", "TextSink", "flush_writer", "new_writer", "parse_line", "write_started_line")
 

@@ -35,7 +35,7 @@ from nats.js.api import (
 
 from schemas import DEFAULT_PREFIX, Subjects
 
-from ._exceptions import TopologyError
+from .._exceptions import TopologyError
 
 __all__ = ("BucketSpec", "ConsumerSpec", "StreamSpec", "Topology", "format_size", "parse_size")
 

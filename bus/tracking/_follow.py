@@ -1,0 +1,74 @@
+"""Following the ``activity`` stream: every stored activity event in stream order, from a position on.
+
+The stream is the activities' store: the recorder and every other reader fold what this delivers
+(see ``bus.tracking._fold``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import anyio
+from anyio.abc import TaskStatus
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
+from opentelemetry.trace import SpanKind
+
+from schemas import Event
+
+from ..transport._bus import Bus
+from ..transport._follow import follow_stream
+from ..transport._tracing import SYSTEM, extract_context, instruments, traced_receive, tracer
+from ._fold import ACTIVITY_EVENTS, ActivityEvent
+
+__all__ = ("follow_activity_events",)
+
+
+async def follow_activity_events(
+    bus: Bus,
+    on_event: Callable[[ActivityEvent | None, int], None],
+    *,
+    after: Callable[[], int] = lambda: 0,
+    consumer: str | None = None,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Call ``on_event(event, stream_seq)`` for each stored activity event after ``after()``, then live.
+
+    An ordered consumer (no acks, no state on the server): one delivery per event. ``after`` is read
+    at each (re)start, so a follower started again by :func:`run_restarting` resumes where its
+    reader is. Input that does not validate is passed as ``None`` (dead-lettered under ``consumer``
+    first, when given), so the reader's position still moves on. Ready once the events stored
+    before the start were delivered.
+    """
+    name = consumer or "activity-reader"
+
+    def on_msg(msg: Msg, event: Event | None) -> None:
+        meta = msg.metadata
+        seq = meta.sequence.stream
+        if event is None:
+            on_event(None, seq)
+            return
+        assert isinstance(event, ACTIVITY_EVENTS)
+        instruments.pending[name] = meta.num_pending
+        # A consumer span per event, the child of its publisher's (one trace from caller to recorder),
+        # as bus.consume gives its handlers.
+        headers = msg.headers or {}
+        if not traced_receive(headers):
+            on_event(event, seq)  # nothing would be traced: no span (see bus.transport._tracing)
+        else:
+            with tracer.start_as_current_span(
+                f"process {msg.subject}", context=extract_context(headers), kind=SpanKind.CONSUMER,
+                attributes={"messaging.system": SYSTEM, "messaging.operation.type": "process",
+                            "messaging.destination.name": msg.subject, "messaging.consumer.group.name": name,
+                            "messaging.message.id": event.event_id, "messaging.nats.stream_sequence": seq},
+            ):  # fmt: skip
+                on_event(event, seq)
+        instruments.handled.add(1, {"consumer": name})
+
+    start = after() + 1
+    if start > 1:
+        await follow_stream(bus, "activity", ACTIVITY_EVENTS, on_msg, consumer, task_status,
+                      deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)  # fmt: skip
+    else:
+        await follow_stream(bus, "activity", ACTIVITY_EVENTS, on_msg, consumer, task_status,
+                      deliver_policy=DeliverPolicy.ALL)  # fmt: skip

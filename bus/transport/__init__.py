@@ -1,0 +1,97 @@
+"""The transport: one connection to NATS JetStream and what is built directly on it.
+
+The connection and its facade (:class:`Bus`), the embedded server and child processes, the topology
+(streams, consumers, buckets), the codec, retry with backoff, tracing and telemetry, followers of a
+stream or bucket, and the service-info requests. Nothing here knows sessions or tracked activities;
+the only place in cadenza that imports nats-py. Imports point one way (tests/test_layers.py)::
+
+    bus.sessions -> bus.tracking -> bus._cancel, bus._heartbeat -> bus.transport
+        -> bus._config, bus._context, bus._exceptions (the shared base)
+"""
+
+from __future__ import annotations
+
+import typing as _typing
+
+from schemas._lazy import lazy_exports as _lazy_exports
+
+if _typing.TYPE_CHECKING:
+    from ._bus import Bus as Bus
+    from ._bus import BusState as BusState
+    from ._bus import BusStats as BusStats
+    from ._bus import Delivery as Delivery
+    from ._bus import PublishResult as PublishResult
+    from ._bus import connect as connect
+    from ._codec import MAX_EVENT_BYTES as MAX_EVENT_BYTES
+    from ._codec import decode as decode
+    from ._codec import encode as encode
+    from ._follow import WORKER_EVENTS as WORKER_EVENTS
+    from ._follow import follow_bucket as follow_bucket
+    from ._follow import follow_stream as follow_stream
+    from ._follow import follow_worker_events as follow_worker_events
+    from ._follow import last_stored_seq as last_stored_seq
+    from ._process import ChildProcess as ChildProcess
+    from ._retry import backoff_delay as backoff_delay
+    from ._retry import is_transient as is_transient
+    from ._retry import retry_transient as retry_transient
+    from ._retry import run_restarting as run_restarting
+    from ._server import EmbeddedCluster as EmbeddedCluster
+    from ._server import EmbeddedServer as EmbeddedServer
+    from ._server import die_with_parent as die_with_parent
+    from ._server import find_server_binary as find_server_binary
+    from ._service_info import gather_service_info as gather_service_info
+    from ._service_info import package_version as package_version
+    from ._service_info import serve_service_info as serve_service_info
+    from ._telemetry import Telemetry as Telemetry
+    from ._telemetry import configure_telemetry as configure_telemetry
+    from ._topology import BUCKETS as BUCKETS
+    from ._topology import STREAMS as STREAMS
+    from ._topology import BucketSpec as BucketSpec
+    from ._topology import ConsumerSpec as ConsumerSpec
+    from ._topology import StreamSpec as StreamSpec
+    from ._topology import Topology as Topology
+    from ._topology import format_size as format_size
+    from ._topology import parse_size as parse_size
+    from ._tracing import configure_tracing as configure_tracing
+
+__getattr__, __dir__ = _lazy_exports(__name__)
+
+__all__ = (
+    "BUCKETS",
+    "MAX_EVENT_BYTES",
+    "STREAMS",
+    "WORKER_EVENTS",
+    "BucketSpec",
+    "Bus",
+    "BusState",
+    "BusStats",
+    "ChildProcess",
+    "ConsumerSpec",
+    "Delivery",
+    "EmbeddedCluster",
+    "EmbeddedServer",
+    "PublishResult",
+    "StreamSpec",
+    "Telemetry",
+    "Topology",
+    "backoff_delay",
+    "configure_telemetry",
+    "configure_tracing",
+    "connect",
+    "decode",
+    "die_with_parent",
+    "encode",
+    "find_server_binary",
+    "follow_bucket",
+    "follow_stream",
+    "follow_worker_events",
+    "format_size",
+    "gather_service_info",
+    "is_transient",
+    "last_stored_seq",
+    "package_version",
+    "parse_size",
+    "retry_transient",
+    "run_restarting",
+    "serve_service_info",
+)
