@@ -35,13 +35,16 @@ if _typing.TYPE_CHECKING:
     from ._exceptions import ActivityError as ActivityError
     from ._exceptions import BusError as BusError
     from ._exceptions import CadenzaError as CadenzaError
+    from ._exceptions import ConflictError as ConflictError
     from ._exceptions import ConnectError as ConnectError
+    from ._exceptions import NotFoundError as NotFoundError
     from ._exceptions import PublishError as PublishError
     from ._exceptions import RemoteError as RemoteError
     from ._exceptions import RequestError as RequestError
     from ._exceptions import ServerStartError as ServerStartError
     from ._exceptions import SessionError as SessionError
     from ._exceptions import TopologyError as TopologyError
+    from ._exceptions import UsageError as UsageError
     from ._exceptions import ValidationError as ValidationError
     from ._heartbeat import Heartbeater as Heartbeater
     from ._heartbeat import ProcessLoad as ProcessLoad
@@ -149,6 +152,7 @@ __all__ = (
     "CancelKind",
     "CancelRouter",
     "CancelToken",
+    "ConflictError",
     "ConnectError",
     "ConnectOptions",
     "ConsumerSpec",
@@ -160,6 +164,7 @@ __all__ = (
     "MessageAppender",
     "MessageBatch",
     "MessageRecord",
+    "NotFoundError",
     "ProcessLoad",
     "PublishError",
     "PublishResult",
@@ -183,6 +188,7 @@ __all__ = (
     "TopologyError",
     "Tracker",
     "UpdateRequest",
+    "UsageError",
     "ValidationError",
     "Worker",
     "WorkerState",

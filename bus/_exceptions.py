@@ -8,15 +8,21 @@
     │   ├── ConnectError            no server answered at the given URL(s)
     │   ├── TopologyError           a stream/consumer/bucket could not be declared or upgraded
     │   ├── PublishError            a publish was not acknowledged in time
+    │   ├── NotFoundError           no such key, message, stream or consumer on the server
+    │   ├── ConflictError           a compare-and-set lost: the key's revision moved on
     │   └── RequestError            a request got no reply, or an error reply
     │       └── RemoteError         the service answered with a typed error
     ├── ValidationError             input is not what the contract says (bad JSON, shape, version, size)
+    ├── UsageError                  the API used the wrong way (a worker started twice, a call out of place)
     ├── SessionError                sessions (see bus.sessions)
-    └── ActivityError               tracked activities (see bus.activities)
+    └── ActivityError               tracked activities (see bus.tracking)
 
 Every error carries the retry decision a consumer makes when a handler raises it:
 ``non_retryable`` (terminate and dead-letter at once) and ``retry_delay`` (nak with this delay).
-Errors of nats-py are translated at the boundary with ``raise ... from exc``.
+Errors of nats-py are translated at the transport's boundary with ``raise ... from exc``
+(``bus.transport.engine_errors``): nothing outside ``bus.transport`` catches a nats-py error. Whether
+an engine error passes by itself (an election, a timeout) is read from the error it was raised from
+(``bus.is_transient``).
 """
 
 from __future__ import annotations
@@ -27,13 +33,16 @@ __all__ = (
     "ActivityError",
     "BusError",
     "CadenzaError",
+    "ConflictError",
     "ConnectError",
+    "NotFoundError",
     "PublishError",
     "RemoteError",
     "RequestError",
     "ServerStartError",
     "SessionError",
     "TopologyError",
+    "UsageError",
     "ValidationError",
 )
 
@@ -94,6 +103,18 @@ class PublishError(BusError):
     code = "publish"
 
 
+class NotFoundError(BusError):
+    """The server has no such key, message, stream or consumer (a key deleted or purged counts)."""
+
+    code = "not_found"
+
+
+class ConflictError(BusError):
+    """A compare-and-set write lost: the key's revision is no longer the one it was read at."""
+
+    code = "conflict"
+
+
 class RequestError(BusError):
     """A request got no reply in time (no service listening, or it is too slow)."""
 
@@ -129,6 +150,14 @@ class ValidationError(CadenzaError):
     def __init__(self, message: str, *, kind: str = "bad_shape") -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class UsageError(CadenzaError):
+    """The API was used the wrong way: a worker started twice, a call made outside the activity or
+    the state it needs. A bug in the calling code, not a condition to retry."""
+
+    code = "usage"
+    default_non_retryable = True
 
 
 class SessionError(CadenzaError):

@@ -18,7 +18,7 @@ import nats.js.errors
 import pytest
 
 import bus
-from bus import _codec
+from bus.transport import _codec
 from bus.testing import eventually, unique_prefix
 from schemas import Event, new_event_id
 

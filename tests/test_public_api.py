@@ -47,6 +47,7 @@ BUS_ALL = (
     "CancelKind",
     "CancelRouter",
     "CancelToken",
+    "ConflictError",
     "ConnectError",
     "ConnectOptions",
     "ConsumerSpec",
@@ -60,6 +61,7 @@ BUS_ALL = (
     "MessageAppender",
     "MessageBatch",
     "MessageRecord",
+    "NotFoundError",
     "ProcessLoad",
     "PublishError",
     "PublishResult",
@@ -83,6 +85,7 @@ BUS_ALL = (
     "TopologyError",
     "Tracker",
     "UpdateRequest",
+    "UsageError",
     "ValidationError",
     "Worker",
     "WorkerState",
@@ -237,7 +240,7 @@ def test_every_public_name_is_in_all(package: str) -> None:
 def _constant_documented(package: str, name: str) -> bool:
     """A ``#:`` comment right above ``NAME = ...`` / ``NAME: T = ...`` in one of the package's modules."""
     pattern = re.compile(rf"^{re.escape(name)}\s*[:=]")
-    for path in sorted((ROOT / package).glob("*.py")):
+    for path in sorted((ROOT / package).rglob("*.py")):
         lines = path.read_text().splitlines()
         for i, line in enumerate(lines):
             if pattern.match(line):

@@ -25,6 +25,8 @@ if _typing.TYPE_CHECKING:
     from ._codec import MAX_EVENT_BYTES as MAX_EVENT_BYTES
     from ._codec import decode as decode
     from ._codec import encode as encode
+    from ._errors import ENGINE_ERRORS as ENGINE_ERRORS
+    from ._errors import engine_errors as engine_errors
     from ._follow import WORKER_EVENTS as WORKER_EVENTS
     from ._follow import follow_bucket as follow_bucket
     from ._follow import follow_stream as follow_stream
@@ -58,6 +60,7 @@ __getattr__, __dir__ = _lazy_exports(__name__)
 
 __all__ = (
     "BUCKETS",
+    "ENGINE_ERRORS",
     "MAX_EVENT_BYTES",
     "STREAMS",
     "WORKER_EVENTS",
@@ -81,6 +84,7 @@ __all__ = (
     "decode",
     "die_with_parent",
     "encode",
+    "engine_errors",
     "find_server_binary",
     "follow_bucket",
     "follow_stream",
