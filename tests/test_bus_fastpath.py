@@ -18,8 +18,8 @@ import nats.js.errors
 import pytest
 
 import bus
-from bus.transport import _codec
 from bus.testing import eventually, unique_prefix
+from bus.transport import _codec
 from schemas import Event, new_event_id
 
 from ._events import Ping, Pong
