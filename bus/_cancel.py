@@ -17,16 +17,14 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 import anyio
-import nats.errors
-import nats.js.errors
 from anyio.abc import TaskStatus
 
 from schemas import CancelCause, CancelRequested, utcnow
 
 from ._context import CancelToken
-from ._exceptions import ValidationError
+from ._exceptions import BusError, ValidationError
 from .transport._bus import Bus
-from .transport._codec import decode
+from .transport._streams import last_event
 from .transport._tracing import instruments
 
 __all__ = ("CancelRouter", "request_cancel")
@@ -120,18 +118,14 @@ class CancelRouter:
         by the listener or here.
         """
         subject = self.bus.subjects.build("cancel", target_id, "requested")
-        stream = self.bus.topology.stream_name("cancel")
         try:
-            with anyio.fail_after(self.bus.timeouts.request):
-                msg = await self.bus.js.get_last_msg(stream, subject)
-        except nats.js.errors.NotFoundError:
+            event = await last_event(self.bus, "cancel", subject, [CancelRequested])
+        except ValidationError:
             return False
-        except (TimeoutError, nats.errors.Error) as exc:
+        except BusError as exc:
             _log.warning("cannot look up stored cancels for %s: %r", target_id, exc)
             return False
-        try:
-            event = decode(msg.data or b"", msg.headers, [CancelRequested])
-        except ValidationError:
+        if event is None:
             return False
         token.cancel(event.cause)
         return True

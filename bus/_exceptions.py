@@ -14,8 +14,20 @@
     │       └── RemoteError         the service answered with a typed error
     ├── ValidationError             input is not what the contract says (bad JSON, shape, version, size)
     ├── UsageError                  the API used the wrong way (a worker started twice, a call out of place)
-    ├── SessionError                sessions (see bus.sessions)
-    └── ActivityError               tracked activities (see bus.tracking)
+    ├── SessionError                sessions (defined in bus.sessions, except this base)
+    │   ├── SessionFailedError      the session failed (worker lost or shut down, execution timeout)
+    │   └── SessionCreationError    no session could be opened (no worker, no slot, bad token, no broker)
+    └── ActivityError               activities (defined in bus.tracking and bus.sessions, except this base)
+        ├── ActivityCancelledError       bus.tracking: the activity was cancelled (``cause`` says why)
+        ├── ActivityAlreadyStartedError  bus.tracking: that activity id was started already
+        ├── ActivityFinishedError        bus.tracking: the activity has finished (its first status stays)
+        ├── ActivityNotFoundError        bus.tracking: no such activity (the recorder's answer)
+        ├── ActivityNotCancellableError  bus.tracking: it ended, it cannot be cancelled
+        ├── ActivityFailedError          bus.sessions: the activity raised on its worker
+        └── ActivityTimeoutError         bus.sessions: no result within ``start_to_close_timeout``
+
+Each of these is also a name of ``bus`` (``bus.SessionFailedError``, ...). A :class:`UsageError` is
+not a :class:`SessionError` or an :class:`ActivityError`: it says the calling code is wrong.
 
 Every error carries the retry decision a consumer makes when a handler raises it:
 ``non_retryable`` (terminate and dead-letter at once) and ``retry_delay`` (nak with this delay).

@@ -115,18 +115,17 @@ async def follow(
     b: bus.Bus, subject: str, emit: Callable[[Line], Awaitable[bool]], *, since: float | None, everything: bool
 ) -> None:
     """Call ``emit`` for each message (history first when asked) until it returns False."""
+    import contextlib
+
     import anyio
 
+    from bus.transport import core_messages
+
     if since is None and not everything:
-        sub = await b.nc.subscribe(subject)
-        try:
-            async for msg in sub.messages:
-                data = msg.data
-                if not await emit(Line(msg.subject, data, _event_time(data))):
+        async with contextlib.aclosing(core_messages(b, subject)) as messages:
+            async for msg in messages:
+                if not await emit(Line(msg.subject, msg.data, _event_time(msg.data))):
                     break
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(b.timeouts.shutdown):
-                await sub.unsubscribe()
         return
     start = None if everything else datetime.now(UTC) - timedelta(seconds=since or 0)
     async with anyio.create_task_group() as tg:
@@ -149,73 +148,50 @@ async def _read_stream(
     ``done``. After a reconnect the consumer is made again, from the message after the last one
     emitted (a restarted server has forgotten the ephemeral one)."""
     import anyio
-    import nats.errors
-    import nats.js.errors
-    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    from bus import BusError, NotFoundError
+    from bus.transport import StreamReader, open_reader
 
     from ._runtime import reconnects
 
     last_seq = 0  # the stream seq of the last message emitted
-
-    async def subscribe() -> Any:
-        if last_seq:
-            policy: dict[str, Any] = {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": last_seq + 1}
-        elif start:
-            policy = {"deliver_policy": DeliverPolicy.BY_START_TIME, "opt_start_time": start}
-        else:
-            policy = {"deliver_policy": DeliverPolicy.ALL}
-        config = ConsumerConfig(**policy, ack_policy=AckPolicy.NONE, inactive_threshold=30.0, mem_storage=True,
-                                filter_subject=filt)  # fmt: skip
-        return await b.js.pull_subscribe(filt, stream=stream, config=config)
-
-    async def drop(psub: Any) -> None:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(b.timeouts.shutdown):
-            try:
-                await psub.unsubscribe()
-            except nats.errors.Error:
-                pass
-
-    psub = None
+    reader: StreamReader | None = None
     try:
         while not done.is_set():
-            if psub is None:
+            if reader is None:
                 if not b.nc.is_connected:
                     await anyio.sleep(_RETRY_EVERY)  # the connection watcher bounds the wait
                     continue
                 generation = reconnects(b)
                 try:
-                    psub = await subscribe()
-                except nats.js.errors.NotFoundError:
+                    reader = await open_reader(b, stream, filt, start_seq=last_seq + 1 if last_seq else 0,
+                                               start_time=start)  # fmt: skip
+                except NotFoundError:
                     return  # the stream is not declared (yet): nothing stored
-                except (nats.errors.Error, TimeoutError) as exc:
+                except BusError as exc:
                     if reconnects(b) == generation and b.nc.is_connected:
-                        from bus import BusError
-
-                        raise BusError(f"cannot read {stream}: {exc}") from exc
+                        raise BusError(f"cannot read {stream}: {exc.__cause__ or exc}") from exc
                     continue  # the connection went away meanwhile: again once it is back
             try:
-                msgs = await psub.fetch(256, timeout=b.timeouts.fetch)
-            except TimeoutError:  # nothing new (nats-py's own or asyncio's)
-                msgs = []
-            except nats.errors.Error:  # the connection dropped, or the server forgot the consumer
-                await drop(psub)
-                psub = None
+                msgs = await reader.fetch(256, timeout=b.timeouts.fetch)  # [] when nothing is new
+            except BusError:  # the connection dropped, or the server forgot the consumer
+                await reader.close(forget=False)
+                reader = None
                 await anyio.sleep(_RETRY_EVERY)
                 continue  # a new consumer from the last message emitted
             for msg in msgs:
-                seq = msg.metadata.sequence.stream
-                if seq <= last_seq:
+                if msg.seq <= last_seq:
                     continue  # delivered again around a reconnect
-                last_seq = seq
-                if not await emit(Line(msg.subject, msg.data, msg.metadata.timestamp)):
+                last_seq = msg.seq
+                if not await emit(Line(msg.subject, msg.data, msg.time or datetime.now(UTC))):
                     done.set()
                     return
             if reconnects(b) != generation:
-                await drop(psub)
-                psub = None
+                await reader.close(forget=False)
+                reader = None
     finally:
-        if psub is not None:
-            await drop(psub)
+        if reader is not None:
+            await reader.close(forget=False)
 
 
 #: Seconds between tries while the connection is down (history reads).

@@ -238,7 +238,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
 def cmd_setup(args: argparse.Namespace) -> int:
     """Declare (or upgrade) every stream and bucket: run once as the admin user."""
     import bus
-    from bus.transport import format_size, parse_size
+    from bus.transport import ensure_topology, format_size, parse_size
 
     if _no_server(args):
         return _fail(_NO_SERVER)
@@ -252,7 +252,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
     async def go() -> None:
         async with cli_bus(args, "cadenza-setup") as b:
-            await bus.retry_transient(lambda: topo.ensure(b.js), what="declare the streams and buckets")
+            await ensure_topology(b, topo)
             for subject, stream, limits, _ in topo.table():
                 print(f"ok  {stream:<28} {subject:<28} {limits}")
             need = format_size(topo.storage_needed())
@@ -282,11 +282,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 async def _status_rows(b: bus.Bus, timeout: float) -> list[dict[str, Any]]:
-    import anyio
-    import nats.errors
-    import nats.js.errors
-
-    from bus.transport import BUCKETS, STREAMS
+    import bus
+    from bus.transport import BUCKETS, STREAMS, stream_status
 
     topo = b.topology
     names = [(topo.stream_name(s.domain), "stream") for s in STREAMS]
@@ -295,25 +292,21 @@ async def _status_rows(b: bus.Bus, timeout: float) -> list[dict[str, Any]]:
     for name, kind in names:
         row: dict[str, Any] = {"name": name, "kind": kind}
         try:
-            with anyio.fail_after(timeout):
-                info = await b.js.stream_info(name)
-        except nats.js.errors.NotFoundError:
+            info = await stream_status(b, name, timeout=timeout)
+        except bus.NotFoundError:
             rows.append({**row, "state": "missing (run `cadenza setup`)"})
             continue
-        except (nats.errors.Error, TimeoutError) as exc:
-            rows.append({**row, "state": f"no answer ({type(exc).__name__}: {exc})".replace(": )", ")")})
+        except bus.BusError as exc:
+            why = exc.__cause__ or exc  # the engine's own words
+            rows.append({**row, "state": f"no answer ({type(why).__name__}: {why})".replace(": )", ")")})
             continue
-        cluster = info.cluster
         followers = [
-            {"name": p.name, "current": bool(p.current), "offline": bool(p.offline), "lag": p.lag or 0,
-             "active_s": round((p.active or 0) / 1e9, 3) if (p.active or 0) < 1e9 * 86_400 * 365 else None}
-            for p in (cluster.replicas or [] if cluster else [])
+            {"name": p.name, "current": p.current, "offline": p.offline, "lag": p.lag, "active_s": p.active_s}
+            for p in info.followers
         ]  # fmt: skip
         rows.append({
-            **row, "state": "ok", "replicas": info.config.num_replicas or 1,
-            "leader": cluster.leader if cluster else None, "followers": followers,
-            "messages": info.state.messages, "bytes": info.state.bytes, "max_bytes": info.config.max_bytes,
-            "consumers": info.state.consumer_count,
+            **row, "state": "ok", "replicas": info.replicas, "leader": info.leader, "followers": followers,
+            "messages": info.messages, "bytes": info.bytes, "max_bytes": info.max_bytes, "consumers": info.consumers,
         })  # fmt: skip
     return rows
 

@@ -120,3 +120,23 @@ def test_nothing_outside_bus_imports_a_private_bus_module() -> None:
 def test_every_bus_module_is_in_a_layer() -> None:
     for path in _bus_modules():
         _layer(_module_name(path))
+
+
+def _engine_free_modules() -> list[Path]:
+    """Every module of ``bus`` outside ``bus.transport``, and of ``services``."""
+    bus_side = [p for p in _bus_modules() if not _module_name(p).startswith("bus.transport")]
+    # broker: helper h/broker (services/broker still imports nats-py on this branch; the lead merges both)
+    services = [p for p in (ROOT / "services").rglob("*.py") if "broker" not in p.relative_to(ROOT).parts]
+    return sorted(bus_side + services)
+
+
+def test_nothing_outside_the_transport_imports_nats() -> None:
+    """nats-py (its client, its messages, its errors) is the transport's: the rest uses cadenza's types
+    and catches cadenza's errors (``bus.transport.engine_errors`` translates at the boundary)."""
+    found = [
+        f"{p.relative_to(ROOT)}:{line}: {target}"
+        for p in _engine_free_modules()
+        for line, target in _imports(p)
+        if target == "nats" or target.startswith("nats.")
+    ]
+    assert found == []

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from schemas import ActivityTask
 
 from .._context import Context
-from .._exceptions import SessionError
+from .._exceptions import UsageError
 from ..tracking._service import BusActivityService
 from ..tracking._writer import ActivityWriter
 
@@ -35,19 +35,23 @@ def activity_context() -> Context:
     """The context of the activity running in this task: ``activity_id``, ``session``, ``token``/``cause``.
 
     Raises:
-        SessionError: called outside an activity run by a :class:`Worker`.
+        UsageError: called outside an activity run by a :class:`Worker`.
     """
     run = _current.get()
     if run is None:
-        raise SessionError("activity_context() is only available inside an activity run by a Worker")
+        raise UsageError("activity_context() is only available inside an activity run by a Worker")
     return run.ctx
 
 
 def activity_writer() -> ActivityWriter:
-    """A file-like writer whose lines become messages of the running activity (flushed when it ends)."""
+    """A file-like writer whose lines become messages of the running activity (flushed when it ends).
+
+    Raises:
+        UsageError: called outside an activity run by a :class:`Worker`.
+    """
     run = _current.get()
     if run is None:
-        raise SessionError("activity_writer() is only available inside an activity run by a Worker")
+        raise UsageError("activity_writer() is only available inside an activity run by a Worker")
     if run.writer is None:
         run.writer = run.service.open_writer(run.task.activity_id)
     return run.writer

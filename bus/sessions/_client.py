@@ -26,9 +26,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
-import nats.errors
-import nats.js.errors
-from nats.aio.msg import Msg
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from schemas import (
@@ -55,10 +52,13 @@ from schemas import (
 )
 
 from .._context import BUS_KEY, CancelToken, Context
-from .._exceptions import ActivityError, CadenzaError, SessionError, ValidationError
+from .._exceptions import ActivityError, CadenzaError, SessionError, UsageError, ValidationError
 from ..tracking._api import ActivityCancelledError
 from ..transport._bus import Bus
 from ..transport._codec import decode
+from ..transport._errors import engine_errors
+from ..transport._streams import Received, last_event
+from ..transport._subscriptions import flush, new_inbox, subscribe_callback
 
 __all__ = (
     "ActivityFailedError",
@@ -223,6 +223,16 @@ class _Call:
     session_failed: SessionFailedError | None = None
 
 
+@dataclass(eq=False)
+class _Route:
+    """Where one activity call goes, and the token that cancels it."""
+
+    tasklist: str
+    token: CancelToken
+    worker_id: str = ""
+    session_id: str = ""
+
+
 _SESSION_EVENTS = (SessionRequested, SessionCompleteRequested, SessionAssigned, SessionRejected, SessionCompleted,
                    SessionFailed)  # fmt: skip
 
@@ -246,26 +256,24 @@ class SessionClient:
         them when the bus closes): a client needs no task group of its own, so a bus opened in one
         task and closed in another (a pytest fixture) can still use sessions.
         """
-        nc = self.bus.nc
-        self.inbox = nc.new_inbox()
+        self.inbox = inbox = new_inbox(self.bus)
         # The broker's announcements only (not every caller's requests).
         for event in ("assigned", "rejected", "completed", "failed"):
-            await nc.subscribe(self.bus.subjects.filter("session", event=event), cb=self._on_session_msg,
-                               pending_msgs_limit=1_000_000)  # fmt: skip
-        await nc.subscribe(f"{self.inbox}.*", cb=self._on_result_msg, pending_msgs_limit=1_000_000)
-        await nc.flush(timeout=max(1, int(self.bus.timeouts.request)))
+            await subscribe_callback(self.bus, self.bus.subjects.filter("session", event=event), self._on_session_msg)
+        await subscribe_callback(self.bus, f"{inbox}.*", self._on_result_msg)
+        await flush(self.bus)
 
-    async def _on_session_msg(self, msg: Msg) -> None:
+    async def _on_session_msg(self, msg: Received) -> None:
         event = await self._decode(msg, _SESSION_EVENTS)
         if event is not None:
             await self._on_session(event, msg.subject)
 
-    async def _on_result_msg(self, msg: Msg) -> None:
+    async def _on_result_msg(self, msg: Received) -> None:
         event = await self._decode(msg, (ActivityResult,))
         if isinstance(event, ActivityResult):
             await self._on_result(event, msg.subject)
 
-    async def _decode(self, msg: Msg, accept: tuple[type[Event], ...]) -> Event | None:
+    async def _decode(self, msg: Received, accept: tuple[type[Event], ...]) -> Event | None:
         try:
             return decode(msg.data, msg.headers, accept)
         except ValidationError as exc:
@@ -373,9 +381,9 @@ class SessionClient:
         """The broker's record, for a caller that missed the announcement (a reconnect, say)."""
         try:
             kv = await self.bus.kv("sessions")
-            with anyio.fail_after(self.bus.timeouts.request):
+            with engine_errors(f"reading session {sid}"), anyio.fail_after(self.bus.timeouts.request):
                 entry = await kv.get(sid)
-        except (CadenzaError, TimeoutError, nats.errors.Error, nats.js.errors.Error):
+        except CadenzaError:
             return None
         if entry.value is None:
             return None
@@ -421,11 +429,32 @@ class SessionClient:
         tasklist: str | None,
         activity_id: str | None,
     ) -> Any:
-        info = ctx.session if isinstance(ctx.session, SessionInfo) else None
+        """Send the task where ``ctx`` says, wait for its result, and return it or raise what it means."""
         live = self.live(ctx)
-        token = ctx.token
-        worker_id = ""
-        sid = ""
+        route = self._route(ctx, live, tasklist)
+        aid = activity_id or str(uuid.uuid4())
+        task = ActivityTask(
+            activity_id=aid, name=name, args=list(args), kwargs=kwargs, tasklist=route.tasklist,
+            worker_id=route.worker_id, session_id=route.session_id, reply_to=f"{self.inbox}.{aid}",
+            deadline=utcnow() + timedelta(seconds=start_to_close_timeout),
+        )  # fmt: skip
+        call = _Call(session_id=route.session_id)
+        self.calls[aid] = call
+        if live is not None and route.session_id:
+            live.calls.add(aid)
+        try:
+            await self._send_and_wait(task, call, route.token, start_to_close_timeout)
+            return await self._outcome(task, call, live, route.token, start_to_close_timeout)
+        finally:
+            self.calls.pop(aid, None)
+            if live is not None:
+                live.calls.discard(aid)
+
+    def _route(self, ctx: Context, live: _Live | None, tasklist: str | None) -> _Route:
+        """Where an activity of ``ctx`` goes: the session's worker while it is open, else the shared
+        queue of the tasklist (raises at once in a failed session, or when ``ctx`` is cancelled)."""
+        info = ctx.session if isinstance(ctx.session, SessionInfo) else None
+        route = _Route(tasklist=tasklist or DEFAULT_TASKLIST, token=ctx.token)
         if info is not None:
             state = live.info.state if live is not None else info.state
             if state is SessionState.FAILED:
@@ -433,74 +462,69 @@ class SessionClient:
                 raise SessionFailedError(info.session_id, cur.cause, cur.message)
             # A completed session's activities go to the shared queue of the session's tasklist
             # (as documented), not to "default".
-            tasklist = tasklist or info.tasklist
+            route.tasklist = tasklist or info.tasklist or DEFAULT_TASKLIST
             if state is SessionState.OPEN:
-                worker_id, sid = info.worker_id, info.session_id
-            elif token.parent is not None:
+                route.worker_id, route.session_id = info.worker_id, info.session_id
+            elif route.token.parent is not None:
                 # Completed: the activity runs like one outside the session (Cadence does the
                 # same), so the session's cancellation does not apply to it.
-                token = token.parent
+                route.token = route.token.parent
+        if route.token.cancelled:
+            assert route.token.cause is not None
+            raise ActivityCancelledError(route.token.cause)
+        return route
+
+    async def _send_and_wait(self, task: ActivityTask, call: _Call, token: CancelToken, timeout: float) -> None:
+        """Publish ``task`` and wait until its call is done, ``token`` is cancelled or ``timeout``
+        passed; then one look at the stored outcome, in case the reply was lost on a reconnect."""
+        aid = task.activity_id
+        await self.bus.publish(task)
+        try:
+            with anyio.move_on_after(timeout):
+                with token.scope():
+                    await call.done.wait()
+        except anyio.get_cancelled_exc_class():
+            # The caller's own task was cancelled (not the context): the work is not wanted any more.
+            if not call.done.is_set():
+                await self._cancel_remote(aid, CancelCause(kind=CancelKind.SHUTDOWN, who=self.bus.source,
+                                                           reason="the caller stopped waiting"))  # fmt: skip
+            raise
+        if not call.done.is_set() and not token.cancelled:
+            stored = await self._stored_result(aid)
+            if stored is not None:
+                call.result = stored
+                call.done.set()
+
+    async def _outcome(
+        self, task: ActivityTask, call: _Call, live: _Live | None, token: CancelToken, timeout: float
+    ) -> Any:
+        """The result of a finished wait, or the error it means (a cancel or a timeout is sent on)."""
+        aid, sid = task.activity_id, task.session_id
+        if call.session_failed is not None:
+            raise call.session_failed
+        if call.result is not None:
+            try:
+                return _unwrap(call.result, sid)
+            except SessionFailedError as exc:
+                # The worker heard of the failure before the broker's announcement reached this
+                # process: the session is failed here from now on (its state says so, and the
+                # next call raises at once and publishes nothing).
+                err = call.result.error
+                if live is not None and exc.cause in _FAILURES and err is not None and err.cause is not None:
+                    live.end(SessionState.FAILED, exc.cause, err.cause.reason.split(":", 1)[-1].strip())
+                raise
         if token.cancelled:
             assert token.cause is not None
+            await self._cancel_remote(aid, token.cause)
+            if token.cause.kind is CancelKind.SESSION_FAILED and live is not None:
+                raise SessionFailedError(sid, live.info.cause, live.info.message)
             raise ActivityCancelledError(token.cause)
-        aid = activity_id or str(uuid.uuid4())
-        task = ActivityTask(
-            activity_id=aid, name=name, args=list(args), kwargs=kwargs, tasklist=tasklist or DEFAULT_TASKLIST,
-            worker_id=worker_id, session_id=sid, reply_to=f"{self.inbox}.{aid}",
-            deadline=utcnow() + timedelta(seconds=start_to_close_timeout),
+        await self._cancel_remote(
+            aid, CancelCause(kind=CancelKind.DEADLINE, who=self.bus.source, reason=f"no result within {timeout:g}s"),
         )  # fmt: skip
-        call = _Call(session_id=sid)
-        self.calls[aid] = call
-        if live is not None and sid:
-            live.calls.add(aid)
-        try:
-            await self.bus.publish(task)
-            try:
-                with anyio.move_on_after(start_to_close_timeout):
-                    with token.scope():
-                        await call.done.wait()
-            except anyio.get_cancelled_exc_class():
-                # The caller's own task was cancelled (not the context): the work is not wanted any more.
-                if not call.done.is_set():
-                    await self._cancel_remote(aid, CancelCause(kind=CancelKind.SHUTDOWN, who=self.bus.source,
-                                                               reason="the caller stopped waiting"))  # fmt: skip
-                raise
-            if not call.done.is_set() and not token.cancelled:
-                # One look at the stored outcome: the reply may have been lost on a reconnect.
-                stored = await self._stored_result(aid)
-                if stored is not None:
-                    call.result = stored
-                    call.done.set()
-            if call.session_failed is not None:
-                raise call.session_failed
-            if call.result is not None:
-                try:
-                    return _unwrap(call.result, sid)
-                except SessionFailedError as exc:
-                    # The worker heard of the failure before the broker's announcement reached this
-                    # process: the session is failed here from now on (its state says so, and the
-                    # next call raises at once and publishes nothing).
-                    err = call.result.error
-                    if live is not None and exc.cause in _FAILURES and err is not None and err.cause is not None:
-                        live.end(SessionState.FAILED, exc.cause, err.cause.reason.split(":", 1)[-1].strip())
-                    raise
-            if token.cancelled:
-                assert token.cause is not None
-                await self._cancel_remote(aid, token.cause)
-                if token.cause.kind is CancelKind.SESSION_FAILED and live is not None:
-                    raise SessionFailedError(sid, live.info.cause, live.info.message)
-                raise ActivityCancelledError(token.cause)
-            await self._cancel_remote(
-                aid, CancelCause(kind=CancelKind.DEADLINE, who=self.bus.source,
-                                 reason=f"no result within {start_to_close_timeout:g}s"),
-            )  # fmt: skip
-            raise ActivityTimeoutError(
-                f"activity {name} ({aid}) returned no result within {start_to_close_timeout:g}s; it was cancelled"
-            )
-        finally:
-            self.calls.pop(aid, None)
-            if live is not None:
-                live.calls.discard(aid)
+        raise ActivityTimeoutError(
+            f"activity {task.name} ({aid}) returned no result within {timeout:g}s; it was cancelled"
+        )
 
     async def _cancel_remote(self, aid: str, cause: CancelCause) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.bus.timeouts.shutdown):
@@ -508,12 +532,12 @@ class SessionClient:
                 await self.bus.publish(CancelRequested(target="activity", target_id=aid, cause=cause))
 
     async def _stored_result(self, aid: str) -> ActivityResult | None:
-        stream = self.bus.topology.stream_name("activity")
+        subject = self.bus.subjects.build("activity", aid, "completed")
         try:
-            with anyio.fail_after(self.bus.timeouts.request):
-                msg = await self.bus.js.get_last_msg(stream, self.bus.subjects.build("activity", aid, "completed"))
-            event = decode(msg.data or b"", msg.headers, [ActivityCompleted])
-        except (TimeoutError, CadenzaError, nats.errors.Error, nats.js.errors.Error):
+            event = await last_event(self.bus, "activity", subject, [ActivityCompleted])
+        except CadenzaError:
+            return None
+        if event is None:
             return None
         if event.status.value == "success":
             return ActivityResult(activity_id=aid, ok=True, result=event.result)
@@ -568,10 +592,14 @@ def _token_text(token: bytes | str) -> str:
 
 
 def bus_of(ctx: Context) -> Bus:
-    """The bus a context carries (``Bus.context()`` or a worker's activity context)."""
+    """The bus a context carries (``Bus.context()`` or a worker's activity context).
+
+    Raises:
+        UsageError: the context carries no bus (it was not made from one).
+    """
     b = ctx.values.get(BUS_KEY)
     if not isinstance(b, Bus):
-        raise SessionError(
+        raise UsageError(
             "this context carries no bus: start from `b.context()` (b from `bus.connect()`), or use the context "
             "given to an activity"
         )

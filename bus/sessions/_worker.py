@@ -29,8 +29,6 @@ from types import MappingProxyType
 from typing import Any, TypeVar, overload
 
 import anyio
-import nats.errors
-import nats.js.errors
 import pydantic
 from anyio.abc import TaskGroup, TaskStatus
 
@@ -55,14 +53,16 @@ from schemas import (
 
 from .._cancel import CancelRouter
 from .._context import BUS_KEY, CancelToken, Context
-from .._exceptions import CadenzaError, SessionError, ValidationError
+from .._exceptions import CadenzaError, NotFoundError, UsageError, ValidationError
 from .._heartbeat import Heartbeater, ProcessLoad, describe_activities, new_worker_id
 from ..tracking._api import ActivityAlreadyStartedError, StartRequest, status_for_cause
 from ..tracking._service import BusActivityService
 from ..tracking._writer import flush_writer
 from ..transport._bus import Bus, Delivery
 from ..transport._codec import encode
+from ..transport._errors import engine_errors
 from ..transport._retry import retry_transient
+from ..transport._streams import delete_consumer
 from ..transport._topology import ConsumerSpec
 from ._activity import _current, _Running
 from ._client import SessionInfo
@@ -225,7 +225,7 @@ class Worker:
 
     async def __aenter__(self) -> Worker:
         if self.state is not WorkerState.NEW:
-            raise SessionError("a Worker can be started once")
+            raise UsageError("a Worker can be started once")
         stack = contextlib.AsyncExitStack()
         await stack.__aenter__()
         try:
@@ -306,7 +306,7 @@ class Worker:
                 scope.cancel()
             if self.enable_sessions:
                 with anyio.move_on_after(timeouts.shutdown), contextlib.suppress(Exception):
-                    await self.bus.js.delete_consumer(self.bus.topology.stream_name("task"), f"inbox-{self.worker_id}")
+                    await delete_consumer(self.bus, "task", f"inbox-{self.worker_id}")
             for sess in list(self._sessions.values()):
                 sess.registration.close()
             self._sessions.clear()
@@ -391,10 +391,16 @@ class Worker:
     async def _stored_session(self, sid: str) -> SessionRecord | None:
         try:
             kv = await self.bus.kv("sessions")
-            entry = await retry_transient(lambda: kv.get(sid), what=f"read session {sid}", budget=10.0)
-        except (nats.errors.Error, CadenzaError) as exc:
-            if not isinstance(exc, nats.js.errors.KeyNotFoundError):
-                _log.warning("worker %s: cannot read session %s: %r", self.worker_id, sid, exc)
+
+            async def read() -> Any:
+                with engine_errors(f"reading session {sid}"):
+                    return await kv.get(sid)
+
+            entry = await retry_transient(read, what=f"read session {sid}", budget=10.0)
+        except NotFoundError:
+            return None
+        except CadenzaError as exc:
+            _log.warning("worker %s: cannot read session %s: %r", self.worker_id, sid, exc)
             return None
         try:
             return SessionRecord.model_validate_json(entry.value or b"")
@@ -491,7 +497,7 @@ class Worker:
                 error = TaskError(type="ActivityCancelledError", message=work.cause.text(), cause=work.cause)
             else:
                 error = TaskError(type=type(exc).__name__, message=str(exc)[:8000],
-                                  non_retryable=bool(getattr(exc, "non_retryable", False)))  # fmt: skip
+                                  non_retryable=isinstance(exc, CadenzaError) and exc.non_retryable)  # fmt: skip
         finally:
             _current.reset(reset)
         result = _jsonable(result)
@@ -550,7 +556,7 @@ class Worker:
             worker_id=self.worker_id, ok=error is None, result=result if error is None else None, error=error,
         )  # fmt: skip
         # A core reply with a producer span and the trace context in its headers, like every send.
-        with contextlib.suppress(nats.errors.Error, CadenzaError):
+        with contextlib.suppress(CadenzaError), engine_errors(f"replying to {task.reply_to}"):
             try:
                 await self.bus.publish_core(reply, subject=task.reply_to)
             except ValidationError as exc:  # the result is too large to send

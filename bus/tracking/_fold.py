@@ -51,16 +51,17 @@ Stored = StoredActivity
 
 
 class StreamFold:
-    """The ``activity`` stream folded in stream order by a reader that follows it (the console,
-    :func:`bus.watch_activities`): the records by id, the stream position reached, and a bound on the
-    finished activities kept (such a reader cannot see the recorder's pruning, so it keeps its own).
+    """The ``activity`` stream folded in stream order by a reader that follows it (the recorder, the
+    console, :func:`bus.watch_activities`): the records by id, the stream position reached, and, for
+    a reader that cannot see the recorder's pruning, a bound on the finished activities it keeps.
 
     Args:
-        keep_finished: finished activities kept; the one that ended first goes first.
+        keep_finished: finished activities kept; the one that ended first goes first (None: all of
+            them, for a reader that prunes with :meth:`forget`, as the recorder does).
         on_forget: called with the id of each activity dropped by the bound.
     """
 
-    def __init__(self, keep_finished: int, on_forget: Callable[[str], None] | None = None) -> None:
+    def __init__(self, keep_finished: int | None, on_forget: Callable[[str], None] | None = None) -> None:
         self.records: dict[str, Stored] = {}
         self.position = 0
         self.keep_finished = keep_finished
@@ -79,7 +80,7 @@ class StreamFold:
         if new is None:
             return None
         self.records[event.activity_id] = new
-        if new.record.terminal:
+        if new.record.terminal and self.keep_finished is not None:
             self._finished[event.activity_id] = None
             while len(self._finished) > self.keep_finished:
                 gone = self._finished.popitem(last=False)[0]
@@ -87,6 +88,11 @@ class StreamFold:
                 if self._on_forget is not None:
                     self._on_forget(gone)
         return new
+
+    def forget(self, activity_id: str) -> None:
+        """Drop an activity's record (pruned): a later event of it folds from nothing."""
+        self.records.pop(activity_id, None)
+        self._finished.pop(activity_id, None)
 
 
 def fold_activity_event(stored: Stored | None, event: ActivityEvent) -> Stored | None:

@@ -10,14 +10,12 @@ from collections.abc import Callable
 
 import anyio
 from anyio.abc import TaskStatus
-from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy
 from opentelemetry.trace import SpanKind
 
 from schemas import Event
 
 from ..transport._bus import Bus
-from ..transport._follow import follow_stream
+from ..transport._streams import Received, follow_events
 from ..transport._tracing import SYSTEM, extract_context, instruments, traced_receive, tracer
 from ._fold import ACTIVITY_EVENTS, ActivityEvent
 
@@ -42,14 +40,13 @@ async def follow_activity_events(
     """
     name = consumer or "activity-reader"
 
-    def on_msg(msg: Msg, event: Event | None) -> None:
-        meta = msg.metadata
-        seq = meta.sequence.stream
+    def on_msg(msg: Received, event: Event | None) -> None:
+        seq = msg.seq
         if event is None:
             on_event(None, seq)
             return
         assert isinstance(event, ACTIVITY_EVENTS)
-        instruments.pending[name] = meta.num_pending
+        instruments.pending[name] = msg.pending
         # A consumer span per event, the child of its publisher's (one trace from caller to recorder),
         # as bus.consume gives its handlers.
         headers = msg.headers or {}
@@ -65,10 +62,5 @@ async def follow_activity_events(
                 on_event(event, seq)
         instruments.handled.add(1, {"consumer": name})
 
-    start = after() + 1
-    if start > 1:
-        await follow_stream(bus, "activity", ACTIVITY_EVENTS, on_msg, consumer, task_status,
-                      deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)  # fmt: skip
-    else:
-        await follow_stream(bus, "activity", ACTIVITY_EVENTS, on_msg, consumer, task_status,
-                      deliver_policy=DeliverPolicy.ALL)  # fmt: skip
+    await follow_events(bus, "activity", ACTIVITY_EVENTS, on_msg, after=after(), consumer=consumer,
+                        task_status=task_status)  # fmt: skip

@@ -9,16 +9,12 @@ recorder holds them and answers for them; a dashboard folds the stream itself wi
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import nats.errors
-import nats.js.errors
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from schemas import (
     ActivityCompleted,
@@ -40,6 +36,7 @@ from schemas import (
 from .._exceptions import BusError, ValidationError
 from ..transport._bus import Bus
 from ..transport._codec import decode
+from ..transport._streams import Received, StreamReader, open_reader
 from ._api import clamp_progress
 from ._fold import ACTIVITY_EVENTS
 
@@ -107,75 +104,80 @@ async def read_activity_messages(
         BusError: the stream could not be read.
     """
     stream = bus.topology.stream_name("activity")
-    subject = bus.subjects.filter("activity", activity_id)
-    config = ConsumerConfig(
-        deliver_policy=DeliverPolicy.BY_START_SEQUENCE if cursor else DeliverPolicy.ALL,
-        opt_start_seq=cursor or None,
-        ack_policy=AckPolicy.NONE,
-        inactive_threshold=30.0,
-        mem_storage=True,
-        filter_subject=subject,
-    )
-    out = MessageBatch(cursor=cursor)
-    seen: dict[int, MessageEntry] = {}
+    what = f"cannot read the messages of activity {activity_id}"
     try:
         with anyio.fail_after(bus.timeouts.request + wait):
-            psub = await bus.js.pull_subscribe(subject, stream=stream, config=config)
-    except (TimeoutError, nats.errors.Error) as exc:
-        raise BusError(f"cannot read the messages of activity {activity_id}: {exc!r}") from exc
+            reader = await open_reader(bus, stream, bus.subjects.filter("activity", activity_id), start_seq=cursor)
+    except (TimeoutError, BusError) as exc:
+        raise BusError(f"{what}: {exc.__cause__ or exc!r}") from exc
+    out = _Collected(activity_id, after_seq, MessageBatch(cursor=cursor))
     try:
-        pending = (await psub.consumer_info()).num_pending
-        deadline = anyio.current_time() + wait
-        caught_up = pending == 0
-        while True:
-            if caught_up:
-                left = deadline - anyio.current_time()
-                if seen or out.completed is not None or left <= 0:
-                    break
-                batch_size, timeout = 64, left
-            else:
-                batch_size, timeout = 256, bus.timeouts.fetch + 1.0
-            try:
-                msgs = await psub.fetch(batch_size, timeout=timeout)
-            except TimeoutError:  # nats-py raises its own TimeoutError, or asyncio's (the builtin) from a wait_for
-                msgs = []
-                if not caught_up:
-                    raise BusError(f"reading activity {activity_id}: the server stopped sending") from None
-            for msg in msgs:
-                meta = msg.metadata
-                out.cursor = meta.sequence.stream + 1
-                out.events += 1
-                if meta.num_pending == 0:
-                    caught_up = True
-                try:
-                    event = decode(msg.data, msg.headers, ACTIVITY_EVENTS)
-                except ValidationError:
-                    continue  # dead-lettered by the recorder; nothing to show
-                if isinstance(event, ActivityMessage):
-                    for i, entry in enumerate(event.entries):
-                        if event.seq + i > after_seq and entry.message.strip():
-                            seen.setdefault(event.seq + i, entry)
-                elif isinstance(event, ActivityCompleted) and out.completed is None:
-                    out.completed = event
-                    final = event.final
-                    if final is not None and event.final_seq > after_seq and final.message.strip():
-                        seen.setdefault(event.final_seq, final)
-            if soft_limit and len(seen) >= soft_limit:
-                break
-    except (TimeoutError, nats.errors.Error) as exc:
-        raise BusError(f"cannot read the messages of activity {activity_id}: {exc!r}") from exc
+        await _read_until_done(bus, reader, out, wait, soft_limit)
+    except BusError as exc:
+        if exc.__cause__ is None:
+            raise  # said already
+        raise BusError(f"{what}: {exc.__cause__!r}") from exc.__cause__
     finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(bus.timeouts.shutdown):
-            with contextlib.suppress(Exception):
-                await psub.unsubscribe()
-            with contextlib.suppress(Exception):
-                info = await psub.consumer_info()
-                await bus.js.delete_consumer(stream, info.name)
-    seqs = sorted(seen)
+        await reader.close()
+    seqs = sorted(out.seen)
     if keep_last:
         seqs = seqs[-keep_last:]
-    out.messages = [_record(activity_id, s, seen[s]) for s in seqs]
-    return out
+    out.batch.messages = [_record(activity_id, s, out.seen[s]) for s in seqs]
+    return out.batch
+
+
+@dataclass
+class _Collected:
+    """What :func:`read_activity_messages` has read so far: the messages by seq, the first completion."""
+
+    activity_id: str
+    after_seq: int
+    batch: MessageBatch
+    seen: dict[int, MessageEntry] = field(default_factory=dict)
+    caught_up: bool = False
+
+    def add(self, msg: Received) -> None:
+        """Take one stored event (its messages after ``after_seq``, a first completion)."""
+        out = self.batch
+        out.cursor = msg.seq + 1
+        out.events += 1
+        if msg.pending == 0:
+            self.caught_up = True
+        try:
+            event = decode(msg.data, msg.headers, ACTIVITY_EVENTS)
+        except ValidationError:
+            return  # dead-lettered by the recorder; nothing to show
+        if isinstance(event, ActivityMessage):
+            for i, entry in enumerate(event.entries):
+                if event.seq + i > self.after_seq and entry.message.strip():
+                    self.seen.setdefault(event.seq + i, entry)
+        elif isinstance(event, ActivityCompleted) and out.completed is None:
+            out.completed = event
+            final = event.final
+            if final is not None and event.final_seq > self.after_seq and final.message.strip():
+                self.seen.setdefault(event.final_seq, final)
+
+
+async def _read_until_done(bus: Bus, reader: StreamReader, out: _Collected, wait: float, soft_limit: int) -> None:
+    """Fetch until the stream's end as it was at the start (then up to ``wait`` s more while nothing
+    was found), or until ``soft_limit`` messages were collected."""
+    out.caught_up = await reader.pending() == 0
+    deadline = anyio.current_time() + wait
+    while True:
+        if out.caught_up:
+            left = deadline - anyio.current_time()
+            if out.seen or out.batch.completed is not None or left <= 0:
+                return
+            batch_size, timeout = 64, left
+        else:
+            batch_size, timeout = 256, bus.timeouts.fetch + 1.0
+        msgs = await reader.fetch(batch_size, timeout)
+        if not msgs and not out.caught_up:
+            raise BusError(f"reading activity {out.activity_id}: the server stopped sending")
+        for msg in msgs:
+            out.add(msg)
+        if soft_limit and len(out.seen) >= soft_limit:
+            return
 
 
 async def watch_activities(bus: Bus) -> AsyncIterator[ActivityRecord]:

@@ -42,7 +42,7 @@ from schemas import (
 
 from .._cancel import CancelRouter
 from .._context import CancelToken, Context
-from .._exceptions import ActivityError, CadenzaError
+from .._exceptions import ActivityError, CadenzaError, UsageError
 from .._heartbeat import Heartbeater, ProcessLoad, new_worker_id
 from ..transport._bus import Bus
 from ..transport._retry import backoff_delay
@@ -157,7 +157,7 @@ class BusActivityService:
 
     async def __aenter__(self) -> BusActivityService:
         if self.state is not ServiceState.NEW:
-            raise ActivityError("a BusActivityService can be opened once")
+            raise UsageError("a BusActivityService can be opened once")
         stack = contextlib.AsyncExitStack()
         await stack.__aenter__()
         try:
@@ -210,7 +210,7 @@ class BusActivityService:
 
     def _check_open(self) -> TaskGroup:
         if self.state is not ServiceState.OPEN or self._tg is None:
-            raise ActivityError("the activity service is not open (use `async with BusActivityService(bus)`)")
+            raise UsageError("the activity service is not open (use `async with BusActivityService(bus)`)")
         return self._tg
 
     def running(self) -> list[str]:
@@ -319,7 +319,8 @@ class BusActivityService:
         worker uses this: a quick activity costs one event, a long one shows as running after ``t``.
 
         Raises:
-            ActivityError: the service is not open, or the id is already running here.
+            UsageError: the service is not open.
+            ActivityAlreadyStartedError: the id is already running (or ran) here.
             PublishError / ValidationError: the announce was not stored.
         """
         tg = self._check_open()
@@ -448,11 +449,12 @@ class BusActivityService:
 
         Raises:
             ActivityFinishedError: it was completed before.
-            ActivityError: ``status`` is not terminal, or the activity is not running here.
+            UsageError: ``status`` is not terminal.
+            ActivityError: the activity is not running here.
             PublishError: not stored (the activity stays open here; call again to retry).
         """
         if not status.terminal:
-            raise ActivityError(f"{status.value} is not a terminal status", non_retryable=True)
+            raise UsageError(f"{status.value} is not a terminal status")
         track = self._track(activity_id)
         for writer in list(track.writers):
             writer.close()

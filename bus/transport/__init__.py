@@ -44,6 +44,24 @@ if _typing.TYPE_CHECKING:
     from ._service_info import gather_service_info as gather_service_info
     from ._service_info import package_version as package_version
     from ._service_info import serve_service_info as serve_service_info
+    from ._streams import AccountUsage as AccountUsage
+    from ._streams import Received as Received
+    from ._streams import StreamPeer as StreamPeer
+    from ._streams import StreamReader as StreamReader
+    from ._streams import StreamStatus as StreamStatus
+    from ._streams import account_usage as account_usage
+    from ._streams import delete_consumer as delete_consumer
+    from ._streams import ensure_topology as ensure_topology
+    from ._streams import follow_events as follow_events
+    from ._streams import last_event as last_event
+    from ._streams import last_message as last_message
+    from ._streams import open_reader as open_reader
+    from ._streams import purge_subject as purge_subject
+    from ._streams import stream_status as stream_status
+    from ._subscriptions import core_messages as core_messages
+    from ._subscriptions import flush as flush
+    from ._subscriptions import new_inbox as new_inbox
+    from ._subscriptions import subscribe_callback as subscribe_callback
     from ._telemetry import Telemetry as Telemetry
     from ._telemetry import configure_telemetry as configure_telemetry
     from ._topology import BUCKETS as BUCKETS
@@ -64,6 +82,7 @@ __all__ = (
     "MAX_EVENT_BYTES",
     "STREAMS",
     "WORKER_EVENTS",
+    "AccountUsage",
     "BucketSpec",
     "Bus",
     "BusState",
@@ -74,28 +93,45 @@ __all__ = (
     "EmbeddedCluster",
     "EmbeddedServer",
     "PublishResult",
+    "Received",
+    "StreamPeer",
+    "StreamReader",
     "StreamSpec",
+    "StreamStatus",
     "Telemetry",
     "Topology",
+    "account_usage",
     "backoff_delay",
     "configure_telemetry",
     "configure_tracing",
     "connect",
+    "core_messages",
     "decode",
+    "delete_consumer",
     "die_with_parent",
     "encode",
     "engine_errors",
+    "ensure_topology",
     "find_server_binary",
+    "flush",
     "follow_bucket",
+    "follow_events",
     "follow_stream",
     "follow_worker_events",
     "format_size",
     "gather_service_info",
     "is_transient",
+    "last_event",
+    "last_message",
     "last_stored_seq",
+    "new_inbox",
+    "open_reader",
     "package_version",
     "parse_size",
+    "purge_subject",
     "retry_transient",
     "run_restarting",
     "serve_service_info",
+    "stream_status",
+    "subscribe_callback",
 )

@@ -25,9 +25,10 @@ from nats.js.api import DeliverPolicy
 
 from schemas import Event, WorkerHeartbeat, WorkerStarted, WorkerStopped, utcnow
 
-from .._exceptions import BusError, CadenzaError, ValidationError
+from .._exceptions import BusError, CadenzaError, NotFoundError, ValidationError
 from ._bus import Bus
 from ._codec import decode
+from ._errors import engine_errors
 
 __all__ = ("WORKER_EVENTS", "follow_bucket", "follow_stream", "follow_worker_events", "last_stored_seq")
 
@@ -74,10 +75,15 @@ async def follow_bucket(
 
 
 async def last_stored_seq(bus: Bus, domain: str) -> int:
-    """The stream sequence of the last message stored on ``domain``'s stream (0: none)."""
+    """The stream sequence of the last message stored on ``domain``'s stream (0: none).
+
+    Raises:
+        BusError: the server did not answer (transient) or refused.
+    """
     try:
-        last = await bus.js.get_last_msg(bus.topology.stream_name(domain), bus.subjects.domain_wildcard(domain))
-    except nats.js.errors.NotFoundError:
+        with engine_errors(f"reading the end of the {domain} stream"):
+            last = await bus.js.get_last_msg(bus.topology.stream_name(domain), bus.subjects.domain_wildcard(domain))
+    except NotFoundError:
         return 0
     return last.seq or 0
 

@@ -17,7 +17,7 @@ and wakes whoever waits in :meth:`ConsoleState.wait_change` (the browser's chang
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -27,16 +27,22 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import anyio
-import nats.errors
-import nats.js.errors
 import pydantic
 from anyio.abc import TaskStatus
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 import bus
 from bus import run_restarting
 from bus.tracking import ActivityEvent, StreamFold, follow_activity_events
-from bus.transport import STREAMS, follow_bucket, follow_worker_events, gather_service_info
+from bus.transport import (
+    STREAMS,
+    Received,
+    account_usage,
+    follow_bucket,
+    follow_events,
+    follow_worker_events,
+    gather_service_info,
+    stream_status,
+)
 from schemas import (
     ActivityRecord,
     DeadLetter,
@@ -287,30 +293,16 @@ class ConsoleState:
         b = self.bus
         stream = b.topology.stream_name("dlq")
         try:
-            info = await b.js.stream_info(stream)
-        except nats.errors.Error as exc:
-            raise bus.BusError(f"cannot read the dead-letter stream {stream}: {exc}") from exc
-        last, first = info.state.last_seq, info.state.first_seq
-        start = max(first, last - self.config.dead_letters + 1, 1)
-        sub = await b.js.subscribe(
-            b.subjects.domain_wildcard("dlq"), stream=stream, ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start),
-            pending_msgs_limit=100_000,
-        )  # fmt: skip
-        try:
-            if info.state.messages == 0:
-                task_status.started()
-            ready = info.state.messages == 0
-            async for msg in sub.messages:
-                meta = msg.metadata
-                self._add_dead_letter(meta.sequence.stream, meta.timestamp or utcnow(), msg.data)
-                if not ready and meta.sequence.stream >= last:
-                    ready = True
-                    task_status.started()
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(b.timeouts.shutdown):
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+            info = await stream_status(b, stream)
+        except bus.BusError as exc:
+            raise bus.BusError(f"cannot read the dead-letter stream {stream}: {exc.__cause__ or exc}") from exc
+        start = max(info.first_seq, info.last_seq - self.config.dead_letters + 1, 1)
+
+        def on_msg(msg: Received, _event: object) -> None:
+            self._add_dead_letter(msg.seq, msg.time or utcnow(), msg.data)
+
+        # Raw messages (no event types: a dead letter is not an event), ready once the last stored one came.
+        await follow_events(b, "dlq", (), on_msg, after=start - 1, task_status=task_status)
 
     def _add_dead_letter(self, seq: int, at: datetime, data: bytes) -> None:
         try:
@@ -373,24 +365,18 @@ class ConsoleState:
             "max_payload": info.get("max_payload", 0),
         }
         try:
-            with anyio.fail_after(self.bus.timeouts.request):
-                acct = await self.bus.js.account_info()
-            out["account"] = {
-                "memory": acct.memory, "storage": acct.storage, "streams": acct.streams, "consumers": acct.consumers,
-                "max_storage": acct.limits.max_storage, "max_memory": acct.limits.max_memory,
-            }  # fmt: skip
-        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
-            out["account_error"] = f"JetStream account info is not available: {exc!r}"
+            out["account"] = dataclasses.asdict(await account_usage(self.bus))
+        except bus.BusError as exc:
+            out["account_error"] = f"JetStream account info is not available: {exc.__cause__ or exc!r}"
         streams = []
         for spec in STREAMS:
             name = self.bus.topology.stream_name(spec.domain)
             try:
-                with anyio.fail_after(self.bus.timeouts.request):
-                    si = await self.bus.js.stream_info(name)
-                streams.append({"name": name, "messages": si.state.messages, "bytes": si.state.bytes,
-                                "consumers": si.state.consumer_count, "replicas": si.config.num_replicas})  # fmt: skip
-            except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
-                streams.append({"name": name, "error": repr(exc)})
+                si = await stream_status(self.bus, name)
+                streams.append({"name": name, "messages": si.messages, "bytes": si.bytes,
+                                "consumers": si.consumers, "replicas": si.replicas})  # fmt: skip
+            except bus.BusError as exc:
+                streams.append({"name": name, "error": repr(exc.__cause__ or exc)})
         out["streams"] = streams
         return out
 

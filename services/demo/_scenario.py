@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import nats.errors
-import nats.js.errors
 
 import bus
 from bus.transport import ChildProcess as Child
+from bus.transport import engine_errors
 
 __all__ = ("DemoConfig", "DemoFailed", "run_demo")
 
@@ -136,7 +135,7 @@ async def _wait_registered(b: bus.Bus, worker_id: str, timeout: float = 15.0) ->
     kv = await b.kv("workers")
     with anyio.fail_after(timeout):
         while True:
-            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+            with contextlib.suppress(bus.BusError), engine_errors(f"reading worker {worker_id}"):
                 if (await kv.get(worker_id)).value:
                     return
             await anyio.sleep(0.1)

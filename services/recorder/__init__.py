@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ._recorder import Recorder as Recorder
     from ._recorder import RecorderConfig as RecorderConfig
+    from ._recorder import RecorderState as RecorderState
 
-__all__ = ("Recorder", "RecorderConfig")
+__all__ = ("Recorder", "RecorderConfig", "RecorderState")
 
 
 def __getattr__(name: str) -> Any:

@@ -21,19 +21,18 @@ sent no heartbeat for ``host_timeout`` (default: 3 x the worker's own heartbeat 
 
 from __future__ import annotations
 
+import enum
 import functools
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import anyio
-import nats.errors
-import nats.js.errors
 from anyio.abc import TaskStatus
 
 import bus
-from bus.tracking import ActivityEvent, fold_activity_event, follow_activity_events, read_activity_messages
-from bus.transport import WORKER_EVENTS, follow_worker_events, last_stored_seq
+from bus.tracking import ActivityEvent, StreamFold, follow_activity_events, read_activity_messages
+from bus.transport import WORKER_EVENTS, follow_worker_events, last_event, last_stored_seq, purge_subject
 from schemas import (
     ENDPOINTS,
     ActivityCompleted,
@@ -57,12 +56,21 @@ from schemas import (
     utcnow,
 )
 
-__all__ = ("Recorder", "RecorderConfig", "Stored")
+__all__ = ("Recorder", "RecorderConfig", "RecorderState", "Stored")
 
 _log = logging.getLogger("cadenza.recorder")
 
 #: The record of one activity and its fold state (what a recorder replica holds per activity).
 Stored = StoredActivity
+
+
+class RecorderState(enum.Enum):
+    """Where a :class:`Recorder` is in its life (it runs once, like a :class:`bus.Worker`)."""
+
+    NEW = "new"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
 
 
 @dataclass(frozen=True)
@@ -98,26 +106,49 @@ class _WorkerSeen:
 
 @dataclass
 class Recorder:
-    """The recorder service. Run with ``await tg.start(recorder.run)`` (ready once it serves)."""
+    """The recorder service. Run with ``await tg.start(recorder.run)`` (ready once it serves), once."""
 
     bus: bus.Bus
     config: RecorderConfig = field(default_factory=RecorderConfig)
-    cache: dict[str, Stored] = field(default_factory=dict)
     workers: dict[str, _WorkerSeen] = field(default_factory=dict)
     finalised: int = 0
     pruned: int = 0
+    state: RecorderState = RecorderState.NEW
+    #: The ``activity`` stream folded (bus.tracking's StreamFold, unbounded: the recorder prunes itself).
+    folded: StreamFold = field(default_factory=lambda: StreamFold(keep_finished=None))
     #: Ids of the cached activities not ended yet (what the host-lost sweep looks at).
     _open: set[str] = field(default_factory=set)
     _finalising: dict[str, float] = field(default_factory=dict)
     _started_at: datetime = field(default_factory=utcnow)
-    #: Stream sequence of the last activity event folded (the follower resumes after it).
-    position: int = 0
     #: Readers waiting for ``position`` to reach a sequence.
     _waiting: list[tuple[int, anyio.Event]] = field(default_factory=list)
+
+    @property
+    def cache(self) -> dict[str, Stored]:
+        """The records by activity id (those pruned are gone)."""
+        return self.folded.records
+
+    @property
+    def position(self) -> int:
+        """Stream sequence of the last activity event folded (the follower resumes after it)."""
+        return self.folded.position
 
     # ------------------------------------------------------------ run
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Follow the streams and serve the endpoints until cancelled.
+
+        Raises:
+            bus.UsageError: it was run before (a recorder runs once; make a new one).
+        """
+        if self.state is not RecorderState.NEW:
+            raise bus.UsageError(f"a Recorder runs once (this one is {self.state.value})")
+        try:
+            await self._serve(task_status)
+        finally:
+            self.state = RecorderState.STOPPED
+
+    async def _serve(self, task_status: TaskStatus[None]) -> None:
         b = self.bus
         self._started_at = utcnow()
         async with anyio.create_task_group() as tg:
@@ -135,16 +166,21 @@ class Recorder:
                                    handlers[endpoint.method])  # fmt: skip
             tg.start_soon(self._sweep_loop)
             tg.start_soon(self._prune_loop)
+            self.state = RecorderState.RUNNING
             task_status.started()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self.state = RecorderState.STOPPING
 
     # ------------------------------------------------------------ the records (every replica)
 
     def _on_stored(self, event: ActivityEvent | None, seq: int) -> None:
         if seq <= self.position:
             return  # delivered again after a restart of the follower: folded already
-        self.position = seq
-        if event is not None:
-            self.fold(event)
+        new = self.folded.apply(event, seq)
+        if new is not None:
+            self._index(new)
         if self._waiting:
             still = []
             for target, ready in self._waiting:
@@ -153,13 +189,6 @@ class Recorder:
                 else:
                     still.append((target, ready))
             self._waiting = still
-
-    def fold(self, event: ActivityEvent) -> StoredActivity | None:
-        """Fold one event into the records; returns the new record state, None if nothing changed."""
-        new = fold_activity_event(self.cache.get(event.activity_id), event)
-        if new is not None:
-            self._put(new)
-        return new
 
     async def caught_up(self, timeout: float | None = None) -> bool:
         """Wait until every activity event stored before this call is folded; False if that took
@@ -170,7 +199,7 @@ class Recorder:
         with anyio.move_on_after(bound):
             try:
                 target = await last_stored_seq(b, "activity")
-            except nats.errors.Error as exc:
+            except bus.BusError as exc:
                 _log.info("cannot read the end of the activity stream (%r); answering from what is folded", exc)
                 return False
             if self.position >= target:
@@ -183,10 +212,9 @@ class Recorder:
                   bound)  # fmt: skip
         return False
 
-    def _put(self, stored: Stored) -> None:
-        """Cache a record, with the index the sweep uses (no scans of the cache)."""
+    def _index(self, stored: Stored) -> None:
+        """Keep the index the sweep uses (no scans of the records) up to date with a new record state."""
         aid = stored.record.id
-        self.cache[aid] = stored
         if stored.record.terminal:
             self._open.discard(aid)
             self._finalising.pop(aid, None)
@@ -194,7 +222,7 @@ class Recorder:
             self._open.add(aid)
 
     def _drop(self, activity_id: str) -> None:
-        self.cache.pop(activity_id, None)
+        self.folded.forget(activity_id)
         self._open.discard(activity_id)
 
     # ------------------------------------------------------------ workers and host loss
@@ -237,7 +265,7 @@ class Recorder:
             await anyio.sleep(self.config.sweep_interval)
             try:
                 await self.sweep()
-            except (bus.CadenzaError, nats.errors.Error, TimeoutError) as exc:
+            except (bus.CadenzaError, TimeoutError) as exc:
                 _log.warning("host-lost sweep failed: %r", exc)
             except Exception:
                 _log.exception("host-lost sweep failed unexpectedly")
@@ -270,17 +298,12 @@ class Recorder:
     async def _last_seq(self, record: ActivityRecord) -> int:
         subject = self.bus.subjects.build("activity", record.id, "message")
         try:
-            with anyio.fail_after(self.bus.timeouts.request):
-                msg = await self.bus.js.get_last_msg(self.bus.topology.stream_name("activity"), subject)
-        except nats.js.errors.NotFoundError:
-            return record.last_seq
-        except (TimeoutError, nats.errors.Error) as exc:
-            raise bus.BusError(f"cannot read the last message of {record.id}: {exc!r}") from exc
-        try:
-            event = bus.decode(msg.data or b"", msg.headers, [ActivityMessage])
+            event = await last_event(self.bus, "activity", subject, [ActivityMessage])
         except bus.ValidationError:
             return record.last_seq
-        return max(record.last_seq, event.last_seq)
+        except bus.BusError as exc:
+            raise bus.BusError(f"cannot read the last message of {record.id}: {exc.__cause__ or exc!r}") from exc
+        return record.last_seq if event is None else max(record.last_seq, event.last_seq)
 
     async def finalise(
         self, record: ActivityRecord, status: ActivityStatus, final: str, error: str | None, warning: str = ""
@@ -317,7 +340,7 @@ class Recorder:
             await anyio.sleep(self.config.prune_interval)
             try:
                 await self.prune()
-            except (bus.CadenzaError, nats.errors.Error, TimeoutError) as exc:
+            except (bus.CadenzaError, TimeoutError) as exc:
                 _log.warning("prune failed: %r", exc)
             except Exception:
                 _log.exception("prune failed unexpectedly")
@@ -341,13 +364,12 @@ class Recorder:
 
     async def prune(self) -> int:
         """Delete pruned activities' events (their messages and record) and forget them; returns how many."""
-        stream = self.bus.topology.stream_name("activity")
         n = 0
         for record in self.prune_candidates():
             try:
-                await self.bus.js.purge_stream(stream, subject=self.bus.subjects.filter("activity", record.id))
-            except nats.errors.Error as exc:
-                raise bus.BusError(f"cannot prune activity {record.id}: {exc!r}") from exc
+                await purge_subject(self.bus, "activity", self.bus.subjects.filter("activity", record.id))
+            except bus.BusError as exc:
+                raise bus.BusError(f"cannot prune activity {record.id}: {exc.__cause__ or exc!r}") from exc
             self._drop(record.id)
             n += 1
         self.pruned += n
