@@ -42,7 +42,7 @@ from ._runtime import (
 
 if TYPE_CHECKING:
     import bus
-    from bus.transport import ChildProcess as Child
+    from bus.transport import ChildProcess, EmbeddedCluster
 
 __all__ = ("build_parser", "main")
 
@@ -349,7 +349,6 @@ def cmd_dev(args: argparse.Namespace) -> int:
     """Embedded server (or ``--cluster N`` nodes) + recorder + broker + demo worker + web console, in the
     foreground."""
     import bus
-    from bus.transport import ChildProcess as Child
     from bus.transport import EmbeddedCluster
 
     server: bus.EmbeddedServer | EmbeddedCluster
@@ -365,8 +364,37 @@ def cmd_dev(args: argparse.Namespace) -> int:
         if args.port and not args.cluster:
             return _fail(f"{exc} (is port {args.port} taken? use --port 0 for any free port)")
         return _fail(str(exc))
+    children: list[tuple[str, ChildProcess]] = []
+    try:
+        _print_dev_server(args, server)
+        _start_dev_children(args, server.url, children)
+        _print_dev_tips(args, server.url, children)
+        return _run_dev(args, server, children)
+    finally:
+        for _, proc in reversed(children):
+            proc.stop(timeout=10)
+        server.stop()
+
+
+def _print_dev_server(args: argparse.Namespace, server: bus.EmbeddedServer | EmbeddedCluster) -> None:
+    from bus.transport import EmbeddedCluster
+
+    if isinstance(server, EmbeddedCluster):
+        print(f"{args.cluster}-node nats-server cluster (JetStream, replicas {args.cluster}), "
+              f"store {server.store_root}:", flush=True)  # fmt: skip
+        for node in server.nodes:
+            print(f"  {node.server_name}: {node.url}", flush=True)
+    else:
+        print(f"nats-server (JetStream) on {server.url}, store {server.store_dir}", flush=True)
+
+
+def _start_dev_children(args: argparse.Namespace, url: str, children: list[tuple[str, ChildProcess]]) -> None:
+    """The recorder, the broker, the demo worker and the console, each as a child, added to ``children``
+    as it starts (so an interrupted start stops those already running)."""
+    from bus.transport import ChildProcess as Child
+
     # One key for every broker of this dev installation, so recreate tokens survive a broker restart.
-    env = {"CADENZA_TOKEN_KEY": os.environ.get("CADENZA_TOKEN_KEY") or secrets.token_hex(32), "NATS_URL": server.url}
+    env = {"CADENZA_TOKEN_KEY": os.environ.get("CADENZA_TOKEN_KEY") or secrets.token_hex(32), "NATS_URL": url}
     if args.cluster:
         env["CADENZA_REPLICAS"] = str(args.cluster)
     wanted = [
@@ -377,62 +405,58 @@ def cmd_dev(args: argparse.Namespace) -> int:
     ]
     # The console on its usual port, or any free one when the server's port is any free one too.
     extra = {"console": ("--port", "0" if args.port == 0 else str(args.console_port))}
-    children: list[tuple[str, Child]] = []
-    if isinstance(server, EmbeddedCluster):
-        print(f"{args.cluster}-node nats-server cluster (JetStream, replicas {args.cluster}), "
-              f"store {server.store_root}:", flush=True)  # fmt: skip
-        for node in server.nodes:
-            print(f"  {node.server_name}: {node.url}", flush=True)
-    else:
-        print(f"nats-server (JetStream) on {server.url}, store {server.store_dir}", flush=True)
-    try:
-        for label, module in wanted:
-            if not _available(module):
-                print(f"  {label}: not available in this build ({module} missing)", flush=True)
-                continue
-            proc = Child(module, "--server", server.url, "--prefix", args.prefix, *extra.get(label, ()), env=env)
-            try:
-                proc.start(timeout=30)
-            except RuntimeError as exc:
-                print(f"  {label}: failed to start\n{exc}", file=sys.stderr, flush=True)
-                continue
-            children.append((label, proc))
-            print(f"  {label}: running (pid {proc.pid}) {proc.ready_line.removeprefix(READY).strip()}", flush=True)
-        prefix = "" if args.prefix == "cadenza" else f" --prefix {args.prefix}"
-        print(f"\nexport NATS_URL={server.url}" + (f" CADENZA_REPLICAS={args.cluster}" if args.cluster else ""),
-              flush=True)  # fmt: skip
-        tips = [
-            (f"cadenza demo{prefix}", "a tour: sessions, streamed output, a cancel, a lost worker"),
-            (f"cadenza sessions ls{prefix}", "sessions, open first"),
-            (f"cadenza workers ls{prefix}", "session workers and their slots"),
-            (f"cadenza activities ls{prefix}", "tracked activities"),
-            (f"cadenza tail 'activity.>'{prefix}", "events as they happen"),
-        ]
-        console = next((p.ready_line.split(" on ", 1)[1].split()[0] for n, p in children if n == "console"), "")
-        if console:
-            tips.insert(0, (console, "the web console (open it in a browser)"))
-        width = max(len(cmd) for cmd, _ in tips)
-        print("then, in another terminal:", flush=True)
-        for cmd, what in tips:
-            print(f"  {cmd:<{width}}  {what}", flush=True)
-        print(READY + " dev", flush=True)
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        deadline = time.monotonic() + args.duration if args.duration else None
-        while not stop.wait(0.5):
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-            if not server.is_running():
-                return _fail("a nats-server exited unexpectedly" if args.cluster else "nats-server exited unexpectedly")
-            for label, proc in children:
-                if proc.proc is not None and proc.proc.poll() is not None:
-                    tail = "".join(proc.output[-20:])
-                    return _fail(f"{label} exited with code {proc.proc.returncode}:\n{tail}")
-    finally:
-        for _, proc in reversed(children):
-            proc.stop(timeout=10)
-        server.stop()
+    for label, module in wanted:
+        if not _available(module):
+            print(f"  {label}: not available in this build ({module} missing)", flush=True)
+            continue
+        proc = Child(module, "--server", url, "--prefix", args.prefix, *extra.get(label, ()), env=env)
+        try:
+            proc.start(timeout=30)
+        except RuntimeError as exc:
+            print(f"  {label}: failed to start\n{exc}", file=sys.stderr, flush=True)
+            continue
+        children.append((label, proc))
+        print(f"  {label}: running (pid {proc.pid}) {proc.ready_line.removeprefix(READY).strip()}", flush=True)
+
+
+def _print_dev_tips(args: argparse.Namespace, url: str, children: list[tuple[str, ChildProcess]]) -> None:
+    prefix = "" if args.prefix == "cadenza" else f" --prefix {args.prefix}"
+    print(f"\nexport NATS_URL={url}" + (f" CADENZA_REPLICAS={args.cluster}" if args.cluster else ""),
+          flush=True)  # fmt: skip
+    tips = [
+        (f"cadenza demo{prefix}", "a tour: sessions, streamed output, a cancel, a lost worker"),
+        (f"cadenza sessions ls{prefix}", "sessions, open first"),
+        (f"cadenza workers ls{prefix}", "session workers and their slots"),
+        (f"cadenza activities ls{prefix}", "tracked activities"),
+        (f"cadenza tail 'activity.>'{prefix}", "events as they happen"),
+    ]
+    console = next((p.ready_line.split(" on ", 1)[1].split()[0] for n, p in children if n == "console"), "")
+    if console:
+        tips.insert(0, (console, "the web console (open it in a browser)"))
+    width = max(len(cmd) for cmd, _ in tips)
+    print("then, in another terminal:", flush=True)
+    for cmd, what in tips:
+        print(f"  {cmd:<{width}}  {what}", flush=True)
+
+
+def _run_dev(
+    args: argparse.Namespace, server: bus.EmbeddedServer | EmbeddedCluster, children: list[tuple[str, ChildProcess]]
+) -> int:
+    """Say ready, then watch the server and the children until a signal, ``--duration``, or one exits."""
+    print(READY + " dev", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    deadline = time.monotonic() + args.duration if args.duration else None
+    while not stop.wait(0.5):
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        if not server.is_running():
+            return _fail("a nats-server exited unexpectedly" if args.cluster else "nats-server exited unexpectedly")
+        for label, proc in children:
+            if proc.proc is not None and proc.proc.poll() is not None:
+                tail = "".join(proc.output[-20:])
+                return _fail(f"{label} exited with code {proc.proc.returncode}:\n{tail}")
     return 0
 
 
@@ -447,6 +471,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action=_Version, help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_local_commands(sub)
+    _add_event_commands(sub)
+    _add_admin_commands(sub)
+    _add_dev_command(sub)
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and name.startswith(exc.name):
+                continue
+            raise
+        module.register(sub)
+    return p
+
+
+def _add_local_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``server``, ``subjects``, ``schemas``: no connection needed."""
     s = sub.add_parser("server", help="run the embedded nats-server (JetStream) in the foreground")
     s.add_argument("--store", default=None, help="JetStream store directory (default: a temporary one)")
     s.add_argument("--port", type=int, default=4222, help="client port (0: any free port; default 4222)")
@@ -467,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "directory; check: the package's)")  # fmt: skip
     s.set_defaults(func=cmd_schemas)
 
+
+def _add_event_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``publish`` and ``tail``."""
     s = sub.add_parser("publish", help="validate an event and publish it")
     s.add_argument("event", metavar="EVENT", help="event type, e.g. activity.started (see `cadenza subjects`)")
     s.add_argument("json", metavar="JSON", help="the event as JSON, @file, or - for stdin")
@@ -487,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(s)
     s.set_defaults(func=cmd_tail)
 
+
+def _add_admin_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``setup`` and ``status``."""
     s = sub.add_parser("setup", help="declare or upgrade the streams and buckets (run as the admin user)")
     add_server_args(s)
     s.add_argument("--replicas", type=int, choices=(1, 3, 5), default=None,
@@ -503,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for each stream's answer (default 2; connecting waits 2 s)")  # fmt: skip
     s.set_defaults(func=cmd_status)
 
+
+def _add_dev_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s = sub.add_parser("dev", help="embedded server + recorder + broker + demo worker + console, in the foreground")
     s.add_argument("--store", default=None, help="JetStream store directory (default: a temporary one)")
     s.add_argument("--port", type=int, default=4222, help="client port (0: any free port; default 4222)")
@@ -514,16 +563,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "one server; --port is then ignored")  # fmt: skip
     s.add_argument("--console-port", type=int, default=8765, help="the web console's port (default 8765)")
     s.set_defaults(func=cmd_dev)
-
-    for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name is not None and name.startswith(exc.name):
-                continue
-            raise
-        module.register(sub)
-    return p
 
 
 def _duration(value: str) -> float:

@@ -456,6 +456,33 @@ class BusActivityService:
         if not status.terminal:
             raise UsageError(f"{status.value} is not a terminal status")
         track = self._track(activity_id)
+        if track.writers:
+            await self._close_writers(track)
+        await self._warn_cancelled(track)
+        async with track.lock:
+            if activity_id not in self._tracks:
+                raise ActivityFinishedError(f"activity {activity_id} has finished")
+            event = self._completion(track, status, cut_text(final_message), error, final_step, result)
+            track.completing = status
+            # Not stored: PublishError to the caller; the outbox keeps the completion and retries it.
+            await self._publish_locked(track, event, timeout=_publish_timeout)
+            self._finish(activity_id, status)
+        if not _record:
+            return track.record  # (the session worker does not use the ending record: not built)
+        return track.record.model_copy(
+            update={
+                "status": status,
+                "error": event.error,
+                "ended_at": event.time,
+                "latest_message": (event.final.message if event.final else "") or track.record.latest_message,
+                "progress": 100.0 if status is ActivityStatus.SUCCESS else track.record.progress,
+                "result": result,
+                "last_seq": track.next_seq - 1,
+            }
+        )
+
+    async def _close_writers(self, track: _Track) -> None:
+        """Close the activity's writers and store what they queued (bounded: see ``writer_flush_timeout``)."""
         for writer in list(track.writers):
             writer.close()
             try:
@@ -465,55 +492,38 @@ class BusActivityService:
                 # Lines still queued (the server would not store them in time) must not keep the
                 # activity open forever: the completion goes out; the recorder keeps what arrived.
                 _log.warning("activity %s: a writer's lines were not stored within %gs; completing anyway",
-                             activity_id, self.writer_flush_timeout)  # fmt: skip
-        await self._warn_cancelled(track)
-        async with track.lock:
-            if activity_id not in self._tracks:
-                raise ActivityFinishedError(f"activity {activity_id} has finished")
-            text = cut_text(final_message)
-            final = MessageEntry(level=_LEVEL_OF[status], message=text, step=final_step) if text else None
-            final_seq = track.next_seq if final is not None else 0
-            track.rev += 1
-            # Never announced (it ended within announce_after, with no other event): the completion
-            # announces it, unless an older event still waits in the outbox (then it goes first).
-            start = None
-            if track.deferred is not None and not track.pending:
-                start = self._start_fields(track.record, track.deferred)
-                track.deferred = None
-            else:
-                self._undefer(track)
-            event = ActivityCompleted(
-                event_id=f"{activity_id}.completed",
-                activity_id=activity_id,
-                rev=track.rev,
-                status=status,
-                error=cut_text(error) if error else None,
-                final=final,
-                final_seq=final_seq,
-                step=final_step,
-                result=result,
-                start=start,
-            )
-            if final is not None:
-                track.next_seq += 1
-            track.completing = status
-            # Not stored: PublishError to the caller; the outbox keeps the completion and retries it.
-            await self._publish_locked(track, event, timeout=_publish_timeout)
-            self._finish(activity_id, status)
-        if not _record:
-            return track.record  # (the session worker does not use the ending record: not built)
-        record = track.record.model_copy(
-            update={
-                "status": status,
-                "error": event.error,
-                "ended_at": event.time,
-                "latest_message": text or track.record.latest_message,
-                "progress": 100.0 if status is ActivityStatus.SUCCESS else track.record.progress,
-                "result": result,
-                "last_seq": track.next_seq - 1,
-            }
+                             track.record.id, self.writer_flush_timeout)  # fmt: skip
+
+    def _completion(
+        self, track: _Track, status: ActivityStatus, text: str, error: str | None, final_step: str | None, result: Any
+    ) -> ActivityCompleted:
+        """The completion event of ``track`` (its rev and message seq counted; under the track's lock)."""
+        activity_id = track.record.id
+        final = MessageEntry(level=_LEVEL_OF[status], message=text, step=final_step) if text else None
+        final_seq = track.next_seq if final is not None else 0
+        track.rev += 1
+        # Never announced (it ended within announce_after, with no other event): the completion
+        # announces it, unless an older event still waits in the outbox (then it goes first).
+        start = None
+        if track.deferred is not None and not track.pending:
+            start = self._start_fields(track.record, track.deferred)
+            track.deferred = None
+        else:
+            self._undefer(track)
+        if final is not None:
+            track.next_seq += 1
+        return ActivityCompleted(
+            event_id=f"{activity_id}.completed",
+            activity_id=activity_id,
+            rev=track.rev,
+            status=status,
+            error=cut_text(error) if error else None,
+            final=final,
+            final_seq=final_seq,
+            step=final_step,
+            result=result,
+            start=start,
         )
-        return record
 
     def _finish(self, activity_id: str, status: ActivityStatus) -> None:
         track = self._tracks.pop(activity_id)

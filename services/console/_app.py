@@ -217,11 +217,49 @@ def _iso(value: datetime | None) -> str | None:
 def create_app(state: ConsoleState, options: ConsoleOptions | None = None) -> Starlette:
     """The console app over ``state`` (whose caches must already run)."""
     opts = options or ConsoleOptions()
-    client = bus.ActivityClient(state.bus)
-    shell = (STATIC / "shell.html").read_text()
-    version = package_version()
+    views = _Views(state, opts)
+    routes = [
+        Route("/", views.home),
+        *(Route(f"/{slug}", views.page(slug)) for slug in PAGES),
+        Route("/sessions/{id}", views.page("sessions")),
+        Route("/activities/{id}", views.page("activities")),
+        Route("/api/meta", views.api_meta),
+        Route("/api/workers", views.api_workers),
+        Route("/api/sessions", views.api_sessions),
+        Route("/api/sessions/{id}", views.api_session),
+        Route("/api/activities", views.api_activities),
+        Route("/api/activities/{id}", views.api_activity),
+        Route("/api/activities/{id}/stream", views.api_activity_stream),
+        Route("/api/activities/{id}/cancel", views.api_cancel, methods=["POST"]),
+        Route("/api/dead-letters", views.api_dead_letters),
+        Route("/api/health", views.api_health),
+        Route("/api/events", views.api_events),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={
+            BadRequest: views.bad_request,
+            404: views.not_found,
+            405: views.not_found,
+            Exception: views.internal,
+        },
+    )
+    app.add_middleware(_Guard, options=opts)
+    return app
 
-    def page(name: str) -> Callable[[Request], Awaitable[Response]]:
+
+class _Views:
+    """The console's pages and JSON views over one :class:`ConsoleState` (see :func:`create_app`)."""
+
+    def __init__(self, state: ConsoleState, opts: ConsoleOptions) -> None:
+        self.state = state
+        self.opts = opts
+        self.client = bus.ActivityClient(state.bus)
+        self.shell = (STATIC / "shell.html").read_text()
+        self.version = package_version()
+
+    def page(self, name: str) -> Callable[[Request], Awaitable[Response]]:
         async def render(request: Request) -> Response:
             nav = "".join(
                 f'<a href="/{slug}"{" class=active" if slug == name else ""}>{title}</a>'
@@ -231,13 +269,13 @@ def create_app(state: ConsoleState, options: ConsoleOptions | None = None) -> St
             if item and not _ID.match(item):
                 return HTMLResponse(f"<h1>Not found</h1><p>{html.escape(item[:60])!r} is not a valid id.</p>", 404)
             body = (
-                shell.replace("{{nav}}", nav)
+                self.shell.replace("{{nav}}", nav)
                 .replace("{{view}}", name)
                 .replace("{{id}}", html.escape(item))
                 .replace("{{title}}", PAGES[name])
-                .replace("{{prefix}}", html.escape(state.bus.subjects.prefix))
-                .replace("{{version}}", html.escape(version))
-                .replace("{{read_only}}", "true" if opts.read_only else "false")
+                .replace("{{prefix}}", html.escape(self.state.bus.subjects.prefix))
+                .replace("{{version}}", html.escape(self.version))
+                .replace("{{read_only}}", "true" if self.opts.read_only else "false")
             )
             return HTMLResponse(body, headers={"Cache-Control": "no-store"})
 
@@ -245,15 +283,15 @@ def create_app(state: ConsoleState, options: ConsoleOptions | None = None) -> St
 
     # ------------------------------------------------------------ JSON views
 
-    async def api_meta(_: Request) -> Response:
+    async def api_meta(self, _: Request) -> Response:
         return JSONResponse({
-            "prefix": state.bus.subjects.prefix, "version": version, "read_only": opts.read_only,
-            "types": sorted(state.types), "environments": sorted(state.environments),
-            "tasklists": sorted(state.tasklists), "statuses": [s.value for s in ActivityStatus],
-            "session_states": [s.value for s in SessionState], "versions": state.versions,
+            "prefix": self.state.bus.subjects.prefix, "version": self.version, "read_only": self.opts.read_only,
+            "types": sorted(self.state.types), "environments": sorted(self.state.environments),
+            "tasklists": sorted(self.state.tasklists), "statuses": [s.value for s in ActivityStatus],
+            "session_states": [s.value for s in SessionState], "versions": self.state.versions,
         })  # fmt: skip
 
-    async def api_workers(request: Request) -> Response:
+    async def api_workers(self, request: Request) -> Response:
         wanted = {s.strip() for s in request.query_params.get("state", "").split(",") if s.strip()}
         bad = wanted - {"live", "lost", "stopped", "unknown"}
         if bad:
@@ -261,15 +299,15 @@ def create_app(state: ConsoleState, options: ConsoleOptions | None = None) -> St
         tasklist = _text(request, "tasklist")
         now = utcnow()
         rows: list[dict[str, Any]] = []
-        for wid in set(state.beats) | set(state.worker_records):
-            beat, record = state.beats.get(wid), state.worker_records.get(wid)
-            status, cause = state.worker_state(beat, now)
+        for wid in set(self.state.beats) | set(self.state.worker_records):
+            beat, record = self.state.beats.get(wid), self.state.worker_records.get(wid)
+            status, cause = self.state.worker_state(beat, now)
             if record is None and beat is not None and beat.sessions_enabled and status == "live":
                 status, cause = "live", "not placed by a broker yet"
             tl = record.tasklist if record else beat.tasklist if beat else ""
             if (wanted and status not in wanted) or (tasklist and tl != tasklist):
                 continue
-            running = state.running_on(wid)
+            running = self.state.running_on(wid)
             rows.append({
                 "worker_id": wid, "state": status, "cause": cause, "tasklist": tl,
                 "host": (record.host_name if record else "") or (beat.host_name if beat else ""),
@@ -290,36 +328,37 @@ def create_app(state: ConsoleState, options: ConsoleOptions | None = None) -> St
         items, paging = _paged(rows, page_no, per_page)
         return JSONResponse({"items": items, **paging})
 
-    def session_json(s: Any) -> dict[str, Any]:
-        acts = state.by_session.get(s.session_id, ())
+    def session_json(self, s: Any) -> dict[str, Any]:
+        acts = self.state.by_session.get(s.session_id, ())
         return {
             **s.model_dump(mode="json", exclude={"announced"}),
             "activity_count": len(acts),
         }
 
-    async def api_sessions(request: Request) -> Response:
+    async def api_sessions(self, request: Request) -> Response:
         states = _choices(request, "state", SessionState)
         tasklist = _text(request, "tasklist")
-        page_no, per_page = _page(request, opts.per_page)
-        rows = state.session_rows(states, tasklist)
+        page_no, per_page = _page(request, self.opts.per_page)
+        rows = self.state.session_rows(states, tasklist)
         items, paging = _paged(rows, page_no, per_page)
         counts: dict[str, int] = dict.fromkeys((s.value for s in SessionState), 0)
-        for s in state.sessions.values():
+        for s in self.state.sessions.values():
             counts[s.state.value] += 1
-        return JSONResponse({"items": [session_json(s) for s in items], "counts": counts, **paging})
+        return JSONResponse({"items": [self.session_json(s) for s in items], "counts": counts, **paging})
 
-    async def api_session(request: Request) -> Response:
+    async def api_session(self, request: Request) -> Response:
         sid = _id(request, "session")
-        record = state.sessions.get(sid)
+        record = self.state.sessions.get(sid)
         if record is None:
             raise BadRequest(f"no session {sid}", 404)
-        ran = state.in_session(sid)
+        ran = self.state.in_session(sid)
         activities = [_activity_json(a) for a in ran[-SESSION_ACTIVITIES:]]  # the newest, oldest first
-        return JSONResponse({"session": session_json(record), "activities": activities, "activity_total": len(ran)})
+        return JSONResponse({"session": self.session_json(record), "activities": activities,
+                             "activity_total": len(ran)})  # fmt: skip
 
-    async def api_activities(request: Request) -> Response:
+    async def api_activities(self, request: Request) -> Response:
         statuses = _choices(request, "status", ActivityStatus)
-        page_no, per_page = _page(request, opts.per_page)
+        page_no, per_page = _page(request, self.opts.per_page)
         try:
             req = ListActivitiesRequest(
                 environment_id=_text(request, "environment"), status=statuses, type=_text(request, "type"),
@@ -327,25 +366,25 @@ def create_app(state: ConsoleState, options: ConsoleOptions | None = None) -> St
             )  # fmt: skip
         except pydantic.ValidationError as exc:
             raise BadRequest(f"bad filter: {exc.errors()[0]['msg']}") from None
-        reply = await _recorder(client.list(req))
+        reply = await _recorder(self.client.list(req))
         pages = max(1, -(-reply.total // per_page))
         return JSONResponse({
             "items": [_activity_json(a) for a in reply.items], "page": page_no, "per_page": per_page,
             "total": reply.total, "pages": pages,
         })  # fmt: skip
 
-    async def api_activity(request: Request) -> Response:
+    async def api_activity(self, request: Request) -> Response:
         aid = _id(request, "activity")
         limit = _int(request, "messages", 0, 0, 500)
-        reply = await _recorder(client.get(aid, limit=limit))
+        reply = await _recorder(self.client.get(aid, limit=limit))
         return JSONResponse({
             "activity": _activity_json(reply.activity),
             "messages": [m.model_dump(mode="json") for m in reply.messages],
         })  # fmt: skip
 
-    async def api_cancel(request: Request) -> Response:
+    async def api_cancel(self, request: Request) -> Response:
         aid = _id(request, "activity")
-        if opts.read_only:
+        if self.opts.read_only:
             raise BadRequest("this console is read-only: cancelling is turned off (--read-only)", 403)
         try:
             body = await request.json()
@@ -362,57 +401,58 @@ def create_app(state: ConsoleState, options: ConsoleOptions | None = None) -> St
         if len(reason) > 4096 or len(name) > 200:
             raise BadRequest("reason is limited to 4096 characters, name to 200")
         who = f"{name} (console)" if name else "console"
-        reply = await _recorder(client.cancel(aid, who=who, reason=reason))
+        reply = await _recorder(self.client.cancel(aid, who=who, reason=reason))
         return JSONResponse({"outcome": reply.outcome, "who": who, "reason": reason,
                              "activity": _activity_json(reply.activity)})  # fmt: skip
 
-    async def api_dead_letters(request: Request) -> Response:
+    async def api_dead_letters(self, request: Request) -> Response:
         consumer = _text(request, "consumer")
-        page_no, per_page = _page(request, opts.per_page)
-        rows = [e for e in state.dead_letters if not consumer or (e.letter and e.letter.consumer == consumer)]
+        page_no, per_page = _page(request, self.opts.per_page)
+        rows = [e for e in self.state.dead_letters if not consumer or (e.letter and e.letter.consumer == consumer)]
         items, paging = _paged(rows, page_no, per_page)
         out = []
         for e in items:
             letter = e.letter.model_dump(mode="json") if e.letter else {"reason": "not a dead-letter entry",
                                                                          "payload": e.raw}  # fmt: skip
             out.append({"seq": e.seq, "stored_at": _iso(e.time), **letter})
-        consumers = sorted({e.letter.consumer for e in state.dead_letters if e.letter})
-        return JSONResponse({"items": out, "consumers": consumers, "seen": state.dead_letters_seen,
-                             "kept": state.config.dead_letters, **paging})  # fmt: skip
+        consumers = sorted({e.letter.consumer for e in self.state.dead_letters if e.letter})
+        return JSONResponse({"items": out, "consumers": consumers, "seen": self.state.dead_letters_seen,
+                             "kept": self.state.config.dead_letters, **paging})  # fmt: skip
 
-    async def api_health(_: Request) -> Response:
+    async def api_health(self, _: Request) -> Response:
         now = utcnow()
         services = []
-        for seen in sorted(state.services.values(), key=lambda s: (s.info.service, s.info.instance)):
+        for seen in sorted(self.state.services.values(), key=lambda s: (s.info.service, s.info.instance)):
             age = (now - seen.last_seen).total_seconds()
-            alive = age <= 3 * state.config.services_interval + 2 * state.config.services_window + 1
+            alive = age <= 3 * self.state.config.services_interval + 2 * self.state.config.services_window + 1
             services.append({**seen.info.model_dump(mode="json"), "last_seen": _iso(seen.last_seen),
                              "age": round(age, 1), "state": "live" if alive else "gone"})  # fmt: skip
         return JSONResponse({
-            "server": await state.server_health(), "services": services,
-            "recorder": {"rtt_ms": state.recorder_rtt_ms, "error": state.recorder_error},
-            "console": {"version": version, "read_only": opts.read_only, "activities_cached": len(state.activities),
-                        "sessions_cached": len(state.sessions), "dead_letters_kept": len(state.dead_letters)},
+            "server": await self.state.server_health(), "services": services,
+            "recorder": {"rtt_ms": self.state.recorder_rtt_ms, "error": self.state.recorder_error},
+            "console": {"version": self.version, "read_only": self.opts.read_only,
+                        "activities_cached": len(self.state.activities), "sessions_cached": len(self.state.sessions),
+                        "dead_letters_kept": len(self.state.dead_letters)},
         })  # fmt: skip
 
     # ------------------------------------------------------------ live streams
 
-    async def api_events(_: Request) -> Response:
+    async def api_events(self, _: Request) -> Response:
         async def stream() -> AsyncIterator[str]:
             yield "retry: 2000\n\n"
             sent: dict[str, int] = {}
             while True:
-                if state.versions != sent:
-                    sent = dict(state.versions)
+                if self.state.versions != sent:
+                    sent = dict(self.state.versions)
                     yield f"event: change\ndata: {json.dumps(sent)}\n\n"
                     await anyio.sleep(0.25)  # coalesce bursts: at most four updates a second
                     continue
-                if not await state.wait_change(15.0):
+                if not await self.state.wait_change(15.0):
                     yield ": keep-alive\n\n"
 
         return _sse(stream())
 
-    async def api_activity_stream(request: Request) -> Response:
+    async def api_activity_stream(self, request: Request) -> Response:
         aid = _id(request, "activity")
         after = _int(request, "after", -1, -1, 2**53)
         last_id = request.headers.get("last-event-id", "").strip()
@@ -421,7 +461,7 @@ def create_app(state: ConsoleState, options: ConsoleOptions | None = None) -> St
                 after = max(0, int(last_id))
             except ValueError:
                 raise BadRequest(f"Last-Event-ID must be a message seq, not {last_id[:50]!r}") from None
-        first = await _recorder(client.get(aid, limit=500 if after < 0 else 0))
+        first = await _recorder(self.client.get(aid, limit=500 if after < 0 else 0))
 
         async def stream() -> AsyncIterator[str]:
             yield "retry: 1000\n\n"
@@ -434,8 +474,8 @@ def create_app(state: ConsoleState, options: ConsoleOptions | None = None) -> St
                     seq = m.seq
             send, receive = anyio.create_memory_object_stream[str](100)
             async with anyio.create_task_group() as tg, send, receive:
-                tg.start_soon(_follow_messages, aid, seq, send.clone())
-                tg.start_soon(_follow_record, record, send.clone())
+                tg.start_soon(self._follow_messages, aid, seq, send.clone())
+                tg.start_soon(self._follow_record, record, send.clone())
                 send.close()
                 async for chunk in receive:
                     yield chunk
@@ -445,12 +485,12 @@ def create_app(state: ConsoleState, options: ConsoleOptions | None = None) -> St
 
         return _sse(stream())
 
-    async def _follow_messages(aid: str, seq: int, send: anyio.abc.ObjectSendStream[str]) -> None:
+    async def _follow_messages(self, aid: str, seq: int, send: anyio.abc.ObjectSendStream[str]) -> None:
         cursor = 0
         async with send:
             while True:
                 try:
-                    reply = await client.tail(aid, after_seq=seq, cursor=cursor, wait=opts.tail_wait)
+                    reply = await self.client.tail(aid, after_seq=seq, cursor=cursor, wait=self.opts.tail_wait)
                 except bus.CadenzaError as exc:
                     await send.send(_event("problem", {"error": f"cannot read messages: {exc.message}"}))
                     await anyio.sleep(2.0)  # the recorder may be restarting; the page says so meanwhile
@@ -462,12 +502,12 @@ def create_app(state: ConsoleState, options: ConsoleOptions | None = None) -> St
                     await send.send(_event("end", {"status": reply.status.value, "last_seq": seq}))
                     return
 
-    async def _follow_record(record: ActivityRecord, send: anyio.abc.ObjectSendStream[str]) -> None:
+    async def _follow_record(self, record: ActivityRecord, send: anyio.abc.ObjectSendStream[str]) -> None:
         last = (record.updated_at, record.status, record.progress)
         async with send:
             while True:
-                await state.wait_change(15.0)
-                cur = state.activities.get(record.id)
+                await self.state.wait_change(15.0)
+                cur = self.state.activities.get(record.id)
                 if cur is None:
                     continue
                 mark = (cur.updated_at, cur.status, cur.progress)
@@ -477,47 +517,22 @@ def create_app(state: ConsoleState, options: ConsoleOptions | None = None) -> St
 
     # ------------------------------------------------------------ errors
 
-    async def bad_request(_: Request, exc: Exception) -> Response:
+    async def bad_request(self, _: Request, exc: Exception) -> Response:
         assert isinstance(exc, BadRequest)
         return _error(exc.status, exc.message)
 
-    async def not_found(request: Request, exc: Exception) -> Response:
+    async def not_found(self, request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 404)
         if status == 405:
             return _error(405, f"{request.method} is not allowed on {request.url.path}")
         return _error(status, f"no such page: {request.url.path}")
 
-    async def internal(request: Request, exc: Exception) -> Response:
+    async def internal(self, request: Request, exc: Exception) -> Response:
         _log.exception("console: %s %s failed", request.method, request.url.path)
         return _error(500, f"internal error ({type(exc).__name__}); the console's log has the details")
 
-    async def home(_: Request) -> Response:
+    async def home(self, _: Request) -> Response:
         return RedirectResponse("/activities", status_code=307)
-
-    routes = [
-        Route("/", home),
-        *(Route(f"/{slug}", page(slug)) for slug in PAGES),
-        Route("/sessions/{id}", page("sessions")),
-        Route("/activities/{id}", page("activities")),
-        Route("/api/meta", api_meta),
-        Route("/api/workers", api_workers),
-        Route("/api/sessions", api_sessions),
-        Route("/api/sessions/{id}", api_session),
-        Route("/api/activities", api_activities),
-        Route("/api/activities/{id}", api_activity),
-        Route("/api/activities/{id}/stream", api_activity_stream),
-        Route("/api/activities/{id}/cancel", api_cancel, methods=["POST"]),
-        Route("/api/dead-letters", api_dead_letters),
-        Route("/api/health", api_health),
-        Route("/api/events", api_events),
-        Mount("/static", StaticFiles(directory=STATIC), name="static"),
-    ]
-    app = Starlette(
-        routes=routes,
-        exception_handlers={BadRequest: bad_request, 404: not_found, 405: not_found, Exception: internal},
-    )
-    app.add_middleware(_Guard, options=opts)
-    return app
 
 
 def _activity_json(a: ActivityRecord) -> dict[str, Any]:

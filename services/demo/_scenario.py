@@ -148,14 +148,6 @@ async def run_demo(b: bus.Bus, config: DemoConfig) -> None:
         DemoFailed: a step did not behave as described (for instance no broker or no demo worker).
     """
     started = time.monotonic()
-    ctx = b.context()
-    opts = bus.SessionOptions(execution_timeout=600, creation_timeout=10, heartbeat_timeout=config.heartbeat_timeout,
-                              tasklist=config.tasklist)  # fmt: skip
-
-    async def pause() -> None:
-        if config.pace:
-            await anyio.sleep(config.pace)
-
     _say(f"cadenza demo on {b.url} (prefix {b.subjects.prefix}, tasklist {config.tasklist})")
     _say()
     _say("[1/5] Sessions pin activities to one worker.")
@@ -169,60 +161,101 @@ async def run_demo(b: bus.Bus, config: DemoConfig) -> None:
     except RuntimeError as exc:
         raise DemoFailed(f"the second worker did not start: {exc}") from exc
     try:
-        doomed = extra.ready_line.split(" worker ", 1)[1].split()[0]
-        _say(f"      second worker {_short(doomed)} (pid {extra.pid}) is up")
-        try:
-            await _wait_registered(b, doomed, config.wait)
-        except TimeoutError:
-            why = f"the broker did not register the second worker within {config.wait:g} s"
-            raise DemoFailed(f"{why}: is `cadenza dev` (or `cadenza broker`) running on this prefix?") from None
-        try:
-            s1 = await bus.create_session(ctx, opts)
-            s2 = await bus.create_session(ctx, opts)
-        except bus.SessionCreationError as exc:
-            raise DemoFailed(f"no session ({exc.reason}): {exc}") from exc
-        sessions = [s1, s2]
-        for i, s in enumerate(sessions, 1):
-            info = bus.get_session_info(s)
-            assert info is not None
-            mark = " (the one step 4 kills)" if info.worker_id == doomed else ""
-            _say(f"      session {i} {info.session_id[:8]} placed on worker {_short(info.worker_id)} "
-                 f"on host {info.host_name}{mark}")  # fmt: skip
-        for i, s in enumerate(sessions, 1):
-            ran = await bus.execute_activity(s, "where", start_to_close_timeout=10)
-            info = bus.get_session_info(s)
-            assert info is not None
-            same = "the same worker: pinned" if ran["worker_id"] == info.worker_id else "ANOTHER worker"
-            _say(f"      where() in session {i} ran on {_short(ran['worker_id'])} (pid {ran['pid']}), {same}")
-        on_doomed = [s for s in sessions if bus.get_session_info(s).worker_id == doomed]  # type: ignore[union-attr]
-        if not on_doomed:
-            raise DemoFailed("no session landed on the second worker (is another worker of this tasklist "
-                             "running with free slots?)")  # fmt: skip
-        victim = on_doomed[-1]
-        keep = s1 if victim is s2 else s2
-        await pause()
+        tour = await _pinned_sessions(b, config, extra)
+        await tour.pause()
+        await tour.streamed_output()
+        await tour.pause()
+        await tour.user_cancel()
+        await tour.pause()
+        await tour.worker_dies()
+        await tour.pause()
+        await tour.complete()
+        _say()
+        opt = "" if b.subjects.prefix == "cadenza" else f" --prefix {b.subjects.prefix}"
+        _say(f"done in {time.monotonic() - started:.1f} s. Next: cadenza sessions ls{opt}, cadenza activities ls{opt}")
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(extra.kill)
 
+
+async def _pinned_sessions(b: bus.Bus, config: DemoConfig, extra: Child) -> _Tour:
+    """Step 1: two sessions, one of them on the second worker; ``where()`` runs on each one's worker."""
+    doomed = extra.ready_line.split(" worker ", 1)[1].split()[0]
+    _say(f"      second worker {_short(doomed)} (pid {extra.pid}) is up")
+    try:
+        await _wait_registered(b, doomed, config.wait)
+    except TimeoutError:
+        why = f"the broker did not register the second worker within {config.wait:g} s"
+        raise DemoFailed(f"{why}: is `cadenza dev` (or `cadenza broker`) running on this prefix?") from None
+    opts = bus.SessionOptions(execution_timeout=600, creation_timeout=10, heartbeat_timeout=config.heartbeat_timeout,
+                              tasklist=config.tasklist)  # fmt: skip
+    try:
+        s1 = await bus.create_session(b.context(), opts)
+        s2 = await bus.create_session(b.context(), opts)
+    except bus.SessionCreationError as exc:
+        raise DemoFailed(f"no session ({exc.reason}): {exc}") from exc
+    sessions = [s1, s2]
+    for i, s in enumerate(sessions, 1):
+        info = _info(s)
+        mark = " (the one step 4 kills)" if info.worker_id == doomed else ""
+        _say(f"      session {i} {info.session_id[:8]} placed on worker {_short(info.worker_id)} "
+             f"on host {info.host_name}{mark}")  # fmt: skip
+    for i, s in enumerate(sessions, 1):
+        ran = await bus.execute_activity(s, "where", start_to_close_timeout=10)
+        same = "the same worker: pinned" if ran["worker_id"] == _info(s).worker_id else "ANOTHER worker"
+        _say(f"      where() in session {i} ran on {_short(ran['worker_id'])} (pid {ran['pid']}), {same}")
+    on_doomed = [s for s in sessions if _info(s).worker_id == doomed]
+    if not on_doomed:
+        raise DemoFailed("no session landed on the second worker (is another worker of this tasklist "
+                         "running with free slots?)")  # fmt: skip
+    victim = on_doomed[-1]
+    return _Tour(b, config, extra, doomed, keep=s1 if victim is s2 else s2, victim=victim)
+
+
+def _info(ctx: bus.Context) -> bus.SessionInfo:
+    info = bus.get_session_info(ctx)
+    assert info is not None
+    return info
+
+
+@dataclass
+class _Tour:
+    """Steps 2 to 5, on the sessions step 1 opened: ``keep`` survives, ``victim`` is on ``doomed``."""
+
+    b: bus.Bus
+    config: DemoConfig
+    extra: Child
+    doomed: str
+    keep: bus.Context
+    victim: bus.Context
+
+    async def pause(self) -> None:
+        if self.config.pace:
+            await anyio.sleep(self.config.pace)
+
+    async def streamed_output(self) -> None:
         _say()
         _say("[2/5] Streamed output: download() writes progress lines to bus.activity_writer(); each line")
         _say("      is stored as a message of the activity, and anyone can read them live (as here).")
         call = _Call(f"demo-download-{uuid.uuid4().hex[:8]}")
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_run_call, keep, call, "download", "https://example.com/big.iso")
+            tg.start_soon(_run_call, self.keep, call, "download", "https://example.com/big.iso")
             with anyio.fail_after(30):
-                await _stream(b, call.activity_id)
+                await _stream(self.b, call.activity_id)
                 await call.done.wait()
         if call.error is not None:
             raise DemoFailed(f"download failed: {call.error!r}")
         _say(f"      result: {call.result['bytes']:,} bytes from {call.result['url']}")
-        await pause()
 
+    async def user_cancel(self) -> None:
+        b = self.b
         _say()
         _say("[3/5] A user cancels a running activity: the recorder publishes cancel.requested (cause user),")
         _say("      the worker cancels the activity's scope, and it ends `cancelled` (only a user's cancel does).")
         call = _Call(f"demo-transcode-{uuid.uuid4().hex[:8]}")
         _say(f"      transcode('movie', 30 s) started as activity {call.activity_id}")
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_run_call, keep, call, "transcode", "movie", 30)
+            tg.start_soon(_run_call, self.keep, call, "transcode", "movie", 30)
             got, finished = anyio.Event(), anyio.Event()
             tg.start_soon(_lines, b, call.activity_id, 3, got, finished)
             with anyio.fail_after(30):
@@ -239,57 +272,55 @@ async def run_demo(b: bus.Bus, config: DemoConfig) -> None:
         _say(f"      the caller got ActivityCancelledError: {call.error}")
         status = await _recorder_status(b, call.activity_id)
         _say(f"      the recorder shows activity {call.activity_id} ended {status or '(no recorder answered)'}")
-        await pause()
 
+    async def worker_dies(self) -> None:
         _say()
         _say("[4/5] A worker dies (SIGKILL, no goodbye). Its heartbeats stop; the broker pings it, nobody answers")
         _say("      (or heartbeat_timeout passes), and its sessions fail with cause worker_lost: callers waiting get")
         _say("      SessionFailedError at once.")
-        info = bus.get_session_info(victim)
-        assert info is not None
         call = _Call(f"demo-transcode-{uuid.uuid4().hex[:8]}")
-        _say(f"      transcode('show', 60 s) in session {info.session_id[:8]} on worker {_short(doomed)}")
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_run_call, victim, call, "transcode", "show", 60)
-            got, finished = anyio.Event(), anyio.Event()
-            tg.start_soon(_lines, b, call.activity_id, 2, got, finished)
-            with anyio.fail_after(30):
-                await got.wait()
-            _say(f"      kill -9 {extra.pid}")
-            killed = time.monotonic()
-            await anyio.to_thread.run_sync(extra.kill)
-            with anyio.fail_after(config.heartbeat_timeout + 20):
-                await call.done.wait()
-            tg.cancel_scope.cancel()  # the killed worker never ends its activity (the recorder will, later)
+        _say(f"      transcode('show', 60 s) in session {_info(self.victim).session_id[:8]} on worker "
+             f"{_short(self.doomed)}")  # fmt: skip
+        killed = await self._kill_while_running(call)
         if not isinstance(call.error, bus.SessionFailedError):
             raise DemoFailed(f"expected SessionFailedError, got {call.error or call.result!r}")
+        timeout = self.config.heartbeat_timeout
         _say(f"      the caller got SessionFailedError after {call.ended_at - killed:.1f} s "
-             f"(heartbeat_timeout {config.heartbeat_timeout:g} s): cause {call.error.cause}")  # fmt: skip
-        info = bus.get_session_info(victim)
-        assert info is not None
+             f"(heartbeat_timeout {timeout:g} s): cause {call.error.cause}")  # fmt: skip
+        info = _info(self.victim)
         _say(f"      session {info.session_id[:8]} is {info.state.value} ({info.cause})")
         t0 = time.monotonic()
         try:
-            await bus.execute_activity(victim, "where", start_to_close_timeout=10)
+            await bus.execute_activity(self.victim, "where", start_to_close_timeout=10)
         except bus.SessionFailedError as exc:
             took = (time.monotonic() - t0) * 1000
             _say(f"      where() in it fails at once ({took:.1f} ms, nothing sent): SessionFailedError ({exc.cause})")
         else:
             raise DemoFailed("an activity in a failed session ran")
-        await pause()
 
+    async def _kill_while_running(self, call: _Call) -> float:
+        """Run ``transcode`` in the victim's session, kill its worker after two lines, wait for the
+        caller's answer; returns when the kill was sent (``time.monotonic()``)."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_run_call, self.victim, call, "transcode", "show", 60)
+            got, finished = anyio.Event(), anyio.Event()
+            tg.start_soon(_lines, self.b, call.activity_id, 2, got, finished)
+            with anyio.fail_after(30):
+                await got.wait()
+            _say(f"      kill -9 {self.extra.pid}")
+            killed = time.monotonic()
+            await anyio.to_thread.run_sync(self.extra.kill)
+            with anyio.fail_after(self.config.heartbeat_timeout + 20):
+                await call.done.wait()
+            tg.cancel_scope.cancel()  # the killed worker never ends its activity (the recorder will, later)
+        return killed
+
+    async def complete(self) -> None:
         _say()
         _say("[5/5] Completing the other session frees its slot.")
-        await bus.complete_session(keep)
-        info = bus.get_session_info(keep)
-        assert info is not None
+        await bus.complete_session(self.keep)
+        info = _info(self.keep)
         _say(f"      session {info.session_id[:8]} is {info.state.value}")
-        _say()
-        opt = "" if b.subjects.prefix == "cadenza" else f" --prefix {b.subjects.prefix}"
-        _say(f"done in {time.monotonic() - started:.1f} s. Next: cadenza sessions ls{opt}, cadenza activities ls{opt}")
-    finally:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(extra.kill)
 
 
 async def _cancel_as_user(b: bus.Bus, activity_id: str) -> str:
