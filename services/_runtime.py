@@ -178,8 +178,9 @@ def keep_reconnecting(b: bus.Bus) -> None:
     nats-py reads these options at each reconnect: a dead server still fails a command's first connect
     fast (``cli_bus``), a server lost later is tried again every 0.25 s.
     """
-    b.nc.options["max_reconnect_attempts"] = -1
-    b.nc.options["reconnect_time_wait"] = _RECONNECT_WAIT
+    from bus.transport import keep_reconnecting as keep
+
+    keep(b, _RECONNECT_WAIT)
 
 
 def add_reconnect_args(p: argparse.ArgumentParser) -> None:
@@ -215,27 +216,28 @@ async def again_after_reconnect(b: bus.Bus, call: Callable[[], Awaitable[_T]]) -
     import anyio
 
     import bus
+    from bus.transport import is_connected
 
     async def run(result: list[_T], scope: anyio.CancelScope) -> None:
         result.append(await call())
         scope.cancel()
 
     while True:
-        while not b.nc.is_connected:  # noqa: ASYNC110 - nats-py's connection state has no event to wait on
+        while not is_connected(b):  # noqa: ASYNC110 - nats-py's connection state has no event to wait on
             await anyio.sleep(_WATCH_EVERY)
         before = reconnects(b)
         result: list[_T] = []
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(run, result, tg.cancel_scope)
-                while b.nc.is_connected and reconnects(b) == before:  # noqa: ASYNC110 - as above
+                while is_connected(b) and reconnects(b) == before:  # noqa: ASYNC110 - as above
                     await anyio.sleep(_WATCH_EVERY)
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             error = group.exceptions[0] if len(group.exceptions) == 1 else group
             if not isinstance(error, bus.RequestError) or isinstance(error, bus.RemoteError):
                 raise error from None
-            same_connection = b.nc.is_connected and reconnects(b) == before
+            same_connection = is_connected(b) and reconnects(b) == before
             if same_connection and since_reconnect(b) > _SERVICES_BACK:
                 raise error from None
             # The request was lost with the connection, or the service has not reconnected yet.
@@ -251,8 +253,10 @@ _reconnect_seen: dict[int, tuple[int, float]] = {}
 
 
 def reconnects(b: bus.Bus) -> int:
-    """How many times nats-py has reconnected ``b`` (a new connection: server state may be gone)."""
-    return int(b.nc.stats.get("reconnects", 0))
+    """How many times ``b`` has reconnected (a new connection: server state may be gone)."""
+    from bus.transport import reconnects as count
+
+    return count(b)
 
 
 def since_reconnect(b: bus.Bus) -> float:
@@ -281,19 +285,19 @@ async def watch_connection(b: bus.Bus, *, give_up_after: float, what: str = "") 
     import anyio
 
     import bus
+    from bus.transport import is_closed, is_connected
 
-    nc = b.nc
     url = b.url
-    quiet = _QuietWhileDown(nc)
+    quiet = _QuietWhileDown(lambda: is_connected(b))
     logger = logging.getLogger("cadenza.bus")
     logger.addFilter(quiet)
     down_since: float | None = None
     try:
         while True:
             await anyio.sleep(_WATCH_EVERY)
-            if nc.is_closed:
+            if is_closed(b):
                 raise bus.BusError(f"the connection to {url} was closed")
-            if nc.is_connected:
+            if is_connected(b):
                 since_reconnect(b)  # notes the time of a reconnect
                 if down_since is not None:
                     down_since = None
@@ -313,14 +317,14 @@ class _QuietWhileDown(logging.Filter):
     """Drops the bus's info and warning lines while the connection is down (a failed try each), and
     nats-py's report of the end of the stream that starts it (``UnexpectedEOF``, still "connected")."""
 
-    def __init__(self, nc: object) -> None:
+    def __init__(self, connected: Callable[[], bool]) -> None:
         super().__init__()
-        self._nc = nc
+        self._connected = connected
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno > logging.WARNING:
             return True
-        return bool(getattr(self._nc, "is_connected", True)) and "UnexpectedEOF" not in record.getMessage()
+        return self._connected() and "UnexpectedEOF" not in record.getMessage()
 
 
 def run_service(main: Callable[[], Awaitable[None]]) -> int:

@@ -32,6 +32,11 @@ if _typing.TYPE_CHECKING:
     from ._follow import follow_stream as follow_stream
     from ._follow import follow_worker_events as follow_worker_events
     from ._follow import last_stored_seq as last_stored_seq
+    from ._link import is_closed as is_closed
+    from ._link import is_connected as is_connected
+    from ._link import keep_reconnecting as keep_reconnecting
+    from ._link import reconnects as reconnects
+    from ._link import server_info as server_info
     from ._process import ChildProcess as ChildProcess
     from ._retry import backoff_delay as backoff_delay
     from ._retry import is_transient as is_transient
@@ -120,7 +125,10 @@ __all__ = (
     "follow_worker_events",
     "format_size",
     "gather_service_info",
+    "is_closed",
+    "is_connected",
     "is_transient",
+    "keep_reconnecting",
     "last_event",
     "last_message",
     "last_stored_seq",
@@ -129,9 +137,11 @@ __all__ = (
     "package_version",
     "parse_size",
     "purge_subject",
+    "reconnects",
     "retry_transient",
     "run_restarting",
     "serve_service_info",
+    "server_info",
     "stream_status",
     "subscribe_callback",
 )

@@ -41,6 +41,8 @@ from bus.transport import (
     follow_events,
     follow_worker_events,
     gather_service_info,
+    is_connected,
+    server_info,
     stream_status,
 )
 from schemas import (
@@ -352,8 +354,7 @@ class ConsoleState:
 
     async def server_health(self) -> dict[str, object]:
         """The server as this client sees it: its INFO, the JetStream account, the streams."""
-        nc = self.bus.nc
-        info = dict(getattr(nc, "_server_info", {}) or {})
+        info = server_info(self.bus)
         out: dict[str, object] = {
             "url": self.bus.url,
             "server_name": info.get("server_name", ""),
@@ -361,7 +362,7 @@ class ConsoleState:
             "version": info.get("version", ""),
             "cluster": info.get("cluster", ""),
             "jetstream": bool(info.get("jetstream", False)),
-            "connected": nc.is_connected,
+            "connected": is_connected(self.bus),
             "max_payload": info.get("max_payload", 0),
         }
         try:
