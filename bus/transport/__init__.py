@@ -44,6 +44,7 @@ if _typing.TYPE_CHECKING:
     from ._service_info import gather_service_info as gather_service_info
     from ._service_info import package_version as package_version
     from ._service_info import serve_service_info as serve_service_info
+    from ._stored import stored_events as stored_events
     from ._telemetry import Telemetry as Telemetry
     from ._telemetry import configure_telemetry as configure_telemetry
     from ._topology import BUCKETS as BUCKETS
