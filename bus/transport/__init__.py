@@ -49,6 +49,7 @@ if _typing.TYPE_CHECKING:
     from ._service_info import gather_service_info as gather_service_info
     from ._service_info import package_version as package_version
     from ._service_info import serve_service_info as serve_service_info
+    from ._stored import stored_events as stored_events
     from ._streams import AccountUsage as AccountUsage
     from ._streams import Received as Received
     from ._streams import StreamPeer as StreamPeer
@@ -81,67 +82,4 @@ if _typing.TYPE_CHECKING:
 
 __getattr__, __dir__ = _lazy_exports(__name__)
 
-__all__ = (
-    "BUCKETS",
-    "ENGINE_ERRORS",
-    "MAX_EVENT_BYTES",
-    "STREAMS",
-    "WORKER_EVENTS",
-    "AccountUsage",
-    "BucketSpec",
-    "Bus",
-    "BusState",
-    "BusStats",
-    "ChildProcess",
-    "ConsumerSpec",
-    "Delivery",
-    "EmbeddedCluster",
-    "EmbeddedServer",
-    "PublishResult",
-    "Received",
-    "StreamPeer",
-    "StreamReader",
-    "StreamSpec",
-    "StreamStatus",
-    "Telemetry",
-    "Topology",
-    "account_usage",
-    "backoff_delay",
-    "configure_telemetry",
-    "configure_tracing",
-    "connect",
-    "core_messages",
-    "decode",
-    "delete_consumer",
-    "die_with_parent",
-    "encode",
-    "engine_errors",
-    "ensure_topology",
-    "find_server_binary",
-    "flush",
-    "follow_bucket",
-    "follow_events",
-    "follow_stream",
-    "follow_worker_events",
-    "format_size",
-    "gather_service_info",
-    "is_closed",
-    "is_connected",
-    "is_transient",
-    "keep_reconnecting",
-    "last_event",
-    "last_message",
-    "last_stored_seq",
-    "new_inbox",
-    "open_reader",
-    "package_version",
-    "parse_size",
-    "purge_subject",
-    "reconnects",
-    "retry_transient",
-    "run_restarting",
-    "serve_service_info",
-    "server_info",
-    "stream_status",
-    "subscribe_callback",
-)
+# No __all__ here: the block above is the list (schemas/_lazy.py gives it as __all__).
