@@ -7,6 +7,7 @@ import anyio
 import pytest
 
 import bus
+from bus.testing import eventually
 from services.recorder import Recorder, RecorderState
 
 
@@ -55,7 +56,19 @@ async def test_an_activity_service_opens_once_and_is_used_open(cadenza_bus: bus.
 
 
 async def test_a_recorder_goes_new_running_stopping_stopped_and_runs_once(cadenza_bus: bus.Bus) -> None:
-    rec = Recorder(cadenza_bus)
+    seen: list[RecorderState] = []
+
+    class Watched(Recorder):
+        async def _prune_loop(self) -> None:
+            try:
+                await super()._prune_loop()
+            finally:
+                # Cancelled with the recorder: its state while its tasks end is "stopping".
+                with anyio.CancelScope(shield=True), anyio.fail_after(10):
+                    await eventually(lambda: self.state is not RecorderState.RUNNING, what="the recorder stopping")
+                seen.append(self.state)
+
+    rec = Watched(cadenza_bus)
     assert rec.state is RecorderState.NEW
     async with anyio.create_task_group() as tg:
         await tg.start(rec.run)
@@ -63,6 +76,6 @@ async def test_a_recorder_goes_new_running_stopping_stopped_and_runs_once(cadenz
         with pytest.raises(bus.UsageError, match="runs once"):
             await rec.run()
         tg.cancel_scope.cancel()
-    assert rec.state is RecorderState.STOPPED
+    assert seen == [RecorderState.STOPPING] and rec.state is RecorderState.STOPPED
     with pytest.raises(bus.UsageError, match="runs once"):
         await rec.run()
