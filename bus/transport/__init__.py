@@ -2,8 +2,9 @@
 
 The connection and its facade (:class:`Bus`), the embedded server and child processes, the topology
 (streams, consumers, buckets), the codec, retry with backoff, tracing and telemetry, followers of a
-stream or bucket, and the service-info requests. Nothing here knows sessions or tracked activities;
-the only place in cadenza that imports nats-py. Imports point one way (tests/test_layers.py)::
+stream or bucket, typed key-value buckets (:class:`Bucket`), and the service-info requests. Nothing
+here knows sessions or tracked activities; the only place in cadenza that imports nats-py. Imports point one way
+(tests/test_layers.py)::
 
     bus.sessions -> bus.tracking -> bus._cancel, bus._heartbeat -> bus.transport
         -> bus._config, bus._context, bus._exceptions (the shared base)
@@ -16,6 +17,12 @@ import typing as _typing
 from schemas._lazy import lazy_exports as _lazy_exports
 
 if _typing.TYPE_CHECKING:
+    from ._bucket import Bucket as Bucket
+    from ._bucket import Entry as Entry
+    from ._bucket import RawBucket as RawBucket
+    from ._bucket import Stored as Stored
+    from ._bucket import StoredEvent as StoredEvent
+    from ._bucket import last_event as last_event
     from ._bus import Bus as Bus
     from ._bus import BusState as BusState
     from ._bus import BusStats as BusStats
@@ -64,6 +71,7 @@ __all__ = (
     "MAX_EVENT_BYTES",
     "STREAMS",
     "WORKER_EVENTS",
+    "Bucket",
     "BucketSpec",
     "Bus",
     "BusState",
@@ -73,7 +81,11 @@ __all__ = (
     "Delivery",
     "EmbeddedCluster",
     "EmbeddedServer",
+    "Entry",
     "PublishResult",
+    "RawBucket",
+    "Stored",
+    "StoredEvent",
     "StreamSpec",
     "Telemetry",
     "Topology",
@@ -92,6 +104,7 @@ __all__ = (
     "format_size",
     "gather_service_info",
     "is_transient",
+    "last_event",
     "last_stored_seq",
     "package_version",
     "parse_size",
