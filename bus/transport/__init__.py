@@ -39,6 +39,10 @@ if _typing.TYPE_CHECKING:
     from ._follow import follow_stream as follow_stream
     from ._follow import follow_worker_events as follow_worker_events
     from ._follow import last_stored_seq as last_stored_seq
+    from ._presence import LinkStatus as LinkStatus
+    from ._presence import follow_worker_signs as follow_worker_signs
+    from ._presence import link_status as link_status
+    from ._presence import nobody_subscribed as nobody_subscribed
     from ._process import ChildProcess as ChildProcess
     from ._retry import backoff_delay as backoff_delay
     from ._retry import is_transient as is_transient
@@ -82,6 +86,7 @@ __all__ = (
     "EmbeddedCluster",
     "EmbeddedServer",
     "Entry",
+    "LinkStatus",
     "PublishResult",
     "RawBucket",
     "Stored",
@@ -101,11 +106,14 @@ __all__ = (
     "follow_bucket",
     "follow_stream",
     "follow_worker_events",
+    "follow_worker_signs",
     "format_size",
     "gather_service_info",
     "is_transient",
     "last_event",
     "last_stored_seq",
+    "link_status",
+    "nobody_subscribed",
     "package_version",
     "parse_size",
     "retry_transient",
