@@ -4,7 +4,8 @@ name is used, and a command imports only the modules it needs (``cadenza --help`
 The package keeps its re-exports as ordinary ``from .x import Name as Name`` lines, but inside an
 ``if TYPE_CHECKING:`` block (type checkers and editors read them as before); :func:`lazy_exports`
 reads that block once, on the first name asked for, and imports a name's module when the name is first
-used. ``__all__`` stays the list of public names, and every name in it must appear in the block.
+used. ``__all__`` stays the list of public names, and every name in it must appear in the block; a package
+that defines no ``__all__`` (bus's subpackages) exports the whole block as its ``__all__``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def lazy_exports(package: str) -> tuple[Callable[[str], Any], Callable[[], list[
         return table.get(name)
 
     def __getattr__(name: str) -> Any:
+        if name == "__all__":  # a package that lists no __all__ of its own exports the whole block
+            where("")
+            return tuple(sorted(table))
         found = where(name)
         if found is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")

@@ -6,7 +6,8 @@ count is printed as ``sessions <open> peak <peak>`` (so a test reads the worker'
 broker's).
 
 Activities: ``echo(x)`` returns x; ``where()`` returns the worker id; ``sleep(seconds)`` sleeps in
-its cancel scope and returns "slept"; ``boom(text)`` raises RuntimeError(text).
+its cancel scope (after printing ``running <activity_id>``) and returns "slept"; ``boom(text)``
+raises RuntimeError(text).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ async def where() -> str:
 
 @registry.activity()
 async def sleep(seconds: float) -> str:
+    print(f"running {bus.activity_context().activity_id}", flush=True)
     await anyio.sleep(seconds)
     return "slept"
 
@@ -48,7 +50,7 @@ async def _main(args: argparse.Namespace) -> None:
     async with bus.connect(prefix=args.prefix, name="session-worker") as b:
         worker = bus.Worker(
             b, tasklist=args.tasklist, max_concurrent_sessions=args.max_sessions,
-            heartbeat_interval=args.interval, activities=registry,
+            heartbeat_interval=args.interval, activities=registry, announce_after=args.announce_after,
         )  # fmt: skip
         os.environ["CADENZA_WORKER_ID"] = worker.worker_id
         async with worker:
@@ -68,6 +70,7 @@ def main() -> None:
     ap.add_argument("--tasklist", default="default")
     ap.add_argument("--max-sessions", type=int, default=1000)
     ap.add_argument("--interval", type=float, default=0.5)
+    ap.add_argument("--announce-after", type=float, default=0.5)
     raise SystemExit(run_service(lambda: _main(ap.parse_args())))
 
 

@@ -38,23 +38,4 @@ if _typing.TYPE_CHECKING:
 
 __getattr__, __dir__ = _lazy_exports(__name__)
 
-__all__ = (
-    "ActivityFailedError",
-    "ActivityRegistry",
-    "ActivityTimeoutError",
-    "SessionClient",
-    "SessionCreationError",
-    "SessionFailedError",
-    "SessionInfo",
-    "SessionOptions",
-    "Worker",
-    "WorkerState",
-    "activity_context",
-    "activity_writer",
-    "complete_session",
-    "create_session",
-    "execute_activity",
-    "get_session_info",
-    "recreate_session",
-    "session",
-)
+# No __all__ here: the block above is the list (schemas/_lazy.py gives it as __all__).

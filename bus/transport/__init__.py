@@ -55,6 +55,7 @@ if _typing.TYPE_CHECKING:
     from ._service_info import gather_service_info as gather_service_info
     from ._service_info import package_version as package_version
     from ._service_info import serve_service_info as serve_service_info
+    from ._stored import stored_events as stored_events
     from ._telemetry import Telemetry as Telemetry
     from ._telemetry import configure_telemetry as configure_telemetry
     from ._topology import BUCKETS as BUCKETS
@@ -69,54 +70,4 @@ if _typing.TYPE_CHECKING:
 
 __getattr__, __dir__ = _lazy_exports(__name__)
 
-__all__ = (
-    "BUCKETS",
-    "ENGINE_ERRORS",
-    "MAX_EVENT_BYTES",
-    "STREAMS",
-    "WORKER_EVENTS",
-    "Bucket",
-    "BucketSpec",
-    "Bus",
-    "BusState",
-    "BusStats",
-    "ChildProcess",
-    "ConsumerSpec",
-    "Delivery",
-    "EmbeddedCluster",
-    "EmbeddedServer",
-    "Entry",
-    "LinkStatus",
-    "PublishResult",
-    "RawBucket",
-    "Stored",
-    "StoredEvent",
-    "StreamSpec",
-    "Telemetry",
-    "Topology",
-    "backoff_delay",
-    "configure_telemetry",
-    "configure_tracing",
-    "connect",
-    "decode",
-    "die_with_parent",
-    "encode",
-    "engine_errors",
-    "find_server_binary",
-    "follow_bucket",
-    "follow_stream",
-    "follow_worker_events",
-    "follow_worker_signs",
-    "format_size",
-    "gather_service_info",
-    "is_transient",
-    "last_event",
-    "last_stored_seq",
-    "link_status",
-    "nobody_subscribed",
-    "package_version",
-    "parse_size",
-    "retry_transient",
-    "run_restarting",
-    "serve_service_info",
-)
+# No __all__ here: the block above is the list (schemas/_lazy.py gives it as __all__).

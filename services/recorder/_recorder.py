@@ -16,7 +16,9 @@ consumer does with bad input.
 
 Host loss: the recorder follows ``<prefix>.worker.*.*`` (the stream keeps each worker's last
 started / heartbeat / stopped) and ends as ``failed`` every running activity whose worker stopped or
-sent no heartbeat for ``host_timeout`` (default: 3 x the worker's own heartbeat interval).
+sent no heartbeat for ``host_timeout`` (default: 3 x the worker's own heartbeat interval), and
+every activity whose task that worker left in its inbox unfinished (``_orphans``: a quick activity is
+announced by its completion alone, so a killed worker's leaves no other trace).
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ from schemas import (
     WorkerStopped,
     utcnow,
 )
+
+from ._orphans import OrphanSweep
 
 __all__ = ("Recorder", "RecorderConfig", "Stored")
 
@@ -112,6 +116,8 @@ class Recorder:
     _started_at: datetime = field(default_factory=utcnow)
     #: Stream sequence of the last activity event folded (the follower resumes after it).
     position: int = 0
+    #: The look at gone workers' inboxes (tasks they never finished).
+    orphans: OrphanSweep = field(default_factory=OrphanSweep)
     #: Readers waiting for ``position`` to reach a sequence.
     _waiting: list[tuple[int, anyio.Event]] = field(default_factory=list)
 
@@ -218,18 +224,21 @@ class Recorder:
             return None
         now = now or utcnow()
         seen = self.workers.get(record.worker_id)
-        if seen is not None and seen.stopped is not None:
-            return f"host lost: worker {record.worker_id} stopped ({seen.stopped}) while the activity was running"
-        interval = seen.interval if seen is not None else self.config.default_interval
-        timeout = self.config.host_timeout or self.config.host_timeout_factor * interval
         if seen is not None:
-            silent = (now - seen.last_seen).total_seconds()
-            if silent > timeout:
-                return f"host lost: no heartbeat from worker {record.worker_id} for {silent:.1f}s"
-            return None
+            return self._gone(record.worker_id, seen, now)
+        timeout = self.config.host_timeout or self.config.host_timeout_factor * self.config.default_interval
         since = max(record.updated_at or self._started_at, self._started_at)
         if (now - since).total_seconds() > timeout:
             return f"host lost: worker {record.worker_id} was never heard from"
+        return None
+
+    def _gone(self, wid: str, seen: _WorkerSeen, now: datetime) -> str | None:
+        """Why the worker ``wid``, last seen as ``seen``, is gone (None while it lives)."""
+        if seen.stopped is not None:
+            return f"host lost: worker {wid} stopped ({seen.stopped}) while the activity was running"
+        silent = (now - seen.last_seen).total_seconds()
+        if silent > (self.config.host_timeout or self.config.host_timeout_factor * seen.interval):
+            return f"host lost: no heartbeat from worker {wid} for {silent:.1f}s"
         return None
 
     async def _sweep_loop(self) -> None:
@@ -264,6 +273,9 @@ class Recorder:
             _log.warning("activity %s: %s", record.id, why)
             await self.finalise(record, ActivityStatus.FAILED, why, why)
             done += 1
+        # Work a gone worker never announced (a quick activity, a task still queued): services/recorder/_orphans.py.
+        gone = {wid: why for wid, seen in self.workers.items() if (why := self._gone(wid, seen, now)) is not None}
+        done += await self.orphans.sweep(self.bus, gone, self.cache.get)
         self.finalised += done
         return done
 
