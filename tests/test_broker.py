@@ -6,7 +6,6 @@ import anyio
 import pytest
 
 import bus
-from bus.testing import EmbeddedServer, unique_prefix
 from services.broker import Broker, BrokerConfig, BrokerState
 
 KEY = b"k" * 32
@@ -34,14 +33,3 @@ async def test_a_broker_running_already_cannot_run_again(cadenza_bus: bus.Bus) -
         assert broker.state is BrokerState.RUNNING  # the refusal changed nothing
         tg.cancel_scope.cancel()
 
-
-async def test_a_broker_that_fails_to_start_is_stopped(
-    nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delenv("CADENZA_TOKEN_KEY", raising=False)
-    monkeypatch.setenv("CADENZA_REQUIRE_TOKEN_KEY", "1")
-    async with bus.connect(nats_server.url, prefix=unique_prefix(), timeouts=bus.Timeouts(connect=5)) as b:
-        broker = Broker(b)
-        with anyio.fail_after(20), pytest.raises(bus.CadenzaError, match="CADENZA_TOKEN_KEY is not set"):
-            await broker.run()
-        assert broker.state is BrokerState.STOPPED
