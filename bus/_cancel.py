@@ -22,9 +22,9 @@ from anyio.abc import TaskStatus
 from schemas import CancelCause, CancelRequested, utcnow
 
 from ._context import CancelToken
-from ._exceptions import BusError, ValidationError
+from ._exceptions import BusError
+from .transport._bucket import last_event
 from .transport._bus import Bus
-from .transport._streams import last_event
 from .transport._tracing import instruments
 
 __all__ = ("CancelRouter", "request_cancel")
@@ -119,13 +119,11 @@ class CancelRouter:
         """
         subject = self.bus.subjects.build("cancel", target_id, "requested")
         try:
-            event = await last_event(self.bus, "cancel", subject, [CancelRequested])
-        except ValidationError:
-            return False
+            stored = await last_event(self.bus, "cancel", subject, [CancelRequested])
         except BusError as exc:
             _log.warning("cannot look up stored cancels for %s: %r", target_id, exc)
             return False
-        if event is None:
-            return False
-        token.cancel(event.cause)
+        if stored is None or not isinstance(stored.event, CancelRequested):
+            return False  # none stored, or not a cancel (it does not validate)
+        token.cancel(stored.event.cause)
         return True

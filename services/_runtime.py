@@ -36,6 +36,7 @@ __all__ = (
     "again_after_reconnect",
     "announce_ready",
     "cli_bus",
+    "connected",
     "fail",
     "float_arg",
     "id_arg",
@@ -216,28 +217,27 @@ async def again_after_reconnect(b: bus.Bus, call: Callable[[], Awaitable[_T]]) -
     import anyio
 
     import bus
-    from bus.transport import is_connected
 
     async def run(result: list[_T], scope: anyio.CancelScope) -> None:
         result.append(await call())
         scope.cancel()
 
     while True:
-        while not is_connected(b):  # noqa: ASYNC110 - nats-py's connection state has no event to wait on
+        while not connected(b):  # noqa: ASYNC110 - nats-py's connection state has no event to wait on
             await anyio.sleep(_WATCH_EVERY)
         before = reconnects(b)
         result: list[_T] = []
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(run, result, tg.cancel_scope)
-                while is_connected(b) and reconnects(b) == before:  # noqa: ASYNC110 - as above
+                while connected(b) and reconnects(b) == before:  # noqa: ASYNC110 - as above
                     await anyio.sleep(_WATCH_EVERY)
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             error = group.exceptions[0] if len(group.exceptions) == 1 else group
             if not isinstance(error, bus.RequestError) or isinstance(error, bus.RemoteError):
                 raise error from None
-            same_connection = is_connected(b) and reconnects(b) == before
+            same_connection = connected(b) and reconnects(b) == before
             if same_connection and since_reconnect(b) > _SERVICES_BACK:
                 raise error from None
             # The request was lost with the connection, or the service has not reconnected yet.
@@ -254,9 +254,16 @@ _reconnect_seen: dict[int, tuple[int, float]] = {}
 
 def reconnects(b: bus.Bus) -> int:
     """How many times ``b`` has reconnected (a new connection: server state may be gone)."""
-    from bus.transport import reconnects as count
+    from bus.transport import link_status
 
-    return count(b)
+    return link_status(b).reconnects
+
+
+def connected(b: bus.Bus) -> bool:
+    """True while ``b``'s connection is up (False while it reconnects)."""
+    from bus.transport import link_status
+
+    return link_status(b).connected
 
 
 def since_reconnect(b: bus.Bus) -> float:
@@ -285,10 +292,10 @@ async def watch_connection(b: bus.Bus, *, give_up_after: float, what: str = "") 
     import anyio
 
     import bus
-    from bus.transport import is_closed, is_connected
+    from bus.transport import is_closed
 
     url = b.url
-    quiet = _QuietWhileDown(lambda: is_connected(b))
+    quiet = _QuietWhileDown(lambda: connected(b))
     logger = logging.getLogger("cadenza.bus")
     logger.addFilter(quiet)
     down_since: float | None = None
@@ -297,7 +304,7 @@ async def watch_connection(b: bus.Bus, *, give_up_after: float, what: str = "") 
             await anyio.sleep(_WATCH_EVERY)
             if is_closed(b):
                 raise bus.BusError(f"the connection to {url} was closed")
-            if is_connected(b):
+            if connected(b):
                 since_reconnect(b)  # notes the time of a reconnect
                 if down_since is not None:
                     down_since = None

@@ -150,16 +150,16 @@ async def _read_stream(
     import anyio
 
     from bus import BusError, NotFoundError
-    from bus.transport import StreamReader, is_connected, open_reader
+    from bus.transport import StreamReader, open_reader
 
-    from ._runtime import reconnects
+    from ._runtime import connected, reconnects
 
     last_seq = 0  # the stream seq of the last message emitted
     reader: StreamReader | None = None
     try:
         while not done.is_set():
             if reader is None:
-                if not is_connected(b):
+                if not connected(b):
                     await anyio.sleep(_RETRY_EVERY)  # the connection watcher bounds the wait
                     continue
                 generation = reconnects(b)
@@ -169,7 +169,7 @@ async def _read_stream(
                 except NotFoundError:
                     return  # the stream is not declared (yet): nothing stored
                 except BusError as exc:
-                    if reconnects(b) == generation and is_connected(b):
+                    if reconnects(b) == generation and connected(b):
                         raise BusError(f"cannot read {stream}: {exc.__cause__ or exc}") from exc
                     continue  # the connection went away meanwhile: again once it is back
             try:

@@ -125,9 +125,7 @@ def test_every_bus_module_is_in_a_layer() -> None:
 def _engine_free_modules() -> list[Path]:
     """Every module of ``bus`` outside ``bus.transport``, and of ``services``."""
     bus_side = [p for p in _bus_modules() if not _module_name(p).startswith("bus.transport")]
-    # broker: helper h/broker (services/broker still imports nats-py on this branch; the lead merges both)
-    services = [p for p in (ROOT / "services").rglob("*.py") if "broker" not in p.relative_to(ROOT).parts]
-    return sorted(bus_side + services)
+    return sorted(bus_side + list((ROOT / "services").rglob("*.py")))
 
 
 def test_nothing_outside_the_transport_imports_nats() -> None:

@@ -29,7 +29,7 @@ from schemas import (
     WorkerPong,
     utcnow,
 )
-from services.broker import Broker, BrokerConfig
+from services.broker import Broker, BrokerConfig, BrokerState
 from services.recorder import Recorder
 from tests.test_deploy import DEPLOY, USERS, _server_log, secured_server
 
@@ -201,8 +201,10 @@ async def test_a_broker_that_requires_a_key_refuses_to_start_without_one(
     monkeypatch.delenv("CADENZA_TOKEN_KEY", raising=False)
     monkeypatch.setenv("CADENZA_REQUIRE_TOKEN_KEY", "1")
     async with bus.connect(nats_server.url, prefix=unique_prefix(), timeouts=bus.Timeouts(connect=5)) as b:
+        refusing = Broker(b)
         with anyio.fail_after(20), pytest.raises(bus.CadenzaError, match="CADENZA_TOKEN_KEY is not set"):
-            await Broker(b).run()  # it refuses before it consumes anything
+            await refusing.run()  # it refuses before it consumes anything
+        assert refusing.state is BrokerState.STOPPED
         with pytest.raises(nats.js.errors.KeyNotFoundError):
             await (await b.kv("broker")).get(KEY_ENTRY)  # nothing generated
         monkeypatch.setenv("CADENZA_TOKEN_KEY", "k" * 32)  # with the key it starts

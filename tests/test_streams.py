@@ -1,5 +1,6 @@
 """Reading the streams through the transport's typed functions (bus/transport/_streams.py and
-_subscriptions.py), against a real server: cadenza types out, cadenza errors out, nothing of nats-py."""
+_subscriptions.py), against a real server: cadenza types out, cadenza errors out, nothing of nats-py.
+(``last_event`` has its tests with the buckets, tests/test_bucket.py.)"""
 
 from __future__ import annotations
 
@@ -16,33 +17,17 @@ from bus.transport import (
     delete_consumer,
     flush,
     last_event,
-    last_message,
     new_inbox,
     open_reader,
     purge_subject,
     stream_status,
     subscribe_callback,
 )
-from schemas import ActivityMessage, CancelRequested, MessageEntry
+from schemas import ActivityMessage, MessageEntry
 
 
 def _message(aid: str, seq: int) -> ActivityMessage:
     return ActivityMessage(activity_id=aid, seq=seq, entries=[MessageEntry(message=f"line {seq}")])
-
-
-async def test_the_last_message_of_a_subject_typed_none_when_nothing_is_stored(cadenza_bus: bus.Bus) -> None:
-    b = cadenza_bus
-    subject = b.subjects.build("activity", "a-last", "message")
-    assert await last_message(b, "activity", subject) is None
-    assert await last_event(b, "activity", subject, [ActivityMessage]) is None
-    await b.publish(_message("a-last", 1))
-    stored = await b.publish(_message("a-last", 2))
-    got = await last_message(b, "activity", subject)
-    assert isinstance(got, Received) and got.subject == subject and got.seq == stored.seq and got.time is not None
-    event = await last_event(b, "activity", subject, [ActivityMessage])
-    assert event is not None and event.seq == 2
-    with pytest.raises(bus.ValidationError):
-        await last_event(b, "activity", subject, [CancelRequested])
 
 
 async def test_a_stream_status_and_the_account_usage(cadenza_bus: bus.Bus) -> None:
@@ -86,8 +71,9 @@ async def test_purging_a_subject_and_deleting_a_consumer(cadenza_bus: bus.Bus) -
     await b.publish(_message("a-purge", 1))
     await b.publish(_message("a-kept", 1))
     await purge_subject(b, "activity", b.subjects.filter("activity", "a-purge"))
-    assert await last_message(b, "activity", b.subjects.build("activity", "a-purge", "message")) is None
-    assert await last_message(b, "activity", b.subjects.build("activity", "a-kept", "message")) is not None
+    purged, kept = (b.subjects.build("activity", aid, "message") for aid in ("a-purge", "a-kept"))
+    assert await last_event(b, "activity", purged, [ActivityMessage]) is None
+    assert await last_event(b, "activity", kept, [ActivityMessage]) is not None
     with pytest.raises(bus.NotFoundError):
         await delete_consumer(b, "task", "no-such-consumer")
 

@@ -54,10 +54,11 @@ from schemas import (
 from .._context import BUS_KEY, CancelToken, Context
 from .._exceptions import ActivityError, CadenzaError, SessionError, UsageError, ValidationError
 from ..tracking._api import ActivityCancelledError
+from ..transport._bucket import last_event
 from ..transport._bus import Bus
 from ..transport._codec import decode
 from ..transport._errors import engine_errors
-from ..transport._streams import Received, last_event
+from ..transport._streams import Received
 from ..transport._subscriptions import flush, new_inbox, subscribe_callback
 
 __all__ = (
@@ -534,10 +535,11 @@ class SessionClient:
     async def _stored_result(self, aid: str) -> ActivityResult | None:
         subject = self.bus.subjects.build("activity", aid, "completed")
         try:
-            event = await last_event(self.bus, "activity", subject, [ActivityCompleted])
+            stored = await last_event(self.bus, "activity", subject, [ActivityCompleted])
         except CadenzaError:
             return None
-        if event is None:
+        event = stored.event if stored is not None else None
+        if not isinstance(event, ActivityCompleted):
             return None
         if event.status.value == "success":
             return ActivityResult(activity_id=aid, ok=True, result=event.result)

@@ -2,8 +2,9 @@
 
 The connection and its facade (:class:`Bus`), the embedded server and child processes, the topology
 (streams, consumers, buckets), the codec, retry with backoff, tracing and telemetry, followers of a
-stream or bucket, and the service-info requests. Nothing here knows sessions or tracked activities;
-the only place in cadenza that imports nats-py. Imports point one way (tests/test_layers.py)::
+stream or bucket, typed key-value buckets (:class:`Bucket`), and the service-info requests. Nothing
+here knows sessions or tracked activities; the only place in cadenza that imports nats-py. Imports point one way
+(tests/test_layers.py)::
 
     bus.sessions -> bus.tracking -> bus._cancel, bus._heartbeat -> bus.transport
         -> bus._config, bus._context, bus._exceptions (the shared base)
@@ -16,6 +17,12 @@ import typing as _typing
 from schemas._lazy import lazy_exports as _lazy_exports
 
 if _typing.TYPE_CHECKING:
+    from ._bucket import Bucket as Bucket
+    from ._bucket import Entry as Entry
+    from ._bucket import RawBucket as RawBucket
+    from ._bucket import Stored as Stored
+    from ._bucket import StoredEvent as StoredEvent
+    from ._bucket import last_event as last_event
     from ._bus import Bus as Bus
     from ._bus import BusState as BusState
     from ._bus import BusStats as BusStats
@@ -33,10 +40,12 @@ if _typing.TYPE_CHECKING:
     from ._follow import follow_worker_events as follow_worker_events
     from ._follow import last_stored_seq as last_stored_seq
     from ._link import is_closed as is_closed
-    from ._link import is_connected as is_connected
     from ._link import keep_reconnecting as keep_reconnecting
-    from ._link import reconnects as reconnects
     from ._link import server_info as server_info
+    from ._presence import LinkStatus as LinkStatus
+    from ._presence import follow_worker_signs as follow_worker_signs
+    from ._presence import link_status as link_status
+    from ._presence import nobody_subscribed as nobody_subscribed
     from ._process import ChildProcess as ChildProcess
     from ._retry import backoff_delay as backoff_delay
     from ._retry import is_transient as is_transient
@@ -59,8 +68,6 @@ if _typing.TYPE_CHECKING:
     from ._streams import delete_consumer as delete_consumer
     from ._streams import ensure_topology as ensure_topology
     from ._streams import follow_events as follow_events
-    from ._streams import last_event as last_event
-    from ._streams import last_message as last_message
     from ._streams import open_reader as open_reader
     from ._streams import purge_subject as purge_subject
     from ._streams import stream_status as stream_status

@@ -6,7 +6,8 @@
 * :func:`follow_activity_events`: the ``activity`` stream in stream order, from a position on (the
   stream is the activities' store: the recorder and every other reader fold it, see ``bus.tracking._fold``).
 
-The broker and the recorder keep their own loops (written before these); new readers use these.
+The broker's caches are :class:`~bus.transport.Bucket` watches; :func:`follow_bucket` is the same
+watch for a reader that keeps the raw values.
 """
 
 from __future__ import annotations
@@ -17,15 +18,14 @@ from datetime import datetime
 from typing import Any
 
 import anyio
-import nats.errors
-import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 from schemas import Event, WorkerHeartbeat, WorkerStarted, WorkerStopped, utcnow
 
-from .._exceptions import BusError, CadenzaError, NotFoundError, ValidationError
+from .._exceptions import CadenzaError, NotFoundError, ValidationError
+from ._bucket import RawBucket, Stored
 from ._bus import Bus
 from ._codec import decode
 from ._errors import engine_errors
@@ -47,31 +47,20 @@ async def follow_bucket(
     """Call ``on_put(key, value, revision)`` for every stored key, then for each change, until cancelled.
 
     Ready (``task_status.started()``) once the stored keys were delivered. Keys starting with ``_``
-    (the services' own bookkeeping) are skipped.
+    (the services' own bookkeeping) are skipped. A read-only user of :meth:`RawBucket.follow`
+    (a :class:`~bus.transport.Bucket` keeps a typed cache the same way).
 
     Raises:
         BusError: the bucket is not available.
     """
-    kv = await bus.kv(key)
-    try:
-        watcher = await kv.watchall()
-    except nats.errors.Error as exc:
-        raise BusError(f"cannot watch the {key} bucket: {exc}") from exc
-    ready = False
-    try:
-        async for entry in watcher:
-            if entry is not None and not entry.key.startswith("_"):
-                if entry.operation in ("DEL", "PURGE") or not entry.value:
-                    on_delete(entry.key)
-                else:
-                    on_put(entry.key, entry.value, entry.revision or 0)
-            if not ready and (entry is None or entry.delta == 0):
-                ready = True
-                task_status.started()
-    finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(bus.timeouts.shutdown):
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
+
+    async def on_change(stored: Stored) -> None:
+        if stored.value is None:
+            on_delete(stored.key)
+        else:
+            on_put(stored.key, stored.value, stored.revision)
+
+    await RawBucket(bus, key).follow(on_change, task_status=task_status)
 
 
 async def last_stored_seq(bus: Bus, domain: str) -> int:

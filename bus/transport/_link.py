@@ -1,5 +1,6 @@
 """The state of a bus's connection, for the services that watch it (``cadenza tail``, the console's
 health page, the commands that ride out a server restart), without reaching into nats-py's client.
+Whether it is up and how many times it was made again: :func:`bus.transport.link_status`.
 
 nats-py gives no event for a change of connection state: these are reads, polled by the callers.
 """
@@ -10,22 +11,12 @@ from typing import Any
 
 from ._bus import Bus
 
-__all__ = ("is_closed", "is_connected", "keep_reconnecting", "reconnects", "server_info")
-
-
-def is_connected(bus: Bus) -> bool:
-    """True while the connection is up (False while it reconnects, and once it is closed)."""
-    return bool(bus.nc.is_connected)
+__all__ = ("is_closed", "keep_reconnecting", "server_info")
 
 
 def is_closed(bus: Bus) -> bool:
     """True once the connection is closed for good (the bus was closed, or reconnecting gave up)."""
     return bool(bus.nc.is_closed)
-
-
-def reconnects(bus: Bus) -> int:
-    """How many times the connection was made again (each a new connection: server state may be gone)."""
-    return int(bus.nc.stats.get("reconnects", 0))
 
 
 def keep_reconnecting(bus: Bus, wait: float) -> None:

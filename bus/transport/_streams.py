@@ -1,6 +1,5 @@
 """What the streams hold, read as cadenza types: for every reader outside ``bus.transport``.
 
-* :func:`last_message` / :func:`last_event`: the last message stored on a subject (None: none).
 * :func:`stream_status` / :func:`account_usage`: a stream's state and the JetStream account's usage.
 * :func:`open_reader`: a short-lived :class:`StreamReader` of one stream under a filter (an ephemeral
   pull consumer: no acks, in memory, forgotten by the server 30 s after its last use).
@@ -20,7 +19,7 @@ import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import nats.errors
@@ -31,9 +30,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from schemas import Event
 
-from .._exceptions import NotFoundError
 from ._bus import Bus
-from ._codec import decode
 from ._errors import engine_errors, translate
 from ._follow import follow_stream
 from ._retry import retry_transient
@@ -49,14 +46,10 @@ __all__ = (
     "delete_consumer",
     "ensure_topology",
     "follow_events",
-    "last_event",
-    "last_message",
     "open_reader",
     "purge_subject",
     "stream_status",
 )
-
-E = TypeVar("E", bound=Event)
 
 #: A peer's ``active`` beyond a year means "never" (the server's zero time).
 _NEVER_NS = 1e9 * 86_400 * 365
@@ -126,33 +119,6 @@ class AccountUsage:
     consumers: int
     max_storage: int
     max_memory: int
-
-
-async def last_message(bus: Bus, domain: str, subject: str) -> Received | None:
-    """The last message stored on ``subject`` in ``domain``'s stream, or None when there is none
-    (or the stream is not declared). Bounded by ``Timeouts.request``.
-
-    Raises:
-        BusError: the server did not answer (transient) or refused.
-    """
-    stream = bus.topology.stream_name(domain)
-    try:
-        with engine_errors(f"reading the last message on {subject}"), anyio.fail_after(bus.timeouts.request):
-            raw = await bus.js.get_last_msg(stream, subject)
-    except NotFoundError:
-        return None
-    return Received(raw.subject or subject, raw.data or b"", raw.headers, raw.seq or 0, 0, raw.time)
-
-
-async def last_event(bus: Bus, domain: str, subject: str, accept: Sequence[type[E]]) -> E | None:
-    """The last event stored on ``subject`` (see :func:`last_message`), decoded as one of ``accept``.
-
-    Raises:
-        ValidationError: what is stored is not such an event.
-        BusError: as :func:`last_message`.
-    """
-    msg = await last_message(bus, domain, subject)
-    return None if msg is None else decode(msg.data, msg.headers, accept)
 
 
 async def stream_status(bus: Bus, name: str, *, timeout: float | None = None) -> StreamStatus:

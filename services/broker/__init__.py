@@ -12,14 +12,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ._broker import Broker as Broker
     from ._broker import BrokerConfig as BrokerConfig
+    from ._broker import BrokerState as BrokerState
     from ._tokens import TokenError as TokenError
     from ._tokens import TokenSigner as TokenSigner
     from ._tokens import WorkerClaim as WorkerClaim
 
-__all__ = ("Broker", "BrokerConfig", "TokenError", "TokenSigner", "WorkerClaim")
+__all__ = ("Broker", "BrokerConfig", "BrokerState", "TokenError", "TokenSigner", "WorkerClaim")
 
-_WHERE = {"Broker": "._broker", "BrokerConfig": "._broker", "TokenError": "._tokens", "TokenSigner": "._tokens",
-          "WorkerClaim": "._tokens"}  # fmt: skip
+_WHERE = {"Broker": "._broker", "BrokerConfig": "._broker", "BrokerState": "._broker", "TokenError": "._tokens",
+          "TokenSigner": "._tokens", "WorkerClaim": "._tokens"}  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:

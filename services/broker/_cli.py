@@ -90,57 +90,39 @@ def _connected(args: argparse.Namespace, work: Callable[[bus.Bus], Awaitable[int
     return run_service(go) or outcome["code"]
 
 
-async def _keys(b: bus.Bus, key: str) -> list[str]:
-    import nats.js.errors
-
-    kv = await b.kv(key)
-    try:
-        return [k for k in await kv.keys() if not k.startswith("_")]
-    except nats.js.errors.NoKeysError:
-        return []
-
-
 async def _all(b: bus.Bus, key: str, model: type[pydantic.BaseModel]) -> list[Any]:
-    import nats.js.errors
+    from bus.transport import Bucket
 
-    kv = await b.kv(key)
+    bucket = Bucket(b, key, model)
     out = []
-    for k in await _keys(b, key):
-        try:
-            entry = await kv.get(k)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-            continue
-        if entry.value:
-            out.append(model.model_validate_json(entry.value))
+    for k in await bucket.keys():
+        value, _revision = await bucket.get(k)
+        if value is not None:
+            out.append(value)
     return out
 
 
 async def _session(b: bus.Bus, given: str) -> SessionRecord | None:
     """The session whose id is ``given`` or starts with it (one line on stderr and None if none or many)."""
-    import nats.js.errors
-
+    from bus.transport import Bucket
     from schemas import SessionRecord
 
-    kv = await b.kv("sessions")
-    sid = given
-    try:
-        entry = await kv.get(sid)
-    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-        matches = sorted(k for k in await _keys(b, "sessions") if k.startswith(given))
-        if not matches:
-            print(f"cadenza: no session {given}", file=sys.stderr)
-            return None
-        if len(matches) > 1:
-            shown = ", ".join(matches[:10]) + (f" and {len(matches) - 10} more" if len(matches) > 10 else "")
-            print(f"cadenza: {given!r} is the start of {len(matches)} sessions: {shown}", file=sys.stderr)
-            return None
-        sid = matches[0]
-        try:
-            entry = await kv.get(sid)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-            print(f"cadenza: no session {given}", file=sys.stderr)
-            return None
-    return SessionRecord.model_validate_json(entry.value or b"{}")
+    sessions = Bucket(b, "sessions", SessionRecord)
+    record, _revision = await sessions.get(given)
+    if record is not None:
+        return record
+    matches = sorted(k for k in await sessions.keys() if k.startswith(given))
+    if not matches:
+        print(f"cadenza: no session {given}", file=sys.stderr)
+        return None
+    if len(matches) > 1:
+        shown = ", ".join(matches[:10]) + (f" and {len(matches) - 10} more" if len(matches) > 10 else "")
+        print(f"cadenza: {given!r} is the start of {len(matches)} sessions: {shown}", file=sys.stderr)
+        return None
+    record, _revision = await sessions.get(matches[0])
+    if record is None:
+        print(f"cadenza: no session {given}", file=sys.stderr)
+    return record
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -216,23 +198,17 @@ def cmd_sessions_complete(args: argparse.Namespace) -> int:
 
 async def _served(b: bus.Bus, worker_id: str) -> list[ActivitySignature]:
     """The activities a worker advertised in its last heartbeat (else its started event)."""
-    import anyio
-    import nats.errors
-
     import bus
+    from bus.transport import last_event
     from schemas import WorkerHeartbeat, WorkerStarted
 
-    stream = b.topology.stream_name("worker")
     for event, model in (("heartbeat", WorkerHeartbeat), ("started", WorkerStarted)):
         try:
-            with anyio.fail_after(b.timeouts.request):
-                msg = await b.js.get_last_msg(stream, b.subjects.build("worker", worker_id, event))
-        except (TimeoutError, nats.errors.Error):
+            last = await last_event(b, "worker", b.subjects.build("worker", worker_id, event), [model])
+        except bus.BusError:
             continue
-        try:
-            return bus.decode(msg.data or b"", msg.headers, [model]).activities
-        except bus.ValidationError:
-            continue
+        if last is not None and isinstance(last.event, model):
+            return last.event.activities
     return []
 
 

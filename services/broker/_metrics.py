@@ -44,7 +44,7 @@ def observe(broker: Any) -> None:
     def slots_free(_options: CallbackOptions) -> Iterable[Observation]:
         free: Counter[str] = Counter()
         for w in records(broker.workers, WorkerRecord):
-            free[w.tasklist] += max(0, w.max_sessions - len(w.sessions)) if broker._placeable(w.worker_id) else 0
+            free[w.tasklist] += max(0, w.max_sessions - len(w.sessions)) if broker.placeable(w.worker_id) else 0
         return [Observation(n, {"tasklist": t}) for t, n in free.items()]
 
     def ended(_options: CallbackOptions) -> Iterable[Observation]:

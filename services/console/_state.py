@@ -41,7 +41,7 @@ from bus.transport import (
     follow_events,
     follow_worker_events,
     gather_service_info,
-    is_connected,
+    link_status,
     server_info,
     stream_status,
 )
@@ -362,7 +362,7 @@ class ConsoleState:
             "version": info.get("version", ""),
             "cluster": info.get("cluster", ""),
             "jetstream": bool(info.get("jetstream", False)),
-            "connected": is_connected(self.bus),
+            "connected": link_status(self.bus).connected,
             "max_payload": info.get("max_payload", 0),
         }
         try:

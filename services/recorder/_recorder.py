@@ -310,12 +310,11 @@ class Recorder:
     async def _last_seq(self, record: ActivityRecord) -> int:
         subject = self.bus.subjects.build("activity", record.id, "message")
         try:
-            event = await last_event(self.bus, "activity", subject, [ActivityMessage])
-        except bus.ValidationError:
-            return record.last_seq
+            stored = await last_event(self.bus, "activity", subject, [ActivityMessage])
         except bus.BusError as exc:
             raise bus.BusError(f"cannot read the last message of {record.id}: {exc.__cause__ or exc!r}") from exc
-        return record.last_seq if event is None else max(record.last_seq, event.last_seq)
+        event = stored.event if stored is not None else None
+        return max(record.last_seq, event.last_seq) if isinstance(event, ActivityMessage) else record.last_seq
 
     async def finalise(
         self, record: ActivityRecord, status: ActivityStatus, final: str, error: str | None, warning: str = ""
