@@ -54,10 +54,9 @@ from schemas import (
 from .._context import BUS_KEY, CancelToken, Context
 from .._exceptions import ActivityError, CadenzaError, SessionError, UsageError, ValidationError
 from ..tracking._api import ActivityCancelledError
-from ..transport._bucket import last_event
+from ..transport._bucket import Bucket, last_event
 from ..transport._bus import Bus
 from ..transport._codec import decode
-from ..transport._errors import engine_errors
 from ..transport._streams import Received
 from ..transport._subscriptions import flush, new_inbox, subscribe_callback
 
@@ -381,14 +380,12 @@ class SessionClient:
     async def _outcome_from_store(self, sid: str) -> SessionAssigned | SessionRejected | None:
         """The broker's record, for a caller that missed the announcement (a reconnect, say)."""
         try:
-            kv = await self.bus.kv("sessions")
-            with engine_errors(f"reading session {sid}"), anyio.fail_after(self.bus.timeouts.request):
-                entry = await kv.get(sid)
-        except CadenzaError:
+            with anyio.fail_after(self.bus.timeouts.request):
+                rec, _ = await Bucket(self.bus, "sessions", SessionRecord).get(sid)
+        except (CadenzaError, TimeoutError):
             return None
-        if entry.value is None:
+        if rec is None:
             return None
-        rec = SessionRecord.model_validate_json(entry.value)
         if rec.state is SessionState.REJECTED:
             return SessionRejected(session_id=sid, reason=rec.cause or "capacity", message=rec.message)
         if rec.state is SessionState.PENDING or not rec.worker_id:

@@ -29,7 +29,6 @@ from types import MappingProxyType
 from typing import Any, TypeVar, overload
 
 import anyio
-import pydantic
 from anyio.abc import TaskGroup, TaskStatus
 
 from schemas import (
@@ -53,15 +52,15 @@ from schemas import (
 
 from .._cancel import CancelRouter
 from .._context import BUS_KEY, CancelToken, Context
-from .._exceptions import CadenzaError, NotFoundError, UsageError, ValidationError
+from .._exceptions import CadenzaError, UsageError, ValidationError
 from .._heartbeat import Heartbeater, ProcessLoad, describe_activities, new_worker_id
 from ..tracking._api import ActivityAlreadyStartedError, StartRequest, status_for_cause
 from ..tracking._service import BusActivityService
 from ..tracking._writer import flush_writer
+from ..transport._bucket import Bucket
 from ..transport._bus import Bus, Delivery
 from ..transport._codec import encode
 from ..transport._errors import engine_errors
-from ..transport._retry import retry_transient
 from ..transport._streams import delete_consumer
 from ..transport._topology import ConsumerSpec
 from ._activity import _current, _Running
@@ -390,22 +389,14 @@ class Worker:
 
     async def _stored_session(self, sid: str) -> SessionRecord | None:
         try:
-            kv = await self.bus.kv("sessions")
-
-            async def read() -> Any:
-                with engine_errors(f"reading session {sid}"):
-                    return await kv.get(sid)
-
-            entry = await retry_transient(read, what=f"read session {sid}", budget=10.0)
-        except NotFoundError:
-            return None
-        except CadenzaError as exc:
+            with anyio.fail_after(10.0):  # transient errors are retried for as long
+                record, _ = await Bucket(self.bus, "sessions", SessionRecord).get(sid)
+        except ValidationError:
+            return None  # not a session record
+        except (CadenzaError, TimeoutError) as exc:
             _log.warning("worker %s: cannot read session %s: %r", self.worker_id, sid, exc)
             return None
-        try:
-            return SessionRecord.model_validate_json(entry.value or b"")
-        except pydantic.ValidationError:
-            return None
+        return record
 
     def _closed(self, event: SessionClosed) -> None:
         self._ended[event.session_id] = event

@@ -27,7 +27,7 @@ import anyio
 
 import bus
 from bus.transport import ChildProcess as Child
-from bus.transport import engine_errors
+from bus.transport import RawBucket
 
 __all__ = ("DemoConfig", "DemoFailed", "run_demo")
 
@@ -132,11 +132,12 @@ async def _recorder_status(b: bus.Bus, activity_id: str, timeout: float = 20.0) 
 
 async def _wait_registered(b: bus.Bus, worker_id: str, timeout: float = 15.0) -> None:
     """Until the broker lists ``worker_id`` among the session workers (its first heartbeat was seen)."""
-    kv = await b.kv("workers")
+    workers = RawBucket(b, "workers")
     with anyio.fail_after(timeout):
         while True:
-            with contextlib.suppress(bus.BusError), engine_errors(f"reading worker {worker_id}"):
-                if (await kv.get(worker_id)).value:
+            with contextlib.suppress(bus.BusError):
+                stored = await workers.read(worker_id)
+                if stored is not None and stored.value:
                     return
             await anyio.sleep(0.1)
 
