@@ -40,7 +40,6 @@ if _typing.TYPE_CHECKING:
     from ._follow import follow_worker_events as follow_worker_events
     from ._follow import last_stored_seq as last_stored_seq
     from ._presence import LinkStatus as LinkStatus
-    from ._presence import follow_worker_signs as follow_worker_signs
     from ._presence import link_status as link_status
     from ._presence import nobody_subscribed as nobody_subscribed
     from ._process import ChildProcess as ChildProcess
