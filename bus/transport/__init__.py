@@ -43,7 +43,6 @@ if _typing.TYPE_CHECKING:
     from ._link import keep_reconnecting as keep_reconnecting
     from ._link import server_info as server_info
     from ._presence import LinkStatus as LinkStatus
-    from ._presence import follow_worker_signs as follow_worker_signs
     from ._presence import link_status as link_status
     from ._presence import nobody_subscribed as nobody_subscribed
     from ._process import ChildProcess as ChildProcess

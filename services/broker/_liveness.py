@@ -20,7 +20,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 import bus
-from bus.transport import WORKER_EVENTS, follow_worker_signs, last_event, link_status, nobody_subscribed
+from bus.transport import WORKER_EVENTS, follow_worker_events, last_event, link_status, nobody_subscribed
 from schemas import (
     SessionFailure,
     WorkerHeartbeat,
@@ -65,7 +65,7 @@ class Liveness:
     async def follow(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Follow the workers' events (ready once each worker's last one was seen); bad input is
         dead-lettered as ``broker-workers``."""
-        await follow_worker_signs(self.broker.bus, self._on_event, consumer="broker-workers", task_status=task_status)
+        await follow_worker_events(self.broker.bus, self._on_event, consumer="broker-workers", task_status=task_status)
 
     def _on_event(self, event: WorkerStarted | WorkerHeartbeat | WorkerStopped, stored_at: datetime) -> None:
         # The server's time of storing, so a broker that was down sees how old a beat is.
