@@ -39,12 +39,12 @@ if _typing.TYPE_CHECKING:
     from ._follow import follow_stream as follow_stream
     from ._follow import follow_worker_events as follow_worker_events
     from ._follow import last_stored_seq as last_stored_seq
+    from ._link import LinkStatus as LinkStatus
     from ._link import is_closed as is_closed
     from ._link import keep_reconnecting as keep_reconnecting
+    from ._link import link_status as link_status
+    from ._link import nobody_subscribed as nobody_subscribed
     from ._link import server_info as server_info
-    from ._presence import LinkStatus as LinkStatus
-    from ._presence import link_status as link_status
-    from ._presence import nobody_subscribed as nobody_subscribed
     from ._process import ChildProcess as ChildProcess
     from ._retry import backoff_delay as backoff_delay
     from ._retry import is_transient as is_transient
@@ -57,7 +57,6 @@ if _typing.TYPE_CHECKING:
     from ._service_info import gather_service_info as gather_service_info
     from ._service_info import package_version as package_version
     from ._service_info import serve_service_info as serve_service_info
-    from ._stored import stored_events as stored_events
     from ._streams import AccountUsage as AccountUsage
     from ._streams import Received as Received
     from ._streams import StreamPeer as StreamPeer
@@ -69,6 +68,7 @@ if _typing.TYPE_CHECKING:
     from ._streams import follow_events as follow_events
     from ._streams import open_reader as open_reader
     from ._streams import purge_subject as purge_subject
+    from ._streams import stored_events as stored_events
     from ._streams import stream_status as stream_status
     from ._subscriptions import core_messages as core_messages
     from ._subscriptions import flush as flush

@@ -5,6 +5,9 @@
   pull consumer: no acks, in memory, forgotten by the server 30 s after its last use).
 * :func:`follow_events`: an ordered follower of a stream (:func:`bus.transport.follow_stream`) whose
   handler gets a :class:`Received`, from a position on.
+* :func:`stored_events`: what a stream still stores on one subject, oldest first, by "next message
+  on this subject from sequence N" gets, without a consumer (a work-queue stream allows one consumer
+  per subject, and a worker's inbox has its own): the recorder reads a lost worker's leftover tasks so.
 * :func:`purge_subject`, :func:`delete_consumer`, :func:`ensure_topology`: the few management calls
   the services make.
 
@@ -30,7 +33,9 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from schemas import Event
 
+from .._exceptions import NotFoundError, ValidationError
 from ._bus import Bus
+from ._codec import decode
 from ._errors import engine_errors, translate
 from ._follow import follow_stream
 from ._retry import retry_transient
@@ -48,6 +53,7 @@ __all__ = (
     "follow_events",
     "open_reader",
     "purge_subject",
+    "stored_events",
     "stream_status",
 )
 
@@ -275,3 +281,32 @@ async def follow_events(
     else:
         policy = {"deliver_policy": DeliverPolicy.ALL}
     await follow_stream(bus, domain, accept, handle, consumer, task_status, **policy)
+
+
+async def stored_events(
+    bus: Bus, domain: str, subject: str, accept: Sequence[type[Event]], *, limit: int = 1000
+) -> list[tuple[int, Event | None]]:
+    """``(stream sequence, event)`` of the messages ``domain``'s stream stores on ``subject``, oldest
+    first, at most ``limit``; ``None`` for a message that does not validate.
+
+    Raises:
+        BusError: the engine did not answer (transient ones retry in the caller's loop).
+    """
+    stream = bus.topology.stream_name(domain)
+    found: list[tuple[int, Event | None]] = []
+    seq = 1
+    while len(found) < limit:
+        try:
+            with engine_errors(f"reading {subject}"), anyio.fail_after(bus.timeouts.request):
+                msg = await bus.js.get_msg(stream, seq=seq, subject=subject, next=True)
+        except NotFoundError:
+            break  # nothing more on the subject
+        try:
+            event: Event | None = decode(msg.data or b"", msg.headers, accept)
+        except ValidationError:
+            event = None
+        at = msg.seq or seq
+        found.append((at, event))
+        seq = at + 1
+    return found
+
