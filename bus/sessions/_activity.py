@@ -37,10 +37,7 @@ def activity_context() -> Context:
     Raises:
         UsageError: called outside an activity run by a :class:`Worker`.
     """
-    run = _current.get()
-    if run is None:
-        raise UsageError("activity_context() is only available inside an activity run by a Worker")
-    return run.ctx
+    return _running("activity_context").ctx
 
 
 def activity_writer() -> ActivityWriter:
@@ -49,9 +46,14 @@ def activity_writer() -> ActivityWriter:
     Raises:
         UsageError: called outside an activity run by a :class:`Worker`.
     """
-    run = _current.get()
-    if run is None:
-        raise UsageError("activity_writer() is only available inside an activity run by a Worker")
+    run = _running("activity_writer")
     if run.writer is None:
         run.writer = run.service.open_writer(run.task.activity_id)
     return run.writer
+
+
+def _running(caller: str) -> _Running:
+    run = _current.get()
+    if run is None:
+        raise UsageError(f"{caller}() is only available inside an activity run by a Worker")
+    return run
