@@ -33,11 +33,12 @@ from anyio.abc import TaskStatus
 
 import bus
 from bus._activity_client import read_activity_messages
-from bus._fold import ActivityEvent, fold_activity_event
+from bus._fold import ActivityEvent, _first_event, fold_activity_event
 from bus._watch import WORKER_EVENTS, follow_activity_events, follow_worker_events, last_stored_seq
 from schemas import (
     ENDPOINTS,
     ActivityCompleted,
+    ActivityFold,
     ActivityLevel,
     ActivityMessage,
     ActivityRecord,
@@ -90,6 +91,42 @@ class RecorderConfig:
     sweep_interval: float = 0.5
 
 
+class _FirstEvent:
+    """An activity known by one event, a completion carrying its start (a quick activity), kept as
+    that event: its record is folded on first use (a request, a later event), not on arrival, since
+    most are never asked for before they are pruned. What pruning needs is read from the event."""
+
+    __slots__ = ("_stored", "event")
+
+    def __init__(self, event: ActivityCompleted) -> None:
+        self.event = event
+        self._stored: StoredActivity | None = None
+
+    @property
+    def stored(self) -> StoredActivity:
+        if self._stored is None:
+            assert self.event.start is not None
+            self._stored = _first_event(self.event, self.event.start)
+        return self._stored
+
+    @property
+    def record(self) -> ActivityRecord:
+        return self.stored.record
+
+    @property
+    def fold(self) -> ActivityFold:
+        return self.stored.fold
+
+    @property
+    def environment_id(self) -> str:
+        assert self.event.start is not None
+        return self.event.start.environment_id
+
+    @property
+    def ended_at(self) -> datetime:
+        return self.event.time
+
+
 @dataclass
 class _WorkerSeen:
     last_seen: datetime
@@ -103,7 +140,8 @@ class Recorder:
 
     bus: bus.Bus
     config: RecorderConfig = field(default_factory=RecorderConfig)
-    cache: dict[str, Stored] = field(default_factory=dict)
+    #: The records by activity id (an activity known by its completion alone is folded on first use).
+    cache: dict[str, Stored | _FirstEvent] = field(default_factory=dict)
     workers: dict[str, _WorkerSeen] = field(default_factory=dict)
     finalised: int = 0
     pruned: int = 0
@@ -155,9 +193,18 @@ class Recorder:
                     still.append((target, ready))
             self._waiting = still
 
-    def fold(self, event: ActivityEvent) -> StoredActivity | None:
+    def fold(self, event: ActivityEvent) -> StoredActivity | _FirstEvent | None:
         """Fold one event into the records; returns the new record state, None if nothing changed."""
-        new = fold_activity_event(self.cache.get(event.activity_id), event)
+        current = self.cache.get(event.activity_id)
+        if current is None and isinstance(event, ActivityCompleted) and event.start is not None:
+            # The common case, one event for a quick activity: kept as it is, folded when asked for.
+            first = self.cache[event.activity_id] = _FirstEvent(event)
+            self._open.discard(event.activity_id)
+            self._finalising.pop(event.activity_id, None)
+            return first
+        if isinstance(current, _FirstEvent):
+            current = current.stored
+        new = fold_activity_event(current, event)
         if new is not None:
             self._put(new)
         return new
@@ -327,17 +374,21 @@ class Recorder:
         """Finished activities beyond the age or count limits (running ones never)."""
         now = now or utcnow()
         days, count = self.config.retention_days, self.config.retention_count
-        by_env: dict[str, list[ActivityRecord]] = {}
+        # (environment, when it ended, the entry) of each finished activity; an entry known by its
+        # completion alone says both without being folded, and only the pruned ones are.
+        by_env: dict[str, list[tuple[datetime, Stored | _FirstEvent]]] = {}
         for stored in self.cache.values():
-            if stored.record.terminal:
-                by_env.setdefault(stored.record.environment_id, []).append(stored.record)
+            if isinstance(stored, _FirstEvent) and stored._stored is None:
+                by_env.setdefault(stored.environment_id, []).append((stored.ended_at, stored))
+            elif stored.record.terminal:
+                r = stored.record
+                by_env.setdefault(r.environment_id, []).append((r.ended_at or r.updated_at or now, stored))
         out: list[ActivityRecord] = []
-        for records in by_env.values():
-            records.sort(key=lambda r: r.ended_at or r.updated_at or now, reverse=True)
-            for i, r in enumerate(records):
-                ended = r.ended_at or r.updated_at or now
+        for entries in by_env.values():
+            entries.sort(key=lambda e: e[0], reverse=True)
+            for i, (ended, stored) in enumerate(entries):
                 if (days > 0 and now - ended > timedelta(days=days)) or (count > 0 and i >= count):
-                    out.append(r)
+                    out.append(stored.record)
         return out
 
     async def prune(self) -> int:
