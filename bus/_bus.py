@@ -49,7 +49,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from schemas import DEFAULT_PREFIX, DeadLetter, Event, ReplyError, RpcReply, Subjects, check_token, new_event_id
 
-from ._codec import MAX_EVENT_BYTES, decode, encode
+from ._codec import HDR_MSG_ID, MAX_EVENT_BYTES, decode, encode
 from ._config import ConnectOptions, Timeouts
 from ._context import BUS_KEY, Context
 from ._exceptions import (
@@ -580,10 +580,14 @@ class Bus:
         ) from last
 
     async def publish_core(self, event: Event, *, subject: str | None = None) -> None:
-        """Send ``event`` without storing it (core NATS, fire-and-forget broadcast)."""
+        """Send ``event`` without storing it (core NATS, fire-and-forget broadcast).
+
+        Without ``Nats-Msg-Id``: no stream dedupes a core message (the body has the event id).
+        """
         self._check_open()
         subject = subject or self.subject_of(event)
         body, hdrs = encode(event)
+        del hdrs[HDR_MSG_ID]
         if not traced_send():
             await self.nc.publish(subject, body, headers=hdrs)
             return
