@@ -249,6 +249,8 @@ class _Pull:
         self.errors_in_row = 0
         self._arrived: deque[Msg] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        #: Wakes a waiting :meth:`next` within half a second; one timer at a time, not one per wait.
+        self._timer: asyncio.TimerHandle | None = None
 
     async def open(self) -> None:
         nc = self.bus.nc
@@ -262,7 +264,16 @@ class _Pull:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def _tick(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         with contextlib.suppress(Exception):
             await self.sub.unsubscribe()
 
@@ -294,11 +305,11 @@ class _Pull:
         if not self._arrived:
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(0.5, _wake, waiter)
+            if self._timer is None:
+                self._timer = loop.call_later(0.5, self._tick)
             try:
                 await waiter
             finally:
-                timer.cancel()
                 self._waiter = None
             if not self._arrived:
                 return None
@@ -331,8 +342,12 @@ class _PubAcks:
         self.nc = nc
         self._prefix = ""
         self._opening = anyio.Lock()
-        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        #: The publishes waiting for their acknowledgement, with the loop time they give up at.
+        self._waiting: dict[str, tuple[asyncio.Future[Msg], float]] = {}
         self._ids = itertools.count(1)
+        #: One timer for every wait (a timer per publish costs more than the sweep): it times out the
+        #: waits past their deadline, :data:`_SWEEP` seconds late at most.
+        self._sweeping: asyncio.TimerHandle | None = None
 
     async def _open(self) -> None:
         async with self._opening:
@@ -342,9 +357,16 @@ class _PubAcks:
                 self._prefix = prefix
 
     async def _answer(self, msg: Msg) -> None:
-        waiter = self._waiting.pop(msg.subject[len(self._prefix) :], None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(msg)
+        waiting = self._waiting.pop(msg.subject[len(self._prefix) :], None)
+        if waiting is not None and not waiting[0].done():
+            waiting[0].set_result(msg)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        for waiter, deadline in list(self._waiting.values()):
+            if deadline <= now and not waiter.done():
+                waiter.set_exception(nats.errors.TimeoutError())
+        self._sweeping = loop.call_later(_SWEEP, self._sweep, loop) if self._waiting else None
 
     async def publish(
         self, subject: str, body: bytes, headers: dict[str, str] | None, timeout: float
@@ -354,13 +376,13 @@ class _PubAcks:
         token = str(next(self._ids))
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Msg] = loop.create_future()
-        self._waiting[token] = waiter
-        timer = loop.call_later(timeout, _time_out, waiter)
+        self._waiting[token] = (waiter, loop.time() + timeout)
+        if self._sweeping is None:
+            self._sweeping = loop.call_later(_SWEEP, self._sweep, loop)
         try:
             await self.nc.publish(subject, body, reply=self._prefix + token, headers=headers)
             msg = await waiter
         finally:
-            timer.cancel()
             self._waiting.pop(token, None)
         if msg.headers and msg.headers.get("Status") == "503":
             raise nats.js.errors.NoStreamResponseError
@@ -393,9 +415,8 @@ class _JetStream(JetStreamContext):
         return await self.acks.publish(subject, payload, headers, self._timeout if timeout is None else timeout)
 
 
-def _time_out(waiter: asyncio.Future[Msg]) -> None:
-    if not waiter.done():
-        waiter.set_exception(nats.errors.TimeoutError())
+#: Seconds between two looks for stored publishes past their acknowledgement's deadline.
+_SWEEP = 0.05
 
 
 @dataclass
@@ -408,11 +429,6 @@ class BusStats:
     dead_letters: int = 0
     redeliveries_skipped: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 def _hostname() -> str:
