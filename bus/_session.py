@@ -456,9 +456,9 @@ class SessionClient:
         try:
             await self.bus.publish(task)
             try:
-                with anyio.move_on_after(start_to_close_timeout):
-                    with token.scope():
-                        await call.done.wait()
+                # One scope for the context's cancel and the deadline.
+                with token.scope(deadline=anyio.current_time() + start_to_close_timeout):
+                    await call.done.wait()
             except anyio.get_cancelled_exc_class():
                 # The caller's own task was cancelled (not the context): the work is not wanted any more.
                 if not call.done.is_set():
