@@ -363,10 +363,32 @@ class _PubAcks:
 
     def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         now = loop.time()
-        for waiter, deadline in list(self._waiting.values()):
-            if deadline <= now and not waiter.done():
-                waiter.set_exception(nats.errors.TimeoutError())
+        for token, (waiter, deadline) in list(self._waiting.items()):
+            if deadline <= now:
+                del self._waiting[token]
+                if not waiter.done():
+                    waiter.set_exception(nats.errors.TimeoutError())
         self._sweeping = loop.call_later(_SWEEP, self._sweep, loop) if self._waiting else None
+
+    async def send(
+        self, subject: str, body: bytes, headers: dict[str, str] | None, timeout: float
+    ) -> asyncio.Future[Msg]:
+        """Send a stored publish without waiting: the future of the server's answer (a message for
+        :func:`pub_ack_error`, or ``nats.errors.TimeoutError`` after ``timeout``)."""
+        if not self._prefix:
+            await self._open()
+        token = str(next(self._ids))
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Msg] = loop.create_future()
+        self._waiting[token] = (waiter, loop.time() + timeout)
+        if self._sweeping is None:
+            self._sweeping = loop.call_later(_SWEEP, self._sweep, loop)
+        try:
+            await self.nc.publish(subject, body, reply=self._prefix + token, headers=headers)
+        except BaseException:
+            self._waiting.pop(token, None)
+            raise
+        return waiter
 
     async def publish(
         self, subject: str, body: bytes, headers: dict[str, str] | None, timeout: float
@@ -417,6 +439,22 @@ class _JetStream(JetStreamContext):
 
 #: Seconds between two looks for stored publishes past their acknowledgement's deadline.
 _SWEEP = 0.05
+
+
+def pub_ack_error(answer: asyncio.Future[Msg]) -> BaseException | None:
+    """Why the stored publish whose answer this is (:meth:`_PubAcks.send`) is not known to be stored,
+    or None: it is."""
+    if answer.cancelled():
+        return nats.errors.TimeoutError()
+    exc = answer.exception()
+    if exc is not None:
+        return exc
+    msg = answer.result()
+    if msg.headers and msg.headers.get("Status") == "503":
+        return nats.js.errors.NoStreamResponseError()
+    if b'"error"' in msg.data:
+        return nats.js.errors.Error(msg.data.decode(errors="replace")[:300])
+    return None
 
 
 @dataclass
@@ -566,6 +604,37 @@ class Bus:
             self.stats.published += 1
             instruments.on_published(event)
             return result
+
+    async def send_stored(self, event: Event) -> asyncio.Future[Msg] | None:
+        """Store ``event`` without waiting for the server's acknowledgement: the future of its answer
+        (see :func:`pub_ack_error`), or None when traced (then use :meth:`publish`). If the answer
+        says it was not stored, :meth:`publish` the same event: its ``Nats-Msg-Id`` stores it once.
+        (The session client's task: a caller waits for the answer to its task, which can only come
+        once the task is stored, and for the acknowledgement only when it says something went wrong.)
+
+        Raises:
+            ValidationError: the event is too large or its subject id is not a valid token.
+            PublishError: the connection would not take the message.
+        """
+        self._check_open()
+        if traced_send():
+            return None
+        if not event.source:
+            event = event.model_copy(update={"source": self.source})
+        try:
+            subject = self.subject_of(event)
+        except ValueError as exc:
+            raise ValidationError(str(exc), kind="bad_subject") from exc
+        body, hdrs = encode(event)
+        js = self.js
+        assert isinstance(js, _JetStream)
+        try:
+            answer = await js.acks.send(subject, body, hdrs, self.timeouts.publish)
+        except nats.errors.Error as exc:
+            raise PublishError(f"publish to {subject} failed: {exc}") from exc
+        self.stats.published += 1
+        instruments.on_published(event)
+        return answer
 
     async def _publish_raw(self, subject: str, body: bytes, headers: dict[str, str], timeout: float) -> PublishResult:
         last: BaseException | None = None
