@@ -99,7 +99,8 @@ class _Track:
     next_seq: int = 1
     #: Events not acknowledged yet, with the batch they carry (to recognise a writer's retry).
     pending: list[tuple[Event, object]] = field(default_factory=list)
-    registration: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    #: The tokens cancels of the activity are routed to (one per :meth:`BusActivityService.track`).
+    routed: list[CancelToken] = field(default_factory=list)
     token: CancelToken | None = None
     #: The announcement not published yet (``start_activity(announce_after=...)``): it goes out
     #: before any other event of the activity, after ``announce_after`` seconds while it runs, or
@@ -563,7 +564,8 @@ class BusActivityService:
         self._finished[activity_id] = status
         while len(self._finished) > 100_000:
             self._finished.popitem(last=False)
-        track.registration.close()
+        for token in track.routed:
+            self.router.discard(activity_id, token)
         if track.token is not None:
             track.token.release()
 
@@ -639,7 +641,8 @@ class BusActivityService:
         tg = self._check_open()
         track = self._track(activity_id)
         work = ctx.child(activity_id=activity_id)
-        track.registration.enter_context(self.router.register(activity_id, work.token))
+        self.router.add(activity_id, work.token)
+        track.routed.append(work.token)
         track.token = work.token
         # No task per activity: the warning is scheduled only if the token is cancelled.
         work.token.on_cancel(lambda _cause: self._cancelled(track))

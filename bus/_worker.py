@@ -497,14 +497,12 @@ class Worker:
             except ActivityAlreadyStartedError:
                 # A redelivery of a task this process runs or ran: the first run answers.
                 return
-            work = await svc.track(ctx, aid, check_now=False, check_stored=ask_stream)
-        else:
-            work = ctx.child(activity_id=aid)
-        with contextlib.ExitStack() as registration:
-            if not self.track_activities:
-                registration.enter_context(svc.router.register(aid, work.token))
-                if ask_stream:
-                    await svc.router.check_stored(aid, work.token)
+            await self._body(task, fn, await svc.track(ctx, aid, check_now=False, check_stored=ask_stream))
+            return
+        work = ctx.child(activity_id=aid)
+        with svc.router.register(aid, work.token):
+            if ask_stream:
+                await svc.router.check_stored(aid, work.token)
             await self._body(task, fn, work)
 
     async def _body(self, task: ActivityTask, fn: Callable[..., Any], work: Context) -> None:
