@@ -97,19 +97,28 @@ class CancelRouter:
     @contextlib.contextmanager
     def register(self, target_id: str, token: CancelToken) -> Iterator[CancelToken]:
         """Route cancels of ``target_id`` to ``token`` while the block runs."""
+        self.add(target_id, token)
+        try:
+            yield token
+        finally:
+            self.discard(target_id, token)
+
+    def add(self, target_id: str, token: CancelToken) -> None:
+        """Route cancels of ``target_id`` to ``token`` until :meth:`discard` (:meth:`register` without
+        a context manager: the tracker's, once per activity)."""
         self._targets.setdefault(target_id, []).append(token)
         early = self._recent.pop(target_id, None)
         if early is not None:
             token.cancel(early[0])
-        try:
-            yield token
-        finally:
-            tokens = self._targets.get(target_id)
-            if tokens is not None:
-                with contextlib.suppress(ValueError):
-                    tokens.remove(token)
-                if not tokens:
-                    del self._targets[target_id]
+
+    def discard(self, target_id: str, token: CancelToken) -> None:
+        """Stop routing cancels of ``target_id`` to ``token`` (nothing if they are not)."""
+        tokens = self._targets.get(target_id)
+        if tokens is not None:
+            with contextlib.suppress(ValueError):
+                tokens.remove(token)
+            if not tokens:
+                del self._targets[target_id]
 
     async def check_stored(self, target_id: str, token: CancelToken) -> bool:
         """Cancel ``token`` if a cancel for ``target_id`` is already stored; True if it was.

@@ -11,6 +11,7 @@ current session info, the current activity id and a :class:`CancelToken`. Derivi
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -108,12 +109,14 @@ class CancelToken:
             except ValueError:
                 pass
 
-    def scope(self) -> _TokenScope:
+    def scope(self, deadline: float = math.inf) -> _TokenScope:
         """A cancel scope bound to this token: cancelled at once if the token already is, or when it is.
 
-        Use as ``with token.scope() as scope:`` (``scope`` is the anyio cancel scope).
+        Use as ``with token.scope() as scope:`` (``scope`` is the anyio cancel scope). ``deadline``
+        (``anyio.current_time()`` units) ends it then as well, as ``anyio.move_on_after`` would around
+        it, with one scope instead of two.
         """
-        return _TokenScope(self)
+        return _TokenScope(self, deadline)
 
     async def wait(self) -> CancelCause:
         """Wait until cancelled; returns the cause. Callers bound it with ``anyio.fail_after``."""
@@ -131,9 +134,9 @@ class _TokenScope:
 
     __slots__ = ("_scope", "_token")
 
-    def __init__(self, token: CancelToken) -> None:
+    def __init__(self, token: CancelToken, deadline: float = math.inf) -> None:
         self._token = token
-        self._scope = anyio.CancelScope()
+        self._scope = anyio.CancelScope(deadline=deadline)
 
     def __enter__(self) -> anyio.CancelScope:
         scope = self._scope

@@ -40,7 +40,9 @@ class Stack:
 async def console_stack(b: bus.Bus, **options: Any) -> AsyncIterator[Stack]:
     async with running_recorder(b), running_broker(b), anyio.create_task_group() as tg:
         await tg.start(serve_service_info, b, "recorder")
-        worker = bus.Worker(b, tasklist="console", max_concurrent_sessions=4, heartbeat_interval=0.25,
+        # Heartbeats every second: the recorder ends a host silent for 3 intervals as lost, and a loaded
+        # CI machine once held this in-process worker silent for longer than 0.75 s.
+        worker = bus.Worker(b, tasklist="console", max_concurrent_sessions=4, heartbeat_interval=1.0,
                             activities=activities)  # fmt: skip
         async with worker, running_console(b, options=ConsoleOptions(**options), config=FAST) as console:
             async with httpx.AsyncClient(base_url=console.url, timeout=10.0) as http:
@@ -99,7 +101,7 @@ async def test_pages_are_served_with_their_static_files(cadenza_bus: bus.Bus) ->
 
 async def test_workers_and_sessions_show_a_session_on_its_worker(cadenza_bus: bus.Bus) -> None:
     async with console_stack(cadenza_bus) as s:
-        ctx = await bus.create_session(s.bus.context(), opts(tasklist="console"))
+        ctx = await bus.create_session(s.bus.context(), opts(tasklist="console", heartbeat_timeout=5.0))
         info = bus.get_session_info(ctx)
         assert info is not None
         workers = await wait_json(s.http, "/api/workers", lambda d: any(
@@ -188,7 +190,7 @@ async def test_activities_are_filtered_and_paged_on_the_server(cadenza_bus: bus.
 
 async def test_activity_stream_sends_new_messages_and_resumes_after_last_event_id(cadenza_bus: bus.Bus) -> None:
     async with console_stack(cadenza_bus) as s, anyio.create_task_group() as tg:
-        ctx = await bus.create_session(s.bus.context(), opts(tasklist="console"))
+        ctx = await bus.create_session(s.bus.context(), opts(tasklist="console", heartbeat_timeout=5.0))
         aid = "streamed-1"
         tg.start_soon(
             lambda: bus.execute_activity(ctx, "render", "clip", kwargs={"frames": 60, "delay": 0.05}, activity_id=aid)
@@ -231,7 +233,7 @@ async def test_activity_stream_sends_new_messages_and_resumes_after_last_event_i
 
 async def test_cancel_ends_the_activity_cancelled_with_the_reason_and_who(cadenza_bus: bus.Bus) -> None:
     async with console_stack(cadenza_bus) as s, anyio.create_task_group() as tg:
-        ctx = await bus.create_session(s.bus.context(), opts(tasklist="console"))
+        ctx = await bus.create_session(s.bus.context(), opts(tasklist="console", heartbeat_timeout=5.0))
         aid = "to-cancel-1"
         outcome: list[BaseException] = []
 

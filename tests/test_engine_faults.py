@@ -225,6 +225,35 @@ async def test_a_completion_the_server_could_not_store_is_retried_until_the_reco
             await eventually(lambda: rec.id not in svc.running(), timeout=30, what="the outbox finished it")
 
 
+async def test_a_task_the_server_did_not_store_raises_publish_error_then_calls_work_again(
+    cadenza_bus: bus.Bus, nats_server: Any
+) -> None:
+    # The caller does not wait for its task's acknowledgement unless the answer says it failed:
+    # then it publishes again with the publish retries, and raises PublishError as before.
+    prefix = cadenza_bus.topology.prefix
+    stream = cadenza_bus.topology.stream_name("task")
+    quick = bus.Timeouts(publish=0.3, publish_retries=1)
+    async with bus.connect(nats_server.url, prefix=prefix, timeouts=quick) as b:
+        w = bus.Worker(cadenza_bus, tasklist="unstored", enable_sessions=False, track_activities=False)
+
+        @w.activity()
+        async def echo(x: int) -> int:
+            return x
+
+        async with w:
+            info = await b.js.stream_info(stream)
+            config: StreamConfig = info.config
+            elsewhere = StreamConfig.from_response({**config.as_dict(), "subjects": [f"{prefix}.nothing"]})
+            await b.js.update_stream(elsewhere)
+            try:
+                with anyio.fail_after(30), pytest.raises(bus.PublishError):
+                    await bus.execute_activity(b.context(), "echo", 1, tasklist="unstored", start_to_close_timeout=20)
+            finally:
+                await b.js.update_stream(config)
+            with anyio.fail_after(30):
+                assert await bus.execute_activity(b.context(), "echo", 2, tasklist="unstored") == 2
+
+
 # ---------------------------------------------------------------- nothing a worker or the broker skips is silent
 
 

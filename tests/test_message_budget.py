@@ -87,20 +87,34 @@ async def test_an_in_session_activity_stays_within_its_message_budget(nats_serve
         options = bus.SessionOptions(creation_timeout=10, execution_timeout=600, heartbeat_timeout=120)
         sctx = await bus.create_session(caller.context(), options)
 
+        ran = [0]
+
         async def run(n: int, base: int) -> str:
             aid = ""
             for i in range(n):
                 aid = f"budget-{base + i}"
                 assert await bus.execute_activity(sctx, "echo", i, activity_id=aid) == i
+            ran[0] += n
             return aid
 
         async def settled(last: str) -> None:
+            """Nothing of the activities run so far is still on its way (so none is counted in the
+            wrong window): the recorder folded the last one, the worker acked every task (its ack is
+            sent as it counts the task handled), every process's messages were routed (flush), and
+            the counter's callback took every message it was sent."""
             if tracked:
                 await eventually(lambda: last in recorder.cache and recorder.cache[last].record.terminal,
                                  timeout=20, what="the recorder folded the last activity")  # fmt: skip
+            await eventually(lambda: buses["worker"].stats.handled >= ran[0], timeout=20,
+                             what="the worker acked every task")  # fmt: skip
             for b in buses.values():  # every message a process sent is routed before its PONG
                 await b.nc.flush(timeout=10)
             await counter.nc.flush(timeout=10)
+            if counting:
+                await eventually(lambda: counting[0].pending_msgs == 0, timeout=20,
+                                 what="the counter took every message")  # fmt: skip
+
+        counting: list[Any] = []
 
         await settled(await run(WARM, 0))
         # The worker's cancel router has listened long enough that no task needs a look-up of stored
@@ -115,6 +129,7 @@ async def test_an_in_session_activity_stays_within_its_message_budget(nats_serve
                 seen[_kind(msg.subject, prefix)] += 1
 
         sub = await counter.nc.subscribe(">", cb=count)
+        counting.append(sub)
         await counter.nc.flush(timeout=10)
         await settled(await run(COUNTED, WARM))
         await sub.unsubscribe()

@@ -14,6 +14,7 @@ workers (started on first use in the bus's task group).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -55,7 +56,7 @@ from .._context import BUS_KEY, CancelToken, Context
 from .._exceptions import ActivityError, CadenzaError, SessionError, UsageError, ValidationError
 from ..tracking._api import ActivityCancelledError
 from ..transport._bucket import Bucket, last_event
-from ..transport._bus import Bus
+from ..transport._bus import Bus, pub_ack_error
 from ..transport._codec import decode
 from ..transport._streams import Received
 from ..transport._subscriptions import flush, new_inbox, subscribe_callback
@@ -221,6 +222,14 @@ class _Call:
     done: anyio.Event = field(default_factory=anyio.Event)
     result: ActivityResult | None = None
     session_failed: SessionFailedError | None = None
+    #: The server's answer to the task's store said it may not be stored (publish it again).
+    unstored: bool = False
+
+    def acked(self, answer: asyncio.Future[Any]) -> None:
+        """The answer to the task's store came (a done callback: no wake-up when all is well)."""
+        if pub_ack_error(answer) is not None and self.result is None and not self.done.is_set():
+            self.unstored = True
+            self.done.set()
 
 
 @dataclass(eq=False)
@@ -323,7 +332,7 @@ class SessionClient:
 
     async def _on_result(self, event: ActivityResult, subject: str) -> None:
         call = self.calls.get(event.activity_id)
-        if call is not None and not call.done.is_set():
+        if call is not None and call.result is None and (not call.done.is_set() or call.unstored):
             call.result = event
             call.done.set()
 
@@ -434,7 +443,7 @@ class SessionClient:
         task = ActivityTask(
             activity_id=aid, name=name, args=list(args), kwargs=kwargs, tasklist=route.tasklist,
             worker_id=route.worker_id, session_id=route.session_id, reply_to=f"{self.inbox}.{aid}",
-            deadline=utcnow() + timedelta(seconds=start_to_close_timeout),
+            deadline=utcnow() + timedelta(seconds=start_to_close_timeout), source=self.bus.source,
         )  # fmt: skip
         call = _Call(session_id=route.session_id)
         self.calls[aid] = call
@@ -476,11 +485,26 @@ class SessionClient:
         """Publish ``task`` and wait until its call is done, ``token`` is cancelled or ``timeout``
         passed; then one look at the stored outcome, in case the reply was lost on a reconnect."""
         aid = task.activity_id
-        await self.bus.publish(task)
+        # The task is stored before the worker sees it, so its answer means stored: the server's
+        # acknowledgement is waited for only if it says otherwise (no wake-up per call for it).
+        answer = await self.bus.send_stored(task)
+        if answer is None:
+            await self.bus.publish(task)
+        else:
+            answer.add_done_callback(call.acked)
+        deadline = anyio.current_time() + timeout
         try:
-            with anyio.move_on_after(timeout):
-                with token.scope():
+            while True:
+                # One scope for the context's cancel and the deadline.
+                with token.scope(deadline=deadline):
                     await call.done.wait()
+                if not call.unstored or call.result is not None or call.session_failed is not None:
+                    break
+                # Not acknowledged as stored: the publish with its retries (PublishError if it
+                # fails); the same Nats-Msg-Id stores the task once.
+                call.unstored = False
+                call.done = anyio.Event()
+                await self.bus.publish(task)
         except anyio.get_cancelled_exc_class():
             # The caller's own task was cancelled (not the context): the work is not wanted any more.
             if not call.done.is_set():

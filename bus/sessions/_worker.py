@@ -458,18 +458,16 @@ class Worker:
                 # first); a quick activity is announced by its completion alone. An early cancel is
                 # looked for in the background: the task's round trip waits for neither.
                 req = StartRequest(id=aid, type=task.name, worker_id=self.worker_id, session_id=task.session_id or None)
-                await svc.start_activity(req, announce_after=self.announce_after)
+                svc._start_deferred(req, self.announce_after)
             except ActivityAlreadyStartedError:
                 # A redelivery of a task this process runs or ran: the first run answers.
                 return
-            work = await svc.track(ctx, aid, check_now=False, check_stored=ask_stream)
-        else:
-            work = ctx.child(activity_id=aid)
-        with contextlib.ExitStack() as registration:
-            if not self.track_activities:
-                registration.enter_context(svc.router.register(aid, work.token))
-                if ask_stream:
-                    await svc.router.check_stored(aid, work.token)
+            await self._body(task, fn, await svc.track(ctx, aid, check_now=False, check_stored=ask_stream))
+            return
+        work = ctx.child(activity_id=aid)
+        with svc.router.register(aid, work.token):
+            if ask_stream:
+                await svc.router.check_stored(aid, work.token)
             await self._body(task, fn, work)
 
     async def _body(self, task: ActivityTask, fn: Callable[..., Any], work: Context) -> None:
@@ -516,9 +514,9 @@ class Worker:
         # node restart on a cluster) would hold every caller for the whole publish budget. After
         # about 3 s the completion stays with the outbox, which stores it when the stream is back.
         with contextlib.suppress(CadenzaError):
-            await self.service.complete_activity(task.activity_id, status, result=result, _record=False,
-                                                 _publish_timeout=_COMPLETION_TIMEOUT,
-                                                 error=None if error is None else error.message)  # fmt: skip
+            await self.service._end_activity(task.activity_id, status, result=result,
+                                             _publish_timeout=_COMPLETION_TIMEOUT,
+                                             error=None if error is None else error.message)  # fmt: skip
 
     async def _refuse(self, task: ActivityTask, delivery: Delivery, error: TaskError) -> None:
         """A task this worker does not run: answered on its ``reply_to``, else dead-lettered with the

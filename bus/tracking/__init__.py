@@ -42,6 +42,8 @@ if _typing.TYPE_CHECKING:
     from ._api import status_for_cause as status_for_cause
     from ._fold import ACTIVITY_EVENTS as ACTIVITY_EVENTS
     from ._fold import ActivityEvent as ActivityEvent
+    from ._fold import Entry as Entry
+    from ._fold import FirstEvent as FirstEvent
     from ._fold import StreamFold as StreamFold
     from ._fold import fold_activity_event as fold_activity_event
     from ._follow import follow_activity_events as follow_activity_events

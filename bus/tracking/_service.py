@@ -18,6 +18,7 @@ import functools
 import logging
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -82,7 +83,14 @@ class ServiceState(enum.Enum):
 class _Track:
     """What this process knows about one activity it runs."""
 
-    record: ActivityRecord
+    id: str
+    started_at: datetime
+    #: The record as started (see :attr:`record`).
+    built: ActivityRecord | None = None
+    #: What :attr:`record` is built from when the start did not build it (a deferred announcement:
+    #: a quick activity never needs it).
+    req: StartRequest | None = None
+    worker_id: str = ""
     #: An asyncio lock (nats-py makes every cadenza process asyncio): made in a microsecond and,
     #: uncontended (the usual case), taken without a trip through the event loop; anyio's costs 6 µs
     #: to make, per activity.
@@ -91,7 +99,8 @@ class _Track:
     next_seq: int = 1
     #: Events not acknowledged yet, with the batch they carry (to recognise a writer's retry).
     pending: list[tuple[Event, object]] = field(default_factory=list)
-    registration: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    #: The tokens cancels of the activity are routed to (one per :meth:`BusActivityService.track`).
+    routed: list[CancelToken] = field(default_factory=list)
     token: CancelToken | None = None
     #: The announcement not published yet (``start_activity(announce_after=...)``): it goes out
     #: before any other event of the activity, after ``announce_after`` seconds while it runs, or
@@ -107,6 +116,26 @@ class _Track:
     completing: ActivityStatus | None = None
     #: The outbox task retrying ``pending`` in the background, while one runs.
     retrying: bool = False
+
+    @property
+    def record(self) -> ActivityRecord:
+        """The activity's record as started (built on first use after a deferred start)."""
+        if self.built is None:
+            assert self.req is not None
+            self.built = _start_record(self.req, self.started_at, self.worker_id)
+        return self.built
+
+
+def _start_record(req: StartRequest, now: datetime, worker_id: str) -> ActivityRecord:
+    # (Validated in pydantic-core: faster than model_construct, which is Python, for this many fields.)
+    return ActivityRecord(
+        id=req.id, environment_id=req.environment_id, type=req.type, status=req.status,
+        resource_type=req.resource_type, resource_id=req.resource_id, resource_name=req.resource_name,
+        progress=clamp_progress(req.progress), step=req.step, latest_message=cut_text(req.message),
+        started_by=req.started_by, started_at=now, ended_at=None, duration_ms=None, error=None,
+        metadata=req.metadata, batch_id=req.batch_id, worker_id=req.worker_id or worker_id,
+        session_id=req.session_id, result=None, message_count=0, last_seq=0, created_at=now, updated_at=now,
+    )  # fmt: skip
 
 
 class BusActivityService:
@@ -236,7 +265,7 @@ class BusActivityService:
     def _undefer(self, track: _Track) -> None:
         """Queue the deferred announcement in front of every other event of the activity."""
         if track.deferred is not None:
-            track.pending.insert(0, (self._started_event(track.record, track.deferred), None))
+            track.pending.insert(0, (self._started_event(track, track.deferred), None))
             track.deferred = None
 
     async def _publish_locked(
@@ -268,7 +297,7 @@ class BusActivityService:
         if track.retrying or self._tg is None or self.state is not ServiceState.OPEN:
             return
         track.retrying = True
-        self._tg.start_soon(self._drain_outbox, track, name=f"activity-outbox-{track.record.id}")
+        self._tg.start_soon(self._drain_outbox, track, name=f"activity-outbox-{track.id}")
 
     async def _drain_outbox(self, track: _Track) -> None:
         attempt = 0
@@ -283,14 +312,14 @@ class BusActivityService:
                             track.pending.pop(0)
                     except CadenzaError as exc:
                         if exc.non_retryable:
-                            _log.error("activity %s: an event cannot be stored, dropped: %s", track.record.id, exc)
+                            _log.error("activity %s: an event cannot be stored, dropped: %s", track.id, exc)
                             track.pending.pop(0)
                         elif attempt in (1, 10) or attempt % 50 == 0:
                             _log.warning("activity %s: %d event(s) not stored yet (attempt %d): %s",
-                                         track.record.id, len(track.pending), attempt, exc)  # fmt: skip
+                                         track.id, len(track.pending), attempt, exc)  # fmt: skip
                         continue
-                    if track.completing is not None and track.record.id in self._tracks:
-                        self._finish(track.record.id, track.completing)
+                    if track.completing is not None and track.id in self._tracks:
+                        self._finish(track.id, track.completing)
         finally:
             track.retrying = False
 
@@ -323,48 +352,51 @@ class BusActivityService:
             ActivityAlreadyStartedError: the id is already running (or ran) here.
             PublishError / ValidationError: the announce was not stored.
         """
+        if announce_after is not None:
+            return self._start_deferred(req, announce_after).record
         tg = self._check_open()
         if req.id in self._tracks or req.id in self._finished:
             raise ActivityAlreadyStartedError(f"activity {req.id} was started already")
         now = utcnow()
-        # (Validated in pydantic-core: faster than model_construct, which is Python, for this many fields.)
-        record = ActivityRecord(
-            id=req.id, environment_id=req.environment_id, type=req.type, status=req.status,
-            resource_type=req.resource_type, resource_id=req.resource_id, resource_name=req.resource_name,
-            progress=clamp_progress(req.progress), step=req.step, latest_message=cut_text(req.message),
-            started_by=req.started_by, started_at=now, ended_at=None, duration_ms=None, error=None,
-            metadata=req.metadata, batch_id=req.batch_id, worker_id=req.worker_id or self.worker_id,
-            session_id=req.session_id, result=None, message_count=0, last_seq=0, created_at=now, updated_at=now,
-        )  # fmt: skip
+        record = _start_record(req, now, self.worker_id)
         fresh = "id" not in req.model_fields_set
-        if announce_after is not None:
-            track = self._tracks[req.id] = _Track(record=record, deferred=req, context=contextvars.copy_context(),
-                                                  fresh_id=fresh)  # fmt: skip
-            self._due.append((anyio.current_time() + announce_after, track))
-            self._due_added.set()
-            return record
-        event = self._started_event(record, req)
+        track = _Track(id=req.id, started_at=now, built=record, fresh_id=fresh)
+        event = self._started_event(track, req)
         if not wait:
-            track = self._tracks[req.id] = _Track(record=record, pending=[(event, None)], fresh_id=fresh)
+            track.pending.append((event, None))
+            self._tracks[req.id] = track
             tg.start_soon(self._publish_pending, track, name=f"activity-start-{req.id}")
             return record
         await self.bus.publish(event)
-        self._tracks[req.id] = _Track(record=record, fresh_id=fresh)
+        self._tracks[req.id] = track
         return record
 
-    @classmethod
-    def _started_event(cls, record: ActivityRecord, req: StartRequest) -> ActivityStarted:
-        return announcement(req.id, cls._start_fields(record, req), req.status)
+    def _start_deferred(self, req: StartRequest, announce_after: float) -> _Track:
+        """``start_activity(req, announce_after=...)`` without building the start record (a quick
+        activity never needs it: the session worker's path)."""
+        self._check_open()
+        if req.id in self._tracks or req.id in self._finished:
+            raise ActivityAlreadyStartedError(f"activity {req.id} was started already")
+        track = self._tracks[req.id] = _Track(
+            id=req.id, started_at=utcnow(), req=req, worker_id=self.worker_id, deferred=req,
+            context=contextvars.copy_context(), fresh_id="id" not in req.model_fields_set,
+        )  # fmt: skip
+        self._due.append((anyio.current_time() + announce_after, track))
+        self._due_added.set()
+        return track
 
-    @staticmethod
-    def _start_fields(record: ActivityRecord, req: StartRequest) -> ActivityStart:
-        """The announcement a completion carries for an activity that was never announced."""
-        assert record.started_at is not None
+    def _started_event(self, track: _Track, req: StartRequest) -> ActivityStarted:
+        return announcement(req.id, self._start_fields(track, req), req.status)
+
+    def _start_fields(self, track: _Track, req: StartRequest) -> ActivityStart:
+        """The announcement a completion carries for an activity that was never announced (what its
+        start record says, from the request it was started with)."""
         return ActivityStart(
-            started_at=record.started_at, environment_id=req.environment_id, activity_type=req.type,
+            started_at=track.started_at, environment_id=req.environment_id, activity_type=req.type,
             resource_type=req.resource_type, resource_id=req.resource_id, resource_name=req.resource_name,
-            step=req.step, message=record.latest_message, progress=record.progress, started_by=req.started_by,
-            metadata=req.metadata, batch_id=req.batch_id, worker_id=record.worker_id, session_id=req.session_id,
+            step=req.step, message=cut_text(req.message), progress=clamp_progress(req.progress),
+            started_by=req.started_by, metadata=req.metadata, batch_id=req.batch_id,
+            worker_id=req.worker_id or self.worker_id, session_id=req.session_id,
         )  # fmt: skip
 
     async def _announce_due(self) -> None:
@@ -382,16 +414,16 @@ class BusActivityService:
                 await anyio.sleep(max(wait, 0.05))
                 continue
             self._due.popleft()
-            if track.deferred is not None and track.record.id in self._tracks:
+            if track.deferred is not None and track.id in self._tracks:
                 assert self._tg is not None and track.context is not None
                 # In the activity's own context: the announcement joins the trace of its work.
-                name = f"activity-announce-{track.record.id}"
+                name = f"activity-announce-{track.id}"
                 start = functools.partial(self._tg.start_soon, self._announce, track, name=name)
                 track.context.run(start)
 
     async def _announce(self, track: _Track) -> None:
         async with track.lock:
-            if track.deferred is None or track.record.id not in self._tracks:
+            if track.deferred is None or track.id not in self._tracks:
                 return
             self._undefer(track)
             try:
@@ -399,7 +431,7 @@ class BusActivityService:
                     await self._send(track.pending[0][0])
                     track.pending.pop(0)
             except CadenzaError as exc:
-                _log.warning("activity %s: announcement not stored yet: %s", track.record.id, exc)
+                _log.warning("activity %s: announcement not stored yet: %s", track.id, exc)
                 if not exc.non_retryable:
                     self._retry_later(track)
 
@@ -411,7 +443,7 @@ class BusActivityService:
                 await self._publish_locked(track, track.pending.pop(0)[0])
             except CadenzaError as exc:
                 # Kept pending (retryable) and retried by the outbox, or before the next event.
-                _log.warning("activity %s: announcement not stored yet: %s", track.record.id, exc)
+                _log.warning("activity %s: announcement not stored yet: %s", track.id, exc)
 
     async def update_activity(self, activity_id: str, req: UpdateRequest) -> None:
         """Change step / progress / latest message (and ``queued`` -> ``running``)."""
@@ -439,7 +471,6 @@ class BusActivityService:
         final_step: str | None = None,
         result: Any = None,
         _closing: bool = False,
-        _record: bool = True,
         _publish_timeout: float | None = None,
     ) -> ActivityRecord:
         """End an activity (event id ``<id>.completed``); the first completion wins.
@@ -453,6 +484,33 @@ class BusActivityService:
             ActivityError: the activity is not running here.
             PublishError: not stored (the activity stays open here; call again to retry).
         """
+        track, event, text = await self._end_activity(activity_id, status, final_message, error, final_step=final_step,
+                                                     result=result, _publish_timeout=_publish_timeout)  # fmt: skip
+        return track.record.model_copy(
+            update={
+                "status": status,
+                "error": event.error,
+                "ended_at": event.time,
+                "latest_message": text or track.record.latest_message,
+                "progress": 100.0 if status is ActivityStatus.SUCCESS else track.record.progress,
+                "result": result,
+                "last_seq": track.next_seq - 1,
+            }
+        )
+
+    async def _end_activity(
+        self,
+        activity_id: str,
+        status: ActivityStatus,
+        final_message: str = "",
+        error: str | None = None,
+        *,
+        final_step: str | None = None,
+        result: Any = None,
+        _publish_timeout: float | None = None,
+    ) -> tuple[_Track, ActivityCompleted, str]:
+        """:meth:`complete_activity` without building the ending record (the session worker does
+        not use it); returns the activity's track, its completion and the final message."""
         if not status.terminal:
             raise UsageError(f"{status.value} is not a terminal status")
         track = self._track(activity_id)
@@ -462,24 +520,13 @@ class BusActivityService:
         async with track.lock:
             if activity_id not in self._tracks:
                 raise ActivityFinishedError(f"activity {activity_id} has finished")
-            event = self._completion(track, status, cut_text(final_message), error, final_step, result)
+            text = cut_text(final_message)
+            event = self._completion(track, status, text, error, final_step, result)
             track.completing = status
             # Not stored: PublishError to the caller; the outbox keeps the completion and retries it.
             await self._publish_locked(track, event, timeout=_publish_timeout)
             self._finish(activity_id, status)
-        if not _record:
-            return track.record  # (the session worker does not use the ending record: not built)
-        return track.record.model_copy(
-            update={
-                "status": status,
-                "error": event.error,
-                "ended_at": event.time,
-                "latest_message": (event.final.message if event.final else "") or track.record.latest_message,
-                "progress": 100.0 if status is ActivityStatus.SUCCESS else track.record.progress,
-                "result": result,
-                "last_seq": track.next_seq - 1,
-            }
-        )
+        return track, event, text
 
     async def _close_writers(self, track: _Track) -> None:
         """Close the activity's writers and store what they queued (bounded: see ``writer_flush_timeout``)."""
@@ -506,7 +553,7 @@ class BusActivityService:
         # announces it, unless an older event still waits in the outbox (then it goes first).
         start = None
         if track.deferred is not None and not track.pending:
-            start = self._start_fields(track.record, track.deferred)
+            start = self._start_fields(track, track.deferred)
             track.deferred = None
         else:
             self._undefer(track)
@@ -514,6 +561,7 @@ class BusActivityService:
             track.next_seq += 1
         return ActivityCompleted(
             event_id=f"{activity_id}.completed",
+            source=self.bus.source,
             activity_id=activity_id,
             rev=track.rev,
             status=status,
@@ -530,7 +578,8 @@ class BusActivityService:
         self._finished[activity_id] = status
         while len(self._finished) > 100_000:
             self._finished.popitem(last=False)
-        track.registration.close()
+        for token in track.routed:
+            self.router.discard(activity_id, token)
         if track.token is not None:
             track.token.release()
 
@@ -606,14 +655,15 @@ class BusActivityService:
         tg = self._check_open()
         track = self._track(activity_id)
         work = ctx.child(activity_id=activity_id)
-        track.registration.enter_context(self.router.register(activity_id, work.token))
+        self.router.add(activity_id, work.token)
+        track.routed.append(work.token)
         track.token = work.token
         # No task per activity: the warning is scheduled only if the token is cancelled.
         work.token.on_cancel(lambda _cause: self._cancelled(track))
-        if check_stored and track.fresh_id and track.record.started_at is not None:
+        if check_stored and track.fresh_id:
             # An id made by start_activity cannot have been cancelled before it existed: if the router
             # was listening then, it heard (and keeps) every cancel for it; no look-up needed.
-            check_stored = not self.router.seen_since(track.record.started_at)
+            check_stored = not self.router.seen_since(track.started_at)
         if not check_stored:
             pass  # the caller knows the router heard every cancel that could target this id
         elif check_now:
@@ -623,8 +673,8 @@ class BusActivityService:
         return work
 
     def _cancelled(self, track: _Track) -> None:
-        if self._tg is not None and self.state is ServiceState.OPEN and track.record.id in self._tracks:
-            self._tg.start_soon(self._warn_cancelled, track, name=f"activity-cancel-{track.record.id}")
+        if self._tg is not None and self.state is ServiceState.OPEN and track.id in self._tracks:
+            self._tg.start_soon(self._warn_cancelled, track, name=f"activity-cancel-{track.id}")
 
     async def _warn_cancelled(self, track: _Track) -> None:
         """Append "Cancellation requested by <name>" once, when a user cancelled the activity."""
@@ -634,10 +684,10 @@ class BusActivityService:
         track.warned = True
         try:
             await self.append_message(
-                track.record.id,
+                track.id,
                 AppendMessageRequest(
                     message=f"Cancellation requested by {cause.who or 'user'}", level=ActivityLevel.WARNING
                 ),
             )
         except CadenzaError as exc:
-            _log.info("activity %s: cancel warning not stored: %s", track.record.id, exc)
+            _log.info("activity %s: cancel warning not stored: %s", track.id, exc)

@@ -60,7 +60,7 @@ from .._exceptions import (
     RequestError,
     ValidationError,
 )
-from ._codec import MAX_EVENT_BYTES, decode, encode
+from ._codec import HDR_MSG_ID, MAX_EVENT_BYTES, decode, encode
 from ._retry import backoff_delay, is_transient, retry_transient
 from ._server import EmbeddedServer
 from ._topology import ConsumerSpec, Topology
@@ -249,6 +249,8 @@ class _Pull:
         self.errors_in_row = 0
         self._arrived: deque[Msg] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        #: Wakes a waiting :meth:`next` within half a second; one timer at a time, not one per wait.
+        self._timer: asyncio.TimerHandle | None = None
 
     async def open(self) -> None:
         nc = self.bus.nc
@@ -262,7 +264,16 @@ class _Pull:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def _tick(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         with contextlib.suppress(Exception):
             await self.sub.unsubscribe()
 
@@ -294,11 +305,11 @@ class _Pull:
         if not self._arrived:
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(0.5, _wake, waiter)
+            if self._timer is None:
+                self._timer = loop.call_later(0.5, self._tick)
             try:
                 await waiter
             finally:
-                timer.cancel()
                 self._waiter = None
             if not self._arrived:
                 return None
@@ -331,8 +342,12 @@ class _PubAcks:
         self.nc = nc
         self._prefix = ""
         self._opening = anyio.Lock()
-        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        #: The publishes waiting for their acknowledgement, with the loop time they give up at.
+        self._waiting: dict[str, tuple[asyncio.Future[Msg], float]] = {}
         self._ids = itertools.count(1)
+        #: One timer for every wait (a timer per publish costs more than the sweep): it times out the
+        #: waits past their deadline, :data:`_SWEEP` seconds late at most.
+        self._sweeping: asyncio.TimerHandle | None = None
 
     async def _open(self) -> None:
         async with self._opening:
@@ -342,9 +357,38 @@ class _PubAcks:
                 self._prefix = prefix
 
     async def _answer(self, msg: Msg) -> None:
-        waiter = self._waiting.pop(msg.subject[len(self._prefix) :], None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(msg)
+        waiting = self._waiting.pop(msg.subject[len(self._prefix) :], None)
+        if waiting is not None and not waiting[0].done():
+            waiting[0].set_result(msg)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        for token, (waiter, deadline) in list(self._waiting.items()):
+            if deadline <= now:
+                del self._waiting[token]
+                if not waiter.done():
+                    waiter.set_exception(nats.errors.TimeoutError())
+        self._sweeping = loop.call_later(_SWEEP, self._sweep, loop) if self._waiting else None
+
+    async def send(
+        self, subject: str, body: bytes, headers: dict[str, str] | None, timeout: float
+    ) -> asyncio.Future[Msg]:
+        """Send a stored publish without waiting: the future of the server's answer (a message for
+        :func:`pub_ack_error`, or ``nats.errors.TimeoutError`` after ``timeout``)."""
+        if not self._prefix:
+            await self._open()
+        token = str(next(self._ids))
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Msg] = loop.create_future()
+        self._waiting[token] = (waiter, loop.time() + timeout)
+        if self._sweeping is None:
+            self._sweeping = loop.call_later(_SWEEP, self._sweep, loop)
+        try:
+            await self.nc.publish(subject, body, reply=self._prefix + token, headers=headers)
+        except BaseException:
+            self._waiting.pop(token, None)
+            raise
+        return waiter
 
     async def publish(
         self, subject: str, body: bytes, headers: dict[str, str] | None, timeout: float
@@ -354,13 +398,13 @@ class _PubAcks:
         token = str(next(self._ids))
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Msg] = loop.create_future()
-        self._waiting[token] = waiter
-        timer = loop.call_later(timeout, _time_out, waiter)
+        self._waiting[token] = (waiter, loop.time() + timeout)
+        if self._sweeping is None:
+            self._sweeping = loop.call_later(_SWEEP, self._sweep, loop)
         try:
             await self.nc.publish(subject, body, reply=self._prefix + token, headers=headers)
             msg = await waiter
         finally:
-            timer.cancel()
             self._waiting.pop(token, None)
         if msg.headers and msg.headers.get("Status") == "503":
             raise nats.js.errors.NoStreamResponseError
@@ -393,9 +437,24 @@ class _JetStream(JetStreamContext):
         return await self.acks.publish(subject, payload, headers, self._timeout if timeout is None else timeout)
 
 
-def _time_out(waiter: asyncio.Future[Msg]) -> None:
-    if not waiter.done():
-        waiter.set_exception(nats.errors.TimeoutError())
+#: Seconds between two looks for stored publishes past their acknowledgement's deadline.
+_SWEEP = 0.05
+
+
+def pub_ack_error(answer: asyncio.Future[Msg]) -> BaseException | None:
+    """Why the stored publish whose answer this is (:meth:`_PubAcks.send`) is not known to be stored,
+    or None: it is."""
+    if answer.cancelled():
+        return nats.errors.TimeoutError()
+    exc = answer.exception()
+    if exc is not None:
+        return exc
+    msg = answer.result()
+    if msg.headers and msg.headers.get("Status") == "503":
+        return nats.js.errors.NoStreamResponseError()
+    if b'"error"' in msg.data:
+        return nats.js.errors.Error(msg.data.decode(errors="replace")[:300])
+    return None
 
 
 @dataclass
@@ -408,11 +467,6 @@ class BusStats:
     dead_letters: int = 0
     redeliveries_skipped: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 def _hostname() -> str:
@@ -551,6 +605,37 @@ class Bus:
             instruments.on_published(event)
             return result
 
+    async def send_stored(self, event: Event) -> asyncio.Future[Msg] | None:
+        """Store ``event`` without waiting for the server's acknowledgement: the future of its answer
+        (see :func:`pub_ack_error`), or None when traced (then use :meth:`publish`). If the answer
+        says it was not stored, :meth:`publish` the same event: its ``Nats-Msg-Id`` stores it once.
+        (The session client's task: a caller waits for the answer to its task, which can only come
+        once the task is stored, and for the acknowledgement only when it says something went wrong.)
+
+        Raises:
+            ValidationError: the event is too large or its subject id is not a valid token.
+            PublishError: the connection would not take the message.
+        """
+        self._check_open()
+        if traced_send():
+            return None
+        if not event.source:
+            event = event.model_copy(update={"source": self.source})
+        try:
+            subject = self.subject_of(event)
+        except ValueError as exc:
+            raise ValidationError(str(exc), kind="bad_subject") from exc
+        body, hdrs = encode(event)
+        js = self.js
+        assert isinstance(js, _JetStream)
+        try:
+            answer = await js.acks.send(subject, body, hdrs, self.timeouts.publish)
+        except nats.errors.Error as exc:
+            raise PublishError(f"publish to {subject} failed: {exc}") from exc
+        self.stats.published += 1
+        instruments.on_published(event)
+        return answer
+
     async def _publish_raw(self, subject: str, body: bytes, headers: dict[str, str], timeout: float) -> PublishResult:
         last: BaseException | None = None
         # Bounded by time as well as attempts: "no response from stream" comes back at once while a
@@ -580,10 +665,14 @@ class Bus:
         ) from last
 
     async def publish_core(self, event: Event, *, subject: str | None = None) -> None:
-        """Send ``event`` without storing it (core NATS, fire-and-forget broadcast)."""
+        """Send ``event`` without storing it (core NATS, fire-and-forget broadcast).
+
+        Without ``Nats-Msg-Id``: no stream dedupes a core message (the body has the event id).
+        """
         self._check_open()
         subject = subject or self.subject_of(event)
         body, hdrs = encode(event)
+        del hdrs[HDR_MSG_ID]
         if not traced_send():
             await self.nc.publish(subject, body, headers=hdrs)
             return

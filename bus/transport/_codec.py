@@ -45,7 +45,9 @@ _BY_TYPE: dict[tuple[type[Event], ...], dict[str, type[Event]]] = {}
 
 
 def encode(event: Event) -> tuple[bytes, dict[str, str]]:
-    """The JSON body and cadenza headers of ``event``.
+    """The JSON body and cadenza headers of ``event``: ``Nats-Msg-Id``, ``Cadenza-Schema-Version`` and
+    ``Cadenza-Event-Type`` (no ``Content-Type``: every cadenza message is JSON, and each header costs
+    about 2 µs to write and read in nats-py, per message).
 
     Raises:
         ValidationError: the encoded event is larger than :data:`MAX_EVENT_BYTES`.
@@ -58,7 +60,6 @@ def encode(event: Event) -> tuple[bytes, dict[str, str]]:
         )
     headers = {
         HDR_MSG_ID: event.event_id,
-        "Content-Type": CONTENT_TYPE,
         HDR_SCHEMA_VERSION: str(event.schema_version),
         HDR_EVENT_TYPE: event.type,
     }

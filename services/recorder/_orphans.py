@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import anyio
 
 import bus
+from bus.tracking import Entry
 from bus.transport import stored_events
 from schemas import (
     ActivityCompleted,
@@ -34,7 +35,6 @@ from schemas import (
     MessageEntry,
     SessionClosed,
     SessionOpened,
-    StoredActivity,
 )
 
 __all__ = ("OrphanSweep",)
@@ -55,7 +55,7 @@ class OrphanSweep:
     _gone: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     async def sweep(
-        self, b: bus.Bus, gone: dict[str, str], records: Callable[[str], StoredActivity | None]
+        self, b: bus.Bus, gone: dict[str, str], records: Callable[[str], Entry | None]
     ) -> int:
         """Read the inboxes due among ``gone`` (worker id -> why it is gone) and end what they hold;
         returns how many activities were ended."""
@@ -71,7 +71,7 @@ class OrphanSweep:
             self._gone[wid] = (self._gone[wid][0], now)
         return done
 
-    async def _read(self, b: bus.Bus, wid: str, why: str, records: Callable[[str], StoredActivity | None]) -> int:
+    async def _read(self, b: bus.Bus, wid: str, why: str, records: Callable[[str], Entry | None]) -> int:
         inbox = b.subjects.build("task", wid, "inbox")
         done = 0
         for _, event in await stored_events(b, "task", inbox, _INBOX_EVENTS):

@@ -33,7 +33,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 import bus
-from bus.tracking import ActivityEvent, StreamFold, follow_activity_events, read_activity_messages
+from bus.tracking import ActivityEvent, Entry, FirstEvent, StreamFold, follow_activity_events, read_activity_messages
 from bus.transport import WORKER_EVENTS, follow_worker_events, last_event, last_stored_seq, purge_subject
 from schemas import (
     ENDPOINTS,
@@ -130,8 +130,9 @@ class Recorder:
     _waiting: list[tuple[int, anyio.Event]] = field(default_factory=list)
 
     @property
-    def cache(self) -> dict[str, Stored]:
-        """The records by activity id (those pruned are gone)."""
+    def cache(self) -> dict[str, Entry]:
+        """The records by activity id (those pruned are gone); a quick activity is kept as its one
+        event (:class:`bus.tracking.FirstEvent`, folded on first use: ``.record``, ``.fold``)."""
         return self.folded.records
 
     @property
@@ -218,8 +219,12 @@ class Recorder:
                   bound)  # fmt: skip
         return False
 
-    def _index(self, stored: Stored) -> None:
+    def _index(self, stored: Entry) -> None:
         """Keep the index the sweep uses (no scans of the records) up to date with a new record state."""
+        if isinstance(stored, FirstEvent):  # finished, and not folded for this
+            self._open.discard(stored.event.activity_id)
+            self._finalising.pop(stored.event.activity_id, None)
+            return
         aid = stored.record.id
         if stored.record.terminal:
             self._open.discard(aid)
@@ -360,17 +365,21 @@ class Recorder:
         """Finished activities beyond the age or count limits (running ones never)."""
         now = now or utcnow()
         days, count = self.config.retention_days, self.config.retention_count
-        by_env: dict[str, list[ActivityRecord]] = {}
+        # (environment, when it ended, the entry) of each finished activity; an entry known by its
+        # completion alone says both without being folded, and only the pruned ones are.
+        by_env: dict[str, list[tuple[datetime, Entry]]] = {}
         for stored in self.cache.values():
-            if stored.record.terminal:
-                by_env.setdefault(stored.record.environment_id, []).append(stored.record)
+            if isinstance(stored, FirstEvent) and not stored.folded_yet:
+                by_env.setdefault(stored.environment_id, []).append((stored.ended_at, stored))
+            elif stored.record.terminal:
+                r = stored.record
+                by_env.setdefault(r.environment_id, []).append((r.ended_at or r.updated_at or now, stored))
         out: list[ActivityRecord] = []
-        for records in by_env.values():
-            records.sort(key=lambda r: r.ended_at or r.updated_at or now, reverse=True)
-            for i, r in enumerate(records):
-                ended = r.ended_at or r.updated_at or now
+        for entries in by_env.values():
+            entries.sort(key=lambda e: e[0], reverse=True)
+            for i, (ended, stored) in enumerate(entries):
                 if (days > 0 and now - ended > timedelta(days=days)) or (count > 0 and i >= count):
-                    out.append(r)
+                    out.append(stored.record)
         return out
 
     async def prune(self) -> int:
