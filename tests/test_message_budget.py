@@ -97,7 +97,7 @@ async def test_an_in_session_activity_stays_within_its_message_budget(nats_serve
             ran[0] += n
             return aid
 
-        async def settled(last: str) -> None:
+        async def settled(last: str, counter_sub: Any = None) -> None:
             """Nothing of the activities run so far is still on its way (so none is counted in the
             wrong window): the recorder folded the last one, the worker acked every task (its ack is
             sent as it counts the task handled), every process's messages were routed (flush), and
@@ -110,11 +110,9 @@ async def test_an_in_session_activity_stays_within_its_message_budget(nats_serve
             for b in buses.values():  # every message a process sent is routed before its PONG
                 await b.nc.flush(timeout=10)
             await counter.nc.flush(timeout=10)
-            if counting:
-                await eventually(lambda: counting[0].pending_msgs == 0, timeout=20,
+            if counter_sub is not None:
+                await eventually(lambda: counter_sub.pending_msgs == 0, timeout=20,
                                  what="the counter took every message")  # fmt: skip
-
-        counting: list[Any] = []
 
         await settled(await run(WARM, 0))
         # The worker's cancel router has listened long enough that no task needs a look-up of stored
@@ -129,9 +127,8 @@ async def test_an_in_session_activity_stays_within_its_message_budget(nats_serve
                 seen[_kind(msg.subject, prefix)] += 1
 
         sub = await counter.nc.subscribe(">", cb=count)
-        counting.append(sub)
         await counter.nc.flush(timeout=10)
-        await settled(await run(COUNTED, WARM))
+        await settled(await run(COUNTED, WARM), sub)
         await sub.unsubscribe()
         await bus.complete_session(sctx)
 

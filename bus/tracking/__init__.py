@@ -40,6 +40,7 @@ if _typing.TYPE_CHECKING:
     from ._api import run_handler_activity as run_handler_activity
     from ._api import start_handler_activity_for_user as start_handler_activity_for_user
     from ._api import status_for_cause as status_for_cause
+    from ._api import store_first_completion as store_first_completion
     from ._fold import ACTIVITY_EVENTS as ACTIVITY_EVENTS
     from ._fold import ActivityEvent as ActivityEvent
     from ._fold import Entry as Entry

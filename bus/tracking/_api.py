@@ -20,7 +20,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from types import MappingProxyType
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -37,6 +37,11 @@ from schemas import (
 
 from .._context import Context
 from .._exceptions import ActivityError, CadenzaError
+
+if TYPE_CHECKING:
+    from schemas import ActivityCompleted
+
+    from ..transport._bus import Bus
 
 __all__ = (
     "CANCELLED_BY_USER",
@@ -60,6 +65,7 @@ __all__ = (
     "run_handler_activity",
     "start_handler_activity_for_user",
     "status_for_cause",
+    "store_first_completion",
 )
 
 _log = logging.getLogger("cadenza.activity")
@@ -83,6 +89,22 @@ def completed_already(exc: BaseException) -> bool:
             return True
         cause = cause.__cause__
     return False
+
+
+async def store_first_completion(bus: Bus, event: ActivityCompleted, *, timeout: float | None = None) -> bool:
+    """Store an activity's completion if none is stored yet: True if this one was stored, False if
+    another was first (it stays: the first completion wins).
+
+    Raises:
+        PublishError: not stored, and no other completion is known to be (the caller retries).
+    """
+    try:
+        await bus.publish(event, headers=FIRST_COMPLETION, timeout=timeout)
+    except CadenzaError as exc:
+        if not completed_already(exc):
+            raise
+        return False
+    return True
 
 
 #: Latest message of an activity a user cancelled.

@@ -48,14 +48,13 @@ from .._heartbeat import Heartbeater, ProcessLoad, new_worker_id
 from ..transport._bus import Bus
 from ..transport._retry import backoff_delay
 from ._api import (
-    FIRST_COMPLETION,
     ActivityAlreadyStartedError,
     ActivityFinishedError,
     AppendMessageRequest,
     StartRequest,
     UpdateRequest,
     clamp_progress,
-    completed_already,
+    store_first_completion,
 )
 from ._fold import announcement
 from ._writer import ActivityWriter, TextSink, flush_writer
@@ -253,11 +252,7 @@ class BusActivityService:
         if not isinstance(event, ActivityCompleted):
             await self.bus.publish(event)
             return
-        try:
-            await self.bus.publish(event, headers=FIRST_COMPLETION, timeout=timeout)
-        except CadenzaError as exc:
-            if not completed_already(exc):
-                raise
+        if not await store_first_completion(self.bus, event, timeout=timeout):
             # Another ending is stored (the recorder finalised it, or this very one on a retry after
             # the window of duplicates): the activity has ended, which is what this publish wanted.
             _log.info("activity %s: a completion was stored before this one; the first stays", event.activity_id)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import anyio
 
 import bus
-from bus.tracking import Entry
+from bus.tracking import Entry, store_first_completion
 from bus.transport import stored_events
 from schemas import (
     ActivityCompleted,
@@ -95,10 +95,6 @@ async def _end(b: bus.Bus, task: ActivityTask, why: str) -> None:
         event_id=f"{aid}.completed", activity_id=aid, status=ActivityStatus.FAILED, error=why,
         final=MessageEntry(level=ActivityLevel.ERROR, message=why), final_seq=1, host_lost=True, start=start,
     )  # fmt: skip
-    try:
-        await b.publish(event, headers=bus.FIRST_COMPLETION)
-    except bus.PublishError as exc:
-        if not bus.completed_already(exc):
-            raise
-        return
+    if not await store_first_completion(b, event):
+        return  # the worker's own completion was stored first
     _log.warning("activity %s: %s (its task was left in the worker's inbox)", aid, why)

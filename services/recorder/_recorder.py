@@ -33,7 +33,15 @@ import anyio
 from anyio.abc import TaskStatus
 
 import bus
-from bus.tracking import ActivityEvent, Entry, FirstEvent, StreamFold, follow_activity_events, read_activity_messages
+from bus.tracking import (
+    ActivityEvent,
+    Entry,
+    FirstEvent,
+    StreamFold,
+    follow_activity_events,
+    read_activity_messages,
+    store_first_completion,
+)
 from bus.transport import WORKER_EVENTS, follow_worker_events, last_event, last_stored_seq, purge_subject
 from schemas import (
     ENDPOINTS,
@@ -342,11 +350,7 @@ class Recorder:
             event_id=f"{record.id}.completed", activity_id=record.id, status=status, error=error,
             final=MessageEntry(level=level, message=final), final_seq=seq, host_lost=True,
         )  # fmt: skip
-        try:
-            await self.bus.publish(event, headers=bus.FIRST_COMPLETION)
-        except bus.PublishError as exc:
-            if not bus.completed_already(exc):
-                raise
+        if not await store_first_completion(self.bus, event):
             _log.info("activity %s: a completion was stored first; it stays", record.id)
 
     # ------------------------------------------------------------ pruning
