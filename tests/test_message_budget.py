@@ -43,6 +43,8 @@ def _kind(subject: str, prefix: str) -> str:
         return "pull request"
     if subject.startswith("$JS.API."):
         return "JetStream API " + ".".join(subject.split(".")[2:4])
+    if subject.startswith("$JS.EVENT."):
+        return ".".join(subject.split(".")[:5])  # $JS.EVENT.ADVISORY.<kind>.<what>, of one of our streams
     if subject.startswith("$JS.FC."):
         return "flow control"
     if subject.startswith("$KV."):
@@ -122,12 +124,26 @@ async def test_an_in_session_activity_stays_within_its_message_budget(nats_serve
         await settled(await run(WARM, 1000))
         seen: Counter[str] = Counter()
 
+        # The server's advisories ($JS.EVENT.ADVISORY.<kind>.<stream>...) name their stream: those of
+        # another test's streams on this shared server are not ours (one was counted here once).
+        ours = tuple(f".{caller.topology.stream_name(d)}" for d in ("task", "activity", "session", "cancel", "worker"))
+
         async def count(msg: Any) -> None:
-            if not msg.subject.startswith(f"{prefix}.worker."):
-                seen[_kind(msg.subject, prefix)] += 1
+            subject = msg.subject
+            if subject.startswith(f"{prefix}.worker."):
+                return
+            if subject.startswith("$JS.EVENT.") and not any(s + "." in subject + "." for s in ours):
+                return
+            seen[_kind(subject, prefix)] += 1
 
         sub = await counter.nc.subscribe(">", cb=count)
         await counter.nc.flush(timeout=10)
+        # One activity more before the count: the counter's interest in a process's messages can lag
+        # behind its flush (the first task's publish once went uncounted while its delivery was
+        # counted; a core message of the caller's once did not reach it within 20 s). What it saw of
+        # this one is dropped; the count is of the hundred after it.
+        await settled(await run(1, 2000), sub)
+        seen.clear()
         await settled(await run(COUNTED, WARM), sub)
         await sub.unsubscribe()
         await bus.complete_session(sctx)
