@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, NoReturn, TypeVar
 from . import _telemetry
 
 if TYPE_CHECKING:  # imported when a command runs, not when the parser is built
+    from datetime import datetime
+
     import bus
 
 __all__ = (
@@ -42,6 +44,7 @@ __all__ = (
     "id_arg",
     "int_arg",
     "keep_reconnecting",
+    "one_match",
     "reconnects",
     "riding_out",
     "run_service",
@@ -50,6 +53,8 @@ __all__ = (
     "start_process",
     "stop_process",
     "watch_connection",
+    "when",
+    "with_cli_bus",
 )
 
 #: Printed on stdout once a service serves; tests and ``cadenza dev`` wait for it.
@@ -64,6 +69,38 @@ def fail(message: str, code: int = 2) -> int:
     """Print ``cadenza: <message>`` on stderr (one line) and return ``code``."""
     print(f"cadenza: {message}", file=sys.stderr)
     return code
+
+
+def when(value: datetime | None) -> str:
+    """A time in the local zone for a table (``-`` for none)."""
+    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def one_match(given: str, matches: Sequence[str], noun: str, *, plural: str = "", missing: str = "") -> str | None:
+    """The one of ``matches`` (ids starting with ``given``), or None with one line on stderr that says
+    there is none (``missing``, default ``no <noun> <given>``) or which ones ``given`` starts."""
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        fail(missing or f"no {noun} {given}")
+        return None
+    shown = ", ".join(matches[:10]) + (f" and {len(matches) - 10} more" if len(matches) > 10 else "")
+    fail(f"{given!r} is the start of {len(matches)} {plural or noun + 's'}: {shown}")
+    return None
+
+
+def with_cli_bus(args: argparse.Namespace, work: Callable[[bus.Bus], Awaitable[int]]) -> int:
+    """Run a one-shot command's ``work`` on a bus to ``--server`` / ``NATS_URL``; its exit code (or
+    run_service's, when the run itself failed), or 2 with one line when no server is given."""
+    if not (args.server or os.environ.get("NATS_URL")):
+        return fail("no server given: pass --server nats://host:port or set NATS_URL (`cadenza dev` prints it)")
+    outcome = {"code": 0}
+
+    async def go() -> None:
+        async with cli_bus(args) as b:
+            outcome["code"] = await work(b)
+
+    return run_service(go) or outcome["code"]
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:

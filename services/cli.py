@@ -32,6 +32,7 @@ from ._runtime import (
     add_reconnect_args,
     add_server_args,
     cli_bus,
+    fail,
     float_arg,
     int_arg,
     riding_out,
@@ -57,11 +58,6 @@ _COMMAND_MODULES = (
 _LONG_RUNNING = frozenset({"server", "dev", "broker", "recorder", "worker", "demo", "console"})
 
 
-def _fail(message: str) -> int:
-    print(f"cadenza: {message}", file=sys.stderr)
-    return 2
-
-
 # ------------------------------------------------------------------ server
 
 
@@ -72,7 +68,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     try:
         server.start()
     except bus.ServerStartError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     print(f"nats-server (JetStream) on {server.url}, store {server.store_dir}", flush=True)
     print(f"export NATS_URL={server.url}", flush=True)
     print(READY, flush=True)
@@ -82,7 +78,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     try:
         while not stop.wait(0.5):
             if not server.is_running():
-                return _fail("nats-server exited unexpectedly; see its log in " + str(server.store_dir))
+                return fail("nats-server exited unexpectedly; see its log in " + str(server.store_dir))
     finally:
         server.stop()
     return 0
@@ -99,7 +95,7 @@ def cmd_subjects(args: argparse.Namespace) -> int:
     try:
         topo = bus.Topology(args.prefix)
     except bus.TopologyError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     rows = topo.table()
     if args.json:
         print(json.dumps([dict(zip(("subject", "stream", "limits", "what"), r, strict=True)) for r in rows], indent=2))
@@ -125,21 +121,21 @@ def cmd_schemas(args: argparse.Namespace) -> int:
     if args.dir:
         directory = Path(args.dir)
         if not directory.is_dir() and (check or not directory.parent.is_dir()):
-            return _fail(f"no such directory: {directory}" + ("" if check else " (nor its parent)"))
+            return fail(f"no such directory: {directory}" + ("" if check else " (nor its parent)"))
     elif check:
         directory = schemas.JSON_DIR
     elif (Path.cwd() / "schemas" / "json").is_dir():
         directory = Path("schemas") / "json"
         print(f"writing to ./{directory} (the checkout in this directory; --dir DIR to choose)", file=sys.stderr)
     else:
-        return _fail("pass --dir DIR: where to write the JSON Schema files (there is no ./schemas/json here)")
+        return fail("pass --dir DIR: where to write the JSON Schema files (there is no ./schemas/json here)")
     # The AsyncAPI document lies beside the JSON Schema directory (schemas/asyncapi.json).
     asyncapi = Path(args.asyncapi) if args.asyncapi else directory.parent / schemas.ASYNCAPI_PATH.name
     try:
         differ = schemas.export_json_schemas(directory, check=check)
         stale = schemas.export_asyncapi(asyncapi, check=check)
     except OSError as exc:
-        return _fail(f"cannot write to {directory}: {exc.strerror or exc}")
+        return fail(f"cannot write to {directory}: {exc.strerror or exc}")
     count = len(schemas.wire_models())
     if check:
         if differ or stale:
@@ -181,18 +177,18 @@ def cmd_publish(args: argparse.Namespace) -> int:
     cls = schemas.lookup_event_type(args.event)
     if cls is None:
         known = ", ".join(schemas.event_types())
-        return _fail(f"unknown event type {args.event!r}; known types: {known}")
+        return fail(f"unknown event type {args.event!r}; known types: {known}")
     try:
         text = _read_json_arg(args.json)
     except OSError as exc:
-        return _fail(f"cannot read {args.json[1:]!r}: {exc}")
+        return fail(f"cannot read {args.json[1:]!r}: {exc}")
     try:
         event = bus.decode(text.encode(), None, [cls])
     except bus.ValidationError as exc:
         hint = f" (the JSON Schema is schemas/json/{args.event}.json)"
-        return _fail(f"{exc.message}{hint}")
+        return fail(f"{exc.message}{hint}")
     if _no_server(args):
-        return _fail(_NO_SERVER)
+        return fail(_NO_SERVER)
 
     async def go() -> None:
         async with cli_bus(args, "cadenza-cli", ensure_topology=True) as b:
@@ -211,12 +207,12 @@ def cmd_tail(args: argparse.Namespace) -> int:
     from ._tail import follow, printer
 
     if _no_server(args):
-        return _fail(_NO_SERVER)
+        return fail(_NO_SERVER)
     subject = args.subject
     if not subject.startswith(args.prefix + ".") and not subject.startswith("$"):
         subject = f"{args.prefix}.{subject}"
     if " " in subject or not all(subject.split(".")):
-        return _fail(f"{args.subject!r} is not a subject: dot-separated tokens without spaces, * and > as wildcards")
+        return fail(f"{args.subject!r} is not a subject: dot-separated tokens without spaces, * and > as wildcards")
     emit = printer(args)
 
     async def go() -> None:
@@ -241,14 +237,14 @@ def cmd_setup(args: argparse.Namespace) -> int:
     from bus.transport import ensure_topology, format_size, parse_size
 
     if _no_server(args):
-        return _fail(_NO_SERVER)
+        return fail(_NO_SERVER)
     try:
         configured = bus.Topology(args.prefix)  # CADENZA_REPLICAS / CADENZA_STORAGE
         storage = configured.storage if args.storage is None else parse_size(args.storage)
         replicas = configured.replicas if args.replicas is None else args.replicas
         topo = bus.Topology(args.prefix, replicas=replicas, storage=storage)
     except bus.TopologyError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
 
     async def go() -> None:
         async with cli_bus(args, "cadenza-setup") as b:
@@ -264,7 +260,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """Every stream and bucket of the prefix as the server has it: replicas, leader, lag, storage."""
     if _no_server(args):
-        return _fail(_NO_SERVER)
+        return fail(_NO_SERVER)
     rows: list[dict[str, Any]] = []
 
     async def go() -> None:
@@ -353,7 +349,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
     server: bus.EmbeddedServer | EmbeddedCluster
     if args.cluster and args.cluster not in (3, 5):
-        return _fail(f"--cluster takes 3 or 5 nodes (the streams get as many replicas), not {args.cluster}")
+        return fail(f"--cluster takes 3 or 5 nodes (the streams get as many replicas), not {args.cluster}")
     if args.cluster:
         server = EmbeddedCluster(args.cluster, args.store, name="cadenza-dev")
     else:
@@ -362,8 +358,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
         server.start()
     except bus.ServerStartError as exc:
         if args.port and not args.cluster:
-            return _fail(f"{exc} (is port {args.port} taken? use --port 0 for any free port)")
-        return _fail(str(exc))
+            return fail(f"{exc} (is port {args.port} taken? use --port 0 for any free port)")
+        return fail(str(exc))
     children: list[tuple[str, ChildProcess]] = []
     try:
         _print_dev_server(args, server)
@@ -452,11 +448,11 @@ def _run_dev(
         if deadline is not None and time.monotonic() >= deadline:
             break
         if not server.is_running():
-            return _fail("a nats-server exited unexpectedly" if args.cluster else "nats-server exited unexpectedly")
+            return fail("a nats-server exited unexpectedly" if args.cluster else "nats-server exited unexpectedly")
         for label, proc in children:
             if proc.proc is not None and proc.proc.poll() is not None:
                 tail = "".join(proc.output[-20:])
-                return _fail(f"{label} exited with code {proc.proc.returncode}:\n{tail}")
+                return fail(f"{label} exited with code {proc.proc.returncode}:\n{tail}")
     return 0
 
 
@@ -599,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         logging.getLogger("cadenza").debug("unexpected error", exc_info=exc)
         first = (str(exc).strip().splitlines() or [""])[0]
-        return _fail(f"unexpected {type(exc).__name__}: {first} (CADENZA_LOG=debug shows where)")
+        return fail(f"unexpected {type(exc).__name__}: {first} (CADENZA_LOG=debug shows where)")
     finally:
         stop_process()
     return code

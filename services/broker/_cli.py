@@ -12,7 +12,7 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -22,14 +22,17 @@ from .._runtime import (
     add_metrics_args,
     add_server_args,
     announce_ready,
-    cli_bus,
+    fail,
     float_arg,
     id_arg,
     int_arg,
+    one_match,
     run_service,
     service_bus,
     start_process,
     stop_process,
+    when,
+    with_cli_bus,
 )
 
 if TYPE_CHECKING:
@@ -39,11 +42,6 @@ if TYPE_CHECKING:
     from schemas import ActivitySignature, SessionRecord, WorkerRecord
 
 __all__ = ("build_parser", "main", "register")
-
-
-def _fail(message: str) -> int:
-    print(f"cadenza: {message}", file=sys.stderr)
-    return 2
 
 
 def _add_broker_args(p: argparse.ArgumentParser) -> None:
@@ -78,18 +76,6 @@ def cmd_broker(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ reading the buckets
 
 
-def _connected(args: argparse.Namespace, work: Callable[[bus.Bus], Awaitable[int]]) -> int:
-    if not (args.server or os.environ.get("NATS_URL")):
-        return _fail("no server given: pass --server nats://host:port or set NATS_URL (`cadenza dev` prints it)")
-    outcome = {"code": 0}
-
-    async def go() -> None:
-        async with cli_bus(args) as b:
-            outcome["code"] = await work(b)
-
-    return run_service(go) or outcome["code"]
-
-
 async def _all(b: bus.Bus, key: str, model: type[pydantic.BaseModel]) -> list[Any]:
     from bus.transport import Bucket
 
@@ -111,25 +97,16 @@ async def _session(b: bus.Bus, given: str) -> SessionRecord | None:
     record, _revision = await sessions.get(given)
     if record is not None:
         return record
-    matches = sorted(k for k in await sessions.keys() if k.startswith(given))
-    if not matches:
-        print(f"cadenza: no session {given}", file=sys.stderr)
+    match = one_match(given, sorted(k for k in await sessions.keys() if k.startswith(given)), "session")
+    if match is None:
         return None
-    if len(matches) > 1:
-        shown = ", ".join(matches[:10]) + (f" and {len(matches) - 10} more" if len(matches) > 10 else "")
-        print(f"cadenza: {given!r} is the start of {len(matches)} sessions: {shown}", file=sys.stderr)
-        return None
-    record, _revision = await sessions.get(matches[0])
+    record, _revision = await sessions.get(match)
     if record is None:
-        print(f"cadenza: no session {given}", file=sys.stderr)
+        fail(f"no session {given}")
     return record
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _when(value: datetime | None) -> str:
-    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
 
 def cmd_sessions_ls(args: argparse.Namespace) -> int:
@@ -156,10 +133,10 @@ def cmd_sessions_ls(args: argparse.Namespace) -> int:
         print(f"{'SESSION':<36}  {'STATE':<9}  {'TASKLIST':<12}  {'WORKER':<40}  {'OPENED':<19}  CAUSE")
         for r in rows:
             print(f"{r.session_id:<36}  {r.state.value:<9}  {r.tasklist:<12}  {r.worker_id or '-':<40}  "
-                  f"{_when(r.opened_at):<19}  {r.cause or ''}")  # fmt: skip
+                  f"{when(r.opened_at):<19}  {r.cause or ''}")  # fmt: skip
         return 0
 
-    return _connected(args, work)
+    return with_cli_bus(args, work)
 
 
 def cmd_sessions_get(args: argparse.Namespace) -> int:
@@ -174,7 +151,7 @@ def cmd_sessions_get(args: argparse.Namespace) -> int:
                 print(f"{k:<18} {v if v not in (None, '') else '-'}")
         return 0
 
-    return _connected(args, work)
+    return with_cli_bus(args, work)
 
 
 def cmd_sessions_complete(args: argparse.Namespace) -> int:
@@ -193,7 +170,7 @@ def cmd_sessions_complete(args: argparse.Namespace) -> int:
         print(f"completion of {rec.session_id} requested")
         return 0
 
-    return _connected(args, work)
+    return with_cli_bus(args, work)
 
 
 async def _served(b: bus.Bus, worker_id: str) -> list[ActivitySignature]:
@@ -245,7 +222,7 @@ def cmd_workers_ls(args: argparse.Namespace) -> int:
             print(f"    activities: {listed}")
         return 0
 
-    return _connected(args, work)
+    return with_cli_bus(args, work)
 
 
 # ------------------------------------------------------------------ a user's worker
@@ -293,7 +270,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     activities = load_activities(args.target)
     if not activities:
-        return _fail(f"{args.target} holds no activities")
+        return fail(f"{args.target} holds no activities")
 
     async def go() -> None:
         async with service_bus(args, "worker") as b:

@@ -11,7 +11,6 @@ import getpass
 import os
 import sys
 from collections.abc import Sequence
-from datetime import datetime
 from typing import TYPE_CHECKING
 
 from .._runtime import (
@@ -23,14 +22,17 @@ from .._runtime import (
     again_after_reconnect,
     announce_ready,
     cli_bus,
+    fail,
     float_arg,
     id_arg,
     int_arg,
+    one_match,
     riding_out,
     run_service,
     service_bus,
     start_process,
     stop_process,
+    when,
 )
 
 if TYPE_CHECKING:
@@ -83,15 +85,6 @@ def cmd_recorder(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ activities
 
 
-def _fail(message: str) -> int:
-    print(f"cadenza: {message}", file=sys.stderr)
-    return 2
-
-
-def _when(value: datetime | None) -> str:
-    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S") if value else "-"
-
-
 def _line(m: MessageRecord) -> str:
     return f"{m.seq:>6} {m.created_at.astimezone().strftime('%H:%M:%S')} {m.level.value:<7} {m.message}"
 
@@ -102,7 +95,7 @@ def _detail(a: ActivityRecord) -> str:
         ("resource", " ".join(x for x in (a.resource_type, a.resource_name or a.resource_id) if x) or "-"),
         ("progress", f"{a.progress:g}%"), ("step", a.step or "-"), ("latest", a.latest_message or "-"),
         ("error", a.error or "-"), ("started by", a.started_by.name() if a.started_by else "System"),
-        ("started", _when(a.started_at)), ("ended", _when(a.ended_at)),
+        ("started", when(a.started_at)), ("ended", when(a.ended_at)),
         ("duration", f"{a.duration_ms / 1000:.1f}s" if a.duration_ms is not None else "-"),
         ("worker", a.worker_id or "-"), ("session", a.session_id or "-"), ("messages", str(a.message_count)),
     ]  # fmt: skip
@@ -111,7 +104,7 @@ def _detail(a: ActivityRecord) -> str:
 
 def _call(args: argparse.Namespace, work: object) -> int:
     if not (args.server or os.environ.get("NATS_URL")):
-        return _fail("no server given: pass --server nats://host:port or set NATS_URL (`cadenza dev` prints it)")
+        return fail("no server given: pass --server nats://host:port or set NATS_URL (`cadenza dev` prints it)")
     import bus
 
     outcome: dict[str, int] = {"code": 0}
@@ -152,14 +145,7 @@ async def _resolve(client: bus.ActivityClient, given: str, env: str = "") -> str
             raise
     reply = await client.list(environment_id=env, search=given, limit=500)
     matches = sorted(a.id for a in reply.items if a.id.startswith(given))
-    if len(matches) == 1:
-        return matches[0]
-    if not matches:
-        print(f"cadenza: activity {given} not found", file=sys.stderr)
-    else:
-        shown = ", ".join(matches[:10]) + (f" and {len(matches) - 10} more" if len(matches) > 10 else "")
-        print(f"cadenza: {given!r} is the start of {len(matches)} activities: {shown}", file=sys.stderr)
-    return None
+    return one_match(given, matches, "activity", plural="activities", missing=f"activity {given} not found")
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -177,7 +163,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(f"{'ID':<36}  {'STATUS':<9}  {'TYPE':<18}  {'PROG':>5}  {'STARTED':<19}  LATEST")
         for a in reply.items:
             latest = (a.error or a.latest_message).replace("\n", " ")[:60]
-            started = _when(a.started_at)
+            started = when(a.started_at)
             print(f"{a.id:<36}  {a.status.value:<9}  {a.type[:18]:<18}  {a.progress:>4.0f}%  {started:<19}  {latest}")
         more = f"; next page: --offset {reply.next_offset}" if reply.next_offset is not None else ""
         print(f"{len(reply.items)} of {reply.total}{more}")

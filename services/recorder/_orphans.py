@@ -54,9 +54,7 @@ class OrphanSweep:
     #: worker id -> (loop time it was first seen gone, loop time its inbox was last read).
     _gone: dict[str, tuple[float, float]] = field(default_factory=dict)
 
-    async def sweep(
-        self, b: bus.Bus, gone: dict[str, str], records: Callable[[str], Entry | None]
-    ) -> int:
+    async def sweep(self, b: bus.Bus, gone: dict[str, str], records: Callable[[str], Entry | None]) -> int:
         """Read the inboxes due among ``gone`` (worker id -> why it is gone) and end what they hold;
         returns how many activities were ended."""
         now = anyio.current_time()
