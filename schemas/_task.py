@@ -55,47 +55,41 @@ class ActivityTask(Event):
         return "<prefix>.task.<tasklist>.queued | <prefix>.task.<worker_id>.inbox"
 
 
-class SessionOpened(Event):
-    """The broker gave the worker a session (published to its inbox before the caller hears of it)."""
+class _InboxNotice(Event):
+    """A notice the broker stores in one worker's inbox (``<prefix>.task.<worker_id>.inbox``)."""
 
     DOMAIN = "task"
-    EVENT = "session_opened"
 
     worker_id: str = Field(pattern=_ID)
+
+    def subject_id(self) -> str:
+        return self.worker_id
+
+    def subject_event(self) -> str:
+        return "inbox"
+
+    @classmethod
+    def subject_pattern(cls) -> str:
+        return "<prefix>.task.<worker_id>.inbox"
+
+
+class SessionOpened(_InboxNotice):
+    """The broker gave the worker a session (published to its inbox before the caller hears of it)."""
+
+    EVENT = "session_opened"
+
     session_id: str = Field(pattern=_ID)
     expires_at: datetime | None = None
 
-    def subject_id(self) -> str:
-        return self.worker_id
 
-    def subject_event(self) -> str:
-        return "inbox"
-
-    @classmethod
-    def subject_pattern(cls) -> str:
-        return "<prefix>.task.<worker_id>.inbox"
-
-
-class SessionClosed(Event):
+class SessionClosed(_InboxNotice):
     """The session ended: the worker cancels what still runs in it and frees the slot in its count."""
 
-    DOMAIN = "task"
     EVENT = "session_closed"
 
-    worker_id: str = Field(pattern=_ID)
     session_id: str = Field(pattern=_ID)
     state: SessionState
     cause: CancelCause
-
-    def subject_id(self) -> str:
-        return self.worker_id
-
-    def subject_event(self) -> str:
-        return "inbox"
-
-    @classmethod
-    def subject_pattern(cls) -> str:
-        return "<prefix>.task.<worker_id>.inbox"
 
 
 class TaskError(BaseModel):
