@@ -52,7 +52,7 @@ from schemas import (
     utcnow,
 )
 
-from .._context import BUS_KEY, CancelToken, Context
+from .._context import BUS_KEY, CancelToken, Context, loop_time
 from .._exceptions import ActivityError, CadenzaError, SessionError, UsageError, ValidationError
 from ..tracking._api import ActivityCancelledError
 from ..transport._bucket import Bucket, last_event
@@ -219,7 +219,9 @@ class _Live:
 @dataclass(eq=False)
 class _Call:
     session_id: str
-    done: anyio.Event = field(default_factory=anyio.Event)
+    #: An asyncio event, not anyio's: one is made per call, and anyio's looks up the backend each
+    #: time (cadenza runs on asyncio; anyio's scopes cancel a wait on it as on anyio's own).
+    done: asyncio.Event = field(default_factory=asyncio.Event)
     result: ActivityResult | None = None
     session_failed: SessionFailedError | None = None
     #: The server's answer to the task's store said it may not be stored (publish it again).
@@ -492,7 +494,7 @@ class SessionClient:
             await self.bus.publish(task)
         else:
             answer.add_done_callback(call.acked)
-        deadline = anyio.current_time() + timeout
+        deadline = loop_time() + timeout
         try:
             while True:
                 # One scope for the context's cancel and the deadline.
@@ -503,7 +505,7 @@ class SessionClient:
                 # Not acknowledged as stored: the publish with its retries (PublishError if it
                 # fails); the same Nats-Msg-Id stores the task once.
                 call.unstored = False
-                call.done = anyio.Event()
+                call.done = asyncio.Event()
                 await self.bus.publish(task)
         except anyio.get_cancelled_exc_class():
             # The caller's own task was cancelled (not the context): the work is not wanted any more.

@@ -42,7 +42,7 @@ from schemas import (
 )
 
 from .._cancel import CancelRouter
-from .._context import CancelToken, Context
+from .._context import CancelToken, Context, loop_time
 from .._exceptions import ActivityError, CadenzaError, UsageError
 from .._heartbeat import Heartbeater, ProcessLoad, new_worker_id
 from ..transport._bus import Bus
@@ -376,7 +376,7 @@ class BusActivityService:
             id=req.id, started_at=utcnow(), req=req, worker_id=self.worker_id, deferred=req,
             context=contextvars.copy_context(), fresh_id="id" not in req.model_fields_set,
         )  # fmt: skip
-        self._due.append((anyio.current_time() + announce_after, track))
+        self._due.append((loop_time() + announce_after, track))
         self._due_added.set()
         return track
 
@@ -402,7 +402,7 @@ class BusActivityService:
                 self._due_added = anyio.Event()
                 continue
             due, track = self._due[0]
-            wait = due - anyio.current_time()
+            wait = due - loop_time()
             if wait > 0:
                 # Not less than 50 ms: one wake-up takes every announcement due by then (a steady
                 # flow of activities would otherwise wake this loop once per activity).
