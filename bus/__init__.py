@@ -100,19 +100,19 @@ if _typing.TYPE_CHECKING:
     from .tracking._writer import write_started_line as write_started_line
     from .transport._bus import Bus as Bus
     from .transport._bus import BusState as BusState
-    from .transport._bus import BusStats as BusStats
-    from .transport._bus import Delivery as Delivery
-    from .transport._bus import PublishResult as PublishResult
     from .transport._bus import connect as connect
     from .transport._codec import MAX_EVENT_BYTES as MAX_EVENT_BYTES
     from .transport._codec import decode as decode
     from .transport._codec import encode as encode
+    from .transport._consume import Delivery as Delivery
+    from .transport._publish import PublishResult as PublishResult
     from .transport._retry import backoff_delay as backoff_delay
     from .transport._retry import is_transient as is_transient
     from .transport._retry import retry_transient as retry_transient
     from .transport._retry import run_restarting as run_restarting
     from .transport._server import EmbeddedServer as EmbeddedServer
     from .transport._server import find_server_binary as find_server_binary
+    from .transport._stats import BusStats as BusStats
     from .transport._topology import BucketSpec as BucketSpec
     from .transport._topology import ConsumerSpec as ConsumerSpec
     from .transport._topology import StreamSpec as StreamSpec

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import bus
 from bus._heartbeat import describe_activities
 from bus.tracking._fold import fold_started, fold_updated
-from bus.transport._bus import _dead_letter_id
+from bus.transport._dead_letters import dead_letter_id
 from schemas import (
     ASYNCAPI_PATH,
     TOKEN_PATTERN,
@@ -94,12 +94,12 @@ def test_what_the_bus_encodes_decodes_with_its_own_headers() -> None:
 
 
 def test_dead_letter_ids_differ_per_consumer_and_stay_bounded() -> None:
-    a = _dead_letter_id("broker-workers", "T_WORKER", 7)
-    b = _dead_letter_id("recorder-workers", "T_WORKER", 7)
-    assert a != b and a == _dead_letter_id("broker-workers", "T_WORKER", 7)
-    long = _dead_letter_id("c" * 200, "S" * 200, 12345)
-    assert len(long) <= 128 and long != _dead_letter_id("d" * 200, "S" * 200, 12345)
-    assert _dead_letter_id("x", "", 0) != _dead_letter_id("x", "", 0)  # core input: one entry per rejection
+    a = dead_letter_id("broker-workers", "T_WORKER", 7)
+    b = dead_letter_id("recorder-workers", "T_WORKER", 7)
+    assert a != b and a == dead_letter_id("broker-workers", "T_WORKER", 7)
+    long = dead_letter_id("c" * 200, "S" * 200, 12345)
+    assert len(long) <= 128 and long != dead_letter_id("d" * 200, "S" * 200, 12345)
+    assert dead_letter_id("x", "", 0) != dead_letter_id("x", "", 0)  # core input: one entry per rejection
 
 
 # ---------------------------------------------------------------- schemas

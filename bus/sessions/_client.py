@@ -56,8 +56,9 @@ from .._context import BUS_KEY, CancelToken, Context, loop_time
 from .._exceptions import ActivityError, CadenzaError, SessionError, UsageError, ValidationError
 from ..tracking._api import ActivityCancelledError
 from ..transport._bucket import Bucket, last_event
-from ..transport._bus import Bus, pub_ack_error
+from ..transport._bus import Bus
 from ..transport._codec import decode
+from ..transport._publish import pub_ack_error
 from ..transport._streams import Received
 from ..transport._subscriptions import flush, new_inbox, subscribe_callback
 
@@ -634,12 +635,10 @@ def bus_of(ctx: Context) -> Bus:
 async def client_of(ctx: Context | Bus) -> SessionClient:
     """The :class:`SessionClient` of the context's bus (started on first use)."""
     b = ctx if isinstance(ctx, Bus) else bus_of(ctx)
-    existing = b.helpers.get(SessionClient.NAME)
-    if isinstance(existing, SessionClient) and existing.inbox:
+    existing = b.get_helper(SessionClient.NAME, SessionClient)
+    if existing is not None and existing.inbox:
         return existing
-    client = await b.start_helper(SessionClient.NAME, SessionClient(b))
-    assert isinstance(client, SessionClient)
-    return client
+    return await b.start_helper(SessionClient.NAME, SessionClient(b))
 
 
 async def create_session(ctx: Context, options: SessionOptions) -> Context:
@@ -699,8 +698,8 @@ def get_session_info(ctx: Context) -> SessionInfo | None:
     if not isinstance(info, SessionInfo):
         return None
     b = ctx.values.get(BUS_KEY)
-    client = b.helpers.get(SessionClient.NAME) if isinstance(b, Bus) else None
-    if isinstance(client, SessionClient):
+    client = b.get_helper(SessionClient.NAME, SessionClient) if isinstance(b, Bus) else None
+    if client is not None:
         live = client.sessions.get(info.session_id)
         if live is not None:
             return live.info

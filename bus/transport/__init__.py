@@ -25,13 +25,11 @@ if _typing.TYPE_CHECKING:
     from ._bucket import last_event as last_event
     from ._bus import Bus as Bus
     from ._bus import BusState as BusState
-    from ._bus import BusStats as BusStats
-    from ._bus import Delivery as Delivery
-    from ._bus import PublishResult as PublishResult
     from ._bus import connect as connect
     from ._codec import MAX_EVENT_BYTES as MAX_EVENT_BYTES
     from ._codec import decode as decode
     from ._codec import encode as encode
+    from ._consume import Delivery as Delivery
     from ._errors import ENGINE_ERRORS as ENGINE_ERRORS
     from ._errors import engine_errors as engine_errors
     from ._follow import WORKER_EVENTS as WORKER_EVENTS
@@ -46,6 +44,7 @@ if _typing.TYPE_CHECKING:
     from ._link import nobody_subscribed as nobody_subscribed
     from ._link import server_info as server_info
     from ._process import ChildProcess as ChildProcess
+    from ._publish import PublishResult as PublishResult
     from ._retry import backoff_delay as backoff_delay
     from ._retry import is_transient as is_transient
     from ._retry import retry_transient as retry_transient
@@ -57,6 +56,7 @@ if _typing.TYPE_CHECKING:
     from ._service_info import gather_service_info as gather_service_info
     from ._service_info import package_version as package_version
     from ._service_info import serve_service_info as serve_service_info
+    from ._stats import BusStats as BusStats
     from ._streams import AccountUsage as AccountUsage
     from ._streams import Received as Received
     from ._streams import StreamPeer as StreamPeer

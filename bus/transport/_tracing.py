@@ -31,6 +31,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -44,6 +45,7 @@ __all__ = (
     "extract_context",
     "inject_headers",
     "instruments",
+    "process_span",
     "traced_receive",
     "traced_send",
     "tracer",
@@ -203,6 +205,18 @@ def inject_headers(headers: dict[str, str]) -> dict[str, str]:
 def extract_context(headers: Mapping[str, str] | None) -> otel_context.Context:
     """The trace context carried by a message's headers (empty context when none)."""
     return propagate.extract(dict(headers or {}))
+
+
+def process_span(subject: str, headers: Mapping[str, str], kind: trace.SpanKind) -> AbstractContextManager[trace.Span]:
+    """The span of a core message's processing (a broadcast, a request), in the trace its headers carry.
+
+    ``with process_span(subject, headers, SpanKind.CONSUMER) if traced_receive(headers) else NO_SPAN:``
+    """
+    return tracer.start_as_current_span(
+        f"process {subject}", context=extract_context(headers), kind=kind,
+        attributes={"messaging.system": SYSTEM, "messaging.destination.name": subject,
+                    "messaging.operation.type": "process"},
+    )  # fmt: skip
 
 
 def configure_tracing(service_name: str) -> bool:

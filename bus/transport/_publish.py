@@ -1,0 +1,313 @@
+"""Publish: stored events (acknowledged, or sent without waiting), core broadcasts, and the one
+wildcard inbox on which every stored publish of the connection gets its acknowledgement."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import nats.errors
+import nats.js.api
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from opentelemetry.trace import SpanKind
+
+from schemas import Event
+
+from .._exceptions import PublishError, ValidationError
+from ._codec import HDR_MSG_ID, encode
+from ._retry import backoff_delay, is_transient
+from ._tracing import NO_SPAN, SYSTEM, inject_headers, instruments, traced_send, tracer
+
+if TYPE_CHECKING:
+    from ._bus import Bus
+
+__all__ = ("PublishResult", "pub_ack_error", "publish", "publish_core", "publish_raw", "send_stored", "subject_of")
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """What the server said about a stored event."""
+
+    stream: str
+    seq: int
+    duplicate: bool
+
+
+class _PubAcks:
+    """Stored publishes and their acknowledgements, on one wildcard inbox of the connection.
+
+    What nats-py's ``js.publish`` does through ``nc.request``, without the NUID, the random token
+    (a getrandom call), the done-callback and the ``asyncio.wait_for`` it makes per request, which
+    are about a third of a stored publish's CPU. The answers are nats-py's: a PubAck, its
+    ``APIError`` for an error reply, ``NoStreamResponseError`` when no stream takes the subject,
+    ``nats.errors.TimeoutError`` when nothing came in time.
+    """
+
+    def __init__(self, nc: NatsClient) -> None:
+        self.nc = nc
+        self._prefix = ""
+        self._opening = anyio.Lock()
+        #: The publishes waiting for their acknowledgement, with the loop time they give up at.
+        self._waiting: dict[str, tuple[asyncio.Future[Msg], float]] = {}
+        self._ids = itertools.count(1)
+        #: One timer for every wait (a timer per publish costs more than the sweep): it times out the
+        #: waits past their deadline, :data:`_SWEEP` seconds late at most.
+        self._sweeping: asyncio.TimerHandle | None = None
+
+    async def _open(self) -> None:
+        async with self._opening:
+            if not self._prefix:
+                prefix = self.nc.new_inbox() + "."
+                await self.nc.subscribe(prefix + "*", cb=self._answer)
+                self._prefix = prefix
+
+    async def _answer(self, msg: Msg) -> None:
+        waiting = self._waiting.pop(msg.subject[len(self._prefix) :], None)
+        if waiting is not None and not waiting[0].done():
+            waiting[0].set_result(msg)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        for token, (waiter, deadline) in list(self._waiting.items()):
+            if deadline <= now:
+                del self._waiting[token]
+                if not waiter.done():
+                    waiter.set_exception(nats.errors.TimeoutError())
+        self._sweeping = loop.call_later(_SWEEP, self._sweep, loop) if self._waiting else None
+
+    async def send(
+        self, subject: str, body: bytes, headers: dict[str, str] | None, timeout: float
+    ) -> asyncio.Future[Msg]:
+        """Send a stored publish without waiting: the future of the server's answer (a message for
+        :func:`pub_ack_error`, or ``nats.errors.TimeoutError`` after ``timeout``)."""
+        if not self._prefix:
+            await self._open()
+        token = str(next(self._ids))
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Msg] = loop.create_future()
+        self._waiting[token] = (waiter, loop.time() + timeout)
+        if self._sweeping is None:
+            self._sweeping = loop.call_later(_SWEEP, self._sweep, loop)
+        try:
+            await self.nc.publish(subject, body, reply=self._prefix + token, headers=headers)
+        except BaseException:
+            self._waiting.pop(token, None)
+            raise
+        return waiter
+
+    async def publish(
+        self, subject: str, body: bytes, headers: dict[str, str] | None, timeout: float
+    ) -> nats.js.api.PubAck:
+        if not self._prefix:
+            await self._open()
+        token = str(next(self._ids))
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Msg] = loop.create_future()
+        self._waiting[token] = (waiter, loop.time() + timeout)
+        if self._sweeping is None:
+            self._sweeping = loop.call_later(_SWEEP, self._sweep, loop)
+        try:
+            await self.nc.publish(subject, body, reply=self._prefix + token, headers=headers)
+            msg = await waiter
+        finally:
+            self._waiting.pop(token, None)
+        if msg.headers and msg.headers.get("Status") == "503":
+            raise nats.js.errors.NoStreamResponseError
+        resp = json.loads(msg.data)
+        if "error" in resp:
+            raise nats.js.errors.APIError.from_error(resp["error"])
+        return nats.js.api.PubAck.from_response(resp)
+
+
+class _JetStream(JetStreamContext):
+    """The bus's JetStream context: a plain stored publish (the key-value writes of nats-py's
+    ``KeyValue`` among them) goes through :class:`_PubAcks`; the rest is nats-py's."""
+
+    def __init__(self, nc: NatsClient, *, timeout: float) -> None:
+        super().__init__(nc, timeout=timeout)
+        self.acks = _PubAcks(nc)
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        timeout: float | None = None,
+        stream: str | None = None,
+        headers: dict[str, Any] | None = None,
+        msg_ttl: float | None = None,
+    ) -> nats.js.api.PubAck:
+        if stream is not None or msg_ttl is not None:
+            return await super().publish(subject, payload, timeout=timeout, stream=stream, headers=headers,
+                                         msg_ttl=msg_ttl)  # fmt: skip
+        return await self.acks.publish(subject, payload, headers, self._timeout if timeout is None else timeout)
+
+
+#: Seconds between two looks for stored publishes past their acknowledgement's deadline.
+_SWEEP = 0.05
+
+
+def pub_ack_error(answer: asyncio.Future[Msg]) -> BaseException | None:
+    """Why the stored publish whose answer this is (:meth:`_PubAcks.send`) is not known to be stored,
+    or None: it is."""
+    if answer.cancelled():
+        return nats.errors.TimeoutError()
+    exc = answer.exception()
+    if exc is not None:
+        return exc
+    msg = answer.result()
+    if msg.headers and msg.headers.get("Status") == "503":
+        return nats.js.errors.NoStreamResponseError()
+    if b'"error"' in msg.data:
+        return nats.js.errors.Error(msg.data.decode(errors="replace")[:300])
+    return None
+
+
+def subject_of(bus: Bus, event: Event) -> str:
+    """The subject an event is published on."""
+    return bus.subjects.build(event.DOMAIN, event.subject_id(), event.subject_event())
+
+
+async def publish(
+    bus: Bus,
+    event: Event,
+    *,
+    subject: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+) -> PublishResult:
+    """Store ``event`` on JetStream and wait for the server's acknowledgement.
+
+    The event id is the ``Nats-Msg-Id``, so a retry after a lost acknowledgement (done here,
+    ``Timeouts.publish_retries`` times) or a second publish of the same event stores it once.
+
+    Raises:
+        ValidationError: the event is too large or its subject id is not a valid token.
+        PublishError: no acknowledgement after the retries; the event may not be stored.
+    """
+    bus._check_open()
+    if not event.source:
+        event = event.model_copy(update={"source": bus.source})
+    try:
+        subject = subject or subject_of(bus, event)
+    except ValueError as exc:
+        raise ValidationError(str(exc), kind="bad_subject") from exc
+    body, hdrs = encode(event)
+    if headers:
+        hdrs.update(headers)
+    timeout = bus.timeouts.publish if timeout is None else timeout
+    traced = traced_send()
+    with (
+        tracer.start_as_current_span(
+            f"send {subject}",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": SYSTEM,
+                "messaging.operation.type": "send",
+                "messaging.operation.name": "send",
+                "messaging.destination.name": subject,
+                "messaging.message.id": event.event_id,
+                "messaging.message.body.size": len(body),
+            },
+        )
+        if traced
+        else NO_SPAN
+    ) as span:
+        if traced:
+            inject_headers(hdrs)
+        result = await publish_raw(bus, subject, body, hdrs, timeout)
+        span.set_attribute("messaging.nats.stream_sequence", result.seq)
+        bus.stats.published += 1
+        instruments.on_published(event)
+        return result
+
+
+async def send_stored(bus: Bus, event: Event) -> asyncio.Future[Msg] | None:
+    """Store ``event`` without waiting for the server's acknowledgement: the future of its answer
+    (see :func:`pub_ack_error`), or None when traced (then use :meth:`publish`). If the answer
+    says it was not stored, :meth:`publish` the same event: its ``Nats-Msg-Id`` stores it once.
+    (The session client's task: a caller waits for the answer to its task, which can only come
+    once the task is stored, and for the acknowledgement only when it says something went wrong.)
+
+    Raises:
+        ValidationError: the event is too large or its subject id is not a valid token.
+        PublishError: the connection would not take the message.
+    """
+    bus._check_open()
+    if traced_send():
+        return None
+    if not event.source:
+        event = event.model_copy(update={"source": bus.source})
+    try:
+        subject = subject_of(bus, event)
+    except ValueError as exc:
+        raise ValidationError(str(exc), kind="bad_subject") from exc
+    body, hdrs = encode(event)
+    js = bus.js
+    assert isinstance(js, _JetStream)
+    try:
+        answer = await js.acks.send(subject, body, hdrs, bus.timeouts.publish)
+    except nats.errors.Error as exc:
+        raise PublishError(f"publish to {subject} failed: {exc}") from exc
+    bus.stats.published += 1
+    instruments.on_published(event)
+    return answer
+
+
+async def publish_raw(bus: Bus, subject: str, body: bytes, headers: dict[str, str], timeout: float) -> PublishResult:
+    """Store ``body`` on ``subject``, retrying a transient failure (the same ``Nats-Msg-Id`` stores it once)."""
+    last: BaseException | None = None
+    # Bounded by time as well as attempts: "no response from stream" comes back at once while a
+    # cluster elects a leader (seconds), so quick failures are retried until the budget is spent.
+    budget = timeout * (bus.timeouts.publish_retries + 1)
+    started = time.monotonic()
+    attempt = 0
+    while attempt <= bus.timeouts.publish_retries or time.monotonic() - started < budget:
+        attempt += 1
+        try:
+            ack = await bus.js.publish(subject, body, timeout=timeout, headers=headers)
+            return PublishResult(ack.stream, ack.seq, bool(ack.duplicate))
+        except nats.errors.Error as exc:
+            if not is_transient(exc):
+                if isinstance(exc, nats.js.errors.APIError):
+                    raise PublishError(f"the server refused the publish to {subject}: {exc}",
+                                       non_retryable=True) from exc  # fmt: skip
+                raise PublishError(f"publish to {subject} failed: {exc}") from exc
+            # Safe to retry: the same Nats-Msg-Id makes a second store a no-op. A stream with
+            # no leader for a moment (an election on a cluster) answers "no response from stream".
+            last = exc
+            await anyio.sleep(0.05 + backoff_delay(attempt, base=0.05, cap=1.0))
+    raise PublishError(
+        f"no acknowledgement for {subject} after {attempt} attempts in {time.monotonic() - started:.1f}s "
+        f"({last!r}); "
+        f"is the server at {bus.url} up and does a stream take this subject?"
+    ) from last
+
+
+async def publish_core(bus: Bus, event: Event, *, subject: str | None = None) -> None:
+    """Send ``event`` without storing it (core NATS, fire-and-forget broadcast).
+
+    Without ``Nats-Msg-Id``: no stream dedupes a core message (the body has the event id).
+    """
+    bus._check_open()
+    subject = subject or subject_of(bus, event)
+    body, hdrs = encode(event)
+    del hdrs[HDR_MSG_ID]
+    if not traced_send():
+        await bus.nc.publish(subject, body, headers=hdrs)
+        return
+    with tracer.start_as_current_span(
+        f"send {subject}", kind=SpanKind.PRODUCER,
+        attributes={"messaging.system": SYSTEM, "messaging.destination.name": subject,
+                    "messaging.operation.type": "send"},
+    ):  # fmt: skip
+        inject_headers(hdrs)
+        await bus.nc.publish(subject, body, headers=hdrs)
