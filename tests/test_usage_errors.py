@@ -79,3 +79,65 @@ async def test_a_recorder_goes_new_running_stopping_stopped_and_runs_once(cadenz
     assert seen == [RecorderState.STOPPING] and rec.state is RecorderState.STOPPED
     with pytest.raises(bus.UsageError, match="runs once"):
         await rec.run()
+
+
+class _Probe:
+    def __init__(self, fail: bool = False) -> None:
+        self.started = 0
+        self.fail = fail
+        self.go = anyio.Event()
+
+    async def start(self) -> None:
+        self.started += 1
+        await self.go.wait()
+        if self.fail:
+            raise RuntimeError("this helper fails to start")
+
+
+class _OtherProbe(_Probe):
+    pass
+
+
+async def test_a_helper_starts_once_per_bus_and_is_typed(cadenza_bus: bus.Bus) -> None:
+    b = cadenza_bus
+    first, second = _Probe(), _Probe()
+    got: list[_Probe] = []
+
+    async def start(helper: _Probe) -> None:
+        got.append(await b.start_helper("probe", helper))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(start, first)
+        await eventually(lambda: first.started == 1, what="the first helper's start")
+        tg.start_soon(start, second)  # waits for the first one's start
+        first.go.set()
+    assert got == [first, first] and first.started == 1 and second.started == 0
+    assert b.get_helper("probe", _Probe) is first
+    assert b.get_helper("probe", _OtherProbe) is None and b.get_helper("nothing", _Probe) is None
+    with pytest.raises(bus.UsageError, match="helper 'probe' is a _Probe, not a str"):
+        await b.start_helper("probe", "not a helper")  # type: ignore[type-var]
+
+
+async def test_a_helper_whose_start_failed_is_started_again(cadenza_bus: bus.Bus) -> None:
+    b = cadenza_bus
+    broken, good = _Probe(fail=True), _Probe()
+    good.go.set()
+    outcome: list[object] = []
+
+    async def start_broken() -> None:
+        try:
+            await b.start_helper("flaky", broken)
+        except RuntimeError as exc:
+            outcome.append(exc)
+
+    async def start_good() -> None:
+        outcome.append(await b.start_helper("flaky", good))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(start_broken)
+        await eventually(lambda: broken.started == 1, what="the broken helper's start")
+        tg.start_soon(start_good)
+        await anyio.wait_all_tasks_blocked()
+        broken.go.set()
+    assert isinstance(outcome[0], RuntimeError) and outcome[1] is good and good.started == 1
+    assert b.get_helper("flaky", _Probe) is good

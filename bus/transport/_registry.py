@@ -52,6 +52,8 @@ class Helpers:
                 raise UsageError(f"helper {name!r} is a {type(existing).__name__}, not a {type(helper).__name__}")
             with anyio.fail_after(timeout):
                 await self._ready[name].wait()
+            if self._started.get(name) is not existing:  # its start failed: this one is started instead
+                return await self.start(name, helper, timeout=timeout)
             return existing
         self._started[name] = helper
         ready = self._ready[name] = anyio.Event()
@@ -60,5 +62,6 @@ class Helpers:
         except BaseException:
             self._started.pop(name, None)
             raise
-        ready.set()
+        finally:
+            ready.set()
         return helper
