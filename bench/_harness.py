@@ -441,6 +441,68 @@ def _make_peer(system: str, sizes: Sizes, workdir: Path, servers: Servers | None
     raise ValueError(system)
 
 
+def _drop_missing_celery(res: Results) -> None:
+    """Celery is left out, with the reason, when its broker or package is missing."""
+    if "celery" in res.systems:
+        from ._celery import celery_missing
+
+        why = celery_missing()
+        if why:
+            res.systems.remove("celery")
+            res.absent["celery"] = why
+
+
+async def _start_peers(res: Results, sizes: Sizes, workdir: Path, shared: Servers | None, peers: list[Peer]) -> None:
+    """Start each system's peer into ``peers`` (the caller closes them); one that cannot start is skipped."""
+    for system in list(res.systems):
+        try:
+            peer = _make_peer(system, sizes, workdir / system, shared)
+            peer.workdir.mkdir(parents=True, exist_ok=True)
+        except (ImportError, NotAvailable) as exc:
+            _skip_all(res, system, f"{exc}")
+            continue
+        try:
+            with anyio.fail_after(120):
+                await peer.start()
+        except NotAvailable as exc:
+            _skip_all(res, system, str(exc))
+            await peer.close()
+            continue
+        except Exception as exc:
+            _log.warning("%s did not start:\n%s", system, traceback.format_exc())
+            _skip_all(res, system, f"did not start: {type(exc).__name__}: {str(exc)[:200]}")
+            await peer.close()
+            continue
+        res.meta.update({f"{system}_{k}": v for k, v in getattr(peer, "meta", {}).items()})
+        peers.append(peer)
+
+
+async def _close_peers(res: Results, peers: list[Peer]) -> None:
+    """Keep each peer's notes and close it (shielded, a minute at most each)."""
+    for peer in peers:
+        res.notes[peer.name] = dict(peer.notes)
+        with anyio.move_on_after(60, shield=True):
+            try:
+                await peer.close()
+            except Exception:
+                _log.warning("closing %s failed:\n%s", peer.name, traceback.format_exc())
+
+
+def _write_results(res: Results, out: Path, stamp: str) -> None:
+    """The table (markdown), the samples (JSON) and the chart, written under ``out`` and printed."""
+    table = markdown(res)
+    header = _header(res)
+    (out / f"bench-{stamp}.md").write_text(header + "\n\n" + table + "\n" + notes_markdown(res) + "\n")
+    write_json(res, out / f"bench-{stamp}.json")
+    chart_err = write_chart(res, out / f"bench-{stamp}.png")
+    print(header + "\n\n" + table + "\n" + notes_markdown(res))
+    print(f"\nsamples: {out / f'bench-{stamp}.json'}", file=sys.stderr)
+    print(
+        f"chart: {out / f'bench-{stamp}.png'}" if chart_err is None else f"chart: not drawn ({chart_err})",
+        file=sys.stderr,
+    )
+
+
 async def main_async(
     *, quick: bool, out: Path, systems: Sequence[str], scenarios: Sequence[str], command: str, cluster: bool = False
 ) -> Results:
@@ -465,62 +527,20 @@ async def main_async(
     if shared is not None:
         res.meta["servers"] = shared.description()
         shared.start()
-    if "celery" in systems:
-        from ._celery import celery_missing
-
-        why = celery_missing()
-        if why:
-            res.systems.remove("celery")
-            res.absent["celery"] = why
+    _drop_missing_celery(res)
     try:
-        for system in list(res.systems):
-            try:
-                peer = _make_peer(system, sizes, workdir / system, shared)
-                peer.workdir.mkdir(parents=True, exist_ok=True)
-            except (ImportError, NotAvailable) as exc:
-                _skip_all(res, system, f"{exc}")
-                continue
-            try:
-                with anyio.fail_after(120):
-                    await peer.start()
-            except NotAvailable as exc:
-                _skip_all(res, system, str(exc))
-                await peer.close()
-                continue
-            except Exception as exc:
-                _log.warning("%s did not start:\n%s", system, traceback.format_exc())
-                _skip_all(res, system, f"did not start: {type(exc).__name__}: {str(exc)[:200]}")
-                await peer.close()
-                continue
-            res.meta.update({f"{system}_{k}": v for k, v in getattr(peer, "meta", {}).items()})
-            peers.append(peer)
+        await _start_peers(res, sizes, workdir, shared, peers)
         await run(
             peers, scenarios, res, progress=lambda line: print(line, file=sys.stderr, flush=True), after=save_partial
         )
     finally:
-        for peer in peers:
-            res.notes[peer.name] = dict(peer.notes)
-            with anyio.move_on_after(60, shield=True):
-                try:
-                    await peer.close()
-                except Exception:
-                    _log.warning("closing %s failed:\n%s", peer.name, traceback.format_exc())
+        await _close_peers(res, peers)
         if shared is not None:
             shared.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     res.meta["duration_s"] = round(time.monotonic() - started, 1)
     res.meta.pop("partial", None)
-    table = markdown(res)
-    header = _header(res)
-    (out / f"bench-{stamp}.md").write_text(header + "\n\n" + table + "\n" + notes_markdown(res) + "\n")
-    write_json(res, out / f"bench-{stamp}.json")
-    chart_err = write_chart(res, out / f"bench-{stamp}.png")
-    print(header + "\n\n" + table + "\n" + notes_markdown(res))
-    print(f"\nsamples: {out / f'bench-{stamp}.json'}", file=sys.stderr)
-    print(
-        f"chart: {out / f'bench-{stamp}.png'}" if chart_err is None else f"chart: not drawn ({chart_err})",
-        file=sys.stderr,
-    )
+    _write_results(res, out, stamp)
     return res
 
 

@@ -258,6 +258,15 @@ def _cell(x: float, fmt: str = ".2f") -> str:
 def system_table(
     system: str, figs: dict[str, Figures], streams: dict[str, int], args: argparse.Namespace, servers: Servers
 ) -> str:
+    """One system's section: CPU per activity by process, then NATS messages per activity by kind."""
+    lines = _cpu_lines(system, figs, streams, args, servers) + _kind_lines(figs, servers) + _warning_lines(figs)
+    return "\n".join(lines)
+
+
+def _cpu_lines(
+    system: str, figs: dict[str, Figures], streams: dict[str, int], args: argparse.Namespace, servers: Servers
+) -> list[str]:
+    """The section's heading and its table of CPU ms per activity by process (with the message totals)."""
     patterns = list(figs)
     head = "| process | " + " | ".join(patterns) + " |\n|---|" + "---|" * len(patterns)
     procs: list[str] = []
@@ -286,9 +295,15 @@ def system_table(
         + " | ".join(_varz_cell(figs[x]) for x in patterns)
         + " |"
     )
+    return lines
+
+
+def _kind_lines(figs: dict[str, Figures], servers: Servers) -> list[str]:
+    """The table of NATS messages per activity by kind (small kinds summed, advisories told apart)."""
+    patterns = list(figs)
     counted = ", ".join(f"{figs[x].counted} ({x})" for x in patterns)
     where = "node 1 of the cluster" if servers.cluster else "the server"
-    lines += [
+    lines = [
         "",
         f"NATS messages per activity by kind (a `>` subscriber on {where}, over {counted} activities):",
         "",
@@ -327,6 +342,13 @@ def system_table(
             + ", ".join(f"{advisories[x]:.1f} per activity in {x}" for x in patterns)
             + "): the server publishes them only when someone listens, here the counter itself."
         )
+    return lines
+
+
+def _warning_lines(figs: dict[str, Figures]) -> list[str]:
+    """Why a count may be off: slow consumers, or a server not quiet after the counted pass."""
+    patterns = list(figs)
+    lines: list[str] = []
     slow = [x for x in patterns if figs[x].slow_consumers]
     if slow:
         lines.append(f"\n(WARNING: the server noted slow consumers while counting {', '.join(slow)}: "
@@ -334,7 +356,7 @@ def system_table(
     loud = [x for x in patterns if not figs[x].quiet]
     if loud:
         lines.append(f"\n(not quiet 10 s after the counted pass of: {', '.join(loud)}; the count stopped there)")
-    return "\n".join(lines)
+    return lines
 
 
 def _varz_cell(f: Figures) -> str:

@@ -6,13 +6,18 @@ on a fresh, unique subject prefix, so tests never see each other's streams), or 
 :func:`embedded_server` and :func:`unique_prefix` directly. ``nats_cluster`` is a 3-node loopback
 JetStream cluster (:class:`EmbeddedCluster`) per test module, for replicas-3 and fault tests:
 connect with ``bus.connect(nats_cluster.urls, replicas=3)``.
+
+:func:`eventually` waits for observable state (a plain or an async predicate) instead of a fixed
+sleep. :class:`ServiceProcess` runs a cadenza service in its own process, to SIGKILL it in fault
+tests; :class:`ChildProcess` is its base, for any ``python -m`` module that prints a ready line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import anyio
 import pytest
@@ -23,7 +28,9 @@ from .transport._process import ChildProcess
 from .transport._server import EmbeddedCluster, EmbeddedServer
 
 __all__ = (
+    "ChildProcess",
     "EmbeddedCluster",
+    "EmbeddedServer",
     "ExternalServer",
     "ServiceProcess",
     "cadenza_bus",
@@ -37,16 +44,40 @@ __all__ = (
 
 
 async def eventually(
-    predicate: Callable[[], bool], *, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"
+    predicate: Callable[[], bool | Awaitable[bool]],
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.01,
+    what: str | Callable[[], str] = "condition",
 ) -> None:
-    """Poll ``predicate`` until it is true; fail with ``what`` after ``timeout`` seconds.
+    """Poll ``predicate`` until it is true; fail naming ``what`` after ``timeout`` seconds.
 
-    Tests synchronise on observable state this way, never on fixed sleeps.
+    Tests synchronise on observable state this way, never on fixed sleeps. The predicate may be a
+    plain or an async callable (``lambda: len(got) == 3``, or ``async def stored() -> bool`` that
+    asks the server); it is called again ``interval`` seconds after each false answer, and a call
+    still running when ``timeout`` passes is cancelled.
+
+    Args:
+        predicate: returns (or, if async, resolves to) whether the condition holds.
+        timeout: seconds to wait at most.
+        interval: seconds between two calls.
+        what: the condition, for the message; a callable is called at the timeout (to describe, say,
+            the last state the predicate saw).
+
+    Raises:
+        TimeoutError: the predicate was not true within ``timeout``; the message names ``what`` and
+            the timeout.
     """
-    with anyio.fail_after(timeout):
-        while not predicate():  # noqa: ASYNC110 - polling observable state is the point of this helper
+    with anyio.move_on_after(timeout):
+        while True:
+            held = predicate()
+            if inspect.isawaitable(held):
+                held = await held
+            if held:
+                return
             await anyio.sleep(interval)
-    return None
+    described = what() if callable(what) else what
+    raise TimeoutError(f"not reached within {timeout:g}s: {described}")
 
 
 def unique_prefix(stem: str = "t") -> str:

@@ -1,11 +1,28 @@
+"""Fixtures of the whole suite (on top of the ``bus.testing`` plugin's) and the leak check at its end."""
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from bus import EmbeddedServer
+
+# bus.testing is not imported here: a plugin imported before pytest registers it is not assert-rewritten.
 pytest_plugins = ["bus.testing"]
+
+
+@pytest.fixture
+def own_server() -> Iterator[EmbeddedServer]:
+    """A server of this test alone, to kill and restart on its store."""
+    server = EmbeddedServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def _children_named(names: tuple[str, ...]) -> list[str]:

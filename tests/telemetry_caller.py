@@ -14,6 +14,7 @@ import anyio
 from opentelemetry import trace
 
 import bus
+from bus.testing import eventually
 from services._runtime import start_process, stop_process
 
 
@@ -28,10 +29,11 @@ async def _scenario(prefix: str, tasklist: str) -> str:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(lambda: bus.execute_activity(sctx, "transcode", "clip", 120.0, 0.05))
                     client = bus.ActivityClient(b)
-                    with anyio.fail_after(60):
-                        # ASYNC110 ignored: polling the recorder is the point (nothing to wait on here)
-                        while not (await client.list(status=["running"], type="transcode")).items:  # noqa: ASYNC110
-                            await anyio.sleep(0.05)
+
+                    async def transcoding() -> bool:
+                        return bool((await client.list(status=["running"], type="transcode")).items)
+
+                    await eventually(transcoding, timeout=60, interval=0.05, what="the transcode recorded running")
                     tg.cancel_scope.cancel()  # the caller gives up: a cancel request goes to the worker
         return format(root.get_span_context().trace_id, "032x")
 

@@ -25,7 +25,7 @@ from schemas import (
     MessageEntry,
     WorkerStopped,
 )
-from tests.test_activity_host import running_recorder, terminal, wait_record
+from tests._helpers import running_recorder, terminal, wait_record
 
 HB = 0.5
 
@@ -405,12 +405,17 @@ async def test_cancel_of_running_activity_appends_warning_and_work_ends_cancelle
         tg.start_soon(run)
         with anyio.fail_after(5):
             await started.wait()
-        listed = await bus.ActivityClient(b).list(status=[ActivityStatus.RUNNING])
-        while not listed.items:
-            listed = await bus.ActivityClient(b).list(status=[ActivityStatus.RUNNING])
-        reply = await bus.ActivityClient(b).cancel(listed.items[0].id, who="Dana")
+        client = bus.ActivityClient(b)
+        running: list[str] = []
+
+        async def listed_running() -> bool:
+            running[:] = [a.id for a in (await client.list(status=[ActivityStatus.RUNNING])).items]
+            return bool(running)
+
+        await eventually(listed_running, interval=0.02, what="the activity listed running")
+        reply = await client.cancel(running[0], who="Dana")
         assert reply.outcome == "accepted"
-        got, msgs = await wait_record(b, listed.items[0].id, terminal)
+        got, msgs = await wait_record(b, running[0], terminal)
     assert isinstance(result["err"], bus.ActivityCancelledError)
     assert got.status is ActivityStatus.CANCELLED
     assert [(m.level, m.message) for m in msgs] == [

@@ -32,4 +32,3 @@ async def test_a_broker_running_already_cannot_run_again(cadenza_bus: bus.Bus) -
             await broker.run()
         assert broker.state is BrokerState.RUNNING  # the refusal changed nothing
         tg.cancel_scope.cancel()
-

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
-from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import anyio
@@ -15,11 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bus
-from bus.testing import ExternalServer, unique_prefix
+from bus.testing import ExternalServer, eventually, unique_prefix
 from bus.transport._codec import INPUT_ERRORS
-from schemas import DeadLetter
 
 from ._events import Ping
+from ._helpers import dead_letters
 
 VALID: dict[str, Any] = {"type": "session.ping", "key": "k1", "n": 1}
 
@@ -66,14 +65,6 @@ malformed = st.one_of(
 ).filter(lambda b: not _is_valid(b))
 
 
-def _wait(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.001)
-
-
 def test_1000_malformed_payloads_are_dead_lettered_and_the_consumer_keeps_working(
     nats_server: bus.EmbeddedServer | ExternalServer,
 ) -> None:
@@ -100,17 +91,18 @@ def test_1000_malformed_payloads_are_dead_lettered_and_the_consumer_keeps_workin
                 before = b.stats.dead_letters
                 portal.call(lambda: b.js.publish(subject, payload, timeout=5))
                 sent.append(payload)
-                _wait(lambda: b.stats.dead_letters == before + 1)
+                portal.call(partial(eventually, lambda: b.stats.dead_letters == before + 1, interval=0.001,
+                                    what=f"payload {payload[:80]!r} dead-lettered"))  # fmt: skip
                 assert handled == []
 
             one()
             assert len(sent) >= 1000
 
             portal.call(b.publish, Ping(n=42))
-            _wait(lambda: handled == [42])
+            portal.call(partial(eventually, lambda: handled == [42], interval=0.001, what="the valid event handled"))
             assert b.stats.dead_letters == len(sent)
 
-            letters = portal.call(_read_dead_letters, b, "victim")
+            letters = portal.call(dead_letters, b, "victim")
             future.cancel()
 
     assert len(letters) == len(sent)
@@ -122,20 +114,3 @@ def test_1000_malformed_payloads_are_dead_lettered_and_the_consumer_keeps_workin
         assert letter.payload_sha256 in by_sha
     kinds = {letter.error_type for letter in letters}
     assert {"bad_json", "bad_shape", "oversize"} <= kinds
-
-
-async def _read_dead_letters(b: bus.Bus, consumer: str) -> list[DeadLetter]:
-    sub = await b.js.pull_subscribe(b.subjects.build("dlq", consumer, "rejected"), stream=b.topology.stream_name("dlq"))
-    out: list[DeadLetter] = []
-    try:
-        while True:
-            try:
-                msgs = await sub.fetch(500, timeout=0.5)
-            except Exception:
-                break
-            for m in msgs:
-                out.append(DeadLetter.model_validate_json(m.data))
-                await m.ack()
-    finally:
-        await sub.unsubscribe()
-    return out

@@ -15,9 +15,9 @@ from opentelemetry.trace import SpanKind
 
 import bus
 from bus.testing import eventually
-from schemas import DeadLetter
 
 from ._events import Ping, Pong
+from ._helpers import dead_letters
 
 _EXPORTER = InMemorySpanExporter()
 _PROVIDER = TracerProvider()
@@ -35,25 +35,6 @@ def spans() -> Iterator[InMemorySpanExporter]:
 
 def spec(b: bus.Bus, name: str = "c", **kw: object) -> bus.ConsumerSpec:
     return bus.ConsumerSpec(name, b.subjects.filter("session"), **kw)  # type: ignore[arg-type]
-
-
-async def dead_letters(b: bus.Bus, consumer: str) -> list[DeadLetter]:
-    """Every dead letter stored for ``consumer`` (read back from the DLQ stream)."""
-    stream = b.topology.stream_name("dlq")
-    sub = await b.js.pull_subscribe(b.subjects.build("dlq", consumer, "rejected"), stream=stream)
-    out: list[DeadLetter] = []
-    try:
-        while True:
-            try:
-                msgs = await sub.fetch(256, timeout=0.3)
-            except Exception:
-                break
-            for m in msgs:
-                out.append(DeadLetter.model_validate_json(m.data))
-                await m.ack()
-    finally:
-        await sub.unsubscribe()
-    return out
 
 
 async def test_typed_event_round_trips_with_its_trace_joined(cadenza_bus: bus.Bus, spans: InMemorySpanExporter) -> None:

@@ -206,7 +206,7 @@ def test_schemas_export_without_dir_never_writes_into_the_package(tmp_path: Any)
 
 
 def test_worker_imports_the_project_from_the_current_directory(installation: tuple[str, str], tmp_path: Any) -> None:
-    from bus.transport._process import ChildProcess
+    from bus.testing import ChildProcess
 
     url, prefix = installation
     (tmp_path / "myapp").mkdir()

@@ -11,7 +11,6 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ import nats.errors
 import pytest
 
 import bus
-from bus.testing import EmbeddedCluster, ExternalServer, unique_prefix
+from bus.testing import EmbeddedCluster, ExternalServer, eventually, unique_prefix
 from bus.transport._server import _free_port, _free_ports, die_with_parent
 from bus.transport._topology import BUCKETS, DEFAULT_STORAGE, MIN_BYTES, STREAMS, parse_size
 
@@ -94,12 +93,19 @@ def _meta_leaders(monitors: list[str]) -> set[str]:
     return leaders
 
 
-def _agreed_meta_leader(monitors: list[str], logs: Path, timeout: float = 60) -> set[str]:
-    deadline = time.monotonic() + timeout
-    while len(leaders := _meta_leaders(monitors)) != 1 or "" in leaders:
+async def _agreed_meta_leader(monitors: list[str], logs: Path, timeout: float = 60) -> set[str]:
+    leaders: set[str] = set()
+
+    async def agreed() -> bool:
+        nonlocal leaders
+        leaders = await anyio.to_thread.run_sync(_meta_leaders, monitors)
+        return len(leaders) == 1 and "" not in leaders
+
+    def why() -> str:
         tails = "\n".join(p.read_text(errors="replace")[-600:] for p in sorted(logs.glob("node-*.log")))
-        assert time.monotonic() < deadline, f"no agreed JetStream meta leader: {leaders}\n{tails}"
-        time.sleep(0.2)
+        return f"no agreed JetStream meta leader: {leaders}\n{tails}"
+
+    await eventually(agreed, timeout=timeout, interval=0.2, what=why)
     return leaders
 
 
@@ -107,7 +113,7 @@ async def test_cluster_conf_forms_a_cluster_that_stores_replicas_3(
     conf_cluster: tuple[str, dict[str, str], list[str]], tmp_path: Path
 ) -> None:
     urls, passwords, monitors = conf_cluster
-    leaders = await anyio.to_thread.run_sync(_agreed_meta_leader, monitors, tmp_path)
+    leaders = await _agreed_meta_leader(monitors, tmp_path)
     assert leaders <= {"cadenza-1", "cadenza-2", "cadenza-3"}
     admin = {"NATS_USER": "admin", "NATS_PASSWORD": passwords["admin"]}
     # accounts.conf grants the cadenza prefix only.
@@ -267,7 +273,7 @@ async def test_durability_bench_measures_a_round_trip_and_a_rate(tmp_path: Path)
 
 
 async def test_dev_cluster_starts_three_nodes_with_replicas_3_and_stops_on_sigterm() -> None:
-    from bus.transport._process import ChildProcess
+    from bus.testing import ChildProcess
 
     prefix = unique_prefix()
     dev = ChildProcess("services", "dev", "--cluster", "3", "--console-port", "0", "--prefix", prefix,

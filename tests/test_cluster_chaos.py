@@ -22,7 +22,6 @@ Every failed check is collected and reported together, so one run shows all of t
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -36,8 +35,9 @@ import nats.js.errors
 import pytest
 
 import bus
-from bus.testing import EmbeddedCluster, ServiceProcess, unique_prefix
+from bus.testing import EmbeddedCluster, ServiceProcess, eventually, unique_prefix
 from schemas import ActivityRecord, ActivityStatus, SessionRecord, SessionState, WorkerRecord, utcnow
+from tests._helpers import peak_ever, reap, started
 
 TOKEN_KEY = "c" * 32
 SLOTS = 6
@@ -52,8 +52,6 @@ RECORDER_ACK_WAIT = 10.0
 
 UNRECORDED = "activities running (or unrecorded) whose caller got a result"
 OVER_SLOTS = "workers over their slots"
-
-_COUNT = re.compile(r"^sessions (\d+) peak (\d+)$")
 
 
 @dataclass
@@ -88,38 +86,20 @@ class Cast:
         return out
 
 
-def _reap(proc: ServiceProcess) -> None:
-    proc.kill()
-    if proc._reader is not None:
-        proc._reader.join(5)
-    if proc.proc is not None and proc.proc.stdout is not None:
-        proc.proc.stdout.close()
-
-
 def _start(stack: ExitStack, proc: ServiceProcess) -> ServiceProcess:
-    stack.callback(_reap, proc)
-    proc.start(timeout=60)
-    return proc
-
-
-def _peak_ever(proc: ServiceProcess) -> int:
-    out = 0
-    for line in list(proc.output):
-        m = _COUNT.match(line.strip())
-        if m:
-            out = max(out, int(m[1]), int(m[2]))
-    return out
+    return started(stack, proc, timeout=60)
 
 
 async def _load_progress(cast: Cast, more: int, timeout: float) -> bool:
     """Did the live callers get ``more`` further results within ``timeout``? (Notes deaths first.)"""
     cast.note_deaths()
     target = len(cast.lines("result")) + more
-    with anyio.move_on_after(timeout):
-        while len(cast.lines("result")) < target:  # noqa: ASYNC110 - polls the callers' output
-            await anyio.sleep(0.1)
-        return True
-    return False
+    try:
+        await eventually(lambda: len(cast.lines("result")) >= target, timeout=timeout, interval=0.1,
+                         what=f"{more} further results")  # fmt: skip
+    except TimeoutError:
+        return False
+    return True
 
 
 async def _new_session_within(b: bus.Bus, bound: float, errors: list[str]) -> float | None:
@@ -297,9 +277,9 @@ async def _violations(
     for proc in cast.workers + cast.retired:
         if "tests.session_worker" not in proc.module:
             continue
-        if _peak_ever(proc) > SLOTS:
+        if peak_ever(proc) > SLOTS:
             said = [line.strip()[-160:] for line in list(proc.output) if "beyond its" in line][:2]
-            found[OVER_SLOTS].append(f"{proc.ready_line}: peak {_peak_ever(proc)} > {SLOTS}; " + " | ".join(said))
+            found[OVER_SLOTS].append(f"{proc.ready_line}: peak {peak_ever(proc)} > {SLOTS}; " + " | ".join(said))
         wid = proc.ready_line.split()[-1] if proc.ready_line else ""
         value = await _kv_get(workers_kv, wid) if wid else None
         if value is None:
@@ -399,7 +379,7 @@ async def _chaos(cluster: EmbeddedCluster, *, node_kills: int, load: int) -> Non
             for proc in (cast.brokers[0], cast.recorder):
                 cast.note_deaths()
                 pid = proc.pid
-                _reap(proc)  # SIGKILL; its output so far stays in proc.output
+                reap(proc)  # SIGKILL; its output so far stays in proc.output
                 cast.killed.add(pid)
                 proc.start(timeout=60)
                 await _load_progress(cast, load // 2, 20)

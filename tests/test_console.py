@@ -21,9 +21,8 @@ from bus.transport._service_info import serve_service_info
 from schemas import ActivityCompleted, ActivityStarted, ActivityStatus, utcnow
 from services.cli import main as cli_main
 from services.console import ConsoleConfig, ConsoleOptions, running_console
+from tests._helpers import running_broker, running_recorder, session_opts, wait_record
 from tests.console_worker import activities
-from tests.test_activity_host import running_recorder, wait_record
-from tests.test_sessions import opts, running_broker
 
 FAST = ConsoleConfig(services_interval=0.3, services_window=0.2)
 
@@ -64,16 +63,16 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[dict[str, str]]:
 
 
 async def wait_json(http: httpx.AsyncClient, path: str, until: Any, *, timeout: float = 15.0) -> Any:
-    """GET ``path`` until ``until(json)`` holds; returns that JSON."""
-    last: Any = None
-    with anyio.fail_after(timeout):
-        while True:
-            r = await http.get(path)
-            last = r.json()
-            if r.status_code == 200 and until(last):
-                return last
-            await anyio.sleep(0.05)  # polling observable state (the console's caches follow the buckets)
-    raise AssertionError(f"{path}: {last}")  # pragma: no cover
+    """GET ``path`` until ``until(json)`` holds (the console's caches follow the buckets); returns that JSON."""
+    last: list[Any] = [None]
+
+    async def holds() -> bool:
+        r = await http.get(path)
+        last[0] = r.json()
+        return r.status_code == 200 and bool(until(last[0]))
+
+    await eventually(holds, timeout=timeout, interval=0.05, what=lambda: f"{path}: {last[0]}")
+    return last[0]
 
 
 # ---------------------------------------------------------------- pages
@@ -101,7 +100,7 @@ async def test_pages_are_served_with_their_static_files(cadenza_bus: bus.Bus) ->
 
 async def test_workers_and_sessions_show_a_session_on_its_worker(cadenza_bus: bus.Bus) -> None:
     async with console_stack(cadenza_bus) as s:
-        ctx = await bus.create_session(s.bus.context(), opts(tasklist="console", heartbeat_timeout=5.0))
+        ctx = await bus.create_session(s.bus.context(), session_opts(tasklist="console", heartbeat_timeout=5.0))
         info = bus.get_session_info(ctx)
         assert info is not None
         workers = await wait_json(s.http, "/api/workers", lambda d: any(
@@ -190,7 +189,7 @@ async def test_activities_are_filtered_and_paged_on_the_server(cadenza_bus: bus.
 
 async def test_activity_stream_sends_new_messages_and_resumes_after_last_event_id(cadenza_bus: bus.Bus) -> None:
     async with console_stack(cadenza_bus) as s, anyio.create_task_group() as tg:
-        ctx = await bus.create_session(s.bus.context(), opts(tasklist="console", heartbeat_timeout=5.0))
+        ctx = await bus.create_session(s.bus.context(), session_opts(tasklist="console", heartbeat_timeout=5.0))
         aid = "streamed-1"
         tg.start_soon(
             lambda: bus.execute_activity(ctx, "render", "clip", kwargs={"frames": 60, "delay": 0.05}, activity_id=aid)
@@ -233,7 +232,7 @@ async def test_activity_stream_sends_new_messages_and_resumes_after_last_event_i
 
 async def test_cancel_ends_the_activity_cancelled_with_the_reason_and_who(cadenza_bus: bus.Bus) -> None:
     async with console_stack(cadenza_bus) as s, anyio.create_task_group() as tg:
-        ctx = await bus.create_session(s.bus.context(), opts(tasklist="console", heartbeat_timeout=5.0))
+        ctx = await bus.create_session(s.bus.context(), session_opts(tasklist="console", heartbeat_timeout=5.0))
         aid = "to-cancel-1"
         outcome: list[BaseException] = []
 

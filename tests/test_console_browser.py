@@ -23,7 +23,7 @@ import anyio
 import pytest
 
 import bus
-from bus.testing import ExternalServer, ServiceProcess, unique_prefix
+from bus.testing import ExternalServer, ServiceProcess, eventually, unique_prefix
 from bus.transport._server import EmbeddedServer
 
 CHROMIUM = "/usr/bin/chromium"
@@ -212,7 +212,5 @@ async def test_the_console_shows_live_work_and_cancels_it_in_a_browser(
                     assert errors == []
                 finally:
                     await browser.close()
-            with anyio.fail_after(30):
-                while not outcome:  # noqa: ASYNC110 - the caller's view of the cancellation, then done
-                    await anyio.sleep(0.05)
+            await eventually(lambda: bool(outcome), timeout=30, interval=0.05, what="the caller saw the cancellation")
             tg.cancel_scope.cancel()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import secrets
 import shutil
 import subprocess
@@ -17,25 +15,14 @@ import pytest
 import bus
 import bus.testing
 from bus import EmbeddedServer, find_server_binary
-from bus.transport._process import ChildProcess as Child
-
-DEPLOY = Path(__file__).parent.parent / "deploy" / "nats"
-USERS = ("admin", "broker", "recorder", "worker", "caller")
+from bus.testing import ChildProcess as Child
+from schemas import CancelActivityReply
+from tests._helpers import DEPLOY, USERS, deploy_env, secured_server, server_log
 
 
 @pytest.fixture(scope="module")
 def passwords() -> dict[str, str]:
     return {u: secrets.token_hex(12) for u in USERS}
-
-
-def _env(passwords: dict[str, str]) -> dict[str, str]:
-    env = {f"CADENZA_{u.upper()}_PASSWORD": p for u, p in passwords.items()}
-    env.update(
-        NODE_NAME="n1", NATS_HOST="127.0.0.1", NATS_PORT="4222", NATS_MONITOR="127.0.0.1:8222",
-        CLUSTER_HOST="127.0.0.1", CLUSTER_PORT="6222", STORE_DIR="/tmp/cadenza-deploy-check",
-        **{f"ROUTE_{i}": f"nats-route://127.0.0.1:{6221 + i}" for i in (1, 2, 3)},
-    )  # fmt: skip
-    return env
 
 
 @pytest.mark.parametrize("name", ["single.conf", "cluster.conf"])
@@ -44,31 +31,9 @@ def test_nats_server_accepts_the_config(name: str, passwords: dict[str, str], tm
         shutil.copy(f, tmp_path / f.name)
     out = subprocess.run(
         [find_server_binary(), "-t", "-c", str(tmp_path / name)],
-        capture_output=True, text=True, timeout=30, env=_env(passwords),
+        capture_output=True, text=True, timeout=30, env=deploy_env(passwords),
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
-
-
-@contextlib.contextmanager
-def secured_server(
-    store: Path, passwords: dict[str, str], accounts: Path = DEPLOY / "accounts.conf"
-) -> Iterator[EmbeddedServer]:
-    """A loopback nats-server with ``accounts`` included, its passwords in its environment only."""
-    server = EmbeddedServer(store, include=accounts)
-    old = {k: os.environ.get(k) for k in _env(passwords)}
-    os.environ.update(_env(passwords))
-    try:
-        server.start()
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -160,11 +125,6 @@ async def test_admin_declares_the_topology_and_services_start_without_create_rig
             assert b.url.startswith("nats://")
 
 
-def _server_log(server: EmbeddedServer) -> str:
-    path = Path(server.store_dir) / "nats-server.log"
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
 async def test_sessions_and_activities_run_as_the_least_privilege_users(
     secured: EmbeddedServer, passwords: dict[str, str]
 ) -> None:
@@ -179,7 +139,7 @@ async def test_sessions_and_activities_run_as_the_least_privilege_users(
         # What a broker without CADENZA_TOKEN_KEY keeps: it must stay unreadable for callers.
         kv_admin = await admin.kv("broker")
         await kv_admin.put("_broker-token-key", secrets.token_hex(32).encode())
-    log_from = len(_server_log(secured))
+    log_from = len(server_log(secured))
     tasklist = f"e2e{secrets.token_hex(4)}"
     registry = bus.ActivityRegistry()
 
@@ -198,7 +158,7 @@ async def test_sessions_and_activities_run_as_the_least_privilege_users(
     try:
         await _session_scenario(secured, opts, tasklist, registry)
     finally:
-        logged = [line for line in _server_log(secured)[log_from:].splitlines() if "Violation" in line]
+        logged = [line for line in server_log(secured)[log_from:].splitlines() if "Violation" in line]
     # The one denial the scenario provokes: a caller may not read the broker's bucket (the token key).
     expected = [line for line in logged if "user:caller" in line and "STREAM.MSG.GET.KV_cadenza_broker" in line]
     assert expected, "the server log shows no denial: the violation check below would see nothing"
@@ -250,14 +210,18 @@ async def _session_scenario(
                 async with anyio.create_task_group() as calls:
                     calls.start_soon(call)
                     client = bus.ActivityClient(cb, timeout=5)
-                    while True:
+                    replies: list[CancelActivityReply] = []
+
+                    async def cancel_sent() -> bool:
                         try:
-                            reply = await client.cancel(aid, who="e2e")
-                            break
+                            replies.append(await client.cancel(aid, who="e2e"))
                         except bus.RemoteError as exc:
-                            assert exc.remote_code == "not_found", exc
-                            await anyio.sleep(0.05)
-                    assert reply.outcome == "accepted"
+                            assert exc.remote_code == "not_found", exc  # not recorded yet: ask again
+                            return False
+                        return True
+
+                    await bus.testing.eventually(cancel_sent, timeout=30, interval=0.05, what="the cancel accepted")
+                    assert replies[0].outcome == "accepted"
                 assert isinstance(outcome[0], bus.ActivityCancelledError), outcome
                 # Outside a session (after completing it): the shared queue.
                 await bus.complete_session(sctx)

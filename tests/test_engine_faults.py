@@ -7,7 +7,6 @@ The 3-node cluster version of these faults is tests/test_cluster_chaos.py.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
 
@@ -29,10 +28,18 @@ from schemas import (
     SessionState,
     utcnow,
 )
-
-from .test_activity_host import running_recorder, wait_record
-from .test_bus_roundtrip import dead_letters
-from .test_session_faults import broker, opts, reap, records_of, session_of, worker
+from tests._helpers import (
+    broker,
+    dead_letter_count,
+    dead_letters,
+    process_opts,
+    records_of,
+    running_recorder,
+    session_of,
+    started,
+    wait_record,
+    worker,
+)
 
 # ---------------------------------------------------------------- what is transient
 
@@ -98,31 +105,16 @@ async def test_retry_transient_retries_with_backoff_then_gives_up_within_its_bud
 # ---------------------------------------------------------------- the server killed under the broker
 
 
-@pytest.fixture
-def own_server() -> Iterator[bus.EmbeddedServer]:
-    """A server of this test alone, to kill and restart on its store."""
-    server = bus.EmbeddedServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 async def test_broker_and_worker_outlive_a_server_kill_and_still_end_sessions_on_time(
     own_server: bus.EmbeddedServer,
 ) -> None:
     prefix, url = unique_prefix(), own_server.url
     with ExitStack() as stack:
-        procs = []
-        for proc in (broker(prefix, url), worker(prefix, url)):
-            stack.callback(reap, proc)
-            proc.start(timeout=30)
-            procs.append(proc)
+        procs = [started(stack, broker(prefix, url)), started(stack, worker(prefix, url))]
         timeouts = bus.Timeouts(publish=2.0, publish_retries=15, request=10.0)
         async with bus.connect(url, prefix=prefix, timeouts=timeouts) as b:
-            short = await bus.create_session(b.context(), opts(execution_timeout=8.0))
-            long = await bus.create_session(b.context(), opts())
+            short = await bus.create_session(b.context(), process_opts(execution_timeout=8.0))
+            long = await bus.create_session(b.context(), process_opts())
             sid = session_of(short).session_id
             own_server.kill()
             await anyio.to_thread.run_sync(time.sleep, 1.0)  # the scenario: the server stays down a moment
@@ -132,15 +124,13 @@ async def test_broker_and_worker_outlive_a_server_kill_and_still_end_sessions_on
                 rec = (await records_of(b, [sid]))[sid]
                 return rec is not None and rec.state is SessionState.FAILED
 
-            with anyio.fail_after(60):
-                while not await ended():  # noqa: ASYNC110 - polls the server's state
-                    await anyio.sleep(0.1)
+            await eventually(ended, timeout=60, interval=0.1, what="the short session failed")
             rec = (await records_of(b, [sid]))[sid]
             assert rec is not None and rec.cause == "execution_timeout", rec
             assert all(p.proc is not None and p.proc.poll() is None for p in procs), "a service exited"
             # The broker still places and the worker still runs: the open session and a new one work.
             assert await bus.execute_activity(long, "echo", "after", start_to_close_timeout=30) == "after"
-            async with bus.session(b.context(), opts(creation_timeout=30)) as again:
+            async with bus.session(b.context(), process_opts(creation_timeout=30)) as again:
                 assert await bus.execute_activity(again, "echo", 2, start_to_close_timeout=30) == 2
             await bus.complete_session(long)
 
@@ -258,16 +248,11 @@ async def test_a_task_the_server_did_not_store_raises_publish_error_then_calls_w
 
 
 async def _letters(b: bus.Bus, consumer: str, n: int = 1) -> list[DeadLetter]:
-    out: list[DeadLetter] = []
-
     async def enough() -> bool:
-        out[:] = await dead_letters(b, consumer)
-        return len(out) >= n
+        return await dead_letter_count(b, consumer) >= n
 
-    with anyio.fail_after(30):
-        while not await enough():  # noqa: ASYNC110 - polls the stream
-            await anyio.sleep(0.05)
-    return out
+    await eventually(enough, timeout=30, interval=0.05, what=f"{n} dead letters of {consumer}")
+    return await dead_letters(b, consumer)
 
 
 async def test_a_refused_task_without_reply_to_and_a_notice_for_another_worker_are_dead_lettered(

@@ -11,6 +11,8 @@ Imports point one way, from the top of this list to the bottom::
 
 Outside ``bus``, the services, the bench and the schemas import only public names (``bus``,
 ``bus.transport``, ``bus.tracking``, ``bus.sessions``, ``bus.testing``), never a private ``bus._x`` module.
+In ``tests``, no module imports a test module (``tests/test_*.py``): what tests share is in
+``tests/_helpers.py`` (fixtures in ``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -136,5 +138,24 @@ def test_nothing_outside_the_transport_imports_nats() -> None:
         for p in _engine_free_modules()
         for line, target in _imports(p)
         if target == "nats" or target.startswith("nats.")
+    ]
+    assert found == []
+
+
+def _test_module(target: str) -> str | None:
+    """The test module (``tests/test_*.py``) an import names, if it names one."""
+    name = target.removeprefix("tests.")
+    if name.startswith("test_") and "." not in name and (ROOT / "tests" / f"{name}.py").exists():
+        return name
+    return None
+
+
+def test_no_module_of_the_tests_imports_a_test_module() -> None:
+    """A test module holds tests; what several share lives in tests/_helpers.py or a conftest fixture."""
+    found = [
+        f"{p.relative_to(ROOT)}:{line}: {target}"
+        for p in sorted((ROOT / "tests").glob("*.py"))
+        for line, target in _imports(p)
+        if _test_module(target) is not None
     ]
     assert found == []

@@ -15,7 +15,7 @@ import bus
 from bus.testing import ServiceProcess, eventually, unique_prefix
 from schemas import ActivityCompleted, ActivityStart, ActivityStatus, utcnow
 from services.broker import Broker, BrokerConfig
-from tests.test_activity_host import running_recorder, terminal, wait_record
+from tests._helpers import running_recorder, terminal, wait_record
 
 KEY = b"k" * 32
 

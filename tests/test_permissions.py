@@ -31,7 +31,7 @@ from schemas import (
 )
 from services.broker import Broker, BrokerConfig, BrokerState
 from services.recorder import Recorder
-from tests.test_deploy import DEPLOY, USERS, _server_log, secured_server
+from tests._helpers import DEPLOY, USERS, secured_server, server_log
 
 ROLES = (*USERS, "caller2")
 KEY_ENTRY = "_broker-token-key"
@@ -264,11 +264,7 @@ async def test_a_caller_cannot_publish_worker_events_and_a_forged_heartbeat_is_n
             except nats.js.errors.NotFoundError:
                 return False
 
-        with anyio.fail_after(10):
-            while True:
-                if await stored(real):
-                    break
-                await anyio.sleep(0.05)
+        await eventually(lambda: stored(real), interval=0.05, what="the worker's own heartbeat stored")
         assert not await stored(forged)
 
 
@@ -309,7 +305,7 @@ async def test_each_role_does_its_job_and_no_caller_reads_another_callers_result
     """Broker, recorder, worker, two callers, each as its own user with private inboxes: a session with an
     activity, a tracked activity run by a service (as the worker user), and the other caller's attempts
     to listen to the first caller's replies are all refused. No other permission violation is logged."""
-    log_from = len(_server_log(private))
+    log_from = len(server_log(private))
     tasklist = f"perm{secrets.token_hex(4)}"
     secret = secrets.token_hex(8)
     registry = bus.ActivityRegistry()
@@ -370,15 +366,14 @@ async def test_each_role_does_its_job_and_no_caller_reads_another_callers_result
                 except bus.RemoteError:
                     return None
 
-            with anyio.fail_after(20):
-                while True:
-                    if await recorded() is ActivityStatus.SUCCESS:
-                        break
-                    await anyio.sleep(0.05)
+            async def succeeded() -> bool:
+                return await recorded() is ActivityStatus.SUCCESS
+
+            await eventually(succeeded, timeout=20, interval=0.05, what="the activity recorded as succeeded")
             await spy.nc.flush()
             assert not [h for h in heard if secret.encode() in h], "caller2 heard caller's result"
             tg.cancel_scope.cancel()
-    logged = [line for line in _server_log(private)[log_from:].splitlines() if "Violation" in line]
+    logged = [line for line in server_log(private)[log_from:].splitlines() if "Violation" in line]
     expected = [line for line in logged if "user:caller2" in line and "Subscription" in line]
     assert len(expected) == 3, logged
     unexpected = [line for line in logged if line not in expected]

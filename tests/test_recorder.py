@@ -17,13 +17,14 @@ from schemas import (
     ActivityStarted,
     ActivityStatus,
     GetActivityRequest,
+    ListActivitiesReply,
     MessageEntry,
     WorkerHeartbeat,
     WorkerStopped,
     utcnow,
 )
 from services.recorder import RecorderConfig
-from tests.test_activity_host import running_recorder, terminal, wait_record
+from tests._helpers import running_recorder, terminal, wait_record
 
 
 async def _seed(b: bus.Bus) -> dict[str, str]:
@@ -59,12 +60,14 @@ async def _seed(b: bus.Bus) -> dict[str, str]:
 
 
 async def _listed(client: bus.ActivityClient, expect: int, **filters: object) -> list[str]:
-    reply = None
-    with anyio.fail_after(10):
-        while reply is None or reply.total != expect:
-            reply = await client.list(**filters)
-            await anyio.sleep(0.02)
-    return [a.id for a in reply.items]
+    replies: list[ListActivitiesReply] = []
+
+    async def counted() -> bool:
+        replies[:] = [await client.list(**filters)]
+        return replies[0].total == expect
+
+    await eventually(counted, interval=0.02, what=lambda: f"{expect} listed for {filters}: {replies}")
+    return [a.id for a in replies[0].items]
 
 
 async def test_list_filters_search_paging_active_first_then_newest(cadenza_bus: bus.Bus) -> None:

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bus
-from bus.testing import ServiceProcess, unique_prefix
+from bus.testing import ServiceProcess, eventually, unique_prefix
 from schemas import ActivityStatus, DeadLetter
-from tests.test_activity_host import terminal, wait_record
+from tests._helpers import terminal, wait_record
 
 RECORDER_ARGS = ("--sweep-interval", "0.1")
 
@@ -28,7 +28,7 @@ def recorder(prefix: str, url: str) -> ServiceProcess:
 
 
 def host(prefix: str, url: str, *args: str) -> ServiceProcess:
-    return ServiceProcess("tests.test_activity_host", "--prefix", prefix, *args, url=url)
+    return ServiceProcess("tests.activity_host", "--prefix", prefix, *args, url=url)
 
 
 def _activity_of(proc: ServiceProcess) -> str:
@@ -96,10 +96,13 @@ async def test_two_recorder_replicas_never_double_apply_an_event(nats_server: An
             # the two may differ for a moment: poll until the one that answers has caught up.
             client = bus.ActivityClient(b)
             listed = await client.list(limit=500)
-            with anyio.fail_after(10):
-                while not (listed.total == 20 and all(a.status is ActivityStatus.SUCCESS for a in listed.items)):
-                    await anyio.sleep(0.05)
-                    listed = await client.list(limit=500)
+
+            async def all_succeeded() -> bool:
+                nonlocal listed
+                listed = await client.list(limit=500)
+                return listed.total == 20 and all(a.status is ActivityStatus.SUCCESS for a in listed.items)
+
+            await eventually(all_succeeded, interval=0.05, what=lambda: f"20 listed, all succeeded: {listed}")
     assert listed.total == 20 and all(a.status is ActivityStatus.SUCCESS for a in listed.items)
 
 
@@ -169,19 +172,18 @@ def test_bad_input_on_every_subject_and_request_is_refused_dead_lettered_and_the
             if len(payload) > 1024 * 1024 - 1024:
                 return
             await b.js.publish(subject, payload)  # stored: straight to the stream, no validation
-            found = False
-            with anyio.fail_after(10):
-                while not found:
-                    found = await _dead_lettered(b, consumer, payload)
-                    await anyio.sleep(0.02)
+            await eventually(
+                lambda: _dead_lettered(b, consumer, payload), interval=0.02, what=f"dead-lettered by {consumer}"
+            )
             if endpoint != "list" or payload[:1] != b"{":
                 msg = await b.nc.request(b.rpc_subject("recorder", endpoint), payload, timeout=5)
                 reply = json.loads(msg.data)
                 assert reply["ok"] is False and reply["error"]["code"] == "validation", reply
                 assert reply["error"]["message"]
-                with anyio.fail_after(10):
-                    while not await _dead_lettered(b, f"recorder-{endpoint}", payload):  # noqa: ASYNC110 - polls the server
-                        await anyio.sleep(0.02)
+                await eventually(
+                    lambda: _dead_lettered(b, f"recorder-{endpoint}", payload), interval=0.02,
+                    what=f"dead-lettered by recorder-{endpoint}",
+                )  # fmt: skip
             listed = await bus.ActivityClient(b).list()  # still serving
             assert listed.total >= 0
 

@@ -16,6 +16,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,12 +27,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bus
-from bus.testing import ExternalServer, ServiceProcess, unique_prefix
+from bus.testing import ExternalServer, ServiceProcess, eventually, unique_prefix
 from bus.transport._codec import INPUT_ERRORS
 from schemas import (
     ActivityResult,
     ActivityTask,
-    DeadLetter,
     SessionClosed,
     SessionCompleteRequested,
     SessionOpened,
@@ -41,6 +41,7 @@ from schemas import (
     WorkerStarted,
     WorkerStopped,
 )
+from tests._helpers import broker, dead_letter_count, dead_letters, started, worker, worker_id
 
 TASKLIST = "bad-input"
 EXAMPLES = 150  # per subject: enough shapes to matter, short enough for CI
@@ -63,21 +64,12 @@ def rig(nats_server: Any) -> Iterator[Rig]:
     if isinstance(nats_server, ExternalServer):
         pytest.skip("needs the embedded server (starts service processes)")
     prefix, url = unique_prefix(), nats_server.url
-    brk = ServiceProcess("services.broker", "--prefix", prefix, url=url, env={"CADENZA_TOKEN_KEY": "x" * 32})
-    wrk = ServiceProcess(
-        "tests.session_worker", "--prefix", prefix, "--tasklist", TASKLIST, "--max-sessions", "10",
-        "--interval", "0.3", url=url,
-    )  # fmt: skip
-    try:
-        brk.start(timeout=30)
-        wrk.start(timeout=30)
-        wid = next(line.split()[-1] for line in wrk.output if "cadenza: ready worker" in line)
+    with ExitStack() as stack:
+        brk = started(stack, broker(prefix, url))
+        wrk = started(stack, worker(prefix, url, slots=10, tasklist=TASKLIST))
         with anyio.from_thread.start_blocking_portal() as portal:
             with portal.wrap_async_context_manager(bus.connect(url, prefix=prefix)) as b:
-                yield Rig(portal, b, brk, wrk, wid)
-    finally:
-        wrk.kill()
-        brk.kill()
+                yield Rig(portal, b, brk, wrk, worker_id(wrk))
 
 
 def _opts(**kw: Any) -> bus.SessionOptions:
@@ -179,38 +171,16 @@ def _where(kind: str, r: Rig, data: bytes) -> tuple[str, str]:
     return s.build("worker", tag, "heartbeat"), "broker-workers"
 
 
-async def _dlq_count(b: bus.Bus, consumer: str) -> int:
-    subject = b.subjects.build("dlq", consumer, "rejected")
-    info = await b.js.stream_info(b.topology.stream_name("dlq"), subjects_filter=subject)
-    return (info.state.subjects or {}).get(subject, 0)
-
-
 async def _publish_and_wait_dead_letter(r: Rig, kind: str, data: bytes) -> None:
     subject, consumer = _where(kind, r, data)
-    before = await _dlq_count(r.b, consumer)
+    before = await dead_letter_count(r.b, consumer)
     await r.b.js.publish(subject, data, timeout=5)  # straight to the stream: no validation on the way
-    try:
-        with anyio.fail_after(10):
-            while await _dlq_count(r.b, consumer) < before + 1:  # noqa: ASYNC110 - polls the server
-                await anyio.sleep(0.005)
-    except TimeoutError:
-        raise AssertionError(f"{kind}: payload {data[:80]!r} was not dead-lettered by {consumer}") from None
+
+    async def dead_lettered() -> bool:
+        return await dead_letter_count(r.b, consumer) >= before + 1
+
+    await eventually(dead_lettered, interval=0.005, what=f"{kind}: payload {data[:80]!r} dead-lettered by {consumer}")
     r.sent.setdefault(consumer, []).append(data)
-
-
-async def _read_dead_letters(b: bus.Bus, consumer: str) -> list[DeadLetter]:
-    subject = b.subjects.build("dlq", consumer, "rejected")
-    sub = await b.js.subscribe(subject, stream=b.topology.stream_name("dlq"), ordered_consumer=True)
-    out: list[DeadLetter] = []
-    try:
-        expected = await _dlq_count(b, consumer)
-        with anyio.fail_after(30):
-            while len(out) < expected:
-                msg = await sub.next_msg(timeout=5)
-                out.append(DeadLetter.model_validate_json(msg.data))
-    finally:
-        await sub.unsubscribe()
-    return out
 
 
 async def _still_serving(r: Rig) -> None:
@@ -238,7 +208,7 @@ def _run_kind(r: Rig, kind: str) -> None:
     _, consumer = _where(kind, r, b"")
     sent = r.sent.get(consumer, [])
     assert len(sent) >= EXAMPLES // 2
-    letters = r.portal.call(_read_dead_letters, r.b, consumer)
+    letters = r.portal.call(dead_letters, r.b, consumer)
     assert len(letters) == len(sent)
     digests = {hashlib.sha256(p).hexdigest() for p in sent}
     assert {letter.payload_sha256 for letter in letters} == digests
@@ -276,16 +246,18 @@ def test_invalid_recreate_tokens_are_rejected_bad_token_and_take_no_slot(rig: Ri
         await rig.b.publish(SessionRequested(session_id=sid, tasklist=TASKLIST, creation_timeout=5,
                                              execution_timeout=5, recreate_token="Zm9yZ2Vk.Zm9yZ2Vk"))  # fmt: skip
         kv = await rig.b.kv("sessions")
-        with anyio.fail_after(10):
-            while True:
-                try:
-                    entry = await kv.get(sid)
-                except Exception:  # not there yet
-                    entry = None
-                if entry is not None and entry.value and b'"rejected"' in entry.value:
-                    break
-                await anyio.sleep(0.02)
-        assert entry is not None and entry.value is not None and b"bad_token" in entry.value
+        stored: list[bytes] = []
+
+        async def rejected() -> bool:
+            try:
+                entry = await kv.get(sid)
+            except Exception:  # not there yet
+                return False
+            stored[:] = [entry.value or b""]
+            return b'"rejected"' in stored[0]
+
+        await eventually(rejected, interval=0.02, what="the forged request stored as rejected")
+        assert b"bad_token" in stored[0]
         await _still_serving(rig)
 
     rig.portal.call(check)

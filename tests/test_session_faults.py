@@ -9,59 +9,30 @@ replicas at once; forged recreate tokens. Counts come from the workers' own outp
 from __future__ import annotations
 
 import base64
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack
 from typing import Any
 
 import anyio
-import nats.js.errors
 import pytest
 
 import bus
 from bus.testing import ExternalServer, ServiceProcess, eventually, unique_prefix
-from schemas import SessionRecord, SessionState, WorkerRecord
-
-TOKEN_KEY = "x" * 32
-INTERVAL = 0.3
-HEARTBEAT_TIMEOUT = 2.0
-
-_COUNT = re.compile(r"^sessions (\d+) peak (\d+)$")
-
-
-def broker(prefix: str, url: str, *args: str) -> ServiceProcess:
-    return ServiceProcess("services.broker", "--prefix", prefix, *args, url=url, env={"CADENZA_TOKEN_KEY": TOKEN_KEY})
-
-
-def worker(prefix: str, url: str, *, slots: int = 100, tasklist: str = "default") -> ServiceProcess:
-    return ServiceProcess(
-        "tests.session_worker", "--prefix", prefix, "--tasklist", tasklist, "--max-sessions", str(slots),
-        "--interval", str(INTERVAL), url=url,
-    )  # fmt: skip
-
-
-def counts(proc: ServiceProcess) -> tuple[int, int]:
-    """The worker's own (open, peak) as it last printed them."""
-    for line in reversed(list(proc.output)):
-        m = _COUNT.match(line.strip())
-        if m:
-            return int(m[1]), int(m[2])
-    return 0, 0
-
-
-def peak_ever(proc: ServiceProcess) -> int:
-    """The highest count the worker ever printed (open or peak)."""
-    out = 0
-    for line in list(proc.output):
-        m = _COUNT.match(line.strip())
-        if m:
-            out = max(out, int(m[1]), int(m[2]))
-    return out
-
-
-def worker_id(proc: ServiceProcess) -> str:
-    return next(line.split()[-1] for line in proc.output if "cadenza: ready worker" in line)
+from schemas import SessionState, WorkerRecord
+from tests._helpers import (
+    HEARTBEAT_TIMEOUT,
+    broker,
+    bucket_records,
+    counts,
+    peak_ever,
+    process_opts,
+    records_of,
+    session_of,
+    started,
+    worker,
+    worker_id,
+)
 
 
 @pytest.fixture
@@ -73,21 +44,6 @@ def procs(nats_server: Any) -> Iterator[ExitStack]:
         yield stack
 
 
-def reap(proc: ServiceProcess) -> None:
-    """SIGKILL (if still running) and close the output pipe (an open pipe warns at collection)."""
-    proc.kill()
-    if proc._reader is not None:
-        proc._reader.join(5)
-    if proc.proc is not None and proc.proc.stdout is not None:
-        proc.proc.stdout.close()
-
-
-def started(stack: ExitStack, proc: ServiceProcess) -> ServiceProcess:
-    stack.callback(reap, proc)
-    proc.start(timeout=30)
-    return proc
-
-
 def started_all(stack: ExitStack, *procs_: ServiceProcess) -> list[ServiceProcess]:
     """Start processes one after the other, on this thread.
 
@@ -97,47 +53,9 @@ def started_all(stack: ExitStack, *procs_: ServiceProcess) -> list[ServiceProces
     return [started(stack, proc) for proc in procs_]
 
 
-def opts(creation_timeout: float = 10.0, **kw: Any) -> bus.SessionOptions:
-    return bus.SessionOptions(
-        execution_timeout=kw.pop("execution_timeout", 600.0), creation_timeout=creation_timeout,
-        heartbeat_timeout=kw.pop("heartbeat_timeout", HEARTBEAT_TIMEOUT), **kw,
-    )  # fmt: skip
-
-
-async def records_of(b: bus.Bus, ids: list[str]) -> dict[str, SessionRecord | None]:
-    """The sessions bucket's record of each id, read key by key (``kv.keys()`` can come back short
-    while the bucket is being written)."""
-    kv = await b.kv("sessions")
-    out: dict[str, SessionRecord | None] = {}
-    limiter = anyio.CapacityLimiter(64)
-
-    async def one(sid: str) -> None:
-        async with limiter:
-            try:
-                entry = await kv.get(sid)
-            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-                out[sid] = None
-                return
-            out[sid] = SessionRecord.model_validate_json(entry.value) if entry.value else None
-
-    async with anyio.create_task_group() as tg:
-        for sid in ids:
-            tg.start_soon(one, sid)
-    return out
-
-
 async def worker_records(b: bus.Bus, wids: list[str]) -> dict[str, WorkerRecord | None]:
-    """The workers bucket's record of each worker, read key by key (None: no record)."""
-    kv = await b.kv("workers")
-    out: dict[str, WorkerRecord | None] = {}
-    for wid in wids:
-        try:
-            entry = await kv.get(wid)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-            out[wid] = None
-            continue
-        out[wid] = WorkerRecord.model_validate_json(entry.value) if entry.value else None
-    return out
+    """The workers bucket's record of each worker (None: no record)."""
+    return await bucket_records(b, "workers", wids, WorkerRecord)
 
 
 async def slot_lists(b: bus.Bus, wids: list[str]) -> dict[str, list[str]]:
@@ -155,16 +73,6 @@ async def _no_slots(b: bus.Bus, wids: list[str]) -> bool:
 
 async def _workers_known(b: bus.Bus, wids: list[str]) -> bool:
     return all(w is not None for w in (await worker_records(b, wids)).values())
-
-
-async def poll(check: Callable[[], Awaitable[bool]], *, timeout: float, what: str) -> None:
-    """``eventually`` for conditions that need the server to answer."""
-    try:
-        with anyio.fail_after(timeout):
-            while not await check():  # noqa: ASYNC110 - polls the server's state
-                await anyio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"not reached within {timeout}s: {what}") from None
 
 
 async def create_many(
@@ -196,12 +104,6 @@ async def complete_all(sessions: list[bus.Context]) -> None:
             tg.start_soon(one, sctx)
 
 
-def session_of(sctx: bus.Context) -> bus.SessionInfo:
-    info = bus.get_session_info(sctx)
-    assert info is not None
-    return info
-
-
 # ---------------------------------------------------------------- 1. worker SIGKILLed
 
 
@@ -214,7 +116,7 @@ async def test_worker_sigkilled_with_50_open_sessions_fails_them_all_worker_lost
         ctx = b.context()
         sessions: list[bus.Context] = []
         errors: list[tuple[float, BaseException]] = []
-        await create_many(ctx, 50, opts(), sessions, [])
+        await create_many(ctx, 50, process_opts(), sessions, [])
         assert len(sessions) == 50
         await eventually(lambda: counts(w) == (50, 50), what="the worker holds 50 sessions")
         stream = b.topology.stream_name("activity")
@@ -235,7 +137,9 @@ async def test_worker_sigkilled_with_50_open_sessions_fails_them_all_worker_lost
             async with anyio.create_task_group() as tg:
                 for i, sctx in enumerate(sessions):
                     tg.start_soon(sleeper, i, sctx)
-                await poll(all_running, timeout=20, what="50 sleep activities started on the worker")
+                await eventually(
+                    all_running, timeout=20, interval=0.05, what="50 sleep activities started on the worker"
+                )
                 assert not errors
                 w.kill()
                 killed = time.monotonic()
@@ -260,7 +164,7 @@ async def test_worker_sigkilled_with_50_open_sessions_fails_them_all_worker_lost
             assert caught.value.cause == "worker_lost"
         assert (await b.js.stream_info(task_stream)).state.messages == before
         # No slot of the dead worker stays taken.
-        await poll(lambda: _no_slots(b, [worker_id(w)]), timeout=10, what="the dead worker's slots are released")
+        await eventually(lambda: _no_slots(b, [worker_id(w)]), timeout=10, what="the dead worker's slots are released")
 
 
 # ---------------------------------------------------------------- 2. a burst beyond capacity
@@ -274,7 +178,7 @@ async def _burst_against_three_workers(
     failed: list[tuple[float, Any]] = []
     ctx = b.context()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(create_many, ctx, n, opts(creation_timeout), opened, failed)
+        tg.start_soon(create_many, ctx, n, process_opts(creation_timeout), opened, failed)
         if during is not None:
             await during(opened)
     return opened, failed
@@ -288,7 +192,9 @@ async def test_500_creations_against_300_slots_open_exactly_300_and_reject_200_f
     wids = [worker_id(w) for w in workers]
     creation_timeout = 5.0
     async with bus.connect(url, prefix=prefix) as b:
-        await poll(lambda: _workers_known(b, wids), timeout=10, what="the broker knows the 3 workers")
+        await eventually(
+            lambda: _workers_known(b, wids), timeout=10, interval=0.05, what="the broker knows the 3 workers"
+        )
         opened, failed = await _burst_against_three_workers(b, workers, n=500, creation_timeout=creation_timeout)
         assert len(opened) == 300 and len(failed) == 200, (len(opened), {str(e)[:200] for _, e in failed})
         assert {e.reason for _, e in failed} == {"capacity"}, {e.reason for _, e in failed}
@@ -306,7 +212,9 @@ async def test_500_creations_against_300_slots_open_exactly_300_and_reject_200_f
             by_worker[info.worker_id] = by_worker.get(info.worker_id, 0) + 1
         assert by_worker == {worker_id(w): 100 for w in workers}
         await complete_all(opened)
-        await poll(lambda: _no_slots(b, wids), timeout=15, what="every slot is free after completing")
+        await eventually(
+            lambda: _no_slots(b, wids), timeout=15, interval=0.05, what="every slot is free after completing"
+        )
         await eventually(lambda: all(counts(w)[0] == 0 for w in workers), what="the workers hold none")
 
 
@@ -329,7 +237,9 @@ async def _broker_killed_mid_load(
         restarted.append(started(procs, broker(prefix, url, "--request-ack-wait", "2")))
 
     async with bus.connect(url, prefix=prefix) as b:
-        await poll(lambda: _workers_known(b, wids), timeout=10, what="the broker knows the 3 workers")
+        await eventually(
+            lambda: _workers_known(b, wids), timeout=10, interval=0.05, what="the broker knows the 3 workers"
+        )
         opened, failed = await _burst_against_three_workers(
             b, workers, n=n, creation_timeout=creation_timeout, during=kill_and_restart
         )
@@ -361,7 +271,9 @@ async def _broker_killed_mid_load(
             assert await bus.execute_activity(sctx, "where", start_to_close_timeout=20) == session_of(sctx).worker_id
         # No slot leaked: after completing everything, every list is empty and every worker holds none.
         await complete_all(opened)
-        await poll(lambda: _no_slots(b, wids), timeout=20, what="every slot is free after completing")
+        await eventually(
+            lambda: _no_slots(b, wids), timeout=20, interval=0.05, what="every slot is free after completing"
+        )
         await eventually(lambda: all(counts(w)[0] == 0 for w in workers), what="the workers hold none")
         records = await records_of(b, ids)
         assert all(r is not None and r.state is SessionState.COMPLETED for r in records.values())
@@ -394,7 +306,7 @@ async def test_restarted_broker_does_not_declare_healthy_workers_lost_because_it
     first, w = started_all(procs, broker(prefix, url), worker(prefix, url))
     async with bus.connect(url, prefix=prefix) as b:
         sessions: list[bus.Context] = []
-        await create_many(b.context(), 10, opts(), sessions, [])
+        await create_many(b.context(), 10, process_opts(), sessions, [])
         assert len(sessions) == 10
         first.kill()
         down = time.monotonic()
@@ -412,7 +324,7 @@ async def test_restarted_broker_does_not_declare_healthy_workers_lost_because_it
         for sctx in sessions:
             assert await bus.execute_activity(sctx, "echo", "alive", start_to_close_timeout=10) == "alive"
         # The restarted broker still does its job: a new session opens, a killed worker is noticed.
-        async with bus.session(b.context(), opts()) as extra:
+        async with bus.session(b.context(), process_opts()) as extra:
             assert await bus.execute_activity(extra, "echo", 1, start_to_close_timeout=10) == 1
         w.kill()
         await eventually(
@@ -449,14 +361,15 @@ async def test_two_broker_replicas_never_oversubscribe_and_announce_a_failure_on
 
         core = await b.nc.subscribe(b.subjects.filter("session", event="failed"), cb=on_failed)
         try:
-            await poll(
+            await eventually(
                 lambda: _workers_known(b, [worker_id(w) for w in workers]),
                 timeout=10,
+                interval=0.05,
                 what="the brokers know the 2 workers",
             )
             opened: list[bus.Context] = []
             failed: list[tuple[float, Any]] = []
-            await create_many(b.context(), 3 * slots, opts(4.0), opened, failed)
+            await create_many(b.context(), 3 * slots, process_opts(4.0), opened, failed)
             assert len(opened) == 2 * slots and len(failed) == slots
             assert {e.reason for _, e in failed} == {"capacity"}
             await eventually(lambda: sum(counts(w)[0] for w in workers) == 2 * slots, what="both workers full")
@@ -473,7 +386,9 @@ async def test_two_broker_replicas_never_oversubscribe_and_announce_a_failure_on
                 timeout=HEARTBEAT_TIMEOUT + 5, what="the victim's sessions fail",
             )  # fmt: skip
             lost_ids = {session_of(s).session_id for s in lost}
-            await poll(lambda: _no_slots(b, [victim_id]), timeout=10, what="the victim's slots are freed")
+            await eventually(
+                lambda: _no_slots(b, [victim_id]), timeout=10, interval=0.05, what="the victim's slots are freed"
+            )
             await eventually(lambda: set(heard) >= lost_ids, what="every failure heard")
             # Let any second (wrong) announcement arrive before counting.
             await b.nc.flush()
@@ -514,23 +429,23 @@ async def test_forged_or_altered_recreate_token_is_rejected_bad_token_by_the_bro
     _, w = started_all(procs, broker(prefix, url), worker(prefix, url))
     async with bus.connect(url, prefix=prefix) as b:
         ctx = b.context()
-        sctx = await bus.create_session(ctx, opts())
+        sctx = await bus.create_session(ctx, process_opts())
         info = session_of(sctx)
         await bus.complete_session(sctx)
         # The genuine token works (so the rejections below are about the tampering).
-        again = await bus.recreate_session(ctx, info.recreate_token, opts())
+        again = await bus.recreate_session(ctx, info.recreate_token, process_opts())
         assert session_of(again).worker_id == info.worker_id == worker_id(w)
         assert session_of(again).session_id != info.session_id
         await bus.complete_session(again)
         for bad in _tamper(info.recreate_token):
             t0 = time.monotonic()
             with pytest.raises(bus.SessionCreationError) as caught:
-                await bus.recreate_session(ctx, bad, opts(creation_timeout=30))
+                await bus.recreate_session(ctx, bad, process_opts(creation_timeout=30))
             assert caught.value.reason == "bad_token", (bad, caught.value)
             assert time.monotonic() - t0 < 30  # refused, not left to time out
         # The broker refused each (one stored rejection per request), nothing else was refused.
         rejected = b.subjects.filter("session", event="rejected")
         stored = await b.js.stream_info(b.topology.stream_name("session"), subjects_filter=rejected)
         assert len(stored.state.subjects or {}) == 4 and set((stored.state.subjects or {}).values()) == {1}
-        await poll(lambda: _no_slots(b, [worker_id(w)]), timeout=10, what="no slot taken")
+        await eventually(lambda: _no_slots(b, [worker_id(w)]), timeout=10, what="no slot taken")
         await eventually(lambda: counts(w)[0] == 0, what="the worker holds none")

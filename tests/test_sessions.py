@@ -33,28 +33,17 @@ from schemas import (
     WorkerRecord,
     WorkerStarted,
 )
-from services.broker import Broker, BrokerConfig
 from services.broker._tokens import TokenSigner, WorkerClaim
-from tests.test_activity_host import running_recorder, terminal, wait_record
-
-#: Worker heartbeat interval and session heartbeat timeout of these tests (interval * 2 <= timeout).
-HB = 0.25
-HT = 1.5
-KEY = b"k" * 32
-
-
-def opts(**kw: Any) -> bus.SessionOptions:
-    base: dict[str, Any] = {"execution_timeout": 60.0, "creation_timeout": 3.0, "heartbeat_timeout": HT}
-    return bus.SessionOptions(**{**base, **kw})
-
-
-@contextlib.asynccontextmanager
-async def running_broker(b: bus.Bus, **config: Any) -> AsyncIterator[Broker]:
-    broker = Broker(b, BrokerConfig(token_key=KEY, **config))
-    async with anyio.create_task_group() as tg:
-        await tg.start(broker.run)
-        yield broker
-        tg.cancel_scope.cancel()
+from tests._helpers import (
+    HB,
+    HT,
+    running_broker,
+    running_recorder,
+    session_of,
+    session_opts,
+    terminal,
+    wait_record,
+)
 
 
 @dataclass
@@ -158,14 +147,8 @@ async def session_record(b: bus.Bus, sid: str) -> SessionRecord:
     return SessionRecord.model_validate_json(entry.value)
 
 
-def info(ctx: bus.Context) -> bus.SessionInfo:
-    got = bus.get_session_info(ctx)
-    assert got is not None
-    return got
-
-
 def state_is(ctx: bus.Context, state: SessionState) -> Any:
-    return lambda: info(ctx).state is state
+    return lambda: session_of(ctx).state is state
 
 
 # ---------------------------------------------------------------- names and defaults
@@ -206,9 +189,9 @@ def test_worker_options_enable_sessions_and_max_concurrent_sessions_default_1000
 async def test_session_info_has_id_host_worker_tasklist_state_and_cause(cadenza_bus: bus.Bus) -> None:
     b, log = cadenza_bus, Log()
     async with running_broker(b), running_workers(b, log, {"tasklist": "gpu"}) as (w,):
-        one = await bus.create_session(b.context(), opts(tasklist="gpu"))
-        two = await bus.create_session(b.context(), opts(tasklist="gpu", execution_timeout=0.5))
-        i1, i2 = info(one), info(two)
+        one = await bus.create_session(b.context(), session_opts(tasklist="gpu"))
+        two = await bus.create_session(b.context(), session_opts(tasklist="gpu", execution_timeout=0.5))
+        i1, i2 = session_of(one), session_of(two)
         assert uuid.UUID(i1.session_id) and uuid.UUID(i2.session_id) and i1.session_id != i2.session_id
         assert i1.host_name == socket.gethostname()
         assert i1.worker_id == i1.resource_id == w.worker_id
@@ -216,9 +199,9 @@ async def test_session_info_has_id_host_worker_tasklist_state_and_cause(cadenza_
         assert i1.state is SessionState.OPEN and i1.cause == ""
         assert isinstance(i1.recreate_token, bytes) and i1.recreate_token
         await eventually(state_is(two, SessionState.FAILED), timeout=5, what="execution timeout")
-        assert info(two).cause == "execution_timeout"
+        assert session_of(two).cause == "execution_timeout"
         await bus.complete_session(one)
-        assert info(one).state is SessionState.COMPLETED and info(one).cause == ""
+        assert session_of(one).state is SessionState.COMPLETED and session_of(one).cause == ""
 
 
 # ---------------------------------------------------------------- creating
@@ -227,10 +210,10 @@ async def test_session_info_has_id_host_worker_tasklist_state_and_cause(cadenza_
 async def test_create_in_context_with_open_session_fails_at_once(cadenza_bus: bus.Bus) -> None:
     b, log = cadenza_bus, Log()
     async with running_broker(b), running_workers(b, log, {}):
-        sctx = await bus.create_session(b.context(), opts())
+        sctx = await bus.create_session(b.context(), session_opts())
         async with recording(b, f"{b.subjects.prefix}.session.>") as published:
             with anyio.fail_after(1), pytest.raises(bus.SessionError, match="found existing open session"):
-                await bus.create_session(sctx, opts())
+                await bus.create_session(sctx, session_opts())
         assert published == []
 
 
@@ -239,15 +222,15 @@ async def test_context_with_completed_or_failed_session_may_create_again(cadenza
     b, log = cadenza_bus, Log()
     async with running_broker(b), running_workers(b, log, {}):
         if ending == "completed":
-            sctx = await bus.create_session(b.context(), opts())
+            sctx = await bus.create_session(b.context(), session_opts())
             await bus.complete_session(sctx)
         else:
-            sctx = await bus.create_session(b.context(), opts(execution_timeout=0.3))
+            sctx = await bus.create_session(b.context(), session_opts(execution_timeout=0.3))
             await eventually(state_is(sctx, SessionState.FAILED), timeout=5)
-        again = await bus.create_session(sctx, opts())
-        assert info(again).state is SessionState.OPEN
-        assert info(again).session_id != info(sctx).session_id
-        assert await bus.execute_activity(again, "where") == info(again).worker_id
+        again = await bus.create_session(sctx, session_opts())
+        assert session_of(again).state is SessionState.OPEN
+        assert session_of(again).session_id != session_of(sctx).session_id
+        assert await bus.execute_activity(again, "where") == session_of(again).worker_id
 
 
 async def test_placed_only_on_live_worker_of_tasklist_with_sessions_and_free_slot(cadenza_bus: bus.Bus) -> None:
@@ -268,10 +251,13 @@ async def test_placed_only_on_live_worker_of_tasklist_with_sessions_and_free_slo
             {"tasklist": "t", "max_concurrent_sessions": 100},
         ]
         async with running_workers(b, log, *specs) as (other, no_sessions, small, good):
-            first = await bus.create_session(b.context(), opts(tasklist="t"))
-            assert info(first).worker_id in (small.worker_id, good.worker_id)
-            full = small if info(first).worker_id == small.worker_id else good
-            placed = [info(await bus.create_session(b.context(), opts(tasklist="t"))).worker_id for _ in range(6)]
+            first = await bus.create_session(b.context(), session_opts(tasklist="t"))
+            assert session_of(first).worker_id in (small.worker_id, good.worker_id)
+            full = small if session_of(first).worker_id == small.worker_id else good
+            placed = [
+                session_of(await bus.create_session(b.context(), session_opts(tasklist="t"))).worker_id
+                for _ in range(6)
+            ]
             expected = good.worker_id if full is small else None
             if expected is None:
                 # The first went to the big worker; the small one may take one more, never two.
@@ -287,10 +273,10 @@ async def test_placement_least_loaded_first(cadenza_bus: bus.Bus) -> None:
     b, log = cadenza_bus, Log()
     specs: list[dict[str, Any]] = [{"max_concurrent_sessions": 10}, {"max_concurrent_sessions": 10}]
     async with running_broker(b), running_workers(b, log, *specs) as (w1, w2):
-        first = await bus.create_session(b.context(), opts())
-        placed = [info(await bus.create_session(b.context(), opts())).worker_id for _ in range(7)]
+        first = await bus.create_session(b.context(), session_opts())
+        placed = [session_of(await bus.create_session(b.context(), session_opts())).worker_id for _ in range(7)]
         # After the first, the other worker is the less loaded: then they alternate.
-        other = w2.worker_id if info(first).worker_id == w1.worker_id else w1.worker_id
+        other = w2.worker_id if session_of(first).worker_id == w1.worker_id else w1.worker_id
         assert placed[0] == other
         assert placed.count(w1.worker_id) in (3, 4) and placed.count(w2.worker_id) in (3, 4)
         await eventually(lambda: w1.open_sessions == w2.open_sessions == 4, timeout=5)
@@ -299,11 +285,11 @@ async def test_placement_least_loaded_first(cadenza_bus: bus.Bus) -> None:
 async def test_waits_for_a_free_slot_until_one_frees_up(cadenza_bus: bus.Bus) -> None:
     b, log = cadenza_bus, Log()
     async with running_broker(b) as broker, running_workers(b, log, {"max_concurrent_sessions": 1}) as (w,):
-        held = await bus.create_session(b.context(), opts())
+        held = await bus.create_session(b.context(), session_opts())
         got: list[bus.Context] = []
 
         async def second() -> None:
-            got.append(await bus.create_session(b.context(), opts(creation_timeout=10)))
+            got.append(await bus.create_session(b.context(), session_opts(creation_timeout=10)))
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(second)
@@ -311,7 +297,7 @@ async def test_waits_for_a_free_slot_until_one_frees_up(cadenza_bus: bus.Bus) ->
             await eventually(lambda: bool(broker.waiting), timeout=5, what="the second request waits at the broker")
             assert not got
             await bus.complete_session(held)
-        assert info(got[0]).worker_id == w.worker_id and info(got[0]).state is SessionState.OPEN
+        assert session_of(got[0]).worker_id == w.worker_id and session_of(got[0]).state is SessionState.OPEN
         await eventually(lambda: w.open_sessions == 1, timeout=5)
 
 
@@ -321,25 +307,25 @@ async def test_creation_fails_after_creation_timeout_saying_why_nothing_left_beh
 ) -> None:
     b, log = cadenza_bus, Log()
     async with running_broker(b) as broker, running_workers(b, log, {"max_concurrent_sessions": 1}) as (w,):
-        held = await bus.create_session(b.context(), opts())
+        held = await bus.create_session(b.context(), session_opts())
         tasklist = "default" if case == "capacity" else "nobody-serves-this"
         t0 = time.monotonic()
         with anyio.fail_after(10), pytest.raises(bus.SessionCreationError) as err:
-            await bus.create_session(b.context(), opts(creation_timeout=1.0, tasklist=tasklist))
+            await bus.create_session(b.context(), session_opts(creation_timeout=1.0, tasklist=tasklist))
         assert time.monotonic() - t0 >= 0.9  # it waited for a slot
         assert err.value.reason == case
         assert ("capacity" if case == "capacity" else "no live worker") in str(err.value)
         # Nothing left behind: the slot table and the worker's own count hold only the first session.
         record = await worker_record(b, w.worker_id)
-        assert record.sessions == [info(held).session_id]
+        assert record.sessions == [session_of(held).session_id]
         assert w.open_sessions == 1
         rejected = [c.value for c in broker.sessions.values() if isinstance(c.value, SessionRecord)
                     and c.value.state is SessionState.REJECTED]  # fmt: skip
         assert len(rejected) == 1 and rejected[0].worker_id == ""
         # The slot is still usable by the next session once the first completes.
         await bus.complete_session(held)
-        again = await bus.create_session(b.context(), opts(creation_timeout=2))
-        assert info(again).worker_id == w.worker_id
+        again = await bus.create_session(b.context(), session_opts(creation_timeout=2))
+        assert session_of(again).worker_id == w.worker_id
 
 
 async def test_no_oversubscription_under_a_burst_of_concurrent_creations(
@@ -361,7 +347,7 @@ async def test_no_oversubscription_under_a_burst_of_concurrent_creations(
                 # The 40 beyond capacity wait this long for a slot, then are refused for capacity; the
                 # bound is generous so that the 20 placements finish within it on a loaded machine
                 # (with 1.5 s, one of them was refused under a load of 8 on 2 cores).
-                ok.append(await bus.create_session(caller.context(), opts(creation_timeout=8)))
+                ok.append(await bus.create_session(caller.context(), session_opts(creation_timeout=8)))
             except bus.SessionCreationError as exc:
                 errors.append(exc)
 
@@ -372,7 +358,7 @@ async def test_no_oversubscription_under_a_burst_of_concurrent_creations(
         assert {e.reason for e in errors} == {"capacity"}, [str(e) for e in errors if e.reason != "capacity"][:3]
         assert len(ok) == 20 and len(errors) == 40
         for w in workers:
-            assert sum(info(c).worker_id == w.worker_id for c in ok) == 10
+            assert sum(session_of(c).worker_id == w.worker_id for c in ok) == 10
             assert len((await worker_record(b, w.worker_id)).sessions) == 10
         await eventually(lambda: all(w.open_sessions == 10 for w in workers), timeout=5)
         assert all(w.peak_sessions <= 10 and w.oversubscribed == 0 for w in workers)
@@ -384,8 +370,8 @@ async def test_no_oversubscription_under_a_burst_of_concurrent_creations(
 async def test_session_activity_runs_on_the_session_worker_only(cadenza_bus: bus.Bus) -> None:
     b, log = cadenza_bus, Log()
     async with running_broker(b), running_workers(b, log, {}, {}, {}) as workers:
-        sctx = await bus.create_session(b.context(), opts())
-        mine = info(sctx).worker_id
+        sctx = await bus.create_session(b.context(), session_opts())
+        mine = session_of(sctx).worker_id
         async with recording(b, f"{b.subjects.prefix}.task.>") as published:
             async with anyio.create_task_group() as tg:
                 for _ in range(15):
@@ -398,7 +384,7 @@ async def test_session_activity_runs_on_the_session_worker_only(cadenza_bus: bus
 async def test_failed_session_activity_raises_session_failed_at_once_nothing_published(cadenza_bus: bus.Bus) -> None:
     b, log = cadenza_bus, Log()
     async with running_broker(b), running_workers(b, log, {}, {}) as workers:
-        sctx = await bus.create_session(b.context(), opts(execution_timeout=0.3))
+        sctx = await bus.create_session(b.context(), session_opts(execution_timeout=0.3))
         await eventually(state_is(sctx, SessionState.FAILED), timeout=5)
         async with recording(b, f"{b.subjects.prefix}.task.>") as published:
             with anyio.fail_after(0.5), pytest.raises(bus.SessionFailedError) as err:
@@ -406,7 +392,7 @@ async def test_failed_session_activity_raises_session_failed_at_once_nothing_pub
         assert published == [] and log.ran == []
         assert "session has failed" in str(err.value) and err.value.cause == "execution_timeout"
         assert isinstance(err.value, bus.SessionError) and isinstance(err.value, bus.CadenzaError)
-        assert err.value.session_id == info(sctx).session_id
+        assert err.value.session_id == session_of(sctx).session_id
         assert len(workers) == 2
 
 
@@ -414,10 +400,10 @@ async def test_completed_session_activity_goes_to_the_shared_queue(cadenza_bus: 
     b, log = cadenza_bus, Log()
     async with running_broker(b), running_workers(b, log, {}, {}) as workers:
         w1, w2 = workers
-        sctx = await bus.create_session(b.context(), opts())
+        sctx = await bus.create_session(b.context(), session_opts())
         await bus.complete_session(sctx)
         # Stop the session's worker: the activity must still run, on the other one.
-        holder, other = (w1, w2) if info(sctx).worker_id == w1.worker_id else (w2, w1)
+        holder, other = (w1, w2) if session_of(sctx).worker_id == w1.worker_id else (w2, w1)
         await workers.stop(holder)
         async with recording(b, f"{b.subjects.prefix}.task.>") as published:
             with anyio.fail_after(10):
@@ -428,12 +414,12 @@ async def test_completed_session_activity_goes_to_the_shared_queue(cadenza_bus: 
 async def test_activity_error_does_not_change_session_state(cadenza_bus: bus.Bus) -> None:
     b, log = cadenza_bus, Log()
     async with running_broker(b), running_workers(b, log, {}) as (w,):
-        sctx = await bus.create_session(b.context(), opts())
+        sctx = await bus.create_session(b.context(), session_opts())
         with anyio.fail_after(10), pytest.raises(bus.ActivityFailedError) as err:
             await bus.execute_activity(sctx, "boom", "no luck")
         assert err.value.type == "RuntimeError" and "no luck" in str(err.value)
-        assert info(sctx).state is SessionState.OPEN
-        assert (await session_record(b, info(sctx).session_id)).state is SessionState.OPEN
+        assert session_of(sctx).state is SessionState.OPEN
+        assert (await session_record(b, session_of(sctx).session_id)).state is SessionState.OPEN
         assert w.open_sessions == 1
         with anyio.fail_after(10):
             assert await bus.execute_activity(sctx, "where") == w.worker_id
@@ -445,8 +431,8 @@ async def test_activity_error_does_not_change_session_state(cadenza_bus: bus.Bus
 async def test_complete_session_cancels_running_activities_with_session_completed(cadenza_bus: bus.Bus) -> None:
     b, log = cadenza_bus, Log()
     async with running_broker(b), running_workers(b, log, {}) as (w,):
-        sctx = await bus.create_session(b.context(), opts())
-        sid = info(sctx).session_id
+        sctx = await bus.create_session(b.context(), session_opts())
+        sid = session_of(sctx).session_id
         errors: list[BaseException] = []
 
         async def call(key: str) -> None:
@@ -466,7 +452,7 @@ async def test_complete_session_cancels_running_activities_with_session_complete
                    for e in errors)  # fmt: skip
         await eventually(lambda: set(log.causes) == {"a", "b"}, timeout=5, what="the worker cancelled both")
         assert all(c is not None and c.kind is CancelKind.SESSION_COMPLETED for c in log.causes.values())
-        assert info(sctx).state is SessionState.COMPLETED
+        assert session_of(sctx).state is SessionState.COMPLETED
         assert (await session_record(b, sid)).state is SessionState.COMPLETED
         await eventually(lambda: w.open_sessions == 0, timeout=5, what="the worker released the slot")
 
@@ -475,29 +461,29 @@ async def test_complete_session_is_a_no_op_twice_without_session_and_on_failed(c
     b, log = cadenza_bus, Log()
     async with running_broker(b), running_workers(b, log, {}):
         await bus.complete_session(b.context())  # no session
-        sctx = await bus.create_session(b.context(), opts())
+        sctx = await bus.create_session(b.context(), session_opts())
         await bus.complete_session(sctx)
         async with recording(b, f"{b.subjects.prefix}.session.>") as published:
             await bus.complete_session(sctx)
         assert published == []
-        assert info(sctx).state is SessionState.COMPLETED
-        failed = await bus.create_session(b.context(), opts(execution_timeout=0.3))
+        assert session_of(sctx).state is SessionState.COMPLETED
+        failed = await bus.create_session(b.context(), session_opts(execution_timeout=0.3))
         await eventually(state_is(failed, SessionState.FAILED), timeout=5)
         async with recording(b, f"{b.subjects.prefix}.session.>") as published:
             await bus.complete_session(failed)
         assert published == []
-        assert info(failed).state is SessionState.FAILED and info(failed).cause == "execution_timeout"
-        assert (await session_record(b, info(failed).session_id)).state is SessionState.FAILED
+        assert session_of(failed).state is SessionState.FAILED and session_of(failed).cause == "execution_timeout"
+        assert (await session_record(b, session_of(failed).session_id)).state is SessionState.FAILED
 
 
 async def test_slot_free_as_soon_as_completion_is_acknowledged(cadenza_bus: bus.Bus) -> None:
     b, log = cadenza_bus, Log()
     async with running_broker(b), running_workers(b, log, {"max_concurrent_sessions": 1}) as (w,):
         for _ in range(3):
-            sctx = await bus.create_session(b.context(), opts(creation_timeout=0.5))
+            sctx = await bus.create_session(b.context(), session_opts(creation_timeout=0.5))
             await bus.complete_session(sctx)
             # Acknowledged: the slot table no longer holds it.
-            assert info(sctx).session_id not in (await worker_record(b, w.worker_id)).sessions
+            assert session_of(sctx).session_id not in (await worker_record(b, w.worker_id)).sessions
 
 
 async def test_worker_death_fails_its_sessions_worker_lost_within_heartbeat_timeout(
@@ -509,9 +495,9 @@ async def test_worker_death_fails_its_sessions_worker_lost_within_heartbeat_time
     async with running_broker(b):
         try:
             await anyio.to_thread.run_sync(proc.start)
-            sessions = [await bus.create_session(b.context(), opts(tasklist="gpu")) for _ in range(3)]
-            wid = info(sessions[0]).worker_id
-            assert all(info(s).worker_id == wid for s in sessions)
+            sessions = [await bus.create_session(b.context(), session_opts(tasklist="gpu")) for _ in range(3)]
+            wid = session_of(sessions[0]).worker_id
+            assert all(session_of(s).worker_id == wid for s in sessions)
             assert await bus.execute_activity(sessions[0], "echo", 7) == 7
             waited: list[tuple[BaseException, float]] = []
 
@@ -530,11 +516,11 @@ async def test_worker_death_fails_its_sessions_worker_lost_within_heartbeat_time
                 killed = time.monotonic()
                 await anyio.to_thread.run_sync(proc.kill)
                 with anyio.fail_after(HT + 1.0):
-                    await eventually(lambda: all(info(s).state is SessionState.FAILED for s in sessions),
+                    await eventually(lambda: all(session_of(s).state is SessionState.FAILED for s in sessions),
                                      timeout=HT + 1.0, what="every session failed")  # fmt: skip
                     detected = time.monotonic() - killed
             assert detected <= HT + 1.0
-            assert all(info(s).cause == "worker_lost" for s in sessions)
+            assert all(session_of(s).cause == "worker_lost" for s in sessions)
             ((exc, at),) = waited
             assert isinstance(exc, bus.SessionFailedError) and exc.cause == "worker_lost"
             assert at - killed <= HT + 1.0
@@ -549,14 +535,14 @@ async def test_worker_death_fails_its_sessions_worker_lost_within_heartbeat_time
 async def test_execution_timeout_fails_the_session_with_cause_execution_timeout(cadenza_bus: bus.Bus) -> None:
     b, log = cadenza_bus, Log()
     async with running_broker(b), running_workers(b, log, {}) as (w,):
-        sctx = await bus.create_session(b.context(), opts(execution_timeout=1.0))
+        sctx = await bus.create_session(b.context(), session_opts(execution_timeout=1.0))
         with anyio.fail_after(10), pytest.raises(bus.SessionFailedError) as err:
             await bus.execute_activity(sctx, "hold", "long")
         assert err.value.cause == "execution_timeout"
         # The worker's reply may come just before the broker's announcement.
         await eventually(state_is(sctx, SessionState.FAILED), timeout=2)
-        assert info(sctx).cause == "execution_timeout"
-        record = await session_record(b, info(sctx).session_id)
+        assert session_of(sctx).cause == "execution_timeout"
+        record = await session_record(b, session_of(sctx).session_id)
         assert record.state is SessionState.FAILED and record.cause == "execution_timeout"
         await eventually(lambda: w.open_sessions == 0, timeout=5)
 
@@ -566,7 +552,7 @@ async def test_graceful_worker_stop_fails_sessions_at_once_with_worker_shutdown(
     async with running_broker(b), running_workers(b, log, {}) as workers:
         (w,) = workers
         # The default heartbeat timeout (20 s): only the stop announcement can end it sooner.
-        sessions = [await bus.create_session(b.context(), opts(heartbeat_timeout=20)) for _ in range(2)]
+        sessions = [await bus.create_session(b.context(), session_opts(heartbeat_timeout=20)) for _ in range(2)]
         errors: list[BaseException] = []
 
         async def call() -> None:
@@ -580,8 +566,8 @@ async def test_graceful_worker_stop_fails_sessions_at_once_with_worker_shutdown(
                 tg.start_soon(call)
                 await eventually(lambda: "x" in log.started, timeout=3)
                 await workers.stop(w)
-            await eventually(lambda: all(info(s).state is SessionState.FAILED for s in sessions), timeout=4)
-        assert all(info(s).cause == "worker_shutdown" for s in sessions)
+            await eventually(lambda: all(session_of(s).state is SessionState.FAILED for s in sessions), timeout=4)
+        assert all(session_of(s).cause == "worker_shutdown" for s in sessions)
         (exc,) = errors
         assert isinstance(exc, bus.SessionFailedError) and exc.cause == "worker_shutdown"
 
@@ -595,13 +581,13 @@ async def test_graceful_worker_process_stop_sigterm_fails_sessions_with_worker_s
     async with running_broker(b):
         try:
             await anyio.to_thread.run_sync(proc.start)
-            sctx = await bus.create_session(b.context(), opts(heartbeat_timeout=20))
+            sctx = await bus.create_session(b.context(), session_opts(heartbeat_timeout=20))
             assert await bus.execute_activity(sctx, "echo", "up") == "up"
             with anyio.fail_after(8):  # well under the 20 s heartbeat timeout
                 code = await anyio.to_thread.run_sync(proc.stop)
                 await eventually(state_is(sctx, SessionState.FAILED), timeout=5)
             assert code == 0, "".join(proc.output[-20:])
-            assert info(sctx).cause == "worker_shutdown"
+            assert session_of(sctx).cause == "worker_shutdown"
         finally:
             await anyio.to_thread.run_sync(proc.kill)
 
@@ -610,7 +596,9 @@ async def test_graceful_worker_process_stop_sigterm_fails_sessions_with_worker_s
 async def test_session_end_cancels_its_activities_not_lost(cadenza_bus: bus.Bus, ending: str) -> None:
     b, log = cadenza_bus, Log()
     async with running_broker(b), running_recorder(b), running_workers(b, log, {}):
-        sctx = await bus.create_session(b.context(), opts(execution_timeout=60 if ending == "completed" else 1.0))
+        sctx = await bus.create_session(
+            b.context(), session_opts(execution_timeout=60 if ending == "completed" else 1.0)
+        )
         errors: list[BaseException] = []
 
         async def call(key: str) -> None:
@@ -647,20 +635,22 @@ async def test_recreate_opens_a_new_session_on_the_same_worker_token_from_comple
 ) -> None:
     b, log = cadenza_bus, Log()
     async with running_broker(b), running_workers(b, log, {}, {}, {}):
-        first = await bus.create_session(b.context(), opts(execution_timeout=60 if ending == "completed" else 0.3))
-        wid = info(first).worker_id
+        first = await bus.create_session(
+            b.context(), session_opts(execution_timeout=60 if ending == "completed" else 0.3)
+        )
+        wid = session_of(first).worker_id
         # Load that worker, so least-loaded placement alone would never choose it.
         for _ in range(2):
-            loaded = await bus.recreate_session(b.context(), info(first).recreate_token, opts())
-            assert info(loaded).worker_id == wid
+            loaded = await bus.recreate_session(b.context(), session_of(first).recreate_token, session_opts())
+            assert session_of(loaded).worker_id == wid
         if ending == "completed":
             await bus.complete_session(first)
         else:
             await eventually(state_is(first, SessionState.FAILED), timeout=5)
-        token = info(first).recreate_token
-        again = await bus.recreate_session(b.context(), token, opts())
-        assert info(again).worker_id == wid and info(again).state is SessionState.OPEN
-        assert info(again).session_id != info(first).session_id
+        token = session_of(first).recreate_token
+        again = await bus.recreate_session(b.context(), token, session_opts())
+        assert session_of(again).worker_id == wid and session_of(again).state is SessionState.OPEN
+        assert session_of(again).session_id != session_of(first).session_id
         assert await bus.execute_activity(again, "where") == wid
 
 
@@ -668,9 +658,11 @@ async def test_recreate_obeys_the_worker_capacity(cadenza_bus: bus.Bus) -> None:
     b, log = cadenza_bus, Log()
     specs: list[dict[str, Any]] = [{"max_concurrent_sessions": 1}, {"max_concurrent_sessions": 1}]
     async with running_broker(b), running_workers(b, log, *specs):
-        first = await bus.create_session(b.context(), opts())
+        first = await bus.create_session(b.context(), session_opts())
         with anyio.fail_after(10), pytest.raises(bus.SessionCreationError) as err:
-            await bus.recreate_session(b.context(), info(first).recreate_token, opts(creation_timeout=0.8))
+            await bus.recreate_session(
+                b.context(), session_of(first).recreate_token, session_opts(creation_timeout=0.8)
+            )
         assert err.value.reason == "worker_unavailable" and "capacity" in str(err.value)
 
 
@@ -683,12 +675,12 @@ def _altered(token: bytes) -> bytes:
 async def test_recreate_rejects_an_expired_token(cadenza_bus: bus.Bus) -> None:
     b, log = cadenza_bus, Log()
     async with running_broker(b, token_max_age=0.5), running_workers(b, log, {}):
-        sctx = await bus.create_session(b.context(), opts())
-        token = info(sctx).recreate_token
+        sctx = await bus.create_session(b.context(), session_opts())
+        token = session_of(sctx).recreate_token
         await bus.complete_session(sctx)
         await anyio.sleep(0.6)  # the scenario: the token outlives its validity
         with pytest.raises(bus.SessionCreationError) as err:
-            await bus.recreate_session(b.context(), token, opts())
+            await bus.recreate_session(b.context(), token, session_opts())
         assert err.value.reason == "bad_token" and "expired" in str(err.value)
 
 
@@ -696,9 +688,9 @@ async def test_recreate_rejects_an_expired_token(cadenza_bus: bus.Bus) -> None:
 async def test_recreate_rejects_forged_altered_or_malformed_token(cadenza_bus: bus.Bus, kind: str) -> None:
     b, log = cadenza_bus, Log()
     async with running_broker(b), running_workers(b, log, {}, {}) as (w1, w2):
-        first = await bus.create_session(b.context(), opts())
-        real = info(first).recreate_token
-        target = w2 if info(first).worker_id == w1.worker_id else w1
+        first = await bus.create_session(b.context(), session_opts())
+        real = session_of(first).recreate_token
+        target = w2 if session_of(first).worker_id == w1.worker_id else w1
         token = {
             "forged": TokenSigner(b"z" * 32)
             .sign(WorkerClaim(target.worker_id, "h", "default", "s", time.time()))
@@ -709,7 +701,7 @@ async def test_recreate_rejects_forged_altered_or_malformed_token(cadenza_bus: b
             "signature-swapped": real.split(b".")[0] + b"." + b"A" * 43,
         }[kind]
         with anyio.fail_after(5), pytest.raises(bus.SessionCreationError) as err:
-            await bus.recreate_session(b.context(), token, opts(creation_timeout=2))
+            await bus.recreate_session(b.context(), token, session_opts(creation_timeout=2))
         assert err.value.reason == "bad_token" and "token" in str(err.value)
         # Nothing was opened anywhere for it.
         assert target.open_sessions == 0 and (await worker_record(b, target.worker_id)).sessions == []
@@ -719,13 +711,15 @@ async def test_recreate_when_the_worker_is_gone_fails_after_creation_timeout(cad
     b, log = cadenza_bus, Log()
     async with running_broker(b), running_workers(b, log, {}, {}) as workers:
         w1, w2 = workers
-        first = await bus.create_session(b.context(), opts())
-        gone = w1 if info(first).worker_id == w1.worker_id else w2
+        first = await bus.create_session(b.context(), session_opts())
+        gone = w1 if session_of(first).worker_id == w1.worker_id else w2
         await bus.complete_session(first)
         await workers.stop(gone)
         t0 = time.monotonic()
         with anyio.fail_after(10), pytest.raises(bus.SessionCreationError) as err:
-            await bus.recreate_session(b.context(), info(first).recreate_token, opts(creation_timeout=1.0))
+            await bus.recreate_session(
+                b.context(), session_of(first).recreate_token, session_opts(creation_timeout=1.0)
+            )
         assert time.monotonic() - t0 >= 0.9
         assert err.value.reason == "worker_unavailable"
         assert gone.worker_id in str(err.value) and "not available" in str(err.value)
@@ -740,7 +734,7 @@ async def test_heartbeats_per_worker_not_per_session(cadenza_bus: bus.Bus) -> No
             as (w,):  # fmt: skip
         async with anyio.create_task_group() as tg:
             for _ in range(50):
-                tg.start_soon(bus.create_session, b.context(), opts(creation_timeout=10))
+                tg.start_soon(bus.create_session, b.context(), session_opts(creation_timeout=10))
         await eventually(lambda: w.open_sessions == 50, timeout=5)
         beats: list[WorkerHeartbeat] = []
         async with recording(b, f"{b.subjects.prefix}.>") as published:
@@ -761,13 +755,13 @@ async def test_heartbeats_per_worker_not_per_session(cadenza_bus: bus.Bus) -> No
 async def test_state_exact_for_creation_and_completion(cadenza_bus: bus.Bus) -> None:
     b, log = cadenza_bus, Log()
     async with running_broker(b), running_workers(b, log, {}) as (w,):
-        sctx = await bus.create_session(b.context(), opts())
-        record = await session_record(b, info(sctx).session_id)
-        assert info(sctx).state is SessionState.OPEN and record.state is SessionState.OPEN
-        assert record.worker_id == info(sctx).worker_id == w.worker_id
+        sctx = await bus.create_session(b.context(), session_opts())
+        record = await session_record(b, session_of(sctx).session_id)
+        assert session_of(sctx).state is SessionState.OPEN and record.state is SessionState.OPEN
+        assert record.worker_id == session_of(sctx).worker_id == w.worker_id
         await bus.complete_session(sctx)
-        record = await session_record(b, info(sctx).session_id)
-        assert info(sctx).state is SessionState.COMPLETED and record.state is SessionState.COMPLETED
+        record = await session_record(b, session_of(sctx).session_id)
+        assert session_of(sctx).state is SessionState.COMPLETED and record.state is SessionState.COMPLETED
 
 
 # ---------------------------------------------------------------- user cancel
@@ -776,7 +770,7 @@ async def test_state_exact_for_creation_and_completion(cadenza_bus: bus.Bus) -> 
 async def test_user_cancel_of_a_session_reaches_every_activity_in_it(cadenza_bus: bus.Bus) -> None:
     b, log = cadenza_bus, Log()
     async with running_broker(b), running_workers(b, log, {}) as (w,):
-        sctx = await bus.create_session(b.context(), opts())
+        sctx = await bus.create_session(b.context(), session_opts())
         errors: list[BaseException] = []
 
         async def call(key: str) -> None:
@@ -790,7 +784,7 @@ async def test_user_cancel_of_a_session_reaches_every_activity_in_it(cadenza_bus
                 for key in "abc":
                     tg.start_soon(call, key)
                 await eventually(lambda: log.started == {"a", "b", "c"}, timeout=5)
-                await bus.request_cancel(b, "session", info(sctx).session_id,
+                await bus.request_cancel(b, "session", session_of(sctx).session_id,
                                          CancelCause(kind=CancelKind.USER, who="alice", reason="enough"))  # fmt: skip
         assert len(errors) == 3
         for e in errors:
@@ -803,11 +797,11 @@ async def test_user_cancel_of_a_session_reaches_every_activity_in_it(cadenza_bus
 async def test_after_session_failed_error_the_next_activity_is_not_published(cadenza_bus: bus.Bus) -> None:
     b, log = cadenza_bus, Log()
     async with running_broker(b), running_workers(b, log, {}):
-        sctx = await bus.create_session(b.context(), opts(execution_timeout=1.0))
+        sctx = await bus.create_session(b.context(), session_opts(execution_timeout=1.0))
         with anyio.fail_after(10), pytest.raises(bus.SessionFailedError):
             await bus.execute_activity(sctx, "hold", "long")
         # Whichever came first (the worker's reply or the broker's announcement), the caller knows now.
-        assert info(sctx).state is SessionState.FAILED and info(sctx).cause == "execution_timeout"
+        assert session_of(sctx).state is SessionState.FAILED and session_of(sctx).cause == "execution_timeout"
         async with recording(b, f"{b.subjects.prefix}.task.>") as published:
             with anyio.fail_after(0.5), pytest.raises(bus.SessionFailedError, match="session has failed"):
                 await bus.execute_activity(sctx, "where")

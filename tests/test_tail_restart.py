@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from typing import IO
 
 import pytest
@@ -59,17 +58,6 @@ class Lines:
             if line is None:
                 return self.seen
             self.seen.append(line)
-
-
-@pytest.fixture
-def own_server() -> Iterator[bus.EmbeddedServer]:
-    """A server of this test alone, to kill and restart on its store."""
-    server = bus.EmbeddedServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _env() -> dict[str, str]:
@@ -161,7 +149,7 @@ def test_activities_tail_keeps_following_after_the_server_is_killed_and_restarte
     # The recorder and the activity's host reconnect on their own (services reconnect forever); a
     # heartbeat every 2 s keeps the recorder's host-lost sweep away during the restart.
     recorder = ServiceProcess("services.recorder", "--prefix", prefix, "--sweep-interval", "0.1", url=url)
-    host = ServiceProcess("tests.test_activity_host", "--prefix", prefix, "--interval", "2.0", url=url)
+    host = ServiceProcess("tests.activity_host", "--prefix", prefix, "--interval", "2.0", url=url)
     with recorder, host:
         activity_id = next(line.split()[1] for line in host.output if line.startswith("activity "))
         _until_ok("activities", "get", activity_id, *common)  # the recorder has it

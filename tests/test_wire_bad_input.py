@@ -21,6 +21,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import anyio
@@ -30,7 +31,7 @@ import pytest
 
 import bus
 from bus.sessions._client import client_of
-from bus.testing import ExternalServer, ServiceProcess, unique_prefix
+from bus.testing import ExternalServer, ServiceProcess, eventually, unique_prefix
 from bus.transport._codec import MAX_EVENT_BYTES
 from schemas import (
     ENDPOINTS,
@@ -58,6 +59,7 @@ from schemas import (
     WorkerPong,
     utcnow,
 )
+from tests._helpers import worker_id
 
 TASKLIST = "wire-bad"
 
@@ -86,7 +88,7 @@ def rig(nats_server: Any) -> Iterator[Rig]:
     try:
         for p in procs:
             p.start(timeout=40)
-        wid = next(line.split()[-1] for line in procs[2].output if "cadenza: ready worker" in line)
+        wid = worker_id(procs[2])
         with anyio.from_thread.start_blocking_portal() as portal:
             with portal.wrap_async_context_manager(bus.connect(url, prefix=prefix, name="wire-test")) as b:
                 r = Rig(portal, b, procs, wid)
@@ -310,16 +312,18 @@ async def _dlq_counts(b: bus.Bus) -> Counter[str]:
 async def _wait_dead_letters(r: Rig, before: Counter[str], sent: Sent, timeout: float) -> Counter[str]:
     want = {c: before[c] + n for c, n in sent.expected.items()}
     got: Counter[str] = Counter()
-    try:
-        with anyio.fail_after(timeout):
-            while True:
-                got = await _dlq_counts(r.b)
-                if all(got[c] >= n for c, n in want.items()):
-                    return Counter({c: got[c] - before[c] for c in want})
-                await anyio.sleep(0.2)
-    except TimeoutError:
-        short = {c: (got[c] - before[c], sent.expected[c]) for c in want if got[c] < want[c]}
-        raise AssertionError(f"dead letters (stored, expected) short of the rejections: {short}") from None
+
+    async def all_stored() -> bool:
+        got.clear()
+        got.update(await _dlq_counts(r.b))
+        return all(got[c] >= n for c, n in want.items())
+
+    def short() -> str:
+        missing = {c: (got[c] - before[c], sent.expected[c]) for c in want if got[c] < want[c]}
+        return f"dead letters (stored, expected) short of the rejections: {missing}"
+
+    await eventually(all_stored, timeout=timeout, interval=0.2, what=short)
+    return Counter({c: got[c] - before[c] for c in want})
 
 
 async def _still_serving(r: Rig) -> None:
@@ -396,19 +400,15 @@ def test_cadenza_publish_of_an_update_without_rev_is_applied_not_dropped(rig: Ri
         out = _cadenza(rig, "publish", event, json.dumps(body))
         assert out.returncode == 0 and out.stdout.startswith("published"), out.stdout + out.stderr
 
-    async def applied() -> None:
-        with anyio.fail_after(30):
-            while True:
-                try:
-                    got = await rig.b.request(rig.b.rpc_subject("recorder", "get"),
-                                              GetActivityRequest(activity_id=aid), GetActivityReply)  # fmt: skip
-                    if (got.activity.progress, got.activity.step) == (42, "half"):
-                        return
-                except bus.RemoteError:
-                    pass
-                await anyio.sleep(0.05)
+    async def applied() -> bool:
+        try:
+            got = await rig.b.request(rig.b.rpc_subject("recorder", "get"),
+                                      GetActivityRequest(activity_id=aid), GetActivityReply)  # fmt: skip
+        except bus.RemoteError:
+            return False
+        return (got.activity.progress, got.activity.step) == (42, "half")
 
-    rig.portal.call(applied)
+    rig.portal.call(partial(eventually, applied, timeout=30, interval=0.05, what="the update without rev applied"))
 
 
 def test_workers_ls_shows_each_workers_activities_with_their_parameters(rig: Rig) -> None:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import bus
 from bus._heartbeat import describe_activities
+from bus.testing import eventually
 from bus.tracking._fold import fold_started, fold_updated
 from bus.transport._dead_letters import dead_letter_id
 from schemas import (
@@ -217,13 +218,11 @@ async def test_list_search_finds_an_activity_by_an_id_prefix(cadenza_bus: bus.Bu
 
         got: list[str] = []
 
-        async def poll() -> bool:
+        async def first_found() -> bool:
             got[:] = await found(ids[0][:8])
             return got == [ids[0]]
 
-        with anyio.fail_after(20):
-            while not await poll():  # noqa: ASYNC110 - polls the recorder's answers
-                await anyio.sleep(0.05)
+        await eventually(first_found, timeout=20, interval=0.05, what=lambda: f"{ids[0]} found by a prefix: {got}")
         assert await found(ids[1].upper()) == [ids[1]]
         tg.cancel_scope.cancel()
 
@@ -264,8 +263,6 @@ async def test_a_worker_advertises_its_activities_in_its_heartbeats(cadenza_bus:
             seen.append(bus.decode(msg.data or b"", msg.headers, [WorkerHeartbeat]))
             return True
 
-        with anyio.fail_after(20):
-            while not await beat():  # noqa: ASYNC110 - polls the stream for the first heartbeat
-                await anyio.sleep(0.05)
+        await eventually(beat, timeout=20, interval=0.05, what="the worker's first heartbeat stored")
     assert [a.name for a in seen[-1].activities] == ["fetch"]
     assert [p.name for p in seen[-1].activities[0].parameters] == ["url", "chunks", "delay", "rest"]

@@ -15,7 +15,7 @@ import pytest
 import bus
 from bus.testing import eventually
 from schemas import ActivityLevel, ActivityStatus, MessageRecord
-from tests.test_activity_host import running_recorder, wait_record
+from tests._helpers import running_recorder, wait_record
 
 
 async def _stored(b: bus.Bus, activity_id: str) -> list[MessageRecord]:

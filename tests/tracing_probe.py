@@ -17,6 +17,7 @@ import anyio
 from opentelemetry import trace
 
 import bus
+from bus.testing import eventually
 from tests._events import Ping, Pong
 
 _PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -36,9 +37,7 @@ async def _main(url: str, prefix: str) -> dict[str, Any]:
             pongs.append(dict(d.headers))
 
         async def until(n: int) -> None:
-            with anyio.fail_after(30):
-                while len(pongs) < n:  # noqa: ASYNC110 - the consumers append; nothing else to wait on
-                    await anyio.sleep(0.01)
+            await eventually(lambda: len(pongs) >= n, timeout=30, what=f"{n} pongs")
 
         async with anyio.create_task_group() as tg:
             pings_spec = bus.ConsumerSpec("pings", b.subjects.filter("session", event="ping"))

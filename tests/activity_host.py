@@ -1,6 +1,6 @@
-"""Helpers of the activity tests, and a handler process for the fault tests (no tests here).
+"""A handler process for the activity fault tests: one tracked activity, run until killed or completed.
 
-``python -m tests.test_activity_host --prefix P --interval S --mode MODE`` starts one activity and
+``python -m tests.activity_host --prefix P --interval S --mode MODE`` starts one activity and
 prints ``activity <id>`` then ``cadenza: ready``; modes: ``sleep`` (runs until killed), ``lines N``
 (writes N lines through one writer, one every few ms, then completes).
 """
@@ -10,55 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 
 import anyio
 
 import bus
-from schemas import ActivityRecord, MessageRecord
-from services.recorder import Recorder, RecorderConfig
-
-FAST = RecorderConfig(sweep_interval=0.1, prune_interval=3600)
-
-
-@asynccontextmanager
-async def running_recorder(b: bus.Bus, config: RecorderConfig = FAST) -> AsyncIterator[Recorder]:
-    """An in-process recorder for the duration of the block."""
-    rec = Recorder(b, config)
-    async with anyio.create_task_group() as tg:
-        await tg.start(rec.run)
-        yield rec
-        tg.cancel_scope.cancel()
-
-
-async def wait_record(
-    b: bus.Bus, activity_id: str, until: Callable[[ActivityRecord], bool], *, timeout: float = 10.0
-) -> tuple[ActivityRecord, list[MessageRecord]]:
-    """Poll the recorder's ``get`` until ``until(record)``; returns the record and its messages."""
-    client = bus.ActivityClient(b)
-    last: ActivityRecord | None = None
-    try:
-        with anyio.fail_after(timeout):
-            while True:
-                try:
-                    reply = await client.get(activity_id, limit=0)
-                    last = reply.activity
-                    if until(reply.activity):
-                        reply = await client.get(activity_id)
-                        return reply.activity, reply.messages
-                except bus.RemoteError as exc:
-                    if exc.remote_code != "not_found":
-                        raise
-                except bus.RequestError:
-                    pass  # no reply in time: a recorder busy folding a large backlog answers late; ask again
-                await anyio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"activity {activity_id} never matched; last seen: {last!r}") from None
-
-
-def terminal(r: ActivityRecord) -> bool:
-    return r.terminal
 
 
 async def _host(args: argparse.Namespace) -> None:
