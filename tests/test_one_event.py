@@ -198,6 +198,46 @@ def test_a_killed_workers_unannounced_activity_still_ends_failed_host_lost(nats_
         worker.kill()
 
 
+def test_a_recorder_started_after_the_workers_death_still_ends_its_unannounced_activity(nats_server: Any) -> None:
+    """No recorder runs when the worker is SIGKILLed with an unannounced activity (its task in its
+    inbox, no event on the activity stream); a recorder started afterwards learns of the dead worker
+    from the worker stream, reads its inbox and ends the activity failed, host lost."""
+    prefix, url = unique_prefix(), nats_server.url
+    worker = ServiceProcess("tests.session_worker", "--prefix", prefix, "--interval", "0.3",
+                            "--announce-after", "600", url=url)  # fmt: skip
+
+    async def run() -> None:
+        async with bus.connect(url, prefix=prefix, name="late-recorder") as b, anyio.create_task_group() as tg:
+            await tg.start(Broker(b, BrokerConfig(token_key=KEY)).run)
+            opts = bus.SessionOptions(creation_timeout=10, execution_timeout=120, heartbeat_timeout=2)
+            sctx = await bus.create_session(b.context(), opts)
+            failed = anyio.Event()
+
+            async def call() -> None:
+                with pytest.raises(bus.SessionFailedError):
+                    await bus.execute_activity(sctx, "sleep", 600, activity_id="orphan-late")
+                failed.set()
+
+            tg.start_soon(call)
+            await eventually(lambda: "running orphan-late" in "".join(worker.output), timeout=30)
+            await anyio.to_thread.run_sync(worker.kill)
+            with anyio.fail_after(30):
+                await failed.wait()  # the broker saw the worker lost; no recorder has run yet
+            assert await _stored(b, "orphan-late", "completed") is None
+            async with running_recorder(b):
+                record, _ = await wait_record(b, "orphan-late", terminal, timeout=30)
+            assert record.status is ActivityStatus.FAILED and record.error is not None
+            assert "host lost" in record.error and record.type == "sleep"
+            assert record.worker_id == sctx.session.worker_id
+            tg.cancel_scope.cancel()
+
+    try:
+        worker.start(timeout=30)
+        anyio.run(run)
+    finally:
+        worker.kill()
+
+
 async def test_an_id_started_twice_in_one_service_is_a_typed_error(cadenza_bus: bus.Bus) -> None:
     async with bus.BusActivityService(cadenza_bus, heartbeat=False) as svc:
         req = bus.StartRequest(id="twice-1", type="t")
