@@ -157,78 +157,55 @@ def test_a_result_the_caller_saw_is_recorded_after_killing_the_worker_and_the_re
         recorder.kill()
 
 
-def test_a_killed_workers_unannounced_activity_still_ends_failed_host_lost(nats_server: Any) -> None:
+@pytest.mark.parametrize("recorder_from", ["before", "after"])
+def test_a_killed_workers_unannounced_activity_still_ends_failed_host_lost(
+    nats_server: Any, recorder_from: str
+) -> None:
     """An activity a worker was SIGKILLed running before it announced it (no event on the activity
     stream) is found in the worker's inbox by the recorder and ends failed, host lost, with its type,
-    worker and session from the task: every activity sent to a session worker has a record."""
+    worker and session from the task: every activity sent to a session worker has a record. Also when
+    no recorder ran at the kill ("after"): the recorder started later learns of the dead worker from
+    the worker stream (its last heartbeat) and reads its inbox then."""
     prefix, url = unique_prefix(), nats_server.url
     worker = ServiceProcess("tests.session_worker", "--prefix", prefix, "--interval", "0.3",
                             "--announce-after", "600", url=url)  # fmt: skip
+    aid = f"orphan-{recorder_from}"
 
     async def run() -> None:
-        async with bus.connect(url, prefix=prefix, name="orphan-test") as b, anyio.create_task_group() as tg:
+        async with (
+            bus.connect(url, prefix=prefix, name="orphan-test") as b,
+            anyio.create_task_group() as tg,
+            contextlib.AsyncExitStack() as stack,
+        ):
             await tg.start(Broker(b, BrokerConfig(token_key=KEY)).run)
-            async with running_recorder(b):
-                opts = bus.SessionOptions(creation_timeout=10, execution_timeout=120, heartbeat_timeout=2)
-                sctx = await bus.create_session(b.context(), opts)
-                failed = anyio.Event()
-
-                async def call() -> None:
-                    with pytest.raises(bus.SessionFailedError):
-                        await bus.execute_activity(sctx, "sleep", 600, activity_id="orphan-1")
-                    failed.set()
-
-                tg.start_soon(call)
-                await eventually(lambda: "running orphan-1" in "".join(worker.output), timeout=30)
-                assert await _stored(b, "orphan-1", "started") is None  # not announced: no event at all
-                await anyio.to_thread.run_sync(worker.kill)
-                record, _ = await wait_record(b, "orphan-1", terminal, timeout=30)
-                assert record.status is ActivityStatus.FAILED and record.error is not None
-                assert "host lost" in record.error
-                assert record.type == "sleep" and record.worker_id == sctx.session.worker_id
-                assert record.session_id == sctx.session.session_id
-                with anyio.fail_after(30):
-                    await failed.wait()
-            tg.cancel_scope.cancel()
-
-    try:
-        worker.start(timeout=30)
-        anyio.run(run)
-    finally:
-        worker.kill()
-
-
-def test_a_recorder_started_after_the_workers_death_still_ends_its_unannounced_activity(nats_server: Any) -> None:
-    """No recorder runs when the worker is SIGKILLed with an unannounced activity (its task in its
-    inbox, no event on the activity stream); a recorder started afterwards learns of the dead worker
-    from the worker stream, reads its inbox and ends the activity failed, host lost."""
-    prefix, url = unique_prefix(), nats_server.url
-    worker = ServiceProcess("tests.session_worker", "--prefix", prefix, "--interval", "0.3",
-                            "--announce-after", "600", url=url)  # fmt: skip
-
-    async def run() -> None:
-        async with bus.connect(url, prefix=prefix, name="late-recorder") as b, anyio.create_task_group() as tg:
-            await tg.start(Broker(b, BrokerConfig(token_key=KEY)).run)
+            if recorder_from == "before":
+                await stack.enter_async_context(running_recorder(b))
             opts = bus.SessionOptions(creation_timeout=10, execution_timeout=120, heartbeat_timeout=2)
             sctx = await bus.create_session(b.context(), opts)
             failed = anyio.Event()
 
             async def call() -> None:
                 with pytest.raises(bus.SessionFailedError):
-                    await bus.execute_activity(sctx, "sleep", 600, activity_id="orphan-late")
+                    await bus.execute_activity(sctx, "sleep", 600, activity_id=aid)
                 failed.set()
 
             tg.start_soon(call)
-            await eventually(lambda: "running orphan-late" in "".join(worker.output), timeout=30)
+            await eventually(lambda: f"running {aid}" in "".join(worker.output), timeout=30)
+            assert await _stored(b, aid, "started") is None  # not announced: no event at all
             await anyio.to_thread.run_sync(worker.kill)
-            with anyio.fail_after(30):
-                await failed.wait()  # the broker saw the worker lost; no recorder has run yet
-            assert await _stored(b, "orphan-late", "completed") is None
-            async with running_recorder(b):
-                record, _ = await wait_record(b, "orphan-late", terminal, timeout=30)
+            if recorder_from == "after":
+                with anyio.fail_after(30):
+                    await failed.wait()  # the broker saw the worker lost; no recorder has run yet
+                assert await _stored(b, aid, "completed") is None
+                await stack.enter_async_context(running_recorder(b))
+            record, _ = await wait_record(b, aid, terminal, timeout=30)
             assert record.status is ActivityStatus.FAILED and record.error is not None
-            assert "host lost" in record.error and record.type == "sleep"
-            assert record.worker_id == sctx.session.worker_id
+            assert "host lost" in record.error
+            assert record.type == "sleep" and record.worker_id == sctx.session.worker_id
+            assert record.session_id == sctx.session.session_id
+            with anyio.fail_after(30):
+                await failed.wait()
+            await stack.aclose()
             tg.cancel_scope.cancel()
 
     try:
