@@ -316,6 +316,42 @@ async def test_a_late_close_notice_does_not_put_a_worker_over_its_slots(cadenza_
         assert "s-first" not in w._sessions
 
 
+async def test_a_late_close_notice_does_not_put_a_worker_over_its_slots_when_a_task_comes_first(
+    cadenza_bus: bus.Bus,
+) -> None:
+    """A node restart can hold up both notices (the close of one session and the opening of the next,
+    in one lost pull): the next session's task then comes first and opens it from its record, which
+    must free the ended session's slot too (the chaos run's 7th session on 6 slots)."""
+    b = cadenza_bus
+    w = bus.Worker(b, tasklist="late-both", heartbeat_interval=0.3, max_concurrent_sessions=1)
+
+    @w.activity("echo")
+    async def echo(x: object) -> object:
+        return x
+
+    kv = await b.kv("sessions")
+    inbox = b.subjects.build("task", w.worker_id, "inbox")
+
+    def record(sid: str, state: SessionState) -> bytes:
+        now = utcnow()
+        ended_at = None if state is SessionState.OPEN else now
+        rec = SessionRecord(session_id=sid, tasklist="late-both", state=state, worker_id=w.worker_id,
+                            opened_at=now, requested_at=now, ended_at=ended_at)  # fmt: skip
+        return rec.model_dump_json().encode()
+
+    async with w:
+        await kv.put("s-one", record("s-one", SessionState.OPEN))
+        await b.publish(SessionOpened(worker_id=w.worker_id, session_id="s-one"), subject=inbox)
+        await eventually(lambda: w.open_sessions == 1, timeout=30, what="the first session opened")
+        # It ends and the broker gives its slot to the next one; neither notice has come yet.
+        await kv.put("s-one", record("s-one", SessionState.COMPLETED))
+        await kv.put("s-two", record("s-two", SessionState.OPEN))
+        reply = await _run_task(b, w.worker_id, "s-two")
+        assert reply.ok and reply.result == "hi", reply
+        assert w.oversubscribed == 0 and w.peak_sessions == 1, "the worker counted an ended session's slot"
+        assert set(w._sessions) == {"s-two"}
+
+
 async def test_a_result_too_large_to_send_is_answered_as_an_error(cadenza_bus: bus.Bus) -> None:
     b = cadenza_bus
     w = bus.Worker(b, tasklist="too-large", heartbeat_interval=0.3, enable_sessions=False)

@@ -75,6 +75,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 _SESSION_ENDS = frozenset({CancelKind.SESSION_COMPLETED, CancelKind.SESSION_FAILED})
 #: Seconds per attempt of storing a completion before its caller is answered (x the publish retries).
 _COMPLETION_TIMEOUT = 0.75
+#: Seconds a full worker keeps trying to read the record of a session it holds, when the broker gives
+#: it one more (a node restart's elections took up to about 15 s on a loaded machine).
+_RECONCILE_READ_BUDGET = 25.0
 
 
 class WorkerState(enum.Enum):
@@ -334,17 +337,23 @@ class Worker:
             await self._run(event, delivery)
 
     async def _opened(self, event: SessionOpened) -> None:
-        sid = event.session_id
+        await self._admit(event.session_id, event.expires_at)
+
+    async def _admit(self, sid: str, expires_at: datetime | None) -> None:
+        """Open ``sid`` here (from its notice, or from its record when a task came first)."""
         if len(self._sessions) >= self.max_concurrent_sessions and sid not in self._sessions and sid not in self._ended:
             # The broker's slots say there is room, so a close notice is late (its delivery was lost
             # in a node restart and comes again after the ack wait): the records tell which ended.
             await self._reconcile()
-        self._open(sid, event.expires_at)
+        self._open(sid, expires_at)
 
     async def _reconcile(self) -> None:
         """Close here the sessions whose record says they ended (or moved): their notice is late."""
+        # Read for as long as a cluster may take to elect leaders: a session kept because its record
+        # could not be read is one slot too many here.
+        deadline = anyio.current_time() + _RECONCILE_READ_BUDGET
         for sid in list(self._sessions):
-            record = await self._stored_session(sid)
+            record = await self._stored_session(sid, budget=max(1.0, deadline - anyio.current_time()))
             if record is None or (record.state is SessionState.OPEN and record.worker_id == self.worker_id):
                 continue  # open here (or unknown: kept, the broker's notice will come)
             state = record.state if record.ended else SessionState.FAILED
@@ -384,12 +393,14 @@ class Worker:
         if record is not None and record.state is SessionState.OPEN and record.worker_id == self.worker_id:
             _log.info("worker %s: a task of session %s came before the broker's notice; opened from its record",
                       self.worker_id, sid)  # fmt: skip
-            self._open(sid, record.expires_at)
+            # Through the same check as a notice: the notices held up with this one may include a
+            # close that frees the slot the broker gave this session.
+            await self._admit(sid, record.expires_at)
         return self._sessions.get(sid)
 
-    async def _stored_session(self, sid: str) -> SessionRecord | None:
+    async def _stored_session(self, sid: str, budget: float = 10.0) -> SessionRecord | None:
         try:
-            with anyio.fail_after(10.0):  # transient errors are retried for as long
+            with anyio.fail_after(budget):  # transient errors are retried for as long
                 record, _ = await Bucket(self.bus, "sessions", SessionRecord).get(sid)
         except ValidationError:
             return None  # not a session record
