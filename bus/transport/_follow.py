@@ -33,6 +33,12 @@ from ._errors import engine_errors
 __all__ = ("WORKER_EVENTS", "follow_bucket", "follow_stream", "follow_worker_events", "last_stored_seq")
 
 WORKER_EVENTS = (WorkerStarted, WorkerHeartbeat, WorkerStopped)
+
+#: Seconds between the server's idle heartbeats to an ordered consumer. nats-py starts the consumer
+#: again after two missed ones; its default of 5 s left a follower whose consumer died with its node
+#: (an ordered consumer has one replica) silent for 10-20 s: a broker then heard no worker's
+#: heartbeat and placed no session.
+IDLE_HEARTBEAT = 1.0
 WorkerEvent = WorkerStarted | WorkerHeartbeat | WorkerStopped
 
 
@@ -116,7 +122,7 @@ async def follow_stream(
             caught_up.set()
 
     sub = await bus.js.subscribe(
-        everything, stream=stream, ordered_consumer=True, cb=handle,
+        everything, stream=stream, ordered_consumer=True, cb=handle, idle_heartbeat=IDLE_HEARTBEAT,
         pending_msgs_limit=1_000_000, pending_bytes_limit=256 * 1024 * 1024, **policy,
     )  # fmt: skip
     try:
