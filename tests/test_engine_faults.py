@@ -135,6 +135,32 @@ async def test_broker_and_worker_outlive_a_server_kill_and_still_end_sessions_on
             await bus.complete_session(long)
 
 
+# ---------------------------------------------------------------- a follower whose consumer is lost
+
+
+async def test_a_follower_whose_consumer_vanished_hears_the_workers_again_within_seconds(cadenza_bus: bus.Bus) -> None:
+    """An ordered consumer has one replica: its node's death takes it (on a cluster, a node kill). The
+    server tells its subscriber nothing, so only the missing idle heartbeats show it; the broker's
+    heartbeat follower was deaf for 10-20 s that way (nats-py's default heartbeat) and placed no session."""
+    from bus.transport import follow_worker_events
+
+    b = cadenza_bus
+    heard: list[float] = []
+    w = bus.Worker(b, tasklist="deaf", heartbeat_interval=0.2, enable_sessions=False)
+    async with w, anyio.create_task_group() as tg:
+        await tg.start(bus.run_restarting, "follower", lambda task_status: follow_worker_events(
+            b, lambda event, at: heard.append(time.monotonic()), task_status=task_status))  # fmt: skip
+        await eventually(lambda: len(heard) > 3, timeout=30, what="heartbeats heard")
+        stream = b.topology.stream_name("worker")
+        (ordered,) = [ci for ci in await b.js.consumers_info(stream) if not ci.config.durable_name]
+        await b.js.delete_consumer(stream, ordered.name)  # as its node's death would
+        lost = time.monotonic()
+        await eventually(lambda: heard[-1] > lost + 0.5, timeout=30, what="heartbeats heard again")
+        # Two missed idle heartbeats (1 s apart) and the consumer made again; 10-20 s with 5 s ones.
+        assert heard[-1] - lost < 7.0, f"deaf for {heard[-1] - lost:.1f}s"
+        tg.cancel_scope.cancel()
+
+
 # ---------------------------------------------------------------- a task before the session's notice
 
 
