@@ -37,7 +37,7 @@ from schemas import Event
 
 from .._exceptions import CadenzaError, ValidationError
 from ._codec import decode
-from ._retry import retry_transient
+from ._retry import backoff_delay, retry_transient
 from ._topology import ConsumerSpec
 from ._tracing import NO_SPAN, SYSTEM, extract_context, instruments, traced_receive, tracer
 
@@ -229,6 +229,8 @@ class _Pull:
         self.inbox = ""
         self.sub: Any = None
         self.errors_in_row = 0
+        #: Pulls refused in a row (503 while a stream elects a leader) and when to ask again.
+        self.refused, self.resume_at = 0, 0.0
         self._arrived: deque[Msg] = deque()
         self._waiter: asyncio.Future[None] | None = None
         #: Wakes a waiting :meth:`next` within half a second; one timer at a time, not one per wait.
@@ -268,7 +270,7 @@ class _Pull:
             self.reconnects = reconnects
             self.pending = 0
         want = min(self.batch, room) - self.pending
-        if want < max(1, min(self.batch, room) // 2) or room <= 0:
+        if want < max(1, min(self.batch, room) // 2) or room <= 0 or mono < self.resume_at:
             return
         body = json.dumps({"batch": want, "expires": int(self.expires * 1e9)}).encode()
         try:
@@ -305,8 +307,11 @@ class _Pull:
             if status not in ("408", "404", "100"):
                 _log.info("consumer %s: pull ended with %s %s", self.spec.durable, status,
                           headers.get("Description", ""))  # fmt: skip
+                # Asked again at once, a refusal came back at once: thousands of pulls a second.
+                self.refused += 1
+                self.resume_at = time.monotonic() + 0.05 + backoff_delay(self.refused, cap=2.0)
             return None
-        self.pending = max(0, self.pending - 1)
+        self.pending, self.refused = max(0, self.pending - 1), 0
         return msg
 
 
