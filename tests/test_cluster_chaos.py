@@ -108,9 +108,10 @@ async def _new_session_within(b: bus.Bus, bound: float, errors: list[str]) -> fl
     # Short waits per attempt, so the time measured is close to when the cluster serves again.
     options = bus.SessionOptions(execution_timeout=60, creation_timeout=2, heartbeat_timeout=3)
     t0 = time.monotonic()
-    last = ""
+    attempts: list[str] = []
     with anyio.move_on_after(bound):
         while True:
+            t1 = time.monotonic()
             try:
                 sctx = await bus.create_session(b.context(), options)
                 await bus.execute_activity(sctx, "echo", "probe", start_to_close_timeout=3)
@@ -120,10 +121,24 @@ async def _new_session_within(b: bus.Bus, bound: float, errors: list[str]) -> fl
             except (bus.CadenzaError, nats.errors.Error) as exc:
                 # nats.errors.Error: SessionClient.start lets a FlushTimeoutError through during a
                 # reconnect (seen here); the probe keeps trying until its bound like a user would.
-                last = f"{type(exc).__name__}: {exc}"
+                attempts.append(f"+{t1 - t0:.1f}s..{time.monotonic() - t0:.1f}s {type(exc).__name__}: {exc}"[:300])
                 await anyio.sleep(0.2)
-    errors.append(last)
+    # Every attempt, so a failure shows where the time went (the first ones, not only the last).
+    errors.append(f"{len(attempts)} attempts:\n      " + "\n      ".join(attempts[:3] + attempts[3:][-3:]))
     return None
+
+
+def _states(cast: Cast, since: dict[int, int]) -> str:
+    """What each broker, the recorder and each worker was doing: alive or not, and its output since
+    the node kill (``since``: output length per process then), for the report of a failed probe."""
+    out = []
+    for proc in [*cast.brokers, cast.recorder, *cast.workers]:
+        lines = [line.rstrip() for line in proc.output[since.get(id(proc), 0):]
+                 if not _COUNT.match(line.strip())]  # fmt: skip
+        state = "running" if proc.running() else f"exited {proc.proc.returncode if proc.proc else '?'}"
+        out.append(f"{proc.module} pid {proc.pid} ({state}), {len(lines)} lines since the kill:"
+                   + "".join(f"\n        {line[:240]}" for line in lines[-8:]))  # fmt: skip
+    return "\n    ".join(out)
 
 
 async def _kv_get(kv: object, key: str) -> bytes | None:
@@ -298,7 +313,7 @@ async def _violations(
     for k, rec_time in enumerate(recoveries, 1):
         if rec_time is None:
             found["no new session after a node kill"].append(f"node kill #{k}: none within {RECOVERY_BOUND:g}s")
-    found["no new session after a node kill"] += [f"last probe error: {e}" for e in probe_errors]
+    found["no new session after a node kill"] += [f"probe: {e}" for e in probe_errors]
     return found
 
 
@@ -361,8 +376,11 @@ async def _chaos(cluster: EmbeddedCluster, *, node_kills: int, load: int) -> Non
 
             for _ in range(node_kills):
                 leader = cluster.meta_leader()
+                since = {id(p): len(p.output) for p in cast.all()}
                 cluster.kill(leader)
                 recoveries.append(await _new_session_within(b, RECOVERY_BOUND, probe_errors))
+                if recoveries[-1] is None:
+                    probe_errors.append(f"after node kill #{len(recoveries)} ({leader}):\n    " + _states(cast, since))
                 cluster.restart(leader, wait=False)  # from this thread: the node dies with its starter
                 await anyio.to_thread.run_sync(cluster.wait_formed)
                 await _load_progress(cast, load // 2, 20)
