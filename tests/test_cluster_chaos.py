@@ -117,6 +117,8 @@ async def _new_session_within(b: bus.Bus, bound: float, errors: list[str]) -> fl
                 await bus.execute_activity(sctx, "echo", "probe", start_to_close_timeout=3)
                 with anyio.move_on_after(5):
                     await bus.complete_session(sctx)
+                if attempts:  # captured output: where a slow recovery spent its time
+                    print(f"probe ok after {time.monotonic() - t0:.1f}s; failed before: " + "; ".join(attempts))
                 return time.monotonic() - t0
             except (bus.CadenzaError, nats.errors.Error) as exc:
                 # nats.errors.Error: SessionClient.start lets a FlushTimeoutError through during a
