@@ -161,6 +161,41 @@ async def test_a_follower_whose_consumer_vanished_hears_the_workers_again_within
         tg.cancel_scope.cancel()
 
 
+async def test_a_bucket_watch_whose_consumer_vanished_hears_the_changes_again_within_seconds(
+    cadenza_bus: bus.Bus,
+) -> None:
+    """The same for a bucket's watch (a broker's cache of the workers' slots went stale for as long)."""
+    from bus.transport import RawBucket
+
+    b = cadenza_bus
+    bucket = RawBucket(b, "workers")
+    heard: dict[str, float] = {}
+
+    async def on_change(stored: Any) -> None:
+        heard[stored.key] = time.monotonic()
+
+    async def writer() -> None:
+        for n in range(10_000):
+            await bucket.write(f"k{n}", b"x")
+            await anyio.sleep(0.1)
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(
+            bus.run_restarting, "watch", lambda task_status: bucket.follow(on_change, task_status=task_status)
+        )
+        tg.start_soon(writer)
+        await eventually(lambda: len(heard) > 3, timeout=30, what="changes heard")
+        stream = f"KV_{bucket.name}"
+        (ordered,) = [ci for ci in await b.js.consumers_info(stream) if not ci.config.durable_name]
+        await b.js.delete_consumer(stream, ordered.name)
+        lost = time.monotonic()
+        await eventually(lambda: max(heard.values()) > lost + 0.5, timeout=30, what="changes heard again")
+        assert max(heard.values()) - lost < 7.0, f"deaf for {max(heard.values()) - lost:.1f}s"
+        missed = [f"k{n}" for n in range(len(heard)) if f"k{n}" not in heard]
+        assert not missed, f"changes never delivered: {missed}"  # made again from where it stopped
+        tg.cancel_scope.cancel()
+
+
 # ---------------------------------------------------------------- a task before the session's notice
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,6 +35,8 @@ import anyio
 import nats.js.errors
 import pydantic
 from anyio.abc import TaskStatus
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
 from nats.js.kv import KeyValue
 
 from schemas import Event
@@ -52,6 +55,24 @@ T = TypeVar("T", bound=pydantic.BaseModel)
 
 #: Compare-and-set attempts of one :meth:`Bucket.update` before it gives up.
 UPDATE_ATTEMPTS = 64
+
+#: Seconds between the server's idle heartbeats to an ordered consumer (a bucket watch, a stream
+#: follower). nats-py starts the consumer again after two missed ones; at its default of 5 s, a
+#: follower whose consumer died with its node (an ordered consumer has one replica) stayed silent
+#: for 10-20 s: a broker heard no worker's heartbeat and placed no session.
+IDLE_HEARTBEAT = 1.0
+
+
+def _operation(headers: dict[str, str] | None) -> str | None:
+    """``PUT``, ``DEL`` or ``PURGE`` of a bucket message (None: a marker of a kind not known here),
+    as nats-py's watch reads it (a server-placed expiry marker says so in ``Nats-Marker-Reason``)."""
+    headers = headers or {}
+    if "KV-Operation" in headers:
+        return headers["KV-Operation"]
+    reason = headers.get("Nats-Marker-Reason")
+    if reason is None:
+        return "PUT"
+    return {"MaxAge": "PURGE", "Purge": "PURGE", "Remove": "DEL"}.get(reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,23 +197,46 @@ class RawBucket:
         Raises:
             BusError: the bucket is not available or the watch failed.
         """
-        kv = await self._open()
+        await self._open()
+        # nats-py's KeyValue.watch, on an ordered consumer of our own: its idle heartbeat is not
+        # settable there, and at nats-py's 5 s a watch whose consumer died with its node stayed
+        # silent for 10-20 s (a broker's cache of the workers' slots then went stale).
+        stream, prefix = f"KV_{self.name}", f"$KV.{self.name}."
+        send, receive = anyio.create_memory_object_stream[Stored | None](math.inf)
         with engine_errors(f"watch the {self.key} bucket"):
-            watcher = await kv.watchall()
-            ready = False
-            try:
-                async for entry in watcher:
-                    if entry is not None and not entry.key.startswith("_"):
-                        gone = entry.operation in ("DEL", "PURGE") or not entry.value
-                        await on_change(Stored(entry.key, None if gone else entry.value, entry.revision or 0,
-                                               entry.operation or "PUT"))  # fmt: skip
-                    if not ready and (entry is None or entry.delta == 0):
+            state = (await self.bus.js.stream_info(stream)).state
+            last = state.last_seq if state.messages else 0
+
+            async def arrive(msg: Msg) -> None:
+                meta = msg.metadata
+                key, operation = msg.subject[len(prefix) :], _operation(msg.headers)
+                if operation is not None and not key.startswith("_"):
+                    gone = operation != "PUT" or not msg.data
+                    send.send_nowait(Stored(key, None if gone else msg.data, meta.sequence.stream, operation))
+                if meta.sequence.stream >= last or meta.num_pending == 0:
+                    send.send_nowait(None)  # caught up with what was stored at the start
+
+            sub = await self.bus.js.subscribe(
+                prefix + ">", stream=stream, cb=arrive, ordered_consumer=True, idle_heartbeat=IDLE_HEARTBEAT,
+                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, inactive_threshold=300.0,
+                pending_msgs_limit=1_000_000, pending_bytes_limit=256 * 1024 * 1024,
+            )  # fmt: skip
+        try:
+            ready = last == 0
+            if ready:
+                task_status.started()
+            while not sub._closed and not self.bus.nc.is_closed:
+                with anyio.move_on_after(1.0):
+                    stored = await receive.receive()
+                    if stored is not None:
+                        await on_change(stored)
+                    elif not ready:
                         ready = True
                         task_status.started()
-            finally:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(self.bus.timeouts.shutdown):
-                    with contextlib.suppress(Exception):
-                        await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.bus.timeouts.shutdown):
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
 
 
 class Bucket(RawBucket, Generic[T]):

@@ -25,7 +25,7 @@ from nats.js.api import DeliverPolicy
 from schemas import Event, WorkerHeartbeat, WorkerStarted, WorkerStopped, utcnow
 
 from .._exceptions import CadenzaError, NotFoundError, ValidationError
-from ._bucket import RawBucket, Stored
+from ._bucket import IDLE_HEARTBEAT, RawBucket, Stored
 from ._bus import Bus
 from ._codec import decode
 from ._errors import engine_errors
@@ -33,12 +33,6 @@ from ._errors import engine_errors
 __all__ = ("WORKER_EVENTS", "follow_bucket", "follow_stream", "follow_worker_events", "last_stored_seq")
 
 WORKER_EVENTS = (WorkerStarted, WorkerHeartbeat, WorkerStopped)
-
-#: Seconds between the server's idle heartbeats to an ordered consumer. nats-py starts the consumer
-#: again after two missed ones; its default of 5 s left a follower whose consumer died with its node
-#: (an ordered consumer has one replica) silent for 10-20 s: a broker then heard no worker's
-#: heartbeat and placed no session.
-IDLE_HEARTBEAT = 1.0
 WorkerEvent = WorkerStarted | WorkerHeartbeat | WorkerStopped
 
 
