@@ -425,7 +425,19 @@ async def _chaos(cluster: EmbeddedCluster, *, node_kills: int, load: int) -> Non
     print(summary)
     failed = {k: v for k, v in found.items() if v}
     report = "\n".join(f"- {k}: {len(v)}\n    " + "\n    ".join(v[:5]) for k, v in failed.items())
+    if failed:
+        report += f"\nevery process's output: {_keep_outputs(cast, cluster)}"
     assert not failed, f"{summary}\n{report}"
+
+
+def _keep_outputs(cast: Cast, cluster: EmbeddedCluster) -> Path:
+    """Every process's whole output, one file each, beside the cluster's stores (pytest keeps the
+    temporary directories of its last three sessions)."""
+    out = cluster.store_root / "outputs"
+    out.mkdir(parents=True, exist_ok=True)
+    for n, proc in enumerate(cast.all()):
+        (out / f"{n:02d}-{proc.module}-{proc.pid}.log").write_text("".join(proc.output))
+    return out
 
 
 @pytest.mark.timeout(300)

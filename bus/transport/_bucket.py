@@ -29,12 +29,13 @@ import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import anyio
 import nats.js.errors
 import pydantic
 from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectSendStream
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 from nats.js.kv import KeyValue
@@ -198,11 +199,33 @@ class RawBucket:
             BusError: the bucket is not available or the watch failed.
         """
         await self._open()
+        send, receive = anyio.create_memory_object_stream[Stored | None](math.inf)
+        sub, last = await self._subscribe(send)
+        try:
+            ready = last == 0
+            if ready:
+                task_status.started()
+            while not sub._closed and not self.bus.nc.is_closed:
+                stored: Stored | bool | None = False  # False: nothing within a second (look at the subscription)
+                with anyio.move_on_after(1.0):
+                    stored = await receive.receive()
+                if isinstance(stored, Stored):
+                    await on_change(stored)
+                elif stored is None and not ready:
+                    ready = True
+                    task_status.started()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.bus.timeouts.shutdown):
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def _subscribe(self, send: MemoryObjectSendStream[Stored | None]) -> tuple[Any, int]:
+        """The watch's subscription, sending each key's last value then each change to ``send`` (and
+        None once caught up with the last message stored now), and that message's seq (0: none)."""
         # nats-py's KeyValue.watch, on an ordered consumer of our own: its idle heartbeat is not
         # settable there, and at nats-py's 5 s a watch whose consumer died with its node stayed
         # silent for 10-20 s (a broker's cache of the workers' slots then went stale).
         stream, prefix = f"KV_{self.name}", f"$KV.{self.name}."
-        send, receive = anyio.create_memory_object_stream[Stored | None](math.inf)
         with engine_errors(f"watch the {self.key} bucket"):
             state = (await self.bus.js.stream_info(stream)).state
             last = state.last_seq if state.messages else 0
@@ -221,22 +244,7 @@ class RawBucket:
                 deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, inactive_threshold=300.0,
                 pending_msgs_limit=1_000_000, pending_bytes_limit=256 * 1024 * 1024,
             )  # fmt: skip
-        try:
-            ready = last == 0
-            if ready:
-                task_status.started()
-            while not sub._closed and not self.bus.nc.is_closed:
-                with anyio.move_on_after(1.0):
-                    stored = await receive.receive()
-                    if stored is not None:
-                        await on_change(stored)
-                    elif not ready:
-                        ready = True
-                        task_status.started()
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(self.bus.timeouts.shutdown):
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+        return sub, last
 
 
 class Bucket(RawBucket, Generic[T]):
