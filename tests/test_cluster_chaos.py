@@ -64,6 +64,9 @@ class Cast:
     callers: list[ServiceProcess]
     retired: list[ServiceProcess] = field(default_factory=list)
     killed: set[int] = field(default_factory=set)
+    #: Faults after which the callers got no further results within the wait (so a later failure may
+    #: be this one's, not its own fault's).
+    stalls: list[str] = field(default_factory=list)
     deaths: dict[int, str] = field(default_factory=dict)
     unrecorded_on_killed: list[str] = field(default_factory=list)
 
@@ -100,6 +103,13 @@ async def _load_progress(cast: Cast, more: int, timeout: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+async def _load_after(cast: Cast, fault: str, more: int, timeout: float) -> None:
+    """Wait for ``more`` results after ``fault``; note a stall (the run goes on to the next fault)."""
+    t0 = time.monotonic()
+    if not await _load_progress(cast, more, timeout):
+        cast.stalls.append(f"{fault}: fewer than {more} results in {time.monotonic() - t0:.0f}s")
 
 
 async def _new_session_within(b: bus.Bus, bound: float, errors: list[str]) -> float | None:
@@ -328,6 +338,7 @@ def _summary(cast: Cast, recoveries: list[float | None]) -> str:
         f"{len(cast.lines('result', cast.all()))}, activity errors {len(cast.lines('activity_error', cast.all()))} "
         f'("not open on worker": {len(spurious)}), acknowledged events {len(cast.lines("ack", cast.all()))}, '
         f"results of the killed worker the recorder never heard of {len(cast.unrecorded_on_killed)}"
+        + "".join(f"\n  load stalled after {stall}" for stall in cast.stalls)
         + "".join(
             f"\n  activity error: {' '.join(line[2:])[:160]}" for line in cast.lines("activity_error", cast.all())[:5]
         )
@@ -385,7 +396,7 @@ async def _chaos(cluster: EmbeddedCluster, *, node_kills: int, load: int) -> Non
                     probe_errors.append(f"after node kill #{len(recoveries)} ({leader}):\n    " + _states(cast, since))
                 cluster.restart(leader, wait=False)  # from this thread: the node dies with its starter
                 await anyio.to_thread.run_sync(cluster.wait_formed)
-                await _load_progress(cast, load // 2, 20)
+                await _load_after(cast, f"node {leader} killed and restarted (#{len(recoveries)})", load // 2, 20)
 
             # A worker: its sessions fail worker_lost; a replacement joins.
             cast.note_deaths()
@@ -394,7 +405,7 @@ async def _chaos(cluster: EmbeddedCluster, *, node_kills: int, load: int) -> Non
             cast.killed.add(victim.pid)
             cast.retired.append(victim)
             cast.workers.append(_start(stack, worker()))
-            await _load_progress(cast, load // 2, 20)
+            await _load_after(cast, "a worker killed", load // 2, 20)
             # A broker, then the recorder: SIGKILLed and started again.
             for proc in (cast.brokers[0], cast.recorder):
                 cast.note_deaths()
@@ -402,13 +413,13 @@ async def _chaos(cluster: EmbeddedCluster, *, node_kills: int, load: int) -> Non
                 reap(proc)  # SIGKILL; its output so far stays in proc.output
                 cast.killed.add(pid)
                 proc.start(timeout=60)
-                await _load_progress(cast, load // 2, 20)
+                await _load_after(cast, f"{proc.module} killed and started again", load // 2, 20)
             # A caller: its open sessions are left to expire (execution timeout) or fail.
             cast.note_deaths()
             gone = cast.callers[1]
             gone.kill()
             cast.killed.add(gone.pid)
-            await _load_progress(cast, load // 2, 20)
+            await _load_after(cast, "a caller killed", load // 2, 20)
 
             cast.note_deaths()
             # Settle: the remaining caller stops (gracefully); then every check must hold within a bound.
