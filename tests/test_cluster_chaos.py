@@ -22,6 +22,7 @@ Every failed check is collected and reported together, so one run shows all of t
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -140,13 +141,17 @@ async def _new_session_within(b: bus.Bus, bound: float, errors: list[str]) -> fl
     return None
 
 
+#: A worker's count line (``sessions <open> peak <peak>``): left out of the state report.
+_COUNT_LINE = re.compile(r"^sessions \d+ peak \d+$")
+
+
 def _states(cast: Cast, since: dict[int, int]) -> str:
     """What each broker, the recorder and each worker was doing: alive or not, and its output since
     the node kill (``since``: output length per process then), for the report of a failed probe."""
     out = []
     for proc in [*cast.brokers, cast.recorder, *cast.workers]:
         lines = [line.rstrip() for line in proc.output[since.get(id(proc), 0):]
-                 if not _COUNT.match(line.strip())]  # fmt: skip
+                 if not _COUNT_LINE.match(line.strip())]  # fmt: skip
         state = "running" if proc.running() else f"exited {proc.proc.returncode if proc.proc else '?'}"
         out.append(f"{proc.module} pid {proc.pid} ({state}), {len(lines)} lines since the kill:"
                    + "".join(f"\n        {line[:240]}" for line in lines[-8:]))  # fmt: skip
