@@ -36,9 +36,13 @@ from nats.aio.msg import Msg
 
 __all__ = ("GROUPS", "MessageCounter", "classify")
 
-#: Order of the kinds in a breakdown (by the group a kind belongs to). ``advisory`` is left out of the
-#: totals: the server sends JetStream advisories only when someone listens, here the counter itself.
-GROUPS = ("publish", "ack", "pull", "api", "kv", "reply", "other", "advisory")
+#: Order of the kinds in a breakdown (by the group a kind belongs to). ``advisory`` and ``idle`` are
+#: left out of the totals: the server sends JetStream advisories only when someone listens, here the
+#: counter itself, and an idle heartbeat only to a follower that has received nothing for a second
+#: (a cost of quiet time, here mostly the counter's quiet tail, not of activities).
+GROUPS = ("publish", "ack", "pull", "api", "kv", "reply", "other", "advisory", "idle")
+#: The groups :meth:`MessageCounter.total` leaves out.
+NOT_COUNTED = ("advisory", "idle")
 _ID = re.compile(r"[0-9a-f]{8,}|[0-9a-f-]{36}|[A-Za-z0-9]{20,}")
 # A worker id (bus._heartbeat.new_worker_id): <stem>-<host>-<pid>-<8 hex>; this machine's host name.
 _HOST = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:40] or "host"
@@ -97,6 +101,8 @@ def classify(msg: Msg, prefix: str, replies: tuple[str, ...]) -> tuple[str, str]
     if subject.startswith("_INBOX") or any(subject.startswith(r) for r in replies):
         data = msg.data or b""
         headers = msg.headers or {}
+        if not data and headers.get("Status") == "100" and headers.get("Description") == "Idle Heartbeat":
+            return "idle", "idle heartbeat"
         if not data and headers.get("Status"):
             return "reply", f"reply: pull status {headers.get('Status')}"
         if data.startswith(b'{"stream"') and b'"seq"' in data:
@@ -204,8 +210,9 @@ class MessageCounter:
         return calm
 
     def total(self) -> int:
-        """Every message counted, the advisories the counter itself causes left out."""
-        return sum(n for (g, _k), n in self.kinds.items() if g != "advisory")
+        """Every message counted, the advisories the counter itself causes and the idle heartbeats
+        left out (:data:`NOT_COUNTED`)."""
+        return sum(n for (g, _k), n in self.kinds.items() if g not in NOT_COUNTED)
 
     def by_kind(self) -> list[tuple[str, str, int]]:
         """(group, kind, count), in group order, the largest first within a group."""

@@ -320,10 +320,11 @@ def _kind_lines(figs: dict[str, Figures], servers: Servers) -> list[str]:
     group = {k: g for f in figs.values() for g, k, _n in f.kinds}
     small: dict[str, float] = dict.fromkeys(patterns, 0.0)
     advisories: dict[str, float] = dict.fromkeys(patterns, 0.0)
+    idle: dict[str, float] = dict.fromkeys(patterns, 0.0)
     for k in sorted(order, key=lambda k: order[k]):
-        if group[k] == "advisory":
+        if group[k] in ("advisory", "idle"):
             for x in patterns:
-                advisories[x] += per[x].get(k, 0.0)
+                (advisories if group[k] == "advisory" else idle)[x] += per[x].get(k, 0.0)
         elif all(per[x].get(k, 0.0) < _SMALL for x in patterns):
             for x in patterns:
                 small[x] += per[x].get(k, 0.0)
@@ -341,6 +342,14 @@ def _kind_lines(figs: dict[str, Figures], servers: Servers) -> list[str]:
             "\nNot in the counts: JetStream advisories ("
             + ", ".join(f"{advisories[x]:.1f} per activity in {x}" for x in patterns)
             + "): the server publishes them only when someone listens, here the counter itself."
+        )
+    if any(idle.values()):
+        lines.append(
+            "\nNot in the counts: idle heartbeats ("
+            + ", ".join(f"{idle[x]:.2f} per activity in {x}" for x in patterns)
+            + "): the server sends one a second to each follower (an ordered consumer) that received"
+            " nothing for that second, so a lost one is noticed within seconds: a cost of quiet time"
+            " (here mostly the counted pass's quiet tail), not of activities."
         )
     return lines
 
