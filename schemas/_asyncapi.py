@@ -81,6 +81,12 @@ _HEADERS: Final[dict[str, Any]] = {
         "Cadenza-Schema-Version": {"type": "string", "pattern": "^[0-9]+$",
                                    "description": "the body's schema_version (1)"},
         "Cadenza-Event-Type": {"type": "string", "description": "the body's type, '<domain>.<event>'"},
+        "Cadenza-Store-Ack-To": {"type": "string", "maxLength": 512,
+                                 "description": "on a task: the subject the worker routes its stored "
+                                                "completion's PubAck to; the caller then acks the task"},
+        "Cadenza-Task-Ack": {"type": "string", "pattern": "^\\$JS\\.ACK\\.",
+                             "description": "on a result: the task's ack subject, to ack once that "
+                                            "PubAck says stored (docs/wire.md)"},
         "traceparent": {"type": "string", "description": "W3C trace context"},
         "tracestate": {"type": "string", "description": "W3C trace context"},
     },

@@ -138,6 +138,12 @@ async def test_an_in_session_activity_stays_within_its_message_budget(nats_serve
                 return
             if subject.startswith("$JS.EVENT.") and not any(s + "." in subject + "." for s in ours):
                 return
+            if not msg.data and (msg.headers or {}).get("Status") in ("408", "409"):
+                # The end of a pull request (it expired, or was renewed): with the request, a cost
+                # per batch and per expiry period, not per activity (counted with the pulls below;
+                # two were counted as activities' once, when the count outlasted an expiry under load).
+                seen["pull request"] += 1
+                return
             seen[_kind(subject, prefix)] += 1
 
         sub = await counter.nc.subscribe(">", cb=count)
@@ -156,7 +162,7 @@ async def test_an_in_session_activity_stays_within_its_message_budget(nats_serve
     per = sum(seen.values()) / COUNTED
     breakdown = ", ".join(f"{k}: {v / COUNTED:.2f}" for k, v in seen.most_common()) + f"; pull requests: {pulls}"
     assert per <= BUDGET[tracked], f"{per:.2f} messages per activity (budget {BUDGET[tracked]:g}): {breakdown}"
-    assert pulls <= 2, f"pull requests are per batch, not per activity: {breakdown}"
+    assert pulls <= 6, f"pull requests (and their ends) are per batch, not per activity: {breakdown}"
     # Not vacuous: the pattern's own messages were seen (the task, its delivery, the reply...).
     assert per >= 5, f"only {per:.2f} messages per activity counted: {breakdown}"
     if tracked:

@@ -18,7 +18,9 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import json
 import logging
+import re
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -54,10 +56,10 @@ from schemas import (
 
 from .._context import BUS_KEY, CancelToken, Context, loop_time
 from .._exceptions import ActivityError, CadenzaError, SessionError, UsageError, ValidationError
-from ..tracking._api import ActivityCancelledError
+from ..tracking._api import WRONG_LAST_SEQUENCE, ActivityCancelledError
 from ..transport._bucket import Bucket, last_event
 from ..transport._bus import Bus
-from ..transport._codec import decode
+from ..transport._codec import HDR_STORE_ACK_TO, HDR_TASK_ACK, decode
 from ..transport._publish import pub_ack_error
 from ..transport._streams import Received
 from ..transport._subscriptions import flush, new_inbox, subscribe_callback
@@ -227,6 +229,12 @@ class _Call:
     session_failed: SessionFailedError | None = None
     #: The server's answer to the task's store said it may not be stored (publish it again).
     unstored: bool = False
+    #: The task's ack subject, when the worker handed the task's ack to this caller (with its result,
+    #: once the server's answer to the completion's store, which this caller judges, says stored).
+    ack_to: str = ""
+    #: That answer: stored (True), not stored or not in time (False), not yet (None).
+    stored: bool | None = None
+    overdue: asyncio.TimerHandle | None = None
 
     def acked(self, answer: asyncio.Future[Any]) -> None:
         """The answer to the task's store came (a done callback: no wake-up when all is well)."""
@@ -273,6 +281,8 @@ class SessionClient:
         for event in ("assigned", "rejected", "completed", "failed"):
             await subscribe_callback(self.bus, self.bus.subjects.filter("session", event=event), self._on_session_msg)
         await subscribe_callback(self.bus, f"{inbox}.*", self._on_result_msg)
+        # The server's answers to the stores of the completions workers hand off to this caller.
+        await subscribe_callback(self.bus, f"{inbox}.s.*", self._on_stored_msg)
         await flush(self.bus)
 
     async def _on_session_msg(self, msg: Received) -> None:
@@ -283,7 +293,24 @@ class SessionClient:
     async def _on_result_msg(self, msg: Received) -> None:
         event = await self._decode(msg, (ActivityResult,))
         if isinstance(event, ActivityResult):
-            await self._on_result(event, msg.subject)
+            ack = (msg.headers or {}).get(HDR_TASK_ACK, "")
+            self._on_result(event, ack if _ACK_SUBJECT.match(ack) else "")
+
+    async def _on_stored_msg(self, msg: Received) -> None:
+        call = self.calls.get(msg.subject.rpartition(".")[2])
+        if call is None or call.stored is not None:
+            return
+        call.stored = _stored(msg)
+        if call.result is not None and call.ack_to:
+            if call.overdue is not None:
+                call.overdue.cancel()
+            call.done.set()
+
+    def _store_overdue(self, call: _Call) -> None:
+        call.overdue = None
+        if call.stored is None:
+            call.stored = False
+            call.done.set()
 
     async def _decode(self, msg: Received, accept: tuple[type[Event], ...]) -> Event | None:
         try:
@@ -333,10 +360,18 @@ class SessionClient:
                 continue
             del self.sessions[sid]
 
-    async def _on_result(self, event: ActivityResult, subject: str) -> None:
+    def _on_result(self, event: ActivityResult, ack: str) -> None:
         call = self.calls.get(event.activity_id)
         if call is not None and call.result is None and (not call.done.is_set() or call.unstored):
             call.result = event
+            if ack:
+                call.ack_to = ack
+                if call.stored is None:
+                    # The store's answer comes first as a rule (the worker sent the completion
+                    # before the result); waited for a bounded time.
+                    loop = asyncio.get_running_loop()
+                    call.overdue = loop.call_later(self.bus.timeouts.publish, self._store_overdue, call)
+                    return
             call.done.set()
 
     # -------------------------------------------------------------- sessions
@@ -457,6 +492,8 @@ class SessionClient:
             return await self._outcome(task, call, live, route.token, start_to_close_timeout)
         finally:
             self.calls.pop(aid, None)
+            if call.overdue is not None:
+                call.overdue.cancel()
             if live is not None:
                 live.calls.discard(aid)
 
@@ -490,9 +527,10 @@ class SessionClient:
         aid = task.activity_id
         # The task is stored before the worker sees it, so its answer means stored: the server's
         # acknowledgement is waited for only if it says otherwise (no wake-up per call for it).
-        answer = await self.bus.send_stored(task)
+        handoff = {HDR_STORE_ACK_TO: f"{self.inbox}.s.{aid}"}
+        answer = await self.bus.send_stored(task, handoff)
         if answer is None:
-            await self.bus.publish(task)
+            await self.bus.publish(task, headers=handoff)
         else:
             answer.add_done_callback(call.acked)
         deadline = loop_time() + timeout
@@ -501,6 +539,10 @@ class SessionClient:
                 # One scope for the context's cancel and the deadline.
                 with token.scope(deadline=deadline):
                     await call.done.wait()
+                if call.ack_to and call.result is not None and call.session_failed is None:
+                    if await self._settle_task(call):
+                        break
+                    continue
                 if not call.unstored or call.result is not None or call.session_failed is not None:
                     break
                 # Not acknowledged as stored: the publish with its retries (PublishError if it
@@ -519,6 +561,20 @@ class SessionClient:
             if stored is not None:
                 call.result = stored
                 call.done.set()
+
+    async def _settle_task(self, call: _Call) -> bool:
+        """Ack the task whose result came with its ack handed off, if the completion is stored
+        (True); else hand the task back to its worker, which stores the completion and answers
+        again, and wait for that answer (False). A wait that ended before the store's answer (a
+        cancel, the deadline) hands it back too, and keeps the result."""
+        ack, stored = call.ack_to, call.stored
+        call.ack_to = ""
+        await self.bus.settle_handed(ack, bool(stored))
+        if stored or not call.done.is_set():
+            return True
+        _log.info("activity call: the completion's store was not acknowledged; its worker stores it again")
+        call.result, call.stored, call.done = None, None, asyncio.Event()
+        return False
 
     async def _outcome(
         self, task: ActivityTask, call: _Call, live: _Live | None, token: CancelToken, timeout: float
@@ -569,6 +625,24 @@ class SessionClient:
             return ActivityResult(activity_id=aid, ok=True, result=event.result)
         error = TaskError(type="ActivityError", message=event.error or event.status.value)
         return ActivityResult(activity_id=aid, ok=False, error=error)
+
+
+#: A task's ack subject as JetStream makes it (``$JS.ACK.<stream>.<consumer>.…``, or with a domain).
+_ACK_SUBJECT = re.compile(r"^\$JS\.ACK\.[^\s*>]{1,500}$")
+
+
+def _stored(msg: Received) -> bool:
+    """Whether the server's answer to a completion's store says it is stored (or another completion
+    of the activity is: the first one stays)."""
+    if msg.headers and msg.headers.get("Status"):
+        return False  # 503: no stream took it (a leader election)
+    if b'"error"' not in msg.data:
+        return True
+    try:
+        code = json.loads(msg.data)["error"].get("err_code")
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return False
+    return bool(code == WRONG_LAST_SEQUENCE)
 
 
 def _outside_ended_session(ctx: Context) -> CancelToken:

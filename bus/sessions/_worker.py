@@ -33,6 +33,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from schemas import (
     DEFAULT_TASKLIST,
+    ActivityCompleted,
     ActivityResult,
     ActivityStatus,
     ActivityTask,
@@ -54,13 +55,14 @@ from .._cancel import CancelRouter
 from .._context import BUS_KEY, CancelToken, Context
 from .._exceptions import CadenzaError, UsageError, ValidationError
 from .._heartbeat import Heartbeater, ProcessLoad, describe_activities, new_worker_id
-from ..tracking._api import ActivityAlreadyStartedError, StartRequest, status_for_cause
+from ..tracking._api import ActivityAlreadyStartedError, StartRequest, status_for_cause, store_first_completion
 from ..tracking._service import BusActivityService
 from ..tracking._writer import flush_writer
-from ..transport._bucket import Bucket
+from ..transport._bucket import Bucket, last_event
 from ..transport._bus import Bus, Delivery
-from ..transport._codec import encode
+from ..transport._codec import HDR_STORE_ACK_TO, HDR_TASK_ACK, encode
 from ..transport._errors import engine_errors
+from ..transport._retry import backoff_delay
 from ..transport._streams import delete_consumer
 from ..transport._topology import ConsumerSpec
 from ._activity import _current, _Running
@@ -75,6 +77,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 _SESSION_ENDS = frozenset({CancelKind.SESSION_COMPLETED, CancelKind.SESSION_FAILED})
 #: Seconds per attempt of storing a completion before its caller is answered (x the publish retries).
 _COMPLETION_TIMEOUT = 0.75
+#: Completions handed off to their callers (the caller acks the task once the store is acknowledged)
+#: that this worker keeps for a redelivery of their task: the caller gave it back (the store failed)
+#: or died before its ack.
+_HANDED_KEPT = 4096
 #: Seconds a full worker keeps trying to read the record of a session it holds, when the broker gives
 #: it one more (a node restart's elections took up to about 15 s on a loaded machine).
 _RECONCILE_READ_BUDGET = 25.0
@@ -187,6 +193,8 @@ class Worker:
         #: Sessions that ended here lately, to answer a late task with how they ended.
         self._ended: OrderedDict[str, SessionClosed] = OrderedDict()
         self._running = 0
+        #: Completions handed off to their callers, by activity id (see :meth:`_answer_again`).
+        self._handed: OrderedDict[str, tuple[ActivityCompleted, Any, TaskError | None]] = OrderedDict()
         self._root = CancelToken()
         self.router = CancelRouter(bus)
         self.service = BusActivityService(bus, self.worker_id, heartbeat=False, router=self.router)
@@ -422,6 +430,9 @@ class Worker:
     # ------------------------------------------------------------ activities
 
     async def _run(self, task: ActivityTask, delivery: Delivery) -> None:
+        if delivery.deliveries > 1 and (task.activity_id in self._handed or self.service.ended(task.activity_id)):
+            await self._answer_again(task)
+            return
         if task.deadline is not None and task.deadline <= utcnow():
             await self._refuse(task, delivery, TaskError(type="ActivityTimeoutError", non_retryable=True,
                                                          message="the task arrived after its deadline"))  # fmt: skip
@@ -456,11 +467,13 @@ class Worker:
         ask_stream = delivery.deliveries > 1 or not self.router.seen_since(task.time)
         self._running += 1
         try:
-            await self._execute(task, fn, ctx, ask_stream)
+            await self._execute(task, fn, ctx, ask_stream, delivery)
         finally:
             self._running -= 1
 
-    async def _execute(self, task: ActivityTask, fn: Callable[..., Any], ctx: Context, ask_stream: bool) -> None:
+    async def _execute(
+        self, task: ActivityTask, fn: Callable[..., Any], ctx: Context, ask_stream: bool, delivery: Delivery
+    ) -> None:
         aid = task.activity_id
         svc = self.service
         if self.track_activities:
@@ -473,15 +486,16 @@ class Worker:
             except ActivityAlreadyStartedError:
                 # A redelivery of a task this process runs or ran: the first run answers.
                 return
-            await self._body(task, fn, await svc.track(ctx, aid, check_now=False, check_stored=ask_stream))
+            work = await svc.track(ctx, aid, check_now=False, check_stored=ask_stream)
+            await self._body(task, fn, work, delivery)
             return
         work = ctx.child(activity_id=aid)
         with svc.router.register(aid, work.token):
             if ask_stream:
                 await svc.router.check_stored(aid, work.token)
-            await self._body(task, fn, work)
+            await self._body(task, fn, work, delivery)
 
-    async def _body(self, task: ActivityTask, fn: Callable[..., Any], work: Context) -> None:
+    async def _body(self, task: ActivityTask, fn: Callable[..., Any], work: Context, delivery: Delivery) -> None:
         svc = self.service
         run = _Running(ctx=work, task=task, service=svc)
         reset = _current.set(run)
@@ -504,12 +518,89 @@ class Worker:
         if run.writer is not None:
             with anyio.move_on_after(self.bus.timeouts.shutdown), contextlib.suppress(Exception):
                 await flush_writer(run.writer)
-        if self.track_activities:
-            # Stored before the caller hears the result: a result seen means an outcome recorded.
-            await self._complete(task, result, error)
-        await self._reply(task, result=result, error=error)
+        if not self.track_activities:
+            await self._reply(task, result=result, error=error)
+            return
+        # The caller returns the result only once the completion is stored: either stored here before
+        # the answer, or sent with its acknowledgement routed to the caller (which asked for it),
+        # who then acks the task (docs/DESIGN.md, "The tracked round trip").
+        store_ack_to = _store_ack_to(task, delivery)
+        completion = await self._complete(task, result, error, store_ack_to)
+        if completion is None:
+            await self._reply(task, result=result, error=error)
+            return
+        self._handed[task.activity_id] = (completion, result, error)
+        while len(self._handed) > _HANDED_KEPT:
+            self._handed.popitem(last=False)
+        delivery.handed_off = True
+        await self._reply(task, result=result, error=error, ack=delivery.ack_subject)
 
-    async def _complete(self, task: ActivityTask, result: Any, error: TaskError | None) -> None:
+    async def _answer_again(self, task: ActivityTask) -> None:
+        """A redelivery of a task whose activity ended here: its caller gave it back (the store of
+        the completion it was sent failed) or died before acking it. The completion is stored, then
+        answered again, without a task ack to hand off (this one acks it).
+
+        Stored before the answer, but not at any price (as when the worker stores it itself): after
+        about 3 s of a stream electing a leader the caller is answered and the completion is stored
+        in the background, so callers do not hold their sessions through the whole election."""
+        aid = task.activity_id
+        kept = self._handed.pop(aid, None)
+        if kept is None and not self.service.ended(aid):
+            return  # still running here (a redelivery after the ack wait): the first run answers
+        if kept is not None:
+            completion, result, error = kept
+            try:
+                await store_first_completion(self.bus, completion, timeout=_COMPLETION_TIMEOUT)
+            except CadenzaError as exc:
+                self._store_later(completion, exc)
+            await self._reply(task, result=result, error=error)
+            return
+        # Ended here long ago (no longer kept): the stored completion answers.
+        stored = await last_event(self.bus, "activity", self.bus.subjects.build("activity", aid, "completed"),
+                                  [ActivityCompleted])  # fmt: skip
+        event = stored.event if stored is not None else None
+        if isinstance(event, ActivityCompleted):
+            ok = event.status is ActivityStatus.SUCCESS
+            await self._reply(task, result=event.result if ok else None, error=None if ok else TaskError(
+                type="ActivityError", message=event.error or event.status.value))  # fmt: skip
+            return
+        _log.error("worker %s: activity %s ended here but its completion is neither stored nor kept",
+                   self.worker_id, aid)  # fmt: skip
+        await self._reply(task, error=TaskError(
+            type="ActivityError", non_retryable=True,
+            message=f"activity {aid} ended on worker {self.worker_id}, but its completion was not stored "
+                    "and is no longer kept: its result is lost"))  # fmt: skip
+
+    def _store_later(self, completion: ActivityCompleted, exc: CadenzaError) -> None:
+        if exc.non_retryable or self._tg is None:
+            _log.error("activity %s: its completion cannot be stored, dropped: %s", completion.activity_id, exc)
+            return
+        self._tg.start_soon(self._keep_storing, completion, name=f"completion-{completion.activity_id}")
+
+    async def _keep_storing(self, completion: ActivityCompleted) -> None:
+        """Store a completion its caller was answered without (the outbox of handed-off completions:
+        retried with backoff while this worker runs)."""
+        attempt = 0
+        while True:
+            await anyio.sleep(0.2 + backoff_delay(attempt, base=0.2, cap=5.0))
+            attempt += 1
+            try:
+                await store_first_completion(self.bus, completion)
+                return
+            except CadenzaError as exc:
+                if exc.non_retryable:
+                    _log.error("activity %s: its completion cannot be stored, dropped: %s",
+                               completion.activity_id, exc)  # fmt: skip
+                    return
+                if attempt in (1, 10) or attempt % 50 == 0:
+                    _log.warning("activity %s: completion not stored yet (attempt %d): %s",
+                                 completion.activity_id, attempt, exc)  # fmt: skip
+
+    async def _complete(
+        self, task: ActivityTask, result: Any, error: TaskError | None, store_ack_to: str
+    ) -> ActivityCompleted | None:
+        """Store the activity's completion, or hand it off to the caller (``store_ack_to``): the
+        completion handed off, or None."""
         if error is None:
             status = ActivityStatus.SUCCESS
         elif error.cause is not None and error.cause.kind in _SESSION_ENDS:
@@ -524,10 +615,14 @@ class Worker:
         # Stored before the caller is answered, but not at any price: a stream electing a leader (a
         # node restart on a cluster) would hold every caller for the whole publish budget. After
         # about 3 s the completion stays with the outbox, which stores it when the stream is back.
-        with contextlib.suppress(CadenzaError):
-            await self.service._end_activity(task.activity_id, status, result=result,
-                                             _publish_timeout=_COMPLETION_TIMEOUT,
-                                             error=None if error is None else error.message)  # fmt: skip
+        try:
+            _, completion, _, handed = await self.service._end_activity(
+                task.activity_id, status, result=result, _publish_timeout=_COMPLETION_TIMEOUT,
+                error=None if error is None else error.message, _store_ack_to=store_ack_to,
+            )  # fmt: skip
+        except CadenzaError:
+            return None
+        return completion if handed else None
 
     async def _refuse(self, task: ActivityTask, delivery: Delivery, error: TaskError) -> None:
         """A task this worker does not run: answered on its ``reply_to``, else dead-lettered with the
@@ -548,7 +643,9 @@ class Worker:
             stream_seq=delivery.stream_seq, deliveries=delivery.deliveries,
         )  # fmt: skip
 
-    async def _reply(self, task: ActivityTask, *, result: Any = None, error: TaskError | None = None) -> None:
+    async def _reply(
+        self, task: ActivityTask, *, result: Any = None, error: TaskError | None = None, ack: str = ""
+    ) -> None:
         if not task.reply_to:
             return
         reply = ActivityResult(
@@ -558,12 +655,23 @@ class Worker:
         # A core reply with a producer span and the trace context in its headers, like every send.
         with contextlib.suppress(CadenzaError), engine_errors(f"replying to {task.reply_to}"):
             try:
-                await self.bus.publish_core(reply, subject=task.reply_to)
+                await self.bus.publish_core(reply, subject=task.reply_to, headers={HDR_TASK_ACK: ack} if ack else None)
             except ValidationError as exc:  # the result is too large to send
                 await self.bus.publish_core(ActivityResult(
                     activity_id=task.activity_id, worker_id=self.worker_id, ok=False,
                     error=TaskError(type="ResultTooLargeError", message=str(exc), non_retryable=True),
-                ), subject=task.reply_to)  # fmt: skip
+                ), subject=task.reply_to, headers={HDR_TASK_ACK: ack} if ack else None)  # fmt: skip
+
+
+def _store_ack_to(task: ActivityTask, delivery: Delivery) -> str:
+    """Where the caller of ``task`` asked the completion's store acknowledgement to go ('' if it did
+    not, or the subject is not one a reply can go to: then the worker stores it before answering)."""
+    to = delivery.headers.get(HDR_STORE_ACK_TO, "")
+    if not to or not task.reply_to or not delivery.ack_subject or len(to) > 512:
+        return ""
+    if any(c in to for c in " \t\r\n*>") or ".." in to or to.startswith(".") or to.endswith("."):
+        return ""
+    return to
 
 
 async def _call(fn: Callable[..., Any], task: ActivityTask) -> Any:

@@ -48,6 +48,7 @@ from .._heartbeat import Heartbeater, ProcessLoad, new_worker_id
 from ..transport._bus import Bus
 from ..transport._retry import backoff_delay
 from ._api import (
+    FIRST_COMPLETION,
     ActivityAlreadyStartedError,
     ActivityFinishedError,
     AppendMessageRequest,
@@ -244,6 +245,11 @@ class BusActivityService:
     def running(self) -> list[str]:
         """Ids of the activities this service runs now."""
         return list(self._tracks)
+
+    def ended(self, activity_id: str) -> ActivityStatus | None:
+        """How an activity of this service ended (None: running, or not known here; the last
+        100,000 are kept)."""
+        return self._finished.get(activity_id)
 
     # ------------------------------------------------------------ publishing
 
@@ -479,8 +485,9 @@ class BusActivityService:
             ActivityError: the activity is not running here.
             PublishError: not stored (the activity stays open here; call again to retry).
         """
-        track, event, text = await self._end_activity(activity_id, status, final_message, error, final_step=final_step,
-                                                     result=result, _publish_timeout=_publish_timeout)  # fmt: skip
+        track, event, text, _ = await self._end_activity(activity_id, status, final_message, error,
+                                                        final_step=final_step, result=result,
+                                                        _publish_timeout=_publish_timeout)  # fmt: skip
         return track.record.model_copy(
             update={
                 "status": status,
@@ -503,9 +510,15 @@ class BusActivityService:
         final_step: str | None = None,
         result: Any = None,
         _publish_timeout: float | None = None,
-    ) -> tuple[_Track, ActivityCompleted, str]:
+        _store_ack_to: str = "",
+    ) -> tuple[_Track, ActivityCompleted, str, bool]:
         """:meth:`complete_activity` without building the ending record (the session worker does
-        not use it); returns the activity's track, its completion and the final message."""
+        not use it); returns the activity's track, its completion, the final message and whether
+        the completion was handed off.
+
+        ``_store_ack_to``: send the completion without waiting, its acknowledgement routed there (the
+        caller's inbox: the caller judges it and acks the task), unless older events of the
+        activity still wait in the outbox (then it is stored here, after them, as always)."""
         if not status.terminal:
             raise UsageError(f"{status.value} is not a terminal status")
         track = self._track(activity_id)
@@ -518,10 +531,17 @@ class BusActivityService:
             text = cut_text(final_message)
             event = self._completion(track, status, text, error, final_step, result)
             track.completing = status
-            # Not stored: PublishError to the caller; the outbox keeps the completion and retries it.
-            await self._publish_locked(track, event, timeout=_publish_timeout)
+            handed = bool(_store_ack_to) and not track.pending
+            if handed:
+                try:
+                    await self.bus.send_stored_to(event, _store_ack_to, FIRST_COMPLETION)
+                except CadenzaError:  # the connection would not take it: stored here, with retries
+                    handed = False
+            if not handed:
+                # Not stored: PublishError to the caller; the outbox keeps the completion and retries it.
+                await self._publish_locked(track, event, timeout=_publish_timeout)
             self._finish(activity_id, status)
-        return track, event, text
+        return track, event, text, handed
 
     async def _close_writers(self, track: _Track) -> None:
         """Close the activity's writers and store what they queued (bounded: see ``writer_flush_timeout``)."""
@@ -540,7 +560,7 @@ class BusActivityService:
         self, track: _Track, status: ActivityStatus, text: str, error: str | None, final_step: str | None, result: Any
     ) -> ActivityCompleted:
         """The completion event of ``track`` (its rev and message seq counted; under the track's lock)."""
-        activity_id = track.record.id
+        activity_id = track.id
         final = MessageEntry(level=_LEVEL_OF[status], message=text, step=final_step) if text else None
         final_seq = track.next_seq if final is not None else 0
         track.rev += 1

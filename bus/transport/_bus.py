@@ -113,6 +113,8 @@ class Bus:
     subject_of = _publish.subject_of
     publish = _publish.publish
     send_stored = _publish.send_stored
+    send_stored_to = _publish.send_stored_to
+    settle_handed = _publish.settle_handed
     _publish_raw = _publish.publish_raw
     publish_core = _publish.publish_core
     dead_letter = _dead_letters.dead_letter

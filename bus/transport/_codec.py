@@ -22,6 +22,8 @@ __all__ = (
     "CONTENT_TYPE",
     "HDR_EVENT_TYPE",
     "HDR_SCHEMA_VERSION",
+    "HDR_STORE_ACK_TO",
+    "HDR_TASK_ACK",
     "INPUT_ERRORS",
     "MAX_EVENT_BYTES",
     "decode",
@@ -32,6 +34,12 @@ CONTENT_TYPE: Final = "application/json"
 HDR_SCHEMA_VERSION: Final = "Cadenza-Schema-Version"
 HDR_EVENT_TYPE: Final = "Cadenza-Event-Type"
 HDR_MSG_ID: Final = "Nats-Msg-Id"
+#: On a task: the subject the worker routes its stored completion's acknowledgement to (the caller's
+#: inbox), leaving the task's ack to the caller (docs/DESIGN.md, "The tracked round trip").
+HDR_STORE_ACK_TO: Final = "Cadenza-Store-Ack-To"
+#: On a result: the task's ack subject (``$JS.ACK.…``), which the caller acks once the completion's
+#: store is acknowledged. A result without it means the completion is stored (or not tracked).
+HDR_TASK_ACK: Final = "Cadenza-Task-Ack"
 #: The ``error_type`` of a dead letter for input that did not decode (what :func:`decode` raises).
 INPUT_ERRORS: Final = frozenset({"oversize", "bad_json", "bad_shape", "unknown_type", "bad_version",
                                  "unknown_version", "version_mismatch", "type_mismatch", "id_mismatch"})  # fmt: skip

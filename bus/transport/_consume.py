@@ -55,7 +55,7 @@ _log = logging.getLogger("cadenza.bus")
 E = TypeVar("E", bound=Event)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Delivery:
     """Facts about the message a handler is processing."""
 
@@ -64,6 +64,12 @@ class Delivery:
     stream_seq: int
     deliveries: int
     consumer: str
+    #: The message's ack subject (``$JS.ACK.…``).
+    ack_subject: str = ""
+    #: Set by a handler that handed the message's ack to another process (a caller that acks the
+    #: task once it holds the stored result): the consumer then neither acks it nor remembers it as
+    #: handled, so a redelivery (that process gave it back, or died) reaches the handler again.
+    handed_off: bool = False
 
 
 class Settle(enum.Enum):
@@ -399,7 +405,7 @@ async def _handle(
         except ValidationError as exc:
             await _reject(bus, msg, spec.durable, exc.message, exc.kind, seq, deliveries)
             return
-        delivery = Delivery(msg.subject, headers, seq, deliveries, spec.durable)
+        delivery = Delivery(msg.subject, headers, seq, deliveries, spec.durable, msg.reply)
         with _process_span(msg, delivery, event) if traced_receive(headers) else NO_SPAN as span:
             try:
                 await handler(event, delivery)
@@ -414,11 +420,13 @@ async def _handle(
                 span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
                 await _failed(bus, msg, spec, exc, seq, deliveries)
                 return
+            bus.stats.handled += 1
+            instruments.handled.add(1, {"consumer": spec.durable})
+            if delivery.handed_off:
+                return
             # Remembered even if the ack is lost (server down): a redelivery to this process
             # is then acked without running the handler again.
             acked.add(seq)
-            bus.stats.handled += 1
-            instruments.handled.add(1, {"consumer": spec.durable})
             await _settle(bus, msg, _ACK if spec.ack_sync else _ACK_ASYNC)
     finally:
         flight.remove(msg)

@@ -4,6 +4,7 @@ wildcard inbox on which every stored publish of the connection gets its acknowle
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
@@ -30,7 +31,17 @@ from ._tracing import NO_SPAN, SYSTEM, inject_headers, instruments, traced_send,
 if TYPE_CHECKING:
     from ._bus import Bus
 
-__all__ = ("PublishResult", "pub_ack_error", "publish", "publish_core", "publish_raw", "send_stored", "subject_of")
+__all__ = (
+    "PublishResult",
+    "pub_ack_error",
+    "publish",
+    "publish_core",
+    "publish_raw",
+    "send_stored",
+    "send_stored_to",
+    "settle_handed",
+    "subject_of",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +241,7 @@ async def publish(
         return result
 
 
-async def send_stored(bus: Bus, event: Event) -> asyncio.Future[Msg] | None:
+async def send_stored(bus: Bus, event: Event, headers: Mapping[str, str] | None = None) -> asyncio.Future[Msg] | None:
     """Store ``event`` without waiting for the server's acknowledgement: the future of its answer
     (see :func:`pub_ack_error`), or None when traced (then use :meth:`publish`). If the answer
     says it was not stored, :meth:`publish` the same event: its ``Nats-Msg-Id`` stores it once.
@@ -251,6 +262,8 @@ async def send_stored(bus: Bus, event: Event) -> asyncio.Future[Msg] | None:
     except ValueError as exc:
         raise ValidationError(str(exc), kind="bad_subject") from exc
     body, hdrs = encode(event)
+    if headers:
+        hdrs.update(headers)
     js = bus.js
     assert isinstance(js, _JetStream)
     try:
@@ -260,6 +273,49 @@ async def send_stored(bus: Bus, event: Event) -> asyncio.Future[Msg] | None:
     bus.stats.published += 1
     instruments.on_published(event)
     return answer
+
+
+async def send_stored_to(bus: Bus, event: Event, reply: str, headers: Mapping[str, str] | None = None) -> None:
+    """Store ``event`` with the server's acknowledgement routed to ``reply`` (another process's
+    inbox, which judges it), without waiting: one publish, no answer here.
+
+    Raises:
+        ValidationError: the event is too large or its subject id is not a valid token.
+        PublishError: the connection would not take the message.
+    """
+    bus._check_open()
+    if not event.source:
+        event = event.model_copy(update={"source": bus.source})
+    try:
+        subject = subject_of(bus, event)
+    except ValueError as exc:
+        raise ValidationError(str(exc), kind="bad_subject") from exc
+    body, hdrs = encode(event)
+    if headers:
+        hdrs.update(headers)
+    traced = traced_send()
+    span = tracer.start_as_current_span(
+        f"send {subject}", kind=SpanKind.PRODUCER,
+        attributes={"messaging.system": SYSTEM, "messaging.operation.type": "send",
+                    "messaging.operation.name": "send", "messaging.destination.name": subject,
+                    "messaging.message.id": event.event_id, "messaging.message.body.size": len(body)},
+    ) if traced else NO_SPAN  # fmt: skip
+    with span:
+        if traced:
+            inject_headers(hdrs)
+        try:
+            await bus.nc.publish(subject, body, reply=reply, headers=hdrs)
+        except nats.errors.Error as exc:
+            raise PublishError(f"publish to {subject} failed: {exc}") from exc
+    bus.stats.published += 1
+    instruments.on_published(event)
+
+
+async def settle_handed(bus: Bus, ack_subject: str, stored: bool) -> None:
+    """Ack a task another process received and handed the ack of to this one (``stored``), or
+    give it back for redelivery; best effort (an ack lost is a redelivery after the ack wait)."""
+    with contextlib.suppress(nats.errors.Error):
+        await bus.nc.publish(ack_subject, b"+ACK" if stored else b"-NAK")
 
 
 async def publish_raw(bus: Bus, subject: str, body: bytes, headers: dict[str, str], timeout: float) -> PublishResult:
@@ -292,7 +348,9 @@ async def publish_raw(bus: Bus, subject: str, body: bytes, headers: dict[str, st
     ) from last
 
 
-async def publish_core(bus: Bus, event: Event, *, subject: str | None = None) -> None:
+async def publish_core(
+    bus: Bus, event: Event, *, subject: str | None = None, headers: Mapping[str, str] | None = None
+) -> None:
     """Send ``event`` without storing it (core NATS, fire-and-forget broadcast).
 
     Without ``Nats-Msg-Id``: no stream dedupes a core message (the body has the event id).
@@ -301,6 +359,8 @@ async def publish_core(bus: Bus, event: Event, *, subject: str | None = None) ->
     subject = subject or subject_of(bus, event)
     body, hdrs = encode(event)
     del hdrs[HDR_MSG_ID]
+    if headers:
+        hdrs.update(headers)
     if not traced_send():
         await bus.nc.publish(subject, body, headers=hdrs)
         return

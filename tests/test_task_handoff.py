@@ -1,0 +1,221 @@
+"""The tracked round trip (docs/DESIGN.md): the worker sends the completion with the server's answer
+routed to the caller, answers at once and leaves the task's ack to the caller, which acks it once the
+answer says stored, or gives the task back (then the worker stores the completion and answers again).
+A caller that dies before its ack gets the same redelivery after the ack wait: given back here by a
+NAK, which is what a redelivery looks like to the worker."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import nats.js.errors
+from nats.aio.msg import Msg
+
+import bus
+from bus.testing import eventually
+from bus.transport._codec import HDR_STORE_ACK_TO, HDR_TASK_ACK, decode, encode
+from schemas import ActivityResult, ActivityTask
+from tests._helpers import running_broker
+
+TASKLIST = "handoff"
+
+
+@contextlib.asynccontextmanager
+async def _worker(b: bus.Bus, gate: anyio.Event | None = None) -> AsyncIterator[bus.Worker]:
+    w = bus.Worker(b, tasklist=TASKLIST, heartbeat_interval=0.5)
+
+    @w.activity()
+    async def quick(x: int) -> int:
+        return x * 2
+
+    @w.activity()
+    async def gated() -> str:
+        assert gate is not None
+        await gate.wait()
+        return "done"
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(w.run)
+        yield w
+        tg.cancel_scope.cancel()
+
+
+class _Caller:
+    """A caller in plain NATS: a task with the hand-off header, and what comes back."""
+
+    def __init__(self, b: bus.Bus) -> None:
+        self.b = b
+        self.inbox = b.nc.new_inbox()
+        self.results: list[Msg] = []
+        self.stored: list[Msg] = []
+
+    async def start(self) -> None:
+        async def on_result(msg: Msg) -> None:
+            self.results.append(msg)
+
+        async def on_stored(msg: Msg) -> None:
+            self.stored.append(msg)
+
+        await self.b.nc.subscribe(f"{self.inbox}.r", cb=on_result)
+        await self.b.nc.subscribe(f"{self.inbox}.s", cb=on_stored)
+
+    async def send(self, activity_id: str, store_ack_to: str | None = None) -> None:
+        task = ActivityTask(activity_id=activity_id, name="quick", args=[21], tasklist=TASKLIST,
+                            reply_to=f"{self.inbox}.r")  # fmt: skip
+        body, headers = encode(task)
+        headers[HDR_STORE_ACK_TO] = f"{self.inbox}.s" if store_ack_to is None else store_ack_to
+        await self.b.js.publish(self.b.subjects.build("task", TASKLIST, "queued"), body, headers=headers)
+
+    def result(self, i: int) -> ActivityResult:
+        event = decode(self.results[i].data, self.results[i].headers, [ActivityResult])
+        assert isinstance(event, ActivityResult)
+        return event
+
+
+async def _unacked(b: bus.Bus) -> int:
+    info = await b.js.consumer_info(b.topology.stream_name("task"), f"tasks-{TASKLIST}")
+    return int(info.num_ack_pending) + int(info.num_pending)
+
+
+async def _completions(b: bus.Bus, activity_id: str) -> int:
+    stream = b.topology.stream_name("activity")
+    info = await b.js.stream_info(stream, subjects_filter=b.subjects.build("activity", activity_id, "completed"))
+    return sum((info.state.subjects or {}).values())
+
+
+async def test_the_worker_hands_the_ack_to_the_caller_with_the_stores_answer(cadenza_bus: bus.Bus) -> None:
+    b = cadenza_bus
+    async with _worker(b) as w:
+        caller = _Caller(b)
+        await caller.start()
+        await caller.send("h-1")
+        await eventually(lambda: caller.results and caller.stored, what="the result and the store's answer")
+        assert caller.result(0).ok and caller.result(0).result == 42
+        ack = (caller.results[0].headers or {}).get(HDR_TASK_ACK, "")
+        assert ack.startswith("$JS.ACK."), caller.results[0].headers
+        answer: dict[str, Any] = json.loads(caller.stored[0].data)
+        assert answer["seq"] > 0 and "error" not in answer
+        assert "h-1" in w._handed
+        # Not acked by the worker: the task waits for the caller's ack.
+        assert await _unacked(b) == 1
+        await b.nc.publish(ack, b"+ACK")
+
+        async def acked() -> bool:
+            return await _unacked(b) == 0
+
+        await eventually(acked, what="the task acked by the caller")
+        assert await _completions(b, "h-1") == 1
+
+
+async def test_a_task_given_back_is_stored_by_its_worker_and_answered_again(cadenza_bus: bus.Bus) -> None:
+    b = cadenza_bus
+    async with _worker(b) as w:
+        caller = _Caller(b)
+        await caller.start()
+        await caller.send("h-2")
+        await eventually(lambda: caller.results and caller.stored, what="the first answer")
+        await b.nc.publish((caller.results[0].headers or {})[HDR_TASK_ACK], b"-NAK")
+        await eventually(lambda: len(caller.results) == 2, what="the second answer")
+        again = caller.result(1)
+        assert again.ok and again.result == 42
+        assert HDR_TASK_ACK not in (caller.results[1].headers or {}), "the worker acks a task it answers again"
+        assert len(caller.stored) == 1 and "h-2" not in w._handed
+
+        async def acked() -> bool:
+            return await _unacked(b) == 0
+
+        await eventually(acked, what="the task acked by the worker")
+        assert await _completions(b, "h-2") == 1  # the same Nats-Msg-Id: stored once
+
+
+async def test_a_task_given_back_after_its_completion_is_forgotten_is_answered_from_the_stream(
+    cadenza_bus: bus.Bus,
+) -> None:
+    b = cadenza_bus
+    async with _worker(b) as w:
+        caller = _Caller(b)
+        await caller.start()
+        for aid in ("h-3", "h-4"):
+            await caller.send(aid)
+        await eventually(lambda: len(caller.results) == 2 and len(caller.stored) == 2, what="both answers")
+        w._handed.clear()  # past the completions a worker keeps (4096)
+        # h-4's completion is not in the stream either: its result is lost, and the answer says so.
+        stream = b.topology.stream_name("activity")
+        await b.js.purge_stream(stream, subject=b.subjects.build("activity", "h-4", "completed"))
+        by_id = {caller.result(i).activity_id: caller.results[i] for i in range(2)}
+        for aid in ("h-3", "h-4"):
+            await b.nc.publish((by_id[aid].headers or {})[HDR_TASK_ACK], b"-NAK")
+        await eventually(lambda: len(caller.results) == 4, what="the answers again")
+        again = {r.activity_id: r for r in (caller.result(2), caller.result(3))}
+        assert again["h-3"].ok and again["h-3"].result == 42
+        lost = again["h-4"]
+        assert not lost.ok and lost.error is not None and "result is lost" in lost.error.message
+
+        async def acked() -> bool:
+            return await _unacked(b) == 0
+
+        await eventually(acked, what="both tasks acked by the worker")
+
+
+async def test_a_store_ack_subject_no_reply_can_go_to_makes_the_worker_store_first(cadenza_bus: bus.Bus) -> None:
+    b = cadenza_bus
+    async with _worker(b) as w:
+        caller = _Caller(b)
+        await caller.start()
+        await caller.send("h-5", store_ack_to="not a subject.*")
+        await eventually(lambda: caller.results, what="the answer")
+        assert caller.result(0).ok and HDR_TASK_ACK not in (caller.results[0].headers or {})
+        assert not caller.stored and "h-5" not in w._handed
+        assert await _completions(b, "h-5") == 1  # stored before the answer
+
+        async def acked() -> bool:
+            return await _unacked(b) == 0
+
+        await eventually(acked, what="the task acked by the worker")
+
+
+async def test_a_refused_store_is_given_back_and_stored_by_the_worker(cadenza_bus: bus.Bus) -> None:
+    """The activity stream is gone when the activity ends (503 to the caller): the caller gives the
+    task back; the worker stores the completion (within about 3 s, else in the background while the
+    caller is answered, as when it stores a completion itself) and answers again."""
+    b, gate = cadenza_bus, anyio.Event()
+    stream = b.topology.stream_name("activity")
+    async with running_broker(b), _worker(b, gate) as w:
+        opts = bus.SessionOptions(creation_timeout=10, execution_timeout=120, heartbeat_timeout=10, tasklist=TASKLIST)
+        sctx = await bus.create_session(b.context(), opts)
+        got: list[Any] = []
+
+        async def call() -> None:
+            got.append(await bus.execute_activity(sctx, "gated", activity_id="h-6", start_to_close_timeout=60))
+
+        async def announced() -> bool:
+            try:
+                await b.js.get_last_msg(stream, b.subjects.build("activity", "h-6", "started"))
+            except nats.js.errors.NotFoundError:
+                return False
+            return True
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            # Announced first (so nothing of the activity waits in the outbox when it ends).
+            await eventually(announced, timeout=20, what="the activity's start stored")
+            await b.js.delete_stream(stream)
+            gate.set()
+            inbox = f"inbox-{w.worker_id}"
+
+            async def given_back() -> bool:
+                info = await b.js.consumer_info(b.topology.stream_name("task"), inbox)
+                return int(info.num_redelivered) > 0
+
+            await eventually(given_back, timeout=30, what="the task given back to the worker")
+            await b.topology.ensure(b.js)
+            await eventually(lambda: got == ["done"], timeout=60, what="the result")
+
+            async def stored() -> bool:
+                return await _completions(b, "h-6") == 1
+
+            await eventually(stored, timeout=60, what="the completion stored once the stream is back")
