@@ -25,8 +25,8 @@ TASKLIST = "handoff"
 
 
 @contextlib.asynccontextmanager
-async def _worker(b: bus.Bus, gate: anyio.Event | None = None) -> AsyncIterator[bus.Worker]:
-    w = bus.Worker(b, tasklist=TASKLIST, heartbeat_interval=0.5)
+async def _worker(b: bus.Bus, gate: anyio.Event | None = None, **kw: Any) -> AsyncIterator[bus.Worker]:
+    w = bus.Worker(b, tasklist=TASKLIST, heartbeat_interval=0.5, **kw)
 
     @w.activity()
     async def quick(x: int) -> int:
@@ -130,6 +130,29 @@ async def test_a_task_given_back_is_stored_by_its_worker_and_answered_again(cade
 
         await eventually(acked, what="the task acked by the worker")
         assert await _completions(b, "h-2") == 1  # the same Nats-Msg-Id: stored once
+
+
+async def test_a_caller_that_never_acks_gets_the_task_stored_and_acked_by_the_worker_after_the_ack_wait(
+    cadenza_bus: bus.Bus,
+) -> None:
+    """What a caller killed between the result and its ack leaves: the task comes back to the worker
+    after the ack wait, which stores the completion (the same Nats-Msg-Id: once) and acks it."""
+    b = cadenza_bus
+    async with _worker(b, task_ack_wait=2.0) as w:
+        caller = _Caller(b)
+        await caller.start()
+        await caller.send("h-7")
+        await eventually(lambda: caller.results and caller.stored, what="the first answer")
+        # No ack: the server delivers the task again after 2 s.
+        await eventually(lambda: len(caller.results) == 2, timeout=30, what="the answer after the ack wait")
+        assert caller.result(1).ok and HDR_TASK_ACK not in (caller.results[1].headers or {})
+        assert "h-7" not in w._handed
+
+        async def acked() -> bool:
+            return await _unacked(b) == 0
+
+        await eventually(acked, what="the task acked by the worker")
+        assert await _completions(b, "h-7") == 1
 
 
 async def test_a_task_given_back_after_its_completion_is_forgotten_is_answered_from_the_stream(

@@ -152,6 +152,9 @@ class Worker:
         track_activities: publish activity events for the recorder (a completion; a started event
             too for an activity still running after ``announce_after`` seconds, or one that reports).
         announce_after: seconds an activity runs before its start is published on its own.
+        task_ack_wait: seconds the server waits for a task's ack before it delivers the task again
+            (a running activity keeps its task alive; a task handed to its caller to ack, whose
+            caller died, comes back after this and its completion is stored again).
     """
 
     def __init__(
@@ -167,6 +170,7 @@ class Worker:
         activities: Mapping[str, Callable[..., Any]] | None = None,
         track_activities: bool = True,
         announce_after: float = 0.5,
+        task_ack_wait: float = 30.0,
     ) -> None:
         check_token(tasklist, "tasklist")
         if announce_after < 0:
@@ -175,6 +179,8 @@ class Worker:
             raise ValueError("max_concurrent_sessions and max_concurrent_activities must be at least 1")
         if heartbeat_interval <= 0:
             raise ValueError("heartbeat_interval must be > 0")
+        if task_ack_wait < 1:
+            raise ValueError("task_ack_wait must be at least 1 second")
         self.bus = bus
         self.tasklist = tasklist
         self.enable_sessions = enable_sessions
@@ -185,6 +191,7 @@ class Worker:
         check_token(self.worker_id, "worker_id")
         self.track_activities = track_activities
         self.announce_after = announce_after
+        self.task_ack_wait = task_ack_wait
         self.activities = ActivityRegistry(activities or {})
         self.state = WorkerState.NEW
         self.peak_sessions = 0
@@ -248,13 +255,14 @@ class Worker:
             subjects = self.bus.subjects
             shared = ConsumerSpec(
                 durable=f"tasks-{self.tasklist}", filter_subject=subjects.build("task", self.tasklist, "queued"),
-                ack_wait=30.0, max_ack_pending=100_000, ack_sync=False,
+                ack_wait=self.task_ack_wait, max_ack_pending=100_000, ack_sync=False,
             )  # fmt: skip
             specs: list[tuple[ConsumerSpec, list[Any]]] = [(shared, [ActivityTask])]
             if self.enable_sessions:
                 inbox = ConsumerSpec(
                     durable=f"inbox-{self.worker_id}", filter_subject=subjects.build("task", self.worker_id, "inbox"),
-                    ack_wait=30.0, max_ack_pending=100_000, inactive_threshold=3600.0, ack_sync=False,
+                    ack_wait=self.task_ack_wait, max_ack_pending=100_000, inactive_threshold=3600.0,
+                    ack_sync=False,
                 )  # fmt: skip
                 specs.append((inbox, [ActivityTask, SessionOpened, SessionClosed]))
             for spec, accept in specs:
