@@ -37,6 +37,7 @@ if _typing.TYPE_CHECKING:
     from ._exceptions import CadenzaError as CadenzaError
     from ._exceptions import ConflictError as ConflictError
     from ._exceptions import ConnectError as ConnectError
+    from ._exceptions import NoResponderError as NoResponderError
     from ._exceptions import NotFoundError as NotFoundError
     from ._exceptions import PublishError as PublishError
     from ._exceptions import RemoteError as RemoteError
@@ -164,6 +165,7 @@ __all__ = (
     "MessageAppender",
     "MessageBatch",
     "MessageRecord",
+    "NoResponderError",
     "NotFoundError",
     "ProcessLoad",
     "PublishError",

@@ -47,6 +47,7 @@ __all__ = (
     "CadenzaError",
     "ConflictError",
     "ConnectError",
+    "NoResponderError",
     "NotFoundError",
     "PublishError",
     "RemoteError",
@@ -131,6 +132,12 @@ class RequestError(BusError):
     """A request got no reply in time (no service listening, or it is too slow)."""
 
     code = "request"
+
+
+class NoResponderError(RequestError):
+    """Nobody listens on a request's subject (the server said so at once: no service is running)."""
+
+    code = "no_responder"
 
 
 class RemoteError(RequestError):

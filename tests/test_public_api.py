@@ -61,6 +61,7 @@ BUS_ALL = (
     "MessageAppender",
     "MessageBatch",
     "MessageRecord",
+    "NoResponderError",
     "NotFoundError",
     "ProcessLoad",
     "PublishError",

@@ -33,6 +33,7 @@ from schemas import (
     cut_text,
 )
 
+from .._context import loop_time
 from .._exceptions import BusError, ValidationError
 from ..transport._bus import Bus
 from ..transport._codec import decode
@@ -162,10 +163,10 @@ async def _read_until_done(bus: Bus, reader: StreamReader, out: _Collected, wait
     """Fetch until the stream's end as it was at the start (then up to ``wait`` s more while nothing
     was found), or until ``soft_limit`` messages were collected."""
     out.caught_up = await reader.pending() == 0
-    deadline = anyio.current_time() + wait
+    deadline = loop_time() + wait
     while True:
         if out.caught_up:
-            left = deadline - anyio.current_time()
+            left = deadline - loop_time()
             if out.seen or out.batch.completed is not None or left <= 0:
                 return
             batch_size, timeout = 64, left

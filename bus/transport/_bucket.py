@@ -64,6 +64,13 @@ UPDATE_ATTEMPTS = 64
 IDLE_HEARTBEAT = 1.0
 
 
+def ended(bus: Bus, sub: Any) -> bool:
+    """Whether the nats-py subscription ``sub`` of a follower (or the bus's connection) has closed:
+    nats-py gives no event for it, so followers look every second (its private ``_closed`` flag,
+    read here only)."""
+    return bool(sub._closed) or bus.nc.is_closed
+
+
 def _operation(headers: dict[str, str] | None) -> str | None:
     """``PUT``, ``DEL`` or ``PURGE`` of a bucket message (None: a marker of a kind not known here),
     as nats-py's watch reads it (a server-placed expiry marker says so in ``Nats-Marker-Reason``)."""
@@ -205,7 +212,7 @@ class RawBucket:
             ready = last == 0
             if ready:
                 task_status.started()
-            while not sub._closed and not self.bus.nc.is_closed:
+            while not ended(self.bus, sub):
                 stored: Stored | bool | None = False  # False: nothing within a second (look at the subscription)
                 with anyio.move_on_after(1.0):
                     stored = await receive.receive()

@@ -25,7 +25,7 @@ from nats.js.api import DeliverPolicy
 from schemas import Event, WorkerHeartbeat, WorkerStarted, WorkerStopped, utcnow
 
 from .._exceptions import CadenzaError, NotFoundError, ValidationError
-from ._bucket import IDLE_HEARTBEAT, RawBucket, Stored
+from ._bucket import IDLE_HEARTBEAT, RawBucket, Stored, ended
 from ._bus import Bus
 from ._codec import decode
 from ._errors import engine_errors
@@ -122,7 +122,7 @@ async def follow_stream(
     try:
         await caught_up.wait()
         task_status.started()
-        while not sub._closed and not bus.nc.is_closed:  # noqa: ASYNC110 - nats-py gives no event for it
+        while not ended(bus, sub):  # noqa: ASYNC110 - nats-py gives no event for it
             await anyio.sleep(1.0)
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(bus.timeouts.shutdown):

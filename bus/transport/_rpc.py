@@ -17,7 +17,7 @@ from opentelemetry.trace import SpanKind
 
 from schemas import ReplyError, RpcReply
 
-from .._exceptions import CadenzaError, RemoteError, RequestError, ValidationError
+from .._exceptions import CadenzaError, NoResponderError, RemoteError, RequestError, ValidationError
 from ._codec import MAX_EVENT_BYTES
 from ._tracing import NO_SPAN, inject_headers, process_span, traced_receive, traced_send
 
@@ -44,7 +44,8 @@ async def request(
 
     Raises:
         RemoteError: the service answered with an error (``remote_code`` says which).
-        RequestError: nobody answers on ``subject`` or no reply came in time.
+        NoResponderError: nobody listens on ``subject``.
+        RequestError: no reply came in time (or the connection failed).
     """
     bus._check_open()
     timeout = bus.timeouts.request if timeout is None else timeout
@@ -54,7 +55,7 @@ async def request(
     try:
         msg = await bus.nc.request(subject, payload.model_dump_json().encode(), timeout=timeout, headers=hdrs)
     except nats.errors.NoRespondersError as exc:
-        raise RequestError(f"no service answers on {subject}; is it running?") from exc
+        raise NoResponderError(f"no service answers on {subject}; is it running?") from exc
     except nats.errors.TimeoutError as exc:
         raise RequestError(f"no reply on {subject} within {timeout:g}s") from exc
     except nats.errors.Error as exc:

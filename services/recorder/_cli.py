@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from .._runtime import (
@@ -21,8 +20,6 @@ from .._runtime import (
     add_server_args,
     again_after_reconnect,
     announce_ready,
-    cli_bus,
-    fail,
     float_arg,
     id_arg,
     int_arg,
@@ -33,6 +30,7 @@ from .._runtime import (
     start_process,
     stop_process,
     when,
+    with_cli_bus,
 )
 
 if TYPE_CHECKING:
@@ -102,34 +100,28 @@ def _detail(a: ActivityRecord) -> str:
     return "\n".join(f"{k:<11} {v}" for k, v in rows)
 
 
-def _call(args: argparse.Namespace, work: object) -> int:
-    if not (args.server or os.environ.get("NATS_URL")):
-        return fail("no server given: pass --server nats://host:port or set NATS_URL (`cadenza dev` prints it)")
+def _call(args: argparse.Namespace, work: Callable[[bus.ActivityClient], Awaitable[int]]) -> int:
+    """Run a one-shot command's ``work`` with an activity client; errors of the recorder in one line."""
     import bus
 
-    outcome: dict[str, int] = {"code": 0}
+    async def run(b: bus.Bus) -> int:
+        try:
+            client = bus.ActivityClient(b)
+            if getattr(args, "id", None):
+                resolved = await _resolve(client, args.id, getattr(args, "env", ""))
+                if resolved is None:
+                    return 1
+                args.id = resolved
+            return await work(client)
+        except bus.RemoteError as exc:
+            print(f"cadenza: {exc.message} ({exc.remote_code})", file=sys.stderr)
+        except bus.NoResponderError as exc:  # its message asks whether the recorder runs
+            print(f"cadenza: {exc.message}", file=sys.stderr)
+        except bus.RequestError as exc:
+            print(f"cadenza: {exc.message} (is `cadenza recorder` running?)", file=sys.stderr)
+        return 1
 
-    async def go() -> None:
-        async with cli_bus(args) as b:
-            try:
-                client = bus.ActivityClient(b)
-                if getattr(args, "id", None):
-                    resolved = await _resolve(client, args.id, getattr(args, "env", ""))
-                    if resolved is None:
-                        outcome["code"] = 1
-                        return
-                    args.id = resolved
-                outcome["code"] = await work(client)  # type: ignore[operator]
-            except bus.RemoteError as exc:
-                print(f"cadenza: {exc.message} ({exc.remote_code})", file=sys.stderr)
-                outcome["code"] = 1
-            except bus.RequestError as exc:
-                hint = "" if "running" in exc.message else " (is `cadenza recorder` running?)"
-                print(f"cadenza: {exc.message}{hint}", file=sys.stderr)
-                outcome["code"] = 1
-
-    code = run_service(go)
-    return code or outcome["code"]
+    return with_cli_bus(args, run)
 
 
 async def _resolve(client: bus.ActivityClient, given: str, env: str = "") -> str | None:
