@@ -70,6 +70,17 @@ class _Caller:
         headers[HDR_STORE_ACK_TO] = f"{self.inbox}.s" if store_ack_to is None else store_ack_to
         await self.b.js.publish(self.b.subjects.build("task", TASKLIST, "queued"), body, headers=headers)
 
+    @classmethod
+    async def answered(cls, b: bus.Bus, activity_id: str) -> _Caller:
+        """A caller that sent one task and holds its result and the store's answer."""
+        caller = cls(b)
+        await caller.start()
+        await caller.send(activity_id)
+        await eventually(
+            lambda: caller.results and caller.stored, what=f"the result of {activity_id} and its store's answer"
+        )
+        return caller
+
     def result(self, i: int) -> ActivityResult:
         event = decode(self.results[i].data, self.results[i].headers, [ActivityResult])
         assert isinstance(event, ActivityResult)
@@ -81,6 +92,10 @@ async def _unacked(b: bus.Bus) -> int:
     return int(info.num_ack_pending) + int(info.num_pending)
 
 
+async def _acked(b: bus.Bus) -> bool:
+    return await _unacked(b) == 0
+
+
 async def _completions(b: bus.Bus, activity_id: str) -> int:
     stream = b.topology.stream_name("activity")
     info = await b.js.stream_info(stream, subjects_filter=b.subjects.build("activity", activity_id, "completed"))
@@ -90,10 +105,7 @@ async def _completions(b: bus.Bus, activity_id: str) -> int:
 async def test_the_worker_hands_the_ack_to_the_caller_with_the_stores_answer(cadenza_bus: bus.Bus) -> None:
     b = cadenza_bus
     async with _worker(b) as w:
-        caller = _Caller(b)
-        await caller.start()
-        await caller.send("h-1")
-        await eventually(lambda: caller.results and caller.stored, what="the result and the store's answer")
+        caller = await _Caller.answered(b, "h-1")
         assert caller.result(0).ok and caller.result(0).result == 42
         ack = (caller.results[0].headers or {}).get(HDR_TASK_ACK, "")
         assert ack.startswith("$JS.ACK."), caller.results[0].headers
@@ -104,20 +116,14 @@ async def test_the_worker_hands_the_ack_to_the_caller_with_the_stores_answer(cad
         assert await _unacked(b) == 1
         await b.nc.publish(ack, b"+ACK")
 
-        async def acked() -> bool:
-            return await _unacked(b) == 0
-
-        await eventually(acked, what="the task acked by the caller")
+        await eventually(lambda: _acked(b), what="the task acked by the caller")
         assert await _completions(b, "h-1") == 1
 
 
 async def test_a_task_given_back_is_stored_by_its_worker_and_answered_again(cadenza_bus: bus.Bus) -> None:
     b = cadenza_bus
     async with _worker(b) as w:
-        caller = _Caller(b)
-        await caller.start()
-        await caller.send("h-2")
-        await eventually(lambda: caller.results and caller.stored, what="the first answer")
+        caller = await _Caller.answered(b, "h-2")
         await b.nc.publish((caller.results[0].headers or {})[HDR_TASK_ACK], b"-NAK")
         await eventually(lambda: len(caller.results) == 2, what="the second answer")
         again = caller.result(1)
@@ -125,10 +131,7 @@ async def test_a_task_given_back_is_stored_by_its_worker_and_answered_again(cade
         assert HDR_TASK_ACK not in (caller.results[1].headers or {}), "the worker acks a task it answers again"
         assert len(caller.stored) == 1 and "h-2" not in w._handed
 
-        async def acked() -> bool:
-            return await _unacked(b) == 0
-
-        await eventually(acked, what="the task acked by the worker")
+        await eventually(lambda: _acked(b), what="the task acked by the worker")
         assert await _completions(b, "h-2") == 1  # the same Nats-Msg-Id: stored once
 
 
@@ -139,19 +142,13 @@ async def test_a_caller_that_never_acks_gets_the_task_stored_and_acked_by_the_wo
     after the ack wait, which stores the completion (the same Nats-Msg-Id: once) and acks it."""
     b = cadenza_bus
     async with _worker(b, task_ack_wait=2.0) as w:
-        caller = _Caller(b)
-        await caller.start()
-        await caller.send("h-7")
-        await eventually(lambda: caller.results and caller.stored, what="the first answer")
+        caller = await _Caller.answered(b, "h-7")
         # No ack: the server delivers the task again after 2 s.
         await eventually(lambda: len(caller.results) == 2, timeout=30, what="the answer after the ack wait")
         assert caller.result(1).ok and HDR_TASK_ACK not in (caller.results[1].headers or {})
         assert "h-7" not in w._handed
 
-        async def acked() -> bool:
-            return await _unacked(b) == 0
-
-        await eventually(acked, what="the task acked by the worker")
+        await eventually(lambda: _acked(b), what="the task acked by the worker")
         assert await _completions(b, "h-7") == 1
 
 
@@ -178,10 +175,7 @@ async def test_a_task_given_back_after_its_completion_is_forgotten_is_answered_f
         lost = again["h-4"]
         assert not lost.ok and lost.error is not None and "result is lost" in lost.error.message
 
-        async def acked() -> bool:
-            return await _unacked(b) == 0
-
-        await eventually(acked, what="both tasks acked by the worker")
+        await eventually(lambda: _acked(b), what="both tasks acked by the worker")
 
 
 async def test_a_store_ack_subject_no_reply_can_go_to_makes_the_worker_store_first(cadenza_bus: bus.Bus) -> None:
@@ -195,10 +189,7 @@ async def test_a_store_ack_subject_no_reply_can_go_to_makes_the_worker_store_fir
         assert not caller.stored and "h-5" not in w._handed
         assert await _completions(b, "h-5") == 1  # stored before the answer
 
-        async def acked() -> bool:
-            return await _unacked(b) == 0
-
-        await eventually(acked, what="the task acked by the worker")
+        await eventually(lambda: _acked(b), what="the task acked by the worker")
 
 
 async def test_a_refused_store_is_given_back_and_stored_by_the_worker(cadenza_bus: bus.Bus) -> None:

@@ -187,6 +187,26 @@ def subject_of(bus: Bus, event: Event) -> str:
     return bus.subjects.build(event.DOMAIN, event.subject_id(), event.subject_event())
 
 
+def _outgoing(
+    bus: Bus, event: Event, subject: str | None, headers: Mapping[str, str] | None
+) -> tuple[Event, str, bytes, dict[str, str]]:
+    """``event`` with this bus as its source (if it names none), its subject, body and headers.
+
+    Raises:
+        ValidationError: the event is too large or its subject id is not a valid token.
+    """
+    if not event.source:
+        event = event.model_copy(update={"source": bus.source})
+    try:
+        subject = subject or subject_of(bus, event)
+    except ValueError as exc:
+        raise ValidationError(str(exc), kind="bad_subject") from exc
+    body, hdrs = encode(event)
+    if headers:
+        hdrs.update(headers)
+    return event, subject, body, hdrs
+
+
 async def publish(
     bus: Bus,
     event: Event,
@@ -205,15 +225,7 @@ async def publish(
         PublishError: no acknowledgement after the retries; the event may not be stored.
     """
     bus._check_open()
-    if not event.source:
-        event = event.model_copy(update={"source": bus.source})
-    try:
-        subject = subject or subject_of(bus, event)
-    except ValueError as exc:
-        raise ValidationError(str(exc), kind="bad_subject") from exc
-    body, hdrs = encode(event)
-    if headers:
-        hdrs.update(headers)
+    event, subject, body, hdrs = _outgoing(bus, event, subject, headers)
     timeout = bus.timeouts.publish if timeout is None else timeout
     traced = traced_send()
     with (
@@ -255,15 +267,7 @@ async def send_stored(bus: Bus, event: Event, headers: Mapping[str, str] | None 
     bus._check_open()
     if traced_send():
         return None
-    if not event.source:
-        event = event.model_copy(update={"source": bus.source})
-    try:
-        subject = subject_of(bus, event)
-    except ValueError as exc:
-        raise ValidationError(str(exc), kind="bad_subject") from exc
-    body, hdrs = encode(event)
-    if headers:
-        hdrs.update(headers)
+    event, subject, body, hdrs = _outgoing(bus, event, None, headers)
     js = bus.js
     assert isinstance(js, _JetStream)
     try:
@@ -284,15 +288,7 @@ async def send_stored_to(bus: Bus, event: Event, reply: str, headers: Mapping[st
         PublishError: the connection would not take the message.
     """
     bus._check_open()
-    if not event.source:
-        event = event.model_copy(update={"source": bus.source})
-    try:
-        subject = subject_of(bus, event)
-    except ValueError as exc:
-        raise ValidationError(str(exc), kind="bad_subject") from exc
-    body, hdrs = encode(event)
-    if headers:
-        hdrs.update(headers)
+    event, subject, body, hdrs = _outgoing(bus, event, None, headers)
     traced = traced_send()
     span = tracer.start_as_current_span(
         f"send {subject}", kind=SpanKind.PRODUCER,
