@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import json
 import logging
@@ -163,9 +164,9 @@ class _Handlers:
         self._errors: list[BaseException] = []
         self._idle: anyio.Event | None = None
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None], context: contextvars.Context | None = None) -> None:
         scope = anyio.CancelScope()
-        task = asyncio.get_running_loop().create_task(_in_scope(scope, coro))
+        task = asyncio.get_running_loop().create_task(_in_scope(scope, coro), context=context)
         self._running[task] = scope
         task.add_done_callback(self._done)
 
@@ -241,6 +242,11 @@ class _Pull:
         self._waiter: asyncio.Future[None] | None = None
         #: Wakes a waiting :meth:`next` within half a second; one timer at a time, not one per wait.
         self._timer: asyncio.TimerHandle | None = None
+        #: Hands a message to a handler from the subscription callback, when one may start now (the
+        #: consume loop's own wake-up is one more trip through the event loop, on every message's
+        #: critical path): ``room()`` says how many may; None while the loop is not running.
+        self.dispatch: Callable[[Msg], None] | None = None
+        self.room: Callable[[], int] = lambda: 0
 
     async def open(self) -> None:
         nc = self.bus.nc
@@ -249,7 +255,15 @@ class _Pull:
         self.reconnects = int(nc.stats.get("reconnects", 0))
 
     async def _arrive(self, msg: Msg) -> None:
-        self._arrived.append(msg)
+        dispatch = self.dispatch
+        if dispatch is not None and msg.data and not self._arrived and self.room() > 0:
+            # Started here, in arrival order (nothing is queued before it); the loop only tops up.
+            self.pending, self.refused = max(0, self.pending - 1), 0
+            dispatch(msg)
+            if self.pending >= self.batch // 2:
+                return
+        else:
+            self._arrived.append(msg)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -359,6 +373,17 @@ async def consume(
         async with anyio.create_task_group() as tg:
             handlers.group = tg
             tg.start_soon(_keep_alive, flight, spec.ack_wait)
+
+            # Started from the subscription's callback, a handler still gets a copy of this loop's
+            # context (not the callback's), as one the loop starts does.
+            here = contextvars.copy_context()
+
+            def dispatch(msg: Msg) -> None:
+                flight.add(msg)
+                handlers.spawn(_handle(bus, msg, spec, accept, handler, acked, flight), here.copy())
+
+            pull.room = lambda: concurrency - flight.count
+            pull.dispatch = dispatch
             task_status.started()
             while True:
                 # Ask for no more than the handlers that can start now: the rest of the
@@ -372,6 +397,7 @@ async def consume(
                 if flight.count >= concurrency:
                     await flight.below(concurrency)
     finally:
+        pull.dispatch = None
         try:
             # Unbounded, as a task group's exit: a cancelled handler hands its message back first.
             with anyio.CancelScope(shield=True):
