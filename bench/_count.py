@@ -40,9 +40,12 @@ __all__ = ("GROUPS", "MessageCounter", "classify")
 #: left out of the totals: the server sends JetStream advisories only when someone listens, here the
 #: counter itself, and an idle heartbeat only to a follower that has received nothing for a second
 #: (a cost of quiet time, here mostly the counter's quiet tail, not of activities).
-GROUPS = ("publish", "ack", "pull", "api", "kv", "reply", "other", "advisory", "idle")
+#: ``upkeep`` too: worker heartbeats (one per worker per interval) with their deliveries, pull requests
+#: (one per batch of up to 256 messages, renewed at half) and their ends (an expiry every few seconds
+#: of a quiet consumer): costs per second or per batch, which tests/test_message_budget.py leaves out.
+GROUPS = ("publish", "ack", "api", "kv", "reply", "other", "upkeep", "advisory", "idle")
 #: The groups :meth:`MessageCounter.total` leaves out.
-NOT_COUNTED = ("advisory", "idle")
+NOT_COUNTED = ("upkeep", "advisory", "idle")
 _ID = re.compile(r"[0-9a-f]{8,}|[0-9a-f-]{36}|[A-Za-z0-9]{20,}")
 # A worker id (bus._heartbeat.new_worker_id): <stem>-<host>-<pid>-<8 hex>; this machine's host name.
 _HOST = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:40] or "host"
@@ -83,12 +86,13 @@ def classify(msg: Msg, prefix: str, replies: tuple[str, ...]) -> tuple[str, str]
         # A stored message delivered to a consumer carries its own subject: say what it was.
         what = _published(subject, prefix)
         inner = f" ({what[1].replace('KV write ', 'KV ').replace('task publish', 'task')})" if what else ""
-        return "reply", f"delivery to {_ack_consumer(reply, prefix)}{inner}"
+        group = "upkeep" if what and what[0] == "upkeep" else "reply"
+        return group, f"delivery to {_ack_consumer(reply, prefix)}{inner}"
     if subject.startswith("$JS.ACK."):
         return "ack", f"ack {_ack_consumer(subject, prefix)}"
     if subject.startswith("$JS.API.CONSUMER.MSG.NEXT."):
         tokens = subject.split(".")
-        return "pull", f"pull request {_consumer(tokens[-1], prefix)}"
+        return "upkeep", f"pull request {_consumer(tokens[-1], prefix)}"
     if subject.startswith("$JS.API."):
         tokens = subject.split(".")
         verb = ".".join(t for t in tokens[2:4] if t.isalpha() and t.isupper())
@@ -104,7 +108,7 @@ def classify(msg: Msg, prefix: str, replies: tuple[str, ...]) -> tuple[str, str]
         if not data and headers.get("Status") == "100" and headers.get("Description") == "Idle Heartbeat":
             return "idle", "idle heartbeat"
         if not data and headers.get("Status"):
-            return "reply", f"reply: pull status {headers.get('Status')}"
+            return "upkeep", f"reply: pull status {headers.get('Status')}"
         if data.startswith(b'{"stream"') and b'"seq"' in data:
             return "reply", "reply: PubAck"
         if b'"type":"io.nats.jetstream.api.' in data[:200]:
@@ -130,6 +134,8 @@ def _published(subject: str, prefix: str) -> tuple[str, str] | None:
     event = words[-1] if words else ""
     if domain == "activity":
         return "publish", f"activity {event or 'event'}"
+    if domain == "worker" and event == "heartbeat":
+        return "upkeep", "worker heartbeat"
     return "other", f"{domain} {event}".strip()
 
 

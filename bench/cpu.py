@@ -321,10 +321,12 @@ def _kind_lines(figs: dict[str, Figures], servers: Servers) -> list[str]:
     small: dict[str, float] = dict.fromkeys(patterns, 0.0)
     advisories: dict[str, float] = dict.fromkeys(patterns, 0.0)
     idle: dict[str, float] = dict.fromkeys(patterns, 0.0)
+    upkeep: dict[str, float] = dict.fromkeys(patterns, 0.0)
+    apart = {"advisory": advisories, "idle": idle, "upkeep": upkeep}
     for k in sorted(order, key=lambda k: order[k]):
-        if group[k] in ("advisory", "idle"):
+        if group[k] in apart:
             for x in patterns:
-                (advisories if group[k] == "advisory" else idle)[x] += per[x].get(k, 0.0)
+                apart[group[k]][x] += per[x].get(k, 0.0)
         elif all(per[x].get(k, 0.0) < _SMALL for x in patterns):
             for x in patterns:
                 small[x] += per[x].get(k, 0.0)
@@ -342,6 +344,15 @@ def _kind_lines(figs: dict[str, Figures], servers: Servers) -> list[str]:
             "\nNot in the counts: JetStream advisories ("
             + ", ".join(f"{advisories[x]:.1f} per activity in {x}" for x in patterns)
             + "): the server publishes them only when someone listens, here the counter itself."
+        )
+    if any(upkeep.values()):
+        lines.append(
+            "\nNot in the counts: upkeep ("
+            + ", ".join(f"{upkeep[x]:.2f} per activity in {x}" for x in patterns)
+            + "): worker heartbeats (one per worker per interval) and their deliveries, pull requests (one"
+            " per batch of up to 256 messages) and their ends (an expiry every few seconds of a quiet"
+            " consumer): costs per second or per batch, not per activity (tests/test_message_budget.py"
+            " leaves them out too)."
         )
     if any(idle.values()):
         lines.append(

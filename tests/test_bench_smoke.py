@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import Sizes, percentile
+from bench._count import NOT_COUNTED
 from bench._harness import Results, markdown, run
 from bench._limit import LimitPeer
 
@@ -91,8 +92,8 @@ def _check_counts(stdout: str, doc: dict[str, Any]) -> None:
         assert re.fullmatch(r"\d+\.\d", cells[2]), (row, cells)
         assert float(cells[2]) >= 3, (row, cells)
     limit = doc["results"]["limit"]["in-session"]
-    # The limit's pattern: task publish, its PubAck, its delivery, the ack, the result; heartbeats and
-    # pull requests add a little.
+    # The limit's pattern: task publish, its PubAck, its delivery, the ack, the result (its pull
+    # requests are upkeep, counted apart).
     assert 5 <= limit["messages_per_activity"] < 6, limit
     assert limit["messages_per_activity_by_kind"]["task publish"] == 1, limit
     for pattern in ("in-session", "shared queue"):
@@ -102,7 +103,7 @@ def _check_counts(stdout: str, doc: dict[str, Any]) -> None:
     for system in doc["results"].values():
         for figs in system.values():
             kinds = figs["messages_per_activity_by_kind"]
-            counted = sum(v for k, v in kinds.items() if figs["kind_groups"][k] not in ("advisory", "idle"))
+            counted = sum(v for k, v in kinds.items() if figs["kind_groups"][k] not in NOT_COUNTED)
             assert abs(counted - figs["messages_per_activity"]) < 1e-9, figs
     assert "| task publish |" in stdout and "NATS messages per activity by kind" in stdout
 
