@@ -51,6 +51,7 @@ from schemas import (
     SessionRequested,
     SessionState,
     TaskError,
+    new_event_id,
     utcnow,
 )
 
@@ -477,7 +478,7 @@ class SessionClient:
         """Send the task where ``ctx`` says, wait for its result, and return it or raise what it means."""
         live = self.live(ctx)
         route = self._route(ctx, live, tasklist)
-        aid = activity_id or str(uuid.uuid4())
+        aid = activity_id or new_event_id()  # a UUID4 string, without the UUID object
         task = ActivityTask(
             activity_id=aid, name=name, args=list(args), kwargs=kwargs, tasklist=route.tasklist,
             worker_id=route.worker_id, session_id=route.session_id, reply_to=f"{self.inbox}.{aid}",
