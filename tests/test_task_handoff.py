@@ -18,7 +18,7 @@ from nats.aio.msg import Msg
 import bus
 from bus.testing import eventually
 from bus.transport._codec import HDR_STORE_ACK_TO, HDR_TASK_ACK, decode, encode
-from schemas import ActivityResult, ActivityTask
+from schemas import ActivityCompleted, ActivityResult, ActivityStatus, ActivityTask
 from tests._helpers import running_broker
 
 TASKLIST = "handoff"
@@ -233,3 +233,19 @@ async def test_a_refused_store_is_given_back_and_stored_by_the_worker(cadenza_bu
                 return await _completions(b, "h-6") == 1
 
             await eventually(stored, timeout=60, what="the completion stored once the stream is back")
+
+
+async def test_a_completion_left_to_the_outbox_is_stored_once_the_stream_is_back(cadenza_bus: bus.Bus) -> None:
+    """What a worker does with a given-back task's completion it could not store within about 3 s."""
+    b = cadenza_bus
+    async with _worker(b) as w:
+        completion = ActivityCompleted(event_id="h-8.completed", activity_id="h-8", rev=1,
+                                       status=ActivityStatus.SUCCESS, result=42)  # fmt: skip
+        await b.js.delete_stream(b.topology.stream_name("activity"))
+        w.service.store_later(completion)
+        await b.topology.ensure(b.js)
+
+        async def stored() -> bool:
+            return await _completions(b, "h-8") == 1
+
+        await eventually(stored, timeout=30, what="the completion stored by the outbox")

@@ -18,7 +18,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import json
 import logging
 import re
 import uuid
@@ -57,11 +56,11 @@ from schemas import (
 
 from .._context import BUS_KEY, CancelToken, Context, loop_time
 from .._exceptions import ActivityError, CadenzaError, SessionError, UsageError, ValidationError
-from ..tracking._api import WRONG_LAST_SEQUENCE, ActivityCancelledError
+from ..tracking._api import ActivityCancelledError, completed_already
 from ..transport._bucket import Bucket, last_event
 from ..transport._bus import Bus
 from ..transport._codec import HDR_STORE_ACK_TO, HDR_TASK_ACK, decode
-from ..transport._publish import pub_ack_error
+from ..transport._publish import answer_error, pub_ack_error
 from ..transport._streams import Received
 from ..transport._subscriptions import flush, new_inbox, subscribe_callback
 
@@ -614,18 +613,26 @@ class SessionClient:
                 await self.bus.publish(CancelRequested(target="activity", target_id=aid, cause=cause))
 
     async def _stored_result(self, aid: str) -> ActivityResult | None:
-        subject = self.bus.subjects.build("activity", aid, "completed")
         try:
-            stored = await last_event(self.bus, "activity", subject, [ActivityCompleted])
+            return await stored_result(self.bus, aid)
         except CadenzaError:
             return None
-        event = stored.event if stored is not None else None
-        if not isinstance(event, ActivityCompleted):
-            return None
-        if event.status.value == "success":
-            return ActivityResult(activity_id=aid, ok=True, result=event.result)
-        error = TaskError(type="ActivityError", message=event.error or event.status.value)
-        return ActivityResult(activity_id=aid, ok=False, error=error)
+
+
+async def stored_result(bus: Bus, aid: str) -> ActivityResult | None:
+    """The result the stored completion of activity ``aid`` says (None: none is stored).
+
+    Raises:
+        CadenzaError: the stream could not be read.
+    """
+    stored = await last_event(bus, "activity", bus.subjects.build("activity", aid, "completed"), [ActivityCompleted])
+    event = stored.event if stored is not None else None
+    if not isinstance(event, ActivityCompleted):
+        return None
+    if event.status.value == "success":
+        return ActivityResult(activity_id=aid, ok=True, result=event.result)
+    error = TaskError(type="ActivityError", message=event.error or event.status.value)
+    return ActivityResult(activity_id=aid, ok=False, error=error)
 
 
 #: A task's ack subject as JetStream makes it (``$JS.ACK.<stream>.<consumer>.…``, or with a domain).
@@ -635,15 +642,8 @@ _ACK_SUBJECT = re.compile(r"^\$JS\.ACK\.[^\s*>]{1,500}$")
 def _stored(msg: Received) -> bool:
     """Whether the server's answer to a completion's store says it is stored (or another completion
     of the activity is: the first one stays)."""
-    if msg.headers and msg.headers.get("Status"):
-        return False  # 503: no stream took it (a leader election)
-    if b'"error"' not in msg.data:
-        return True
-    try:
-        code = json.loads(msg.data)["error"].get("err_code")
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return False
-    return bool(code == WRONG_LAST_SEQUENCE)
+    problem = answer_error(msg.headers, msg.data)
+    return problem is None or completed_already(problem)
 
 
 def _outside_ended_session(ctx: Context) -> CancelToken:

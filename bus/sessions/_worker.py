@@ -58,15 +58,14 @@ from .._heartbeat import Heartbeater, ProcessLoad, describe_activities, new_work
 from ..tracking._api import ActivityAlreadyStartedError, StartRequest, status_for_cause, store_first_completion
 from ..tracking._service import BusActivityService
 from ..tracking._writer import flush_writer
-from ..transport._bucket import Bucket, last_event
+from ..transport._bucket import Bucket
 from ..transport._bus import Bus, Delivery
 from ..transport._codec import HDR_STORE_ACK_TO, HDR_TASK_ACK, encode
 from ..transport._errors import engine_errors
-from ..transport._retry import backoff_delay
 from ..transport._streams import delete_consumer
 from ..transport._topology import ConsumerSpec
 from ._activity import _current, _Running
-from ._client import SessionInfo
+from ._client import SessionInfo, stored_result
 
 __all__ = ("ActivityRegistry", "Worker", "WorkerState")
 
@@ -438,7 +437,10 @@ class Worker:
     # ------------------------------------------------------------ activities
 
     async def _run(self, task: ActivityTask, delivery: Delivery) -> None:
-        if delivery.deliveries > 1 and (task.activity_id in self._handed or self.service.ended(task.activity_id)):
+        aid = task.activity_id
+        # A redelivery of a task whose activity ended here is answered again; one of an activity
+        # still running here goes on below, where the first run answers.
+        if delivery.deliveries > 1 and (aid in self._handed or self.service.ended(aid) is not None):
             await self._answer_again(task)
             return
         if task.deadline is not None and task.deadline <= utcnow():
@@ -553,24 +555,18 @@ class Worker:
         in the background, so callers do not hold their sessions through the whole election."""
         aid = task.activity_id
         kept = self._handed.pop(aid, None)
-        if kept is None and not self.service.ended(aid):
-            return  # still running here (a redelivery after the ack wait): the first run answers
         if kept is not None:
             completion, result, error = kept
             try:
                 await store_first_completion(self.bus, completion, timeout=_COMPLETION_TIMEOUT)
-            except CadenzaError as exc:
-                self._store_later(completion, exc)
+            except CadenzaError:
+                self.service.store_later(completion)
             await self._reply(task, result=result, error=error)
             return
         # Ended here long ago (no longer kept): the stored completion answers.
-        stored = await last_event(self.bus, "activity", self.bus.subjects.build("activity", aid, "completed"),
-                                  [ActivityCompleted])  # fmt: skip
-        event = stored.event if stored is not None else None
-        if isinstance(event, ActivityCompleted):
-            ok = event.status is ActivityStatus.SUCCESS
-            await self._reply(task, result=event.result if ok else None, error=None if ok else TaskError(
-                type="ActivityError", message=event.error or event.status.value))  # fmt: skip
+        stored = await stored_result(self.bus, aid)
+        if stored is not None:
+            await self._reply(task, result=stored.result, error=stored.error)
             return
         _log.error("worker %s: activity %s ended here but its completion is neither stored nor kept",
                    self.worker_id, aid)  # fmt: skip
@@ -578,31 +574,6 @@ class Worker:
             type="ActivityError", non_retryable=True,
             message=f"activity {aid} ended on worker {self.worker_id}, but its completion was not stored "
                     "and is no longer kept: its result is lost"))  # fmt: skip
-
-    def _store_later(self, completion: ActivityCompleted, exc: CadenzaError) -> None:
-        if exc.non_retryable or self._tg is None:
-            _log.error("activity %s: its completion cannot be stored, dropped: %s", completion.activity_id, exc)
-            return
-        self._tg.start_soon(self._keep_storing, completion, name=f"completion-{completion.activity_id}")
-
-    async def _keep_storing(self, completion: ActivityCompleted) -> None:
-        """Store a completion its caller was answered without (the outbox of handed-off completions:
-        retried with backoff while this worker runs)."""
-        attempt = 0
-        while True:
-            await anyio.sleep(0.2 + backoff_delay(attempt, base=0.2, cap=5.0))
-            attempt += 1
-            try:
-                await store_first_completion(self.bus, completion)
-                return
-            except CadenzaError as exc:
-                if exc.non_retryable:
-                    _log.error("activity %s: its completion cannot be stored, dropped: %s",
-                               completion.activity_id, exc)  # fmt: skip
-                    return
-                if attempt in (1, 10) or attempt % 50 == 0:
-                    _log.warning("activity %s: completion not stored yet (attempt %d): %s",
-                                 completion.activity_id, attempt, exc)  # fmt: skip
 
     async def _complete(
         self, task: ActivityTask, result: Any, error: TaskError | None, store_ack_to: str
@@ -660,15 +631,16 @@ class Worker:
             activity_id=task.activity_id,
             worker_id=self.worker_id, ok=error is None, result=result if error is None else None, error=error,
         )  # fmt: skip
+        headers = {HDR_TASK_ACK: ack} if ack else None
         # A core reply with a producer span and the trace context in its headers, like every send.
         with contextlib.suppress(CadenzaError), engine_errors(f"replying to {task.reply_to}"):
             try:
-                await self.bus.publish_core(reply, subject=task.reply_to, headers={HDR_TASK_ACK: ack} if ack else None)
+                await self.bus.publish_core(reply, subject=task.reply_to, headers=headers)
             except ValidationError as exc:  # the result is too large to send
                 await self.bus.publish_core(ActivityResult(
                     activity_id=task.activity_id, worker_id=self.worker_id, ok=False,
                     error=TaskError(type="ResultTooLargeError", message=str(exc), non_retryable=True),
-                ), subject=task.reply_to, headers={HDR_TASK_ACK: ack} if ack else None)  # fmt: skip
+                ), subject=task.reply_to, headers=headers)  # fmt: skip
 
 
 def _store_ack_to(task: ActivityTask, delivery: Delivery) -> str:

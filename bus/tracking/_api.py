@@ -78,14 +78,14 @@ CANCELLED_BY_USER = CancelCause(kind=CancelKind.USER, who="", reason="activity c
 #: stored yet (first terminal wins in the store itself, not only in the folds that read it).
 FIRST_COMPLETION: Final = MappingProxyType({"Nats-Expected-Last-Subject-Sequence": "0"})
 #: JetStream's error code for "wrong last sequence" (the expectation above failed).
-WRONG_LAST_SEQUENCE: Final = 10071
+_WRONG_LAST_SEQUENCE: Final = 10071
 
 
 def completed_already(exc: BaseException) -> bool:
     """True when ``exc`` (a publish error) says the activity's completion was stored before."""
     cause: BaseException | None = exc
     while cause is not None:
-        if getattr(cause, "err_code", None) == WRONG_LAST_SEQUENCE:
+        if getattr(cause, "err_code", None) == _WRONG_LAST_SEQUENCE:
             return True
         cause = cause.__cause__
     return False

@@ -291,6 +291,12 @@ class BusActivityService:
                 self._retry_later(track)
             raise
 
+    def store_later(self, event: ActivityCompleted) -> None:
+        """Store an event of an activity that ended here through the outbox (retried with backoff in
+        the background while the service is open): a completion whose caller was answered without it
+        being stored (a session worker's given-back task during a leader election)."""
+        self._retry_later(_Track(id=event.activity_id, started_at=utcnow(), pending=[(event, None)]))
+
     def _retry_later(self, track: _Track) -> None:
         """The outbox: events not stored yet (a node restart outlasted the publish retries) are
         retried in the background, with backoff, until the server acknowledges them, so a completion

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = (
     "PublishResult",
+    "answer_error",
     "pub_ack_error",
     "publish",
     "publish_core",
@@ -131,12 +132,10 @@ class _PubAcks:
             msg = await waiter
         finally:
             self._waiting.pop(token, None)
-        if msg.headers and msg.headers.get("Status") == "503":
-            raise nats.js.errors.NoStreamResponseError
-        resp = json.loads(msg.data)
-        if "error" in resp:
-            raise nats.js.errors.APIError.from_error(resp["error"])
-        return nats.js.api.PubAck.from_response(resp)
+        problem = answer_error(msg.headers, msg.data)
+        if problem is not None:
+            raise problem
+        return nats.js.api.PubAck.from_response(json.loads(msg.data))
 
 
 class _JetStream(JetStreamContext):
@@ -175,11 +174,30 @@ def pub_ack_error(answer: asyncio.Future[Msg]) -> BaseException | None:
     if exc is not None:
         return exc
     msg = answer.result()
-    if msg.headers and msg.headers.get("Status") == "503":
+    return answer_error(msg.headers, msg.data)
+
+
+def answer_error(headers: Mapping[str, str] | None, data: bytes) -> BaseException | None:
+    """What the server's answer to a stored publish says went wrong (nats-py's error for it: an
+    ``APIError`` with the JetStream error code, ``NoStreamResponseError`` when no stream took it), or
+    None: stored. Also for an answer routed to another process (:func:`send_stored_to`)."""
+    status = headers.get("Status") if headers else None
+    if status == "503":
         return nats.js.errors.NoStreamResponseError()
-    if b'"error"' in msg.data:
-        return nats.js.errors.Error(msg.data.decode(errors="replace")[:300])
-    return None
+    if status:
+        return nats.errors.Error(f"the server answered the publish with status {status}")
+    if b'"error"' not in data:
+        return None
+    try:
+        resp = json.loads(data)
+        if "error" not in resp:
+            return None
+        nats.js.errors.APIError.from_error(resp["error"])  # raises the error's class, never returns
+    except nats.js.errors.APIError as exc:
+        return exc
+    except (ValueError, TypeError, KeyError, AttributeError):
+        pass
+    return nats.errors.Error(data.decode(errors="replace")[:300])
 
 
 def subject_of(bus: Bus, event: Event) -> str:
