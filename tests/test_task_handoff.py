@@ -16,6 +16,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 
 import bus
+from bus.sessions._client import client_of
 from bus.testing import eventually
 from bus.transport._codec import HDR_STORE_ACK_TO, HDR_TASK_ACK, decode, encode
 from schemas import ActivityCompleted, ActivityResult, ActivityStatus, ActivityTask
@@ -118,6 +119,49 @@ async def test_the_worker_hands_the_ack_to_the_caller_with_the_stores_answer(cad
 
         await eventually(lambda: _acked(b), what="the task acked by the caller")
         assert await _completions(b, "h-1") == 1
+
+
+async def test_a_cancelled_activity_is_stored_by_its_worker_and_its_task_acked_at_once(cadenza_bus: bus.Bus) -> None:
+    """Its caller has stopped waiting (here: its own cancel), so no caller would ack the task: the
+    worker stores the completion before it answers and acks the task itself, within the ack wait
+    (30 s), not after it."""
+    b, gate = cadenza_bus, anyio.Event()
+    async with _worker(b, gate) as w:
+        call = b.context().child()
+        cause = bus.CancelCause(kind=bus.CancelKind.USER, who="test", reason="not wanted")
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+
+                async def run() -> None:
+                    with contextlib.suppress(bus.ActivityCancelledError):
+                        await bus.execute_activity(call, "gated", activity_id="h-9", tasklist=TASKLIST,
+                                                   start_to_close_timeout=60)  # fmt: skip
+
+                tg.start_soon(run)
+                await eventually(lambda: "h-9" in w.service._tracks, what="the activity running")
+                call.token.cancel(cause)
+        await eventually(lambda: _acked(b), timeout=20, what="the task acked by the worker")
+        assert "h-9" not in w._handed
+        assert await _completions(b, "h-9") == 1
+
+
+async def test_a_result_nobody_waits_for_any_more_gives_its_task_back_at_once(cadenza_bus: bus.Bus) -> None:
+    """A hand-off result for a call that ended first (its session failed, or the deadline passed as
+    the activity ended) is handed back to its worker with a NAK, not left to the ack wait."""
+    b = cadenza_bus
+    client = await client_of(b)
+    ack_subject = "$JS.ACK.CADENZA_TASK.test-consumer.1.7.7.1700000000000000000.0"
+    nacks: list[bytes] = []
+
+    async def on_ack(msg: Msg) -> None:
+        nacks.append(msg.data)
+
+    await b.nc.subscribe(ack_subject, cb=on_ack)
+    result = ActivityResult(activity_id="h-10", ok=True, result=1)
+    body, headers = encode(result)
+    headers[HDR_TASK_ACK] = ack_subject
+    await b.nc.publish(f"{client.inbox}.h-10", body, headers=headers)
+    await eventually(lambda: nacks == [b"-NAK"], what="the task handed back")
 
 
 async def test_a_task_given_back_is_stored_by_its_worker_and_answered_again(cadenza_bus: bus.Bus) -> None:

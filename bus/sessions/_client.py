@@ -294,7 +294,12 @@ class SessionClient:
         event = await self._decode(msg, (ActivityResult,))
         if isinstance(event, ActivityResult):
             ack = (msg.headers or {}).get(HDR_TASK_ACK, "")
-            self._on_result(event, ack if _ACK_SUBJECT.match(ack) else "")
+            ack = ack if _ACK_SUBJECT.match(ack) else ""
+            if not self._on_result(event, ack) and ack:
+                # Nobody waits for it any more (the call ended first: its session failed, or its
+                # deadline passed as the activity ended): the task goes back to its worker at once,
+                # which stores the completion and acks it (not after its ack wait).
+                await self.bus.settle_handed(ack, False)
 
     async def _on_stored_msg(self, msg: Received) -> None:
         call = self.calls.get(msg.subject.rpartition(".")[2])
@@ -360,19 +365,22 @@ class SessionClient:
                 continue
             del self.sessions[sid]
 
-    def _on_result(self, event: ActivityResult, ack: str) -> None:
+    def _on_result(self, event: ActivityResult, ack: str) -> bool:
+        """Give a call its result; False if no call waits for it."""
         call = self.calls.get(event.activity_id)
-        if call is not None and call.result is None and (not call.done.is_set() or call.unstored):
-            call.result = event
-            if ack:
-                call.ack_to = ack
-                if call.stored is None:
-                    # The store's answer comes first as a rule (the worker sent the completion
-                    # before the result); waited for a bounded time.
-                    loop = asyncio.get_running_loop()
-                    call.overdue = loop.call_later(self.bus.timeouts.publish, self._store_overdue, call)
-                    return
-            call.done.set()
+        if call is None or call.result is not None or (call.done.is_set() and not call.unstored):
+            return False
+        call.result = event
+        if ack:
+            call.ack_to = ack
+            if call.stored is None:
+                # The store's answer comes first as a rule (the worker sent the completion before
+                # the result); waited for a bounded time.
+                loop = asyncio.get_running_loop()
+                call.overdue = loop.call_later(self.bus.timeouts.publish, self._store_overdue, call)
+                return True
+        call.done.set()
+        return True
 
     # -------------------------------------------------------------- sessions
 

@@ -534,7 +534,10 @@ class Worker:
         # The caller returns the result only once the completion is stored: either stored here before
         # the answer, or sent with its acknowledgement routed to the caller (which asked for it),
         # who then acks the task (docs/DESIGN.md, "The tracked round trip").
-        store_ack_to = _store_ack_to(task, delivery)
+        # A cancelled activity's caller has most often stopped waiting (its own cancel, its deadline):
+        # its completion is stored here before the answer, so no task waits for an ack that would not
+        # come (until the ack wait's redelivery).
+        store_ack_to = "" if error is not None and error.cause is not None else _store_ack_to(task, delivery)
         completion = await self._complete(task, result, error, store_ack_to)
         if completion is None:
             await self._reply(task, result=result, error=error)
