@@ -14,7 +14,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import anyio
 from anyio.abc import TaskStatus
@@ -53,6 +53,9 @@ class CancelRouter:
         self._recent: OrderedDict[str, tuple[CancelCause, float]] = OrderedDict()
         #: Wall-clock time from which this router has been listening (0: not yet).
         self.listening_since: datetime | None = None
+        #: ``listening_since`` plus the margin :meth:`seen_since` was last asked with (and the two).
+        self._sure_key: tuple[datetime, float] | None = None
+        self._sure_from = datetime.max.replace(tzinfo=UTC)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled."""
@@ -92,7 +95,12 @@ class CancelRouter:
     def seen_since(self, when: datetime, margin: float = 2.0) -> bool:
         """True if this router has been listening since ``margin`` seconds before ``when`` (so every
         cancel published after ``when`` reached it: no need to ask the stream)."""
-        return self.listening_since is not None and self.listening_since <= when - timedelta(seconds=margin)
+        since = self.listening_since
+        if since is None:
+            return False
+        if self._sure_key != (since, margin):  # the sum is kept: asked once per task
+            self._sure_key, self._sure_from = (since, margin), since + timedelta(seconds=margin)
+        return self._sure_from <= when
 
     @contextlib.contextmanager
     def register(self, target_id: str, token: CancelToken) -> Iterator[CancelToken]:

@@ -120,6 +120,8 @@ class MessageEntry(BaseModel):
 
 
 class _ActivityEvent(Event):
+    TYPE_HEADERS = False  # per activity; the subject and the body say the type (docs/wire.md)
+
     activity_id: str = Field(pattern=_ID, description="the activity (UUID for activities cadenza starts)")
     rev: int = Field(
         default=0,

@@ -33,6 +33,7 @@ class ActivityTask(Event):
 
     DOMAIN = "task"
     EVENT = "activity"
+    TYPE_HEADERS = False
 
     activity_id: str = Field(pattern=_ID)
     name: str = Field(min_length=1, max_length=200)
@@ -109,6 +110,7 @@ class ActivityResult(Event):
 
     DOMAIN = "task"
     EVENT = "result"
+    TYPE_HEADERS = False
 
     activity_id: str = Field(pattern=_ID)
     worker_id: str = Field(default="", pattern=_OPT_ID)

@@ -434,4 +434,5 @@ async def test_a_result_too_large_to_send_is_answered_as_an_error(cadenza_bus: b
         await sub.unsubscribe()
     reply = bus.decode(got[0].data, got[0].headers, [ActivityResult])
     assert not reply.ok and reply.error is not None and reply.error.type == "ResultTooLargeError"
-    assert "Cadenza-Event-Type" in (got[0].headers or {})
+    # A result's type and version are in its body only (docs/wire.md, Headers).
+    assert "Cadenza-Event-Type" not in (got[0].headers or {}) and reply.type == "task.result"

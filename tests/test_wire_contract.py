@@ -23,8 +23,11 @@ from schemas import (
     ASYNCAPI_PATH,
     TOKEN_PATTERN,
     ActivityRecord,
+    ActivityResult,
     ActivityStarted,
+    ActivityTask,
     ActivityUpdated,
+    CancelRequested,
     ListActivitiesReply,
     ListActivitiesRequest,
     SubjectError,
@@ -89,6 +92,22 @@ def test_what_the_bus_encodes_decodes_with_its_own_headers() -> None:
     event = ActivityStarted(activity_id="a2", activity_type="t")
     body, headers = bus.encode(event)
     assert bus.decode(body, headers, [ActivityStarted]) == event
+
+
+def test_an_activitys_messages_go_without_the_type_headers_other_events_with_them() -> None:
+    """docs/wire.md, Headers: the task, its result and the activity events carry their type and
+    version in the body only (a receiving nats-py client parses each header character by character)."""
+    per_activity = (ActivityStarted(activity_id="a3", activity_type="t"),
+                    ActivityTask(activity_id="a3", name="n", tasklist="t"),
+                    ActivityResult(activity_id="a3", ok=True))  # fmt: skip
+    for event in per_activity:
+        body, headers = bus.encode(event)
+        assert headers == {"Nats-Msg-Id": event.event_id}, type(event).__name__
+        assert bus.decode(body, headers, [type(event)]) == event
+    _, headers = bus.encode(
+        CancelRequested(target="activity", target_id="a3", cause=bus.CancelCause(kind=bus.CancelKind.USER))
+    )
+    assert headers["Cadenza-Event-Type"] == "cancel.requested" and headers["Cadenza-Schema-Version"] == "1"
 
 
 # ---------------------------------------------------------------- dead-letter ids

@@ -280,10 +280,17 @@ class SessionClient:
         # The broker's announcements only (not every caller's requests).
         for event in ("assigned", "rejected", "completed", "failed"):
             await subscribe_callback(self.bus, self.bus.subjects.filter("session", event=event), self._on_session_msg)
-        await subscribe_callback(self.bus, f"{inbox}.*", self._on_result_msg)
-        # The server's answers to the stores of the completions workers hand off to this caller.
-        await subscribe_callback(self.bus, f"{inbox}.s.*", self._on_stored_msg)
+        # Results, and the server's answers to the stores of the completions workers hand off to
+        # this caller: one subscription (one turn of its dispatcher per message, in arrival order).
+        await subscribe_callback(self.bus, f"{inbox}.>", self._on_inbox_msg)
         await flush(self.bus)
+
+    async def _on_inbox_msg(self, msg: Received) -> None:
+        rest = msg.subject[len(self.inbox) + 1 :]
+        if rest.startswith("s."):  # <inbox>.s.<activity id>: the store's answer
+            await self._on_stored_msg(msg)
+        elif "." not in rest:  # <inbox>.<activity id>: a result
+            await self._on_result_msg(msg)
 
     async def _on_session_msg(self, msg: Received) -> None:
         event = await self._decode(msg, _SESSION_EVENTS)

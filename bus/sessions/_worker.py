@@ -657,8 +657,15 @@ def _store_ack_to(task: ActivityTask, delivery: Delivery) -> str:
     return to
 
 
+#: Whether an activity function is a coroutine function (asked once per function, not per task).
+_is_async = functools.lru_cache(maxsize=4096)(inspect.iscoroutinefunction)
+
+#: Results that are JSON data as they are (no need to try encoding them).
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
 async def _call(fn: Callable[..., Any], task: ActivityTask) -> Any:
-    if inspect.iscoroutinefunction(fn):
+    if _is_async(fn):
         return await fn(*task.args, **task.kwargs)
     result = await anyio.to_thread.run_sync(lambda: fn(*task.args, **task.kwargs), abandon_on_cancel=True)
     if isinstance(result, Awaitable):
@@ -668,6 +675,8 @@ async def _call(fn: Callable[..., Any], task: ActivityTask) -> Any:
 
 def _jsonable(value: Any) -> Any:
     """``value`` if it is plain JSON data, else its ``repr`` (a result must cross the wire)."""
+    if type(value) in _PLAIN:
+        return value
     try:
         json.dumps(value)
     except (TypeError, ValueError):

@@ -54,8 +54,9 @@ _BY_TYPE: dict[tuple[type[Event], ...], dict[str, type[Event]]] = {}
 
 def encode(event: Event) -> tuple[bytes, dict[str, str]]:
     """The JSON body and cadenza headers of ``event``: ``Nats-Msg-Id``, ``Cadenza-Schema-Version`` and
-    ``Cadenza-Event-Type`` (no ``Content-Type``: every cadenza message is JSON, and each header costs
-    about 2 µs to write and read in nats-py, per message).
+    ``Cadenza-Event-Type`` (the last two not for a class whose ``TYPE_HEADERS`` is False: the task and
+    the result; no ``Content-Type``: every cadenza message is JSON, and each header costs about 2 µs
+    to write and read in nats-py, per message).
 
     Raises:
         ValidationError: the encoded event is larger than :data:`MAX_EVENT_BYTES`.
@@ -66,6 +67,8 @@ def encode(event: Event) -> tuple[bytes, dict[str, str]]:
             f"{event.type} event is {len(body)} bytes, more than the {MAX_EVENT_BYTES} allowed",
             kind="oversize",
         )
+    if not event.TYPE_HEADERS:
+        return body, {HDR_MSG_ID: event.event_id}
     headers = {
         HDR_MSG_ID: event.event_id,
         HDR_SCHEMA_VERSION: str(event.schema_version),
