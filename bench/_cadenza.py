@@ -11,7 +11,8 @@ What each figure measures (the same patterns as the limit, through cadenza's API
 (c) (b) from 1, 10 or 100 concurrent sessions, all opened before the clock starts.
 (d) ``execute_activity`` of an activity that waits in the session's worker; the caller's context
     is cancelled (the call publishes the stored cancel event; the worker's router cancels the
-    activity's scope); the time until the activity sees the cancel.
+    activity's scope); the time until the activity sees the cancel. 10 ms between samples, as
+    the limit pauses (back to back, a sample's cancel met the last one's trailing work).
 (e) SIGKILL of the worker holding a session (heartbeats every timeout/3) -> the caller's next
     ``execute_activity`` in it raises ``SessionFailedError`` (the broker declares the worker lost
     from missed heartbeats and announces the session failed).
@@ -248,6 +249,7 @@ class CadenzaPeer(Peer):
                     call.token.cancel(_USER_CANCEL)
                     seen = float(await wait_probe(self.probe, f"cancel-{name}", timeout=10))
                 out.append(seen - t0)
+                await anyio.sleep(0.01)
             return out
         finally:
             await self._close(sctx)

@@ -10,7 +10,8 @@ its own process, on a nats-server of their own started like cadenza's embedded o
     (awaited PubAck); the worker pull-consumes it, acks and publishes the result on the
     requester's core subject; the time until the result arrives.
 (c) (b) from 1, 10 or 100 concurrent sessions spread over the workers, in one driver process.
-(d) one core publish of a cancel message until the worker's subscription callback runs.
+(d) one core publish of a cancel message until the worker's subscription callback runs (10 ms between
+    samples).
 (e) workers publish a core heartbeat every timeout/3; the broker stand-in checks every 10 ms and
     announces a worker silent for the timeout; SIGKILL -> the announcement reaches the requester.
 (f) the heartbeats of that design: one core message per worker per interval.
