@@ -21,6 +21,7 @@ import functools
 import inspect
 import json
 import logging
+import re
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -650,11 +651,13 @@ def _store_ack_to(task: ActivityTask, delivery: Delivery) -> str:
     """Where the caller of ``task`` asked the completion's store acknowledgement to go ('' if it did
     not, or the subject is not one a reply can go to: then the worker stores it before answering)."""
     to = delivery.headers.get(HDR_STORE_ACK_TO, "")
-    if not to or not task.reply_to or not delivery.ack_subject or len(to) > 512:
-        return ""
-    if any(c in to for c in " \t\r\n*>") or ".." in to or to.startswith(".") or to.endswith("."):
+    if not to or not task.reply_to or not delivery.ack_subject or len(to) > 512 or not _REPLY_SUBJECT.match(to):
         return ""
     return to
+
+
+#: A subject a message can be published on: dot-separated tokens without whitespace or wildcards.
+_REPLY_SUBJECT = re.compile(r"[^\s*>.]+(?:\.[^\s*>.]+)*\Z")
 
 
 #: Whether an activity function is a coroutine function (asked once per function, not per task).
