@@ -369,8 +369,10 @@ async def test_two_broker_replicas_never_oversubscribe_and_announce_a_failure_on
             )
             opened: list[bus.Context] = []
             failed: list[tuple[float, Any]] = []
-            await create_many(b.context(), 3 * slots, process_opts(4.0), opened, failed)
-            assert len(opened) == 2 * slots and len(failed) == slots
+            # A creation bound of 8 s: under a loaded full run a placement may take longer than 4 s, and
+            # is then refused as capacity (tests/test_sessions.py, the burst test, saw it at 1.5 s).
+            await create_many(b.context(), 3 * slots, process_opts(8.0), opened, failed)
+            assert len(opened) == 2 * slots and len(failed) == slots, [(round(t, 2), e) for t, e in failed]
             assert {e.reason for _, e in failed} == {"capacity"}
             await eventually(lambda: sum(counts(w)[0] for w in workers) == 2 * slots, what="both workers full")
             assert all(peak_ever(w) <= slots for w in workers), [counts(w) for w in workers]
