@@ -54,9 +54,9 @@ _BY_TYPE: dict[tuple[type[Event], ...], dict[str, type[Event]]] = {}
 
 def encode(event: Event) -> tuple[bytes, dict[str, str]]:
     """The JSON body and cadenza headers of ``event``: ``Nats-Msg-Id``, ``Cadenza-Schema-Version`` and
-    ``Cadenza-Event-Type`` (the last two not for a class whose ``TYPE_HEADERS`` is False: the task and
-    the result; no ``Content-Type``: every cadenza message is JSON, and each header costs about 2 µs
-    to write and read in nats-py, per message).
+    ``Cadenza-Event-Type`` (the last two not for a class whose ``TYPE_HEADERS`` is False: the messages
+    every activity causes; no ``Content-Type``: every cadenza message is JSON, and each header costs
+    about 2 µs to write and read in nats-py, per message).
 
     Raises:
         ValidationError: the encoded event is larger than :data:`MAX_EVENT_BYTES`.
