@@ -288,7 +288,7 @@ class SessionClient:
     async def _on_inbox_msg(self, msg: Received) -> None:
         rest = msg.subject[len(self.inbox) + 1 :]
         if rest.startswith("s."):  # <inbox>.s.<activity id>: the store's answer
-            await self._on_stored_msg(msg)
+            self._on_stored(rest[2:], msg)
         elif "." not in rest:  # <inbox>.<activity id>: a result
             await self._on_result_msg(msg)
 
@@ -308,8 +308,8 @@ class SessionClient:
                 # which stores the completion and acks it (not after its ack wait).
                 await self.bus.settle_handed(ack, False)
 
-    async def _on_stored_msg(self, msg: Received) -> None:
-        call = self.calls.get(msg.subject.rpartition(".")[2])
+    def _on_stored(self, aid: str, msg: Received) -> None:
+        call = self.calls.get(aid)
         if call is None or call.stored is not None:
             return
         call.stored = _stored(msg)

@@ -101,6 +101,26 @@ class _PubAcks:
     ) -> asyncio.Future[Msg]:
         """Send a stored publish without waiting: the future of the server's answer (a message for
         :func:`pub_ack_error`, or ``nats.errors.TimeoutError`` after ``timeout``)."""
+        return (await self._send(subject, body, headers, timeout))[1]
+
+    async def publish(
+        self, subject: str, body: bytes, headers: dict[str, str] | None, timeout: float
+    ) -> nats.js.api.PubAck:
+        token, waiter = await self._send(subject, body, headers, timeout)
+        try:
+            msg = await waiter
+        finally:
+            self._waiting.pop(token, None)
+        problem = answer_error(msg.headers, msg.data)
+        if problem is not None:
+            raise problem
+        return nats.js.api.PubAck.from_response(json.loads(msg.data))
+
+    async def _send(
+        self, subject: str, body: bytes, headers: dict[str, str] | None, timeout: float
+    ) -> tuple[str, asyncio.Future[Msg]]:
+        """Publish with a reply subject of this connection's answer inbox: its token and the future
+        of the answer (forgotten at once if the publish fails)."""
         if not self._prefix:
             await self._open()
         token = str(next(self._ids))
@@ -114,28 +134,7 @@ class _PubAcks:
         except BaseException:
             self._waiting.pop(token, None)
             raise
-        return waiter
-
-    async def publish(
-        self, subject: str, body: bytes, headers: dict[str, str] | None, timeout: float
-    ) -> nats.js.api.PubAck:
-        if not self._prefix:
-            await self._open()
-        token = str(next(self._ids))
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Msg] = loop.create_future()
-        self._waiting[token] = (waiter, loop.time() + timeout)
-        if self._sweeping is None:
-            self._sweeping = loop.call_later(_SWEEP, self._sweep, loop)
-        try:
-            await self.nc.publish(subject, body, reply=self._prefix + token, headers=headers)
-            msg = await waiter
-        finally:
-            self._waiting.pop(token, None)
-        problem = answer_error(msg.headers, msg.data)
-        if problem is not None:
-            raise problem
-        return nats.js.api.PubAck.from_response(json.loads(msg.data))
+        return token, waiter
 
 
 class _JetStream(JetStreamContext):
