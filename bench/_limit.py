@@ -7,7 +7,8 @@ its own process, on a nats-server of their own started like cadenza's embedded o
     stand-in pull-consumes it, acks, picks a worker and publishes the answer on the requester's
     core subject; then one (b) round trip to that worker.
 (b) the requester (subscribed first) stores a task on the worker's subject of a work-queue stream
-    (awaited PubAck); the worker pull-consumes it, acks and publishes the result on the
+    (without a reply subject, so no PubAck: cadenza's pattern since 0.2, whose worker's answer says
+    the task was stored); the worker pull-consumes it, acks and publishes the result on the
     requester's core subject; the time until the result arrives.
 (c) (b) from 1, 10 or 100 concurrent sessions spread over the workers, in one driver process.
 (d) one core publish of a cancel message until the worker's subscription callback runs (10 ms between
@@ -144,13 +145,18 @@ class LimitPeer(Peer):
         if fut is not None and not fut.done():
             fut.set_result(body)
 
-    async def _call(self, subject: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    async def _call(self, subject: str, *, acked: bool = True) -> dict[str, str]:
+        """Store a request on ``subject`` (awaiting its PubAck if ``acked``) and wait for its answer."""
         rid = str(next(self._ids))
         fut: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
+        body = json.dumps({"id": rid, "r": self.reply}).encode()
         try:
             with anyio.fail_after(10):
-                await self.js.publish(subject, json.dumps({"id": rid, "r": self.reply, **(extra or {})}).encode())
+                if acked:
+                    await self.js.publish(subject, body)
+                else:
+                    await self.nc.publish(subject, body)
                 return await fut
         finally:
             self._pending.pop(rid, None)
@@ -160,7 +166,7 @@ class LimitPeer(Peer):
         return answer["w"]
 
     async def _activity(self, inst: _Install, wid: str) -> None:
-        await self._call(f"{inst.prefix}.task.{wid}")
+        await self._call(f"{inst.prefix}.task.{wid}", acked=False)
 
     # ---------------------------------------------------------------- scenarios
 

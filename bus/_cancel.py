@@ -123,7 +123,7 @@ class CancelRouter:
         """Stop routing cancels of ``target_id`` to ``token`` (nothing if they are not)."""
         tokens = self._targets.get(target_id)
         if tokens is not None:
-            with contextlib.suppress(ValueError):
+            if token in tokens:
                 tokens.remove(token)
             if not tokens:
                 del self._targets[target_id]

@@ -29,6 +29,9 @@ class Timeouts:
         pull_expires: how long a consumer's outstanding pull request lives on the server (an idle
             consumer renews it this often; a request lost with a server restart is written off after it).
         shutdown: draining and final publishes when something stops.
+        task_store_check: an activity task is sent without asking for the server's acknowledgement
+            (its worker's answer says it was stored); with no answer this long, the caller publishes
+            it again and waits for the acknowledgement (stored once: the same ``Nats-Msg-Id``).
         server_start: the embedded server becoming ready.
     """
 
@@ -40,6 +43,7 @@ class Timeouts:
     fetch: float = 1.0
     pull_expires: float = 5.0
     shutdown: float = 5.0
+    task_store_check: float = 1.0
     server_start: float = 20.0
 
     def with_(self, **changes: float) -> Timeouts:

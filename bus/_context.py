@@ -31,6 +31,22 @@ def loop_time() -> float:
     deadlines use."""
     return asyncio.get_running_loop().time()
 
+
+#: anyio's cancel scope class of the asyncio backend, found by the first :func:`cancel_scope`.
+_SCOPE_CLASS: Callable[..., anyio.CancelScope] | None = None
+
+
+def cancel_scope(*, deadline: float = math.inf, shield: bool = False) -> anyio.CancelScope:
+    """``anyio.CancelScope(...)`` without its look-up of the running backend on every call (a third
+    of making a scope, measured; one or two are made per activity and call): cadenza runs on
+    asyncio (nats-py), so the class is the asyncio backend's, found once."""
+    global _SCOPE_CLASS
+    make = _SCOPE_CLASS
+    if make is None:
+        make = _SCOPE_CLASS = type(anyio.CancelScope())
+    return make(deadline=deadline, shield=shield)
+
+
 #: Where a context carries its bus (``Bus.context()`` puts it there).
 BUS_KEY = "cadenza.bus"
 
@@ -144,7 +160,7 @@ class _TokenScope:
 
     def __init__(self, token: CancelToken, deadline: float = math.inf) -> None:
         self._token = token
-        self._scope = anyio.CancelScope(deadline=deadline)
+        self._scope = cancel_scope(deadline=deadline)
 
     def __enter__(self) -> anyio.CancelScope:
         scope = self._scope

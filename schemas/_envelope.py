@@ -7,7 +7,8 @@ import os
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.fields import FieldInfo
 
 __all__ = ["Event", "event_types", "lookup_event_type", "new_event_id", "utcnow"]
 
@@ -70,20 +71,27 @@ class Event(BaseModel):
             if other is not None and other.__qualname__ != cls.__qualname__:
                 raise TypeError(f"event type {name!r} is declared twice ({other!r} and {cls!r})")
             _REGISTRY[name] = cls
+        if cls.DOMAIN and cls.EVENT:
+            # The type's default is the class's own type name (filled in without a validator call).
+            fields = cls.__pydantic_fields__
+            fields["type"] = FieldInfo.merge_field_infos(fields["type"], default=cls.type_name())
+            if cls.__pydantic_complete__:  # built already (not deferred): build it with the new default
+                cls.model_rebuild(force=True)
 
-    @model_validator(mode="before")
+    @field_validator("type", mode="before")
     @classmethod
-    def _fill_type(cls, data: Any) -> Any:
-        # The type is implied by the class; fill it in so callers never spell it, and refuse a
-        # payload that claims to be another type.
-        if isinstance(data, dict) and cls.DOMAIN:
-            name = cls.type_name()
-            claimed = data.get("type", "")
-            if claimed in ("", None):
-                data = {**data, "type": name}
-            elif claimed != name:
-                raise ValueError(f"type is {claimed!r} but this is a {name!r} event")
-        return data
+    def _check_type(cls, claimed: Any) -> Any:
+        # The type is implied by the class (the field's default: callers never spell it); a payload
+        # may leave it empty, and must not claim another type. A field validator, not a model one:
+        # it runs only when the type is given (decoding), not for every event this code builds.
+        if not cls.DOMAIN:
+            return claimed
+        name = cls.type_name()
+        if claimed in ("", None):
+            return name
+        if claimed != name:
+            raise ValueError(f"type is {claimed!r} but this is a {name!r} event")
+        return claimed
 
     @classmethod
     def type_name(cls) -> str:

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import string
 import subprocess
 import sys
 import uuid
@@ -14,12 +15,16 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import nats.errors
 import nats.js.errors
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from nats.aio.msg import Msg
 
 import bus
 from bus.testing import eventually, unique_prefix
-from bus.transport import _codec
+from bus.transport import _codec, _consume
 from schemas import Event, new_event_id
 
 from ._events import Ping, Pong
@@ -266,3 +271,32 @@ async def test_key_value_writes_answer_as_nats_py_does(cadenza_bus: bus.Bus) -> 
         await kv.create("fastpath", b"4")  # it exists
     await kv.delete("fastpath")
     assert await kv.create("fastpath", b"5") > second  # created again after the delete
+
+
+_TOKEN = st.text(alphabet=string.ascii_letters + string.digits + "_-", min_size=1, max_size=20)
+_COUNT = st.integers(min_value=0, max_value=2**63 - 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(stream=_TOKEN, consumer=_TOKEN, domain=st.one_of(st.just("_"), _TOKEN), account=_TOKEN, delivered=_COUNT,
+       sseq=_COUNT, cseq=_COUNT, ts=_COUNT, pending=_COUNT, v2=st.booleans(), tail=st.one_of(st.none(), _TOKEN))
+def test_the_ack_subject_is_read_as_nats_py_reads_it(
+    stream: str, consumer: str, domain: str, account: str, delivered: int, sseq: int, cseq: int, ts: int,
+    pending: int, v2: bool, tail: str | None,
+) -> None:  # fmt: skip
+    # The consume loop reads a delivery's sequence, delivery count and pending count from its ack
+    # subject itself (nats-py's metadata costs two dataclasses and a datetime per task): the same.
+    counts = f"{delivered}.{sseq}.{cseq}.{ts}.{pending}"
+    if v2:
+        reply = f"$JS.ACK.{domain}.{account}.{stream}.{consumer}.{counts}" + (f".{tail}" if tail else "")
+    else:
+        reply = f"$JS.ACK.{stream}.{consumer}.{counts}"
+    msg = Msg(_client=None, subject="x", reply=reply)  # type: ignore[arg-type]
+    meta = Msg(_client=None, subject="x", reply=reply).metadata  # type: ignore[arg-type]
+    assert _consume._ack_fields(msg) == (meta.sequence.stream, meta.num_delivered, meta.num_pending)
+
+
+def test_a_reply_that_is_no_ack_subject_is_refused_as_nats_py_refuses_it() -> None:
+    for reply in ("", "_INBOX.abc", "$JS.ACK.s.c.1.2.3", "$JS.ACK.s.c.x.2.3.4.5"):
+        with pytest.raises((nats.errors.Error, ValueError)):
+            _consume._ack_fields(Msg(_client=None, subject="x", reply=reply))  # type: ignore[arg-type]

@@ -305,6 +305,114 @@ async def test_a_task_the_server_did_not_store_raises_publish_error_then_calls_w
                 assert await bus.execute_activity(b.context(), "echo", 2, tasklist="unstored") == 2
 
 
+async def test_a_task_the_server_dropped_is_published_again_and_its_activity_runs_once(
+    cadenza_bus: bus.Bus, nats_server: Any
+) -> None:
+    # The caller sends its task without asking for a PubAck (its worker's answer says it was
+    # stored). A task no stream took (here: the stream was moved off the task subjects) is
+    # published again, awaited, after task_store_check without an answer; retried until stored.
+    prefix = cadenza_bus.topology.prefix
+    stream = cadenza_bus.topology.stream_name("task")
+    quick = bus.Timeouts(task_store_check=0.3, publish=1.0, publish_retries=30)
+    runs = 0
+    async with bus.connect(nats_server.url, prefix=prefix, timeouts=quick) as b:
+        w = bus.Worker(cadenza_bus, tasklist="dropped", enable_sessions=False, track_activities=False)
+
+        @w.activity()
+        async def echo(x: int) -> int:
+            nonlocal runs
+            runs += 1
+            return x
+
+        async with w:
+            info = await b.js.stream_info(stream)
+            config: StreamConfig = info.config
+            sent = anyio.Event()
+
+            async def on_task(_msg: Any) -> None:
+                sent.set()
+
+            watch = await cadenza_bus.nc.subscribe(f"{prefix}.task.dropped.>", cb=on_task)
+            await cadenza_bus.nc.flush()
+            elsewhere = StreamConfig.from_response({**config.as_dict(), "subjects": [f"{prefix}.nothing"]})
+            await b.js.update_stream(elsewhere)
+            moved = True
+            try:
+                with anyio.fail_after(60):
+                    async with anyio.create_task_group() as tg:
+                        got: list[int] = []
+
+                        async def call() -> None:
+                            got.append(await bus.execute_activity(b.context(), "echo", 7, tasklist="dropped",
+                                                                  start_to_close_timeout=50))  # fmt: skip
+
+                        tg.start_soon(call)
+                        await sent.wait()  # the first publish went out, to no stream
+                        await b.js.update_stream(config)
+                        moved = False
+            finally:
+                await watch.unsubscribe()
+                if moved:
+                    await b.js.update_stream(config)
+            assert got == [7] and runs == 1
+
+
+async def test_an_activity_longer_than_the_store_check_is_published_again_and_runs_once(
+    cadenza_bus: bus.Bus, nats_server: Any
+) -> None:
+    # Still running at task_store_check: the task is published again, awaited; the server knows
+    # its Nats-Msg-Id (a duplicate, stored once), so the worker gets it once.
+    prefix = cadenza_bus.topology.prefix
+    quick = bus.Timeouts(task_store_check=0.2)
+    runs = 0
+    release = anyio.Event()
+    publishes = 0
+    again = anyio.Event()
+    async with bus.connect(nats_server.url, prefix=prefix, timeouts=quick) as b:
+        w = bus.Worker(cadenza_bus, tasklist="longer", enable_sessions=False)
+
+        @w.activity()
+        async def slow(x: int) -> int:
+            nonlocal runs
+            runs += 1
+            await release.wait()
+            return x
+
+        async def on_task(_msg: Any) -> None:
+            nonlocal publishes
+            publishes += 1
+            if publishes == 2:
+                again.set()
+
+        async with w:
+            watch = await cadenza_bus.nc.subscribe(f"{prefix}.task.longer.>", cb=on_task)
+            await cadenza_bus.nc.flush()
+            try:
+                with anyio.fail_after(60):
+                    async with anyio.create_task_group() as tg:
+                        got: list[int] = []
+
+                        async def call() -> None:
+                            got.append(await bus.execute_activity(b.context(), "slow", 3, tasklist="longer",
+                                                                  start_to_close_timeout=50))  # fmt: skip
+
+                        tg.start_soon(call)
+                        await again.wait()  # published again, while the activity runs
+                        release.set()
+            finally:
+                await watch.unsubscribe()
+            assert got == [3] and runs == 1 and publishes == 2
+            stream = cadenza_bus.topology.stream_name("task")
+
+            async def none_left() -> bool:
+                # A work queue: the acked task is gone; a second copy would still be there.
+                info = await b.js.stream_info(stream, subjects_filter=f"{prefix}.task.longer.>")
+                return not info.state.subjects
+
+            await eventually(none_left, timeout=30, what="no task of the tasklist left in the stream")
+            assert runs == 1
+
+
 # ---------------------------------------------------------------- nothing a worker or the broker skips is silent
 
 

@@ -28,8 +28,9 @@ from services.recorder import Recorder, RecorderConfig
 
 KEY = b"k" * 32
 WARM, COUNTED = 20, 100
-#: Issue #10: tracked <= 8 per activity, untracked <= 6.
-BUDGET = {True: 8.0, False: 6.0}
+#: Issue #10 asks tracked <= 8 per activity, untracked <= 6; these are what is reached (the task is
+#: sent without a PubAck since 0.2), so that a message more per activity fails here.
+BUDGET = {True: 7.0, False: 4.0}
 
 
 def _kind(subject: str, prefix: str) -> str:
@@ -164,7 +165,7 @@ async def test_an_in_session_activity_stays_within_its_message_budget(nats_serve
     assert per <= BUDGET[tracked], f"{per:.2f} messages per activity (budget {BUDGET[tracked]:g}): {breakdown}"
     assert pulls <= 6, f"pull requests (and their ends) are per batch, not per activity: {breakdown}"
     # Not vacuous: the pattern's own messages were seen (the task, its delivery, the reply...).
-    assert per >= 5, f"only {per:.2f} messages per activity counted: {breakdown}"
+    assert per >= 4, f"only {per:.2f} messages per activity counted: {breakdown}"
     if tracked:
         # A delivery shows its stream subject: the completion's publish and the recorder's delivery.
         assert seen["activity.completed"] == 2 * COUNTED, breakdown

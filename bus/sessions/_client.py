@@ -60,7 +60,7 @@ from ..tracking._api import ActivityCancelledError, completed_already
 from ..transport._bucket import Bucket, last_event
 from ..transport._bus import Bus
 from ..transport._codec import HDR_STORE_ACK_TO, HDR_TASK_ACK, decode
-from ..transport._publish import answer_error, pub_ack_error
+from ..transport._publish import answer_error
 from ..transport._streams import Received
 from ..transport._subscriptions import flush, new_inbox, subscribe_callback
 
@@ -227,20 +227,12 @@ class _Call:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     result: ActivityResult | None = None
     session_failed: SessionFailedError | None = None
-    #: The server's answer to the task's store said it may not be stored (publish it again).
-    unstored: bool = False
     #: The task's ack subject, when the worker handed the task's ack to this caller (with its result,
     #: once the server's answer to the completion's store, which this caller judges, says stored).
     ack_to: str = ""
     #: That answer: stored (True), not stored or not in time (False), not yet (None).
     stored: bool | None = None
     overdue: asyncio.TimerHandle | None = None
-
-    def acked(self, answer: asyncio.Future[Any]) -> None:
-        """The answer to the task's store came (a done callback: no wake-up when all is well)."""
-        if pub_ack_error(answer) is not None and self.result is None and not self.done.is_set():
-            self.unstored = True
-            self.done.set()
 
 
 @dataclass(eq=False)
@@ -375,7 +367,7 @@ class SessionClient:
     def _on_result(self, event: ActivityResult, ack: str) -> bool:
         """Give a call its result; False if no call waits for it."""
         call = self.calls.get(event.activity_id)
-        if call is None or call.result is not None or (call.done.is_set() and not call.unstored):
+        if call is None or call.result is not None or call.done.is_set():
             return False
         call.result = event
         if ack:
@@ -540,31 +532,28 @@ class SessionClient:
         """Publish ``task`` and wait until its call is done, ``token`` is cancelled or ``timeout``
         passed; then one look at the stored outcome, in case the reply was lost on a reconnect."""
         aid = task.activity_id
-        # The task is stored before the worker sees it, so its answer means stored: the server's
-        # acknowledgement is waited for only if it says otherwise (no wake-up per call for it).
+        # Sent without asking for the server's acknowledgement: the worker's answer can only come
+        # once the task is stored, so it says stored. With no answer within ``task_store_check`` the
+        # task is published again, awaited (PublishError if that fails; its Nats-Msg-Id stores it
+        # once): a task the server did not take is known then, one message per call saved now.
         handoff = {HDR_STORE_ACK_TO: f"{self.inbox}.s.{aid}"}
-        answer = await self.bus.send_stored(task, handoff)
-        if answer is None:
-            await self.bus.publish(task, headers=handoff)
-        else:
-            answer.add_done_callback(call.acked)
-        deadline = loop_time() + timeout
+        await self.bus.send_stored_to(task, "", handoff)
+        now = loop_time()
+        deadline = now + timeout
+        check = now + self.bus.timeouts.task_store_check
         try:
             while True:
-                # One scope for the context's cancel and the deadline.
-                with token.scope(deadline=deadline):
+                # One scope for the context's cancel, the deadline and the store check.
+                with token.scope(deadline=min(check, deadline)):
                     await call.done.wait()
                 if call.ack_to and call.result is not None and call.session_failed is None:
                     if await self._settle_task(call):
                         break
                     continue
-                if not call.unstored or call.result is not None or call.session_failed is not None:
+                if call.done.is_set() or token.cancelled or check >= deadline or loop_time() >= deadline:
                     break
-                # Not acknowledged as stored: the publish with its retries (PublishError if it
-                # fails); the same Nats-Msg-Id stores the task once.
-                call.unstored = False
-                call.done = asyncio.Event()
-                await self.bus.publish(task)
+                check = deadline
+                await self.bus.publish(task, headers=handoff)
         except anyio.get_cancelled_exc_class():
             # The caller's own task was cancelled (not the context): the work is not wanted any more.
             if not call.done.is_set():

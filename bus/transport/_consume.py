@@ -36,6 +36,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from schemas import Event
 
+from .._context import cancel_scope
 from .._exceptions import CadenzaError, ValidationError
 from ._codec import decode
 from ._retry import backoff_delay, retry_transient
@@ -165,7 +166,7 @@ class _Handlers:
         self._idle: anyio.Event | None = None
 
     def spawn(self, coro: Coroutine[Any, Any, None], context: contextvars.Context | None = None) -> None:
-        scope = anyio.CancelScope()
+        scope = cancel_scope()
         task = asyncio.get_running_loop().create_task(_in_scope(scope, coro), context=context)
         self._running[task] = scope
         task.add_done_callback(self._done)
@@ -417,9 +418,8 @@ async def _handle(
     flight: _InFlight,
 ) -> None:
     try:
-        meta = msg.metadata
-        seq, deliveries = meta.sequence.stream, meta.num_delivered
-        instruments.pending[spec.durable] = meta.num_pending
+        seq, deliveries, pending = _ack_fields(msg)
+        instruments.pending[spec.durable] = pending
         instruments.in_flight[spec.durable] = flight.count
         headers = dict(msg.headers or {})
         if seq in acked:
@@ -457,6 +457,24 @@ async def _handle(
     finally:
         flight.remove(msg)
         instruments.in_flight[spec.durable] = flight.count
+
+
+def _ack_fields(msg: Msg) -> tuple[int, int, int]:
+    """The stream sequence, delivery count and pending count a JetStream delivery's ack subject
+    carries: ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>``,
+    or the 12-token form with domain and account hash before the stream (and a random last token).
+    nats-py's ``msg.metadata`` builds two dataclasses and a datetime for it, on every task; any
+    other reply subject goes to it (and its ``NotJSMessageError``)."""
+    tokens = (msg.reply or "").split(".")
+    n = len(tokens)
+    at = 2 if n == 9 else 4 if n in (11, 12) else 0
+    if at and tokens[0] == "$JS" and tokens[1] == "ACK":
+        try:
+            return int(tokens[at + 3]), int(tokens[at + 2]), int(tokens[at + 6])
+        except ValueError:
+            pass
+    meta = msg.metadata
+    return meta.sequence.stream, meta.num_delivered, meta.num_pending
 
 
 def _process_span(msg: Msg, delivery: Delivery, event: Event) -> AbstractContextManager[Span]:

@@ -9,8 +9,7 @@ Outside ``bus.transport`` nothing catches a nats-py error (tests/test_layers.py)
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from typing import Any, Literal
 
 import nats.errors
 import nats.js.errors
@@ -39,10 +38,21 @@ def translate(exc: BaseException, what: str) -> BusError:
     return BusError(f"{what}: {detail}")
 
 
-@contextlib.contextmanager
-def engine_errors(what: str) -> Iterator[None]:
-    """Translate the engine errors raised in the block (see :func:`translate`)."""
-    try:
-        yield
-    except ENGINE_ERRORS as exc:
-        raise translate(exc, what) from exc
+class engine_errors:  # a function to its users: ``with engine_errors("..."):``
+    """Translate the engine errors raised in the block (see :func:`translate`).
+
+    A class, not a generator context manager: contextlib's generator machinery cost more than the
+    rest of the block on paths taken once per activity (a worker's reply)."""
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> Literal[False]:
+        if exc is not None and isinstance(exc, ENGINE_ERRORS):
+            raise translate(exc, self.what) from exc
+        return False

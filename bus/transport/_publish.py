@@ -34,11 +34,9 @@ if TYPE_CHECKING:
 __all__ = (
     "PublishResult",
     "answer_error",
-    "pub_ack_error",
     "publish",
     "publish_core",
     "publish_raw",
-    "send_stored",
     "send_stored_to",
     "settle_handed",
     "subject_of",
@@ -95,13 +93,6 @@ class _PubAcks:
                 if not waiter.done():
                     waiter.set_exception(nats.errors.TimeoutError())
         self._sweeping = loop.call_later(_SWEEP, self._sweep, loop) if self._waiting else None
-
-    async def send(
-        self, subject: str, body: bytes, headers: dict[str, str] | None, timeout: float
-    ) -> asyncio.Future[Msg]:
-        """Send a stored publish without waiting: the future of the server's answer (a message for
-        :func:`pub_ack_error`, or ``nats.errors.TimeoutError`` after ``timeout``)."""
-        return (await self._send(subject, body, headers, timeout))[1]
 
     async def publish(
         self, subject: str, body: bytes, headers: dict[str, str] | None, timeout: float
@@ -162,18 +153,6 @@ class _JetStream(JetStreamContext):
 
 #: Seconds between two looks for stored publishes past their acknowledgement's deadline.
 _SWEEP = 0.05
-
-
-def pub_ack_error(answer: asyncio.Future[Msg]) -> BaseException | None:
-    """Why the stored publish whose answer this is (:meth:`_PubAcks.send`) is not known to be stored,
-    or None: it is."""
-    if answer.cancelled():
-        return nats.errors.TimeoutError()
-    exc = answer.exception()
-    if exc is not None:
-        return exc
-    msg = answer.result()
-    return answer_error(msg.headers, msg.data)
 
 
 def answer_error(headers: Mapping[str, str] | None, data: bytes) -> BaseException | None:
@@ -270,35 +249,12 @@ async def publish(
         return result
 
 
-async def send_stored(bus: Bus, event: Event, headers: Mapping[str, str] | None = None) -> asyncio.Future[Msg] | None:
-    """Store ``event`` without waiting for the server's acknowledgement: the future of its answer
-    (see :func:`pub_ack_error`), or None when traced (then use :meth:`publish`). If the answer
-    says it was not stored, :meth:`publish` the same event: its ``Nats-Msg-Id`` stores it once.
-    (The session client's task: a caller waits for the answer to its task, which can only come
-    once the task is stored, and for the acknowledgement only when it says something went wrong.)
-
-    Raises:
-        ValidationError: the event is too large or its subject id is not a valid token.
-        PublishError: the connection would not take the message.
-    """
-    bus._check_open()
-    if traced_send():
-        return None
-    event, subject, body, hdrs = _outgoing(bus, event, None, headers)
-    js = bus.js
-    assert isinstance(js, _JetStream)
-    try:
-        answer = await js.acks.send(subject, body, hdrs, bus.timeouts.publish)
-    except nats.errors.Error as exc:
-        raise PublishError(f"publish to {subject} failed: {exc}") from exc
-    bus.stats.published += 1
-    instruments.on_published(event)
-    return answer
-
-
 async def send_stored_to(bus: Bus, event: Event, reply: str, headers: Mapping[str, str] | None = None) -> None:
     """Store ``event`` with the server's acknowledgement routed to ``reply`` (another process's
-    inbox, which judges it), without waiting: one publish, no answer here.
+    inbox, which judges it), without waiting: one publish, no answer here. With ``reply`` empty no
+    acknowledgement is asked for at all: whoever sends so learns otherwise that it was stored (the
+    session client's task: a worker answers it only once it is stored) and :func:`publish`-es the
+    same event when in doubt (its ``Nats-Msg-Id`` stores it once).
 
     Raises:
         ValidationError: the event is too large or its subject id is not a valid token.
