@@ -209,7 +209,12 @@ class Context:
         """A copy with some attributes replaced (same token unless ``token`` is given)."""
         if "values" in changes:
             changes["values"] = MappingProxyType(dict(changes["values"]))
-        return dataclasses.replace(self, **changes)
+        if not changes.keys() <= _CONTEXT_FIELDS:
+            raise TypeError(f"Context has no field {', '.join(sorted(changes.keys() - _CONTEXT_FIELDS))}")
+        # Not dataclasses.replace, which looks the fields up on every call (once per activity here).
+        get = changes.get
+        return Context(token=get("token", self.token), session=get("session", self.session),
+                       activity_id=get("activity_id", self.activity_id), values=get("values", self.values))  # fmt: skip
 
     def child(self, **changes: Any) -> Context:
         """A copy with a child token: cancelling the child leaves this context alone."""
@@ -217,6 +222,10 @@ class Context:
 
     def with_value(self, key: str, value: object) -> Context:
         return self.derive(values={**self.values, key: value})
+
+
+_CONTEXT_FIELDS = frozenset(f.name for f in dataclasses.fields(Context))
+assert _CONTEXT_FIELDS == {"token", "session", "activity_id", "values"}, "Context.derive names every field"
 
 
 def background() -> Context:
