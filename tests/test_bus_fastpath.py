@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import dataclasses
 import functools
@@ -24,7 +25,7 @@ from nats.aio.msg import Msg
 
 import bus
 from bus.testing import eventually, unique_prefix
-from bus.transport import _codec, _consume
+from bus.transport import _codec, _consume, _direct
 from schemas import Event, new_event_id
 
 from ._events import Ping, Pong
@@ -300,3 +301,37 @@ def test_a_reply_that_is_no_ack_subject_is_refused_as_nats_py_refuses_it() -> No
     for reply in ("", "_INBOX.abc", "$JS.ACK.s.c.1.2.3", "$JS.ACK.s.c.x.2.3.4.5"):
         with pytest.raises((nats.errors.Error, ValueError)):
             _consume._ack_fields(Msg(_client=None, subject="x", reply=reply))  # type: ignore[arg-type]
+
+
+async def test_a_direct_subscription_takes_each_message_in_order_and_outlives_a_taker_that_fails(
+    cadenza_bus: bus.Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Hot subscriptions (a worker's pull consumer, a caller's results, the recorder's follower) take
+    # messages in nats-py's read loop, without a task: in order, and an exception there must not
+    # reach the read loop (which would drop the connection), nor stop the messages after it.
+    subject = f"{cadenza_bus.topology.prefix}.direct.check"
+    got: list[bytes] = []
+    tasks: set[object] = set()
+
+    def take(msg: Msg) -> None:
+        tasks.add(asyncio.current_task())
+        if msg.data == b"boom":
+            raise RuntimeError("the taker failed")
+        got.append(msg.data)
+
+    sub = await _direct.subscribe_direct(cadenza_bus.nc, subject, take)
+    try:
+        sent = [str(i).encode() for i in range(200)]
+        for i, data in enumerate(sent):
+            await cadenza_bus.nc.publish(subject, data)
+            if i == 100:
+                await cadenza_bus.nc.publish(subject, b"boom")
+        await cadenza_bus.nc.flush()
+        await eventually(lambda: len(got) == len(sent), timeout=30, what="every message taken")
+        assert got == sent
+        assert "the taker failed" in caplog.text and cadenza_bus.nc.is_connected
+        assert sub.pending_msgs == 0  # nothing waits in nats-py's queue
+        # All taken by the one task that reads the connection (none started per message).
+        assert len(tasks) == 1
+    finally:
+        await sub.unsubscribe()

@@ -22,7 +22,7 @@ import logging
 import re
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -62,7 +62,7 @@ from ..transport._bus import Bus
 from ..transport._codec import HDR_STORE_ACK_TO, HDR_TASK_ACK, decode
 from ..transport._publish import answer_error
 from ..transport._streams import Received
-from ..transport._subscriptions import flush, new_inbox, subscribe_callback
+from ..transport._subscriptions import flush, new_inbox, subscribe_callback, subscribe_now
 
 __all__ = (
     "ActivityFailedError",
@@ -260,6 +260,7 @@ class SessionClient:
         self._creating: dict[str, tuple[anyio.Event, list[SessionAssigned | SessionRejected]]] = {}
         self.sessions: OrderedDict[str, _Live] = OrderedDict()
         self.calls: dict[str, _Call] = {}
+        self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Subscribe to the session announcements and to this process's reply inbox.
@@ -274,23 +275,35 @@ class SessionClient:
             await subscribe_callback(self.bus, self.bus.subjects.filter("session", event=event), self._on_session_msg)
         # Results, and the server's answers to the stores of the completions workers hand off to
         # this caller: one subscription (one turn of its dispatcher per message, in arrival order).
-        await subscribe_callback(self.bus, f"{inbox}.>", self._on_inbox_msg)
+        # Taken as the connection reads them (no task in between); what must wait (a dead letter, a
+        # task given back) goes to a task of its own.
+        await subscribe_now(self.bus, f"{inbox}.>", self._on_inbox_msg)
         await flush(self.bus)
 
-    async def _on_inbox_msg(self, msg: Received) -> None:
+    def _on_inbox_msg(self, msg: Received) -> None:
         rest = msg.subject[len(self.inbox) + 1 :]
         if rest.startswith("s."):  # <inbox>.s.<activity id>: the store's answer
             self._on_stored(rest[2:], msg)
         elif "." not in rest:  # <inbox>.<activity id>: a result
-            await self._on_result_msg(msg)
+            self._on_result_msg(msg)
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in a task of its own (kept until it ends)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _on_session_msg(self, msg: Received) -> None:
         event = await self._decode(msg, _SESSION_EVENTS)
         if event is not None:
             await self._on_session(event, msg.subject)
 
-    async def _on_result_msg(self, msg: Received) -> None:
-        event = await self._decode(msg, (ActivityResult,))
+    def _on_result_msg(self, msg: Received) -> None:
+        try:
+            event = decode(msg.data, msg.headers, (ActivityResult,))
+        except ValidationError as exc:
+            self._later(self._dead_letter(msg, exc))
+            return
         if isinstance(event, ActivityResult):
             ack = (msg.headers or {}).get(HDR_TASK_ACK, "")
             ack = ack if _ACK_SUBJECT.match(ack) else ""
@@ -298,7 +311,7 @@ class SessionClient:
                 # Nobody waits for it any more (the call ended first: its session failed, or its
                 # deadline passed as the activity ended): the task goes back to its worker at once,
                 # which stores the completion and acks it (not after its ack wait).
-                await self.bus.settle_handed(ack, False)
+                self._later(self.bus.settle_handed(ack, False))
 
     def _on_stored(self, aid: str, msg: Received) -> None:
         call = self.calls.get(aid)
@@ -320,10 +333,13 @@ class SessionClient:
         try:
             return decode(msg.data, msg.headers, accept)
         except ValidationError as exc:
-            with contextlib.suppress(CadenzaError):
-                await self.bus.dead_letter(consumer="session-client", subject=msg.subject, data=msg.data,
-                                           headers=msg.headers, reason=exc.message, error_type=exc.kind)  # fmt: skip
+            await self._dead_letter(msg, exc)
             return None
+
+    async def _dead_letter(self, msg: Received, exc: ValidationError) -> None:
+        with contextlib.suppress(CadenzaError):
+            await self.bus.dead_letter(consumer="session-client", subject=msg.subject, data=msg.data,
+                                       headers=msg.headers, reason=exc.message, error_type=exc.kind)  # fmt: skip
 
     # -------------------------------------------------------------- events
 

@@ -12,6 +12,7 @@ watch for a reader that keeps the raw values.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -28,6 +29,7 @@ from .._exceptions import CadenzaError, NotFoundError, ValidationError
 from ._bucket import IDLE_HEARTBEAT, RawBucket, Stored, ended
 from ._bus import Bus
 from ._codec import decode
+from ._direct import take_directly
 from ._errors import engine_errors
 
 __all__ = ("WORKER_EVENTS", "follow_bucket", "follow_stream", "follow_worker_events", "last_stored_seq")
@@ -91,8 +93,8 @@ async def follow_stream(
     every message stored before the start was handled. Returns when the subscription ends (then
     :func:`run_restarting` starts it again).
 
-    Messages are taken by a subscription callback (nats-py's message iterator costs a task and an
-    ``asyncio.wait`` per message).
+    Messages are taken as the connection reads them (:mod:`._direct`: nats-py's message iterator
+    costs a task and an ``asyncio.wait`` per message, its callback a trip through the event loop).
     """
     stream, everything = bus.topology.stream_name(domain), bus.subjects.domain_wildcard(domain)
     last = await last_stored_seq(bus, domain)
@@ -100,25 +102,35 @@ async def follow_stream(
     if last < policy.get("opt_start_seq", 1):
         caught_up.set()  # nothing stored from where it starts (the last stored message is always delivered)
 
-    async def handle(msg: Msg) -> None:
+    letters: set[asyncio.Task[None]] = set()
+
+    async def dead_letter(msg: Msg, exc: ValidationError, meta: Msg.Metadata) -> None:
+        with contextlib.suppress(CadenzaError):
+            await bus.dead_letter(consumer=consumer or "", subject=msg.subject, data=msg.data,
+                                  headers=msg.headers, reason=exc.message, error_type=exc.kind,
+                                  stream=meta.stream, stream_seq=meta.sequence.stream)  # fmt: skip
+
+    def handle(msg: Msg) -> None:
         meta = msg.metadata
         try:
             event: Event | None = decode(msg.data, msg.headers, accept)
         except ValidationError as exc:
             event = None
-            if consumer is not None:
-                with contextlib.suppress(CadenzaError):
-                    await bus.dead_letter(consumer=consumer, subject=msg.subject, data=msg.data,
-                                          headers=msg.headers, reason=exc.message, error_type=exc.kind,
-                                          stream=meta.stream, stream_seq=meta.sequence.stream)  # fmt: skip
+            if consumer is not None:  # in a task of its own: this runs in the connection's read loop
+                task = asyncio.get_running_loop().create_task(dead_letter(msg, exc, meta))
+                letters.add(task)
+                task.add_done_callback(letters.discard)
         on_msg(msg, event)
         if meta.sequence.stream >= last or meta.num_pending == 0:
             caught_up.set()
 
+    # No callback (nats-py would run it in a task of the subscription's): the subscription's queue
+    # hands each message to ``handle`` as it is read; no byte limit, since nothing waits there.
     sub = await bus.js.subscribe(
-        everything, stream=stream, ordered_consumer=True, cb=handle, idle_heartbeat=IDLE_HEARTBEAT,
-        pending_msgs_limit=1_000_000, pending_bytes_limit=256 * 1024 * 1024, **policy,
+        everything, stream=stream, ordered_consumer=True, idle_heartbeat=IDLE_HEARTBEAT,
+        pending_bytes_limit=0, **policy,
     )  # fmt: skip
+    take_directly(sub._sub, handle)
     try:
         await caught_up.wait()
         task_status.started()

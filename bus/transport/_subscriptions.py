@@ -3,6 +3,8 @@
 * :func:`subscribe_callback`: a subscription owned by the bus's connection, whose handler nats-py's
   dispatcher calls for each message (no task of the caller's: it ends when the bus closes). For the
   hot replies of the session client, where a task per message would cost more than the work.
+* :func:`subscribe_now`: the same with a plain function, called as the connection reads each message
+  (no task in between; it must not block): a caller's results.
 * :func:`core_messages`: the messages on a subject as an async iterator (``cadenza tail``).
 * :func:`new_inbox` / :func:`flush`: a reply subject of this connection, and a round trip that makes
   sure the server has every subscription made before it.
@@ -20,10 +22,11 @@ import anyio
 from nats.aio.msg import Msg
 
 from ._bus import Bus
+from ._direct import subscribe_direct
 from ._errors import engine_errors
 from ._streams import Received
 
-__all__ = ("core_messages", "flush", "new_inbox", "subscribe_callback")
+__all__ = ("core_messages", "flush", "new_inbox", "subscribe_callback", "subscribe_now")
 
 
 def new_inbox(bus: Bus) -> str:
@@ -45,6 +48,21 @@ async def subscribe_callback(
 
     with engine_errors(f"subscribing to {subject}"):
         await bus.nc.subscribe(subject, cb=cb, pending_msgs_limit=pending_msgs)
+
+
+async def subscribe_now(bus: Bus, subject: str, take: Callable[[Received], None]) -> None:
+    """Call ``take`` for each message on ``subject`` as the connection reads it, until the bus
+    closes: in order, in nats-py's read loop (``take`` must not block; it may start a task).
+
+    Raises:
+        BusError: the subscription could not be made (a closed connection, a bad subject).
+    """
+
+    def each(msg: Msg) -> None:
+        take(Received(msg.subject, msg.data, msg.headers))
+
+    with engine_errors(f"subscribing to {subject}"):
+        await subscribe_direct(bus.nc, subject, each)
 
 
 async def flush(bus: Bus, timeout: float | None = None) -> None:

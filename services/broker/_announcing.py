@@ -42,9 +42,13 @@ from ._tokens import WorkerClaim
 if TYPE_CHECKING:
     from ._broker import Broker
 
-__all__ = ("Announcing",)
+__all__ = ("SETTLE", "Announcing")
 
 _log = logging.getLogger("cadenza.broker")
+
+#: Seconds an ended session waits for its own writer's release and announcement before another
+#: replica (or the sweep) announces it.
+SETTLE = 2.0
 
 
 class Announcing:
@@ -93,7 +97,12 @@ class Announcing:
         if record is None:
             return False
         if record.state is not SessionState.OPEN:
-            if record.ended and not record.announced:
+            # Ended already: by another replica (two replicas fail a lost worker's sessions at once),
+            # which announces it, or before a crash cut its announcement off. Only the second is
+            # announced here, once the end has had time to settle: announcing at once made both
+            # replicas announce a failure (the stream stores one, but every caller hears both).
+            if record.ended and not record.announced and record.ended_at is not None and \
+                    (utcnow() - record.ended_at).total_seconds() > SETTLE:  # fmt: skip
                 await self.announce_end(record)
             return False
         kind = CancelKind.SESSION_COMPLETED if state is SessionState.COMPLETED else CancelKind.SESSION_FAILED

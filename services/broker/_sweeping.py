@@ -20,6 +20,7 @@ import anyio
 
 from schemas import SessionFailure, SessionRecord, SessionState, WorkerRecord, utcnow
 
+from ._announcing import SETTLE as _SETTLE
 from ._errors import STEP_ERRORS
 
 if TYPE_CHECKING:
@@ -29,8 +30,6 @@ __all__ = ("Sweeping",)
 
 _log = logging.getLogger("cadenza.broker")
 
-#: Seconds an ended session waits for its own writer's release and announcement before the sweep takes over.
-_SETTLE = 2.0
 
 
 class Sweeping:
