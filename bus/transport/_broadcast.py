@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 from anyio.abc import TaskStatus
-from nats.aio.msg import Msg
 from opentelemetry.trace import SpanKind
 
 from schemas import Event
@@ -22,7 +21,7 @@ from ._tracing import NO_SPAN, process_span, traced_receive
 if TYPE_CHECKING:
     from ._bus import Bus
 
-__all__ = ("listen",)
+__all__ = ("listen", "reject_core")
 
 _log = logging.getLogger("cadenza.bus")
 
@@ -59,7 +58,7 @@ async def listen(
             try:
                 event = decode(msg.data, headers, accept)
             except ValidationError as exc:
-                await _reject_core(bus, name, msg, headers, exc.message, exc.kind)
+                await reject_core(bus, name, msg.subject, msg.data, headers, exc.message, exc.kind)
                 continue
             with process_span(msg.subject, headers, SpanKind.CONSUMER) if traced_receive(headers) else NO_SPAN:
                 try:
@@ -67,18 +66,21 @@ async def listen(
                 except Exception as exc:
                     # Not applied: a core message is not redelivered, so its copy is all that is left.
                     _log.exception("listener %s failed on %s", name, msg.subject)
-                    await _reject_core(bus, name, msg, headers, f"{type(exc).__name__}: {exc}", "handler_failed")
+                    await reject_core(bus, name, msg.subject, msg.data, headers, f"{type(exc).__name__}: {exc}",
+                                      "handler_failed")  # fmt: skip
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(bus.timeouts.shutdown):
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
 
-async def _reject_core(bus: Bus, name: str, msg: Msg, headers: Mapping[str, str], reason: str, kind: str) -> None:
+async def reject_core(
+    bus: Bus, name: str, subject: str, data: bytes, headers: Mapping[str, str], reason: str, kind: str
+) -> None:
     """Dead-letter a core (not stored, not redelivered) message a listener did not apply."""
     try:
-        await bus.dead_letter(consumer=name, subject=msg.subject, data=msg.data, headers=headers,
+        await bus.dead_letter(consumer=name, subject=subject, data=data, headers=headers,
                                reason=reason, error_type=kind)  # fmt: skip
     except CadenzaError as exc:
         _log.error("listener %s: %s on %s rejected (%s) and its dead letter not stored: %s",
-                   name, kind, msg.subject, reason[:300], exc)  # fmt: skip
+                   name, kind, subject, reason[:300], exc)  # fmt: skip

@@ -50,9 +50,12 @@ async def subscribe_callback(
         await bus.nc.subscribe(subject, cb=cb, pending_msgs_limit=pending_msgs)
 
 
-async def subscribe_now(bus: Bus, subject: str, take: Callable[[Received], None]) -> None:
+async def subscribe_now(
+    bus: Bus, subject: str, take: Callable[[Received], None]
+) -> Callable[[], Awaitable[None]]:
     """Call ``take`` for each message on ``subject`` as the connection reads it, until the bus
-    closes: in order, in nats-py's read loop (``take`` must not block; it may start a task).
+    closes or the returned function is awaited (it unsubscribes; best effort): in order, in
+    nats-py's read loop (``take`` must not block; it may start a task).
 
     Raises:
         BusError: the subscription could not be made (a closed connection, a bad subject).
@@ -62,7 +65,13 @@ async def subscribe_now(bus: Bus, subject: str, take: Callable[[Received], None]
         take(Received(msg.subject, msg.data, msg.headers))
 
     with engine_errors(f"subscribing to {subject}"):
-        await subscribe_direct(bus.nc, subject, each)
+        sub = await subscribe_direct(bus.nc, subject, each)
+
+    async def unsubscribe() -> None:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+    return unsubscribe
 
 
 async def flush(bus: Bus, timeout: float | None = None) -> None:
