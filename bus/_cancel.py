@@ -8,14 +8,12 @@ cancel that arrived a moment before the work registered: such a cancel is not lo
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -29,6 +27,7 @@ from .transport._broadcast import reject_core
 from .transport._bucket import last_event
 from .transport._bus import Bus
 from .transport._codec import decode
+from .transport._direct import in_background
 from .transport._streams import Received
 from .transport._subscriptions import subscribe_now
 from .transport._tracing import NO_SPAN, instruments, process_span, traced_receive
@@ -62,7 +61,6 @@ class CancelRouter:
         #: ``listening_since`` plus the margin :meth:`seen_since` was last asked with (and the two).
         self._sure_key: tuple[datetime, float] | None = None
         self._sure_from = datetime.max.replace(tzinfo=UTC)
-        self._background: set[asyncio.Task[None]] = set()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled. Each cancel is delivered as the connection reads it (no task
@@ -82,17 +80,12 @@ class CancelRouter:
         try:
             event = decode(msg.data, headers, (CancelRequested,))
         except ValidationError as exc:
-            self._later(reject_core(self.bus, "cancel-router", msg.subject, msg.data, headers, exc.message, exc.kind))
+            in_background(reject_core(self.bus, "cancel-router", msg.subject, msg.data, headers, exc.message, exc.kind))
             return
         assert isinstance(event, CancelRequested)
         with process_span(msg.subject, headers, SpanKind.CONSUMER) if traced_receive(headers) else NO_SPAN:
             if self.deliver(event.target_id, event.cause):
                 instruments.on_cancel_delivered(event.time, event.target)
-
-    def _later(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     def deliver(self, target_id: str, cause: CancelCause) -> int:
         """Cancel every token registered under ``target_id``; returns how many were.

@@ -22,7 +22,7 @@ import logging
 import re
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -60,6 +60,7 @@ from ..tracking._api import ActivityCancelledError, completed_already
 from ..transport._bucket import Bucket, last_event
 from ..transport._bus import Bus
 from ..transport._codec import HDR_STORE_ACK_TO, HDR_TASK_ACK, decode
+from ..transport._direct import in_background
 from ..transport._publish import answer_error
 from ..transport._streams import Received
 from ..transport._subscriptions import flush, new_inbox, subscribe_callback, subscribe_now
@@ -260,7 +261,6 @@ class SessionClient:
         self._creating: dict[str, tuple[anyio.Event, list[SessionAssigned | SessionRejected]]] = {}
         self.sessions: OrderedDict[str, _Live] = OrderedDict()
         self.calls: dict[str, _Call] = {}
-        self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Subscribe to the session announcements and to this process's reply inbox.
@@ -274,9 +274,8 @@ class SessionClient:
         for event in ("assigned", "rejected", "completed", "failed"):
             await subscribe_callback(self.bus, self.bus.subjects.filter("session", event=event), self._on_session_msg)
         # Results, and the server's answers to the stores of the completions workers hand off to
-        # this caller: one subscription (one turn of its dispatcher per message, in arrival order).
-        # Taken as the connection reads them (no task in between); what must wait (a dead letter, a
-        # task given back) goes to a task of its own.
+        # this caller: one subscription, taken as the connection reads them, in arrival order (no
+        # task in between); what must wait (a dead letter, a task given back) gets a task of its own.
         await subscribe_now(self.bus, f"{inbox}.>", self._on_inbox_msg)
         await flush(self.bus)
 
@@ -287,12 +286,6 @@ class SessionClient:
         elif "." not in rest:  # <inbox>.<activity id>: a result
             self._on_result_msg(msg)
 
-    def _later(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run ``work`` in a task of its own (kept until it ends)."""
-        task = asyncio.get_running_loop().create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
     async def _on_session_msg(self, msg: Received) -> None:
         event = await self._decode(msg, _SESSION_EVENTS)
         if event is not None:
@@ -302,7 +295,7 @@ class SessionClient:
         try:
             event = decode(msg.data, msg.headers, (ActivityResult,))
         except ValidationError as exc:
-            self._later(self._dead_letter(msg, exc))
+            in_background(self._dead_letter(msg, exc))
             return
         if isinstance(event, ActivityResult):
             ack = (msg.headers or {}).get(HDR_TASK_ACK, "")
@@ -311,7 +304,7 @@ class SessionClient:
                 # Nobody waits for it any more (the call ended first: its session failed, or its
                 # deadline passed as the activity ended): the task goes back to its worker at once,
                 # which stores the completion and acks it (not after its ack wait).
-                self._later(self.bus.settle_handed(ack, False))
+                in_background(self.bus.settle_handed(ack, False))
 
     def _on_stored(self, aid: str, msg: Received) -> None:
         call = self.calls.get(aid)

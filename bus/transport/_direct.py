@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-__all__ = ("subscribe_direct", "take_directly")
+__all__ = ("in_background", "subscribe_direct", "take_directly")
 
 _log = logging.getLogger("cadenza.bus")
 
@@ -34,6 +35,18 @@ class _Direct(asyncio.Queue):  # type: ignore[type-arg]
             self._take(item)
         except Exception:  # never into nats-py's read loop, which would drop the connection
             _log.exception("a message could not be taken by its subscriber; it is dropped")
+
+
+#: The tasks :func:`in_background` started and that have not ended (asyncio keeps weak references only).
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def in_background(work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` in a task of its own: what a taker must not wait for (a dead letter, an ack).
+    ``work`` handles its own errors."""
+    task = asyncio.get_running_loop().create_task(work)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
 
 
 def take_directly(sub: Subscription, take: Callable[[Msg], None]) -> None:

@@ -12,7 +12,6 @@ watch for a reader that keeps the raw values.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -29,7 +28,7 @@ from .._exceptions import CadenzaError, NotFoundError, ValidationError
 from ._bucket import IDLE_HEARTBEAT, RawBucket, Stored, ended
 from ._bus import Bus
 from ._codec import decode
-from ._direct import take_directly
+from ._direct import in_background, take_directly
 from ._errors import engine_errors
 
 __all__ = ("WORKER_EVENTS", "follow_bucket", "follow_stream", "follow_worker_events", "last_stored_seq")
@@ -102,8 +101,6 @@ async def follow_stream(
     if last < policy.get("opt_start_seq", 1):
         caught_up.set()  # nothing stored from where it starts (the last stored message is always delivered)
 
-    letters: set[asyncio.Task[None]] = set()
-
     async def dead_letter(msg: Msg, exc: ValidationError, meta: Msg.Metadata) -> None:
         with contextlib.suppress(CadenzaError):
             await bus.dead_letter(consumer=consumer or "", subject=msg.subject, data=msg.data,
@@ -117,9 +114,7 @@ async def follow_stream(
         except ValidationError as exc:
             event = None
             if consumer is not None:  # in a task of its own: this runs in the connection's read loop
-                task = asyncio.get_running_loop().create_task(dead_letter(msg, exc, meta))
-                letters.add(task)
-                task.add_done_callback(letters.discard)
+                in_background(dead_letter(msg, exc, meta))
         on_msg(msg, event)
         if meta.sequence.stream >= last or meta.num_pending == 0:
             caught_up.set()
