@@ -1,10 +1,10 @@
 """Core (not stored) subscriptions for readers outside ``bus.transport``, as cadenza types.
 
 * :func:`subscribe_callback`: a subscription owned by the bus's connection, whose handler nats-py's
-  dispatcher calls for each message (no task of the caller's: it ends when the bus closes). For the
-  hot replies of the session client, where a task per message would cost more than the work.
+  dispatcher calls for each message (no task of the caller's: it ends when the bus closes): the
+  session client's announcements.
 * :func:`subscribe_now`: the same with a plain function, called as the connection reads each message
-  (no task in between; it must not block): a caller's results.
+  (no task in between; it must not block): a caller's results, the cancel router.
 * :func:`core_messages`: the messages on a subject as an async iterator (``cadenza tail``).
 * :func:`new_inbox` / :func:`flush`: a reply subject of this connection, and a round trip that makes
   sure the server has every subscription made before it.

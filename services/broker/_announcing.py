@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import anyio
@@ -42,13 +43,20 @@ from ._tokens import WorkerClaim
 if TYPE_CHECKING:
     from ._broker import Broker
 
-__all__ = ("SETTLE", "Announcing")
+__all__ = ("SETTLE", "Announcing", "unannounced_past_settle")
 
 _log = logging.getLogger("cadenza.broker")
 
 #: Seconds an ended session waits for its own writer's release and announcement before another
 #: replica (or the sweep) announces it.
 SETTLE = 2.0
+
+
+def unannounced_past_settle(record: SessionRecord, now: datetime) -> bool:
+    """Whether ``record`` ended more than :data:`SETTLE` seconds before ``now`` and is still not
+    announced (its writer was cut off: another replica or the sweep announces it)."""
+    return record.ended and not record.announced and record.ended_at is not None and \
+        (now - record.ended_at).total_seconds() > SETTLE  # fmt: skip
 
 
 class Announcing:
@@ -101,8 +109,7 @@ class Announcing:
             # which announces it, or before a crash cut its announcement off. Only the second is
             # announced here, once the end has had time to settle: announcing at once made both
             # replicas announce a failure (the stream stores one, but every caller hears both).
-            if record.ended and not record.announced and record.ended_at is not None and \
-                    (utcnow() - record.ended_at).total_seconds() > SETTLE:  # fmt: skip
+            if unannounced_past_settle(record, utcnow()):
                 await self.announce_end(record)
             return False
         kind = CancelKind.SESSION_COMPLETED if state is SessionState.COMPLETED else CancelKind.SESSION_FAILED

@@ -20,7 +20,7 @@ import anyio
 
 from schemas import SessionFailure, SessionRecord, SessionState, WorkerRecord, utcnow
 
-from ._announcing import SETTLE as _SETTLE
+from ._announcing import SETTLE, unannounced_past_settle
 from ._errors import STEP_ERRORS
 
 if TYPE_CHECKING:
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 __all__ = ("Sweeping",)
 
 _log = logging.getLogger("cadenza.broker")
-
 
 
 class Sweeping:
@@ -79,8 +78,7 @@ class Sweeping:
         elif rec.ended and rec.announced and rec.ended_at is not None and \
                 (now - rec.ended_at).total_seconds() > b.config.retention:  # fmt: skip
             b.spawn(self._prune, sid)
-        elif rec.ended and not rec.announced and rec.ended_at is not None and \
-                (now - rec.ended_at).total_seconds() > _SETTLE and sid not in b.ending:  # fmt: skip
+        elif unannounced_past_settle(rec, now) and sid not in b.ending:
             b.spawn(b.announcing.announce_end, rec)
 
     def _sweep_worker(self, w: WorkerRecord, now: datetime) -> None:
@@ -96,7 +94,7 @@ class Sweeping:
                     b.spawn(b.placement.release, w.worker_id, sid)
                 continue
             self._orphans.pop(sid, None)
-            if held.ended and (now - (held.ended_at or now)).total_seconds() > _SETTLE:
+            if held.ended and (now - (held.ended_at or now)).total_seconds() > SETTLE:
                 b.spawn(b.placement.release, w.worker_id, sid)
         seen = b.seen.get(w.worker_id)
         interval = seen.interval if seen is not None else w.interval
