@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ import anyio
 from schemas import CancelCause, CancelKind
 
 __all__ = ("BUS_KEY", "CancelToken", "Context", "background", "loop_time")
+
+_log = logging.getLogger("cadenza.context")
 
 
 def loop_time() -> float:
@@ -67,7 +70,7 @@ class CancelToken:
         self.parent = parent
         self._cause: CancelCause | None = None
         self._children: list[CancelToken] = []
-        self._scopes: list[anyio.CancelScope] = []
+        self._scopes: list[anyio.CancelScope | _Hooked] = []
         self._event: anyio.Event | None = None
         self._callbacks: list[Callable[[CancelCause], None]] | None = None
         if parent is not None:
@@ -98,7 +101,7 @@ class CancelToken:
             return False
         self._cause = cause
         for scope in self._scopes:
-            scope.cancel()
+            scope.cancel()  # a _Hooked one calls its hook too
         children, self._children = self._children, []
         for child in children:
             child.cancel(cause)
@@ -133,14 +136,17 @@ class CancelToken:
             except ValueError:
                 pass
 
-    def scope(self, deadline: float = math.inf) -> _TokenScope:
+    def scope(self, deadline: float = math.inf, on_cancel: Callable[[CancelCause], None] | None = None) -> _TokenScope:
         """A cancel scope bound to this token: cancelled at once if the token already is, or when it is.
 
         Use as ``with token.scope() as scope:`` (``scope`` is the anyio cancel scope). ``deadline``
         (``anyio.current_time()`` units) ends it then as well, as ``anyio.move_on_after`` would around
-        it, with one scope instead of two.
+        it, with one scope instead of two. ``on_cancel(cause)`` is called (plain, not awaited) when
+        the token cancels the scope, where it is cancelled, before the scope is: what
+        must go out at once (the session client's cancel of a remote activity). Not for a deadline,
+        nor for a token already cancelled on entry.
         """
-        return _TokenScope(self, deadline)
+        return _TokenScope(self, deadline, on_cancel)
 
     async def wait(self) -> CancelCause:
         """Wait until cancelled; returns the cause. Callers bound it with ``anyio.fail_after``."""
@@ -152,32 +158,53 @@ class CancelToken:
         return self._cause
 
 
+class _Hooked:
+    """A scope in a token's list with a hook: cancelling it calls the hook, then cancels the scope
+    (in that order: what the hook starts, a publish, is then ahead of the scope's wake in the loop)."""
+
+    __slots__ = ("hook", "scope", "token")
+
+    def __init__(self, scope: anyio.CancelScope, token: CancelToken, hook: Callable[[CancelCause], None]) -> None:
+        self.scope, self.token, self.hook = scope, token, hook
+
+    def cancel(self) -> None:
+        assert self.token._cause is not None
+        try:
+            self.hook(self.token._cause)
+        except Exception:  # the scope, the token's other scopes and children are cancelled all the same
+            _log.exception("a cancel scope's hook failed")
+        self.scope.cancel()
+
+
 class _TokenScope:
     """What :meth:`CancelToken.scope` returns: an anyio cancel scope registered with the token while
     the block runs (a class, not a generator context manager: one is entered per activity and call)."""
 
-    __slots__ = ("_scope", "_token")
+    __slots__ = ("_entry", "_scope", "_token")
 
-    def __init__(self, token: CancelToken, deadline: float = math.inf) -> None:
+    def __init__(
+        self, token: CancelToken, deadline: float = math.inf, hook: Callable[[CancelCause], None] | None = None
+    ) -> None:
         self._token = token
-        self._scope = cancel_scope(deadline=deadline)
+        self._scope = scope = cancel_scope(deadline=deadline)
+        self._entry: anyio.CancelScope | _Hooked = scope if hook is None else _Hooked(scope, token, hook)
 
     def __enter__(self) -> anyio.CancelScope:
         scope = self._scope
         if self._token._cause is not None:
             scope.cancel()
-        self._token._scopes.append(scope)
+        self._token._scopes.append(self._entry)
         try:
             return scope.__enter__()
         except BaseException:
-            self._token._scopes.remove(scope)
+            self._token._scopes.remove(self._entry)
             raise
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool | None:
         try:
             return self._scope.__exit__(exc_type, exc, tb)
         finally:
-            self._token._scopes.remove(self._scope)
+            self._token._scopes.remove(self._entry)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from nats.aio.msg import Msg
 
 import bus
+from bus.sessions._client import client_of
 from bus.testing import eventually, unique_prefix
 from bus.transport import _codec, _consume, _direct
 from schemas import Event, new_event_id
@@ -333,5 +334,133 @@ async def test_a_direct_subscription_takes_each_message_in_order_and_outlives_a_
         assert sub.pending_msgs == 0  # nothing waits in nats-py's queue
         # All taken by the one task that reads the connection (none started per message).
         assert len(tasks) == 1
+    finally:
+        await sub.unsubscribe()
+
+
+# ------------------------------------------------------- work started now, a scope's hook, a cancel sent at once
+
+
+_SEEN: contextvars.ContextVar[str] = contextvars.ContextVar("seen", default="")
+
+
+async def test_start_now_runs_up_to_the_first_wait_before_returning_and_the_rest_in_a_task() -> None:
+    steps: list[str] = []
+    gate: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def work() -> str:
+        steps.append("before")
+        _SEEN.set("mine")
+        got = await gate
+        steps.append(f"after {got} {_SEEN.get()}")
+        await anyio.lowlevel.checkpoint()  # a bare yield to the loop, then on
+        return "done"
+
+    started = _direct.start_now(work())
+    assert steps == ["before"] and not started.done()  # nothing awaited yet: ran in this frame
+    assert _SEEN.get() == ""  # its context is a copy: the caller's is untouched
+    gate.set_result(7)
+    with anyio.fail_after(5):
+        assert await started == "done"
+    assert steps == ["before", "after 7 mine"]  # the same context after the wait
+
+    async def at_once() -> int:
+        return 3
+
+    async def fails() -> None:
+        raise KeyError("x")
+
+    assert (quick := _direct.start_now(at_once())).done() and quick.result() == 3
+    failed = _direct.start_now(fails())
+    assert failed.done() and isinstance(failed.exception(), KeyError)
+
+
+async def test_a_task_started_now_is_cancelled_where_it_waits_and_cleans_up() -> None:
+    cleaned = anyio.Event()
+
+    async def waits_long() -> None:
+        try:
+            await anyio.sleep(60)
+        finally:
+            cleaned.set()
+
+    started = _direct.start_now(waits_long())
+    started.cancel()
+    with anyio.fail_after(5):
+        await cleaned.wait()
+        with pytest.raises(asyncio.CancelledError):
+            await started
+
+
+async def test_a_token_scopes_hook_runs_in_the_cancel_before_the_scope_wakes_never_on_a_deadline() -> None:
+    token = bus.CancelToken()
+    calls: list[tuple[str, bool]] = []
+    scopes: list[anyio.CancelScope] = []
+
+    def hook(cause: bus.CancelCause) -> None:
+        calls.append((cause.who, scopes[0].cancel_called))
+        raise RuntimeError("a failing hook")  # logged; the cancel goes on
+
+    async def work() -> None:
+        with token.scope(on_cancel=hook) as scope:
+            scopes.append(scope)
+            entered.set()
+            await anyio.sleep(10)
+
+    entered = anyio.Event()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(work)
+            await entered.wait()
+            child = token.child()
+            token.cancel(_CAUSE)
+            assert calls == [("test", False)]  # in token.cancel itself, before its scope is cancelled
+    assert scopes[0].cancelled_caught and child.cancelled  # the failing hook stopped nothing
+
+    other = bus.CancelToken()
+    with other.scope(deadline=anyio.current_time() + 0.01, on_cancel=hook) as timed:
+        await anyio.sleep(10)
+    assert timed.cancelled_caught and calls == [("test", False)]  # a deadline is no cancel of the token
+    other.cancel(_CAUSE)
+    assert calls == [("test", False)]  # nor is a cancel after the scope ended
+
+
+async def test_a_cancelled_call_sends_its_cancel_inside_token_cancel_once(cadenza_bus: bus.Bus) -> None:
+    # The session client's cancel of a remote activity goes out in the cancel itself (a scope
+    # hook), before the waiting task wakes; the waiting task then waits for that publish's
+    # acknowledgement instead of publishing again.
+    b = cadenza_bus
+    await b.publish(Ping(n=0))  # the acknowledgement inbox is open
+    heard: list[dict[str, Any]] = []
+
+    async def on_cancel(msg: Msg) -> None:
+        heard.append(json.loads(msg.data))
+
+    sub = await b.nc.subscribe(b.subjects.filter("cancel", event="requested"), cb=on_cancel)
+    client = await client_of(b)
+    call = b.context().child()
+    outcome: list[BaseException] = []
+
+    async def execute() -> None:
+        try:
+            # No worker takes the shared queue here: the call waits until cancelled.
+            await bus.execute_activity(call, "never-taken", start_to_close_timeout=60)
+        except bus.ActivityCancelledError as exc:
+            outcome.append(exc)
+
+    try:
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(execute)
+                await eventually(lambda: len(client.calls) == 1, timeout=30, what="the call waiting")
+                (aid,) = client.calls
+                before = b.nc.stats["out_msgs"]
+                call.token.cancel(_CAUSE)
+                assert b.nc.stats["out_msgs"] == before + 1  # sent before this task gave the loop a turn
+                assert b.nc._pending_data_size == 0  # and written to the socket, not left for the flusher
+        assert len(outcome) == 1 and outcome[0].cause == _CAUSE
+        await eventually(lambda: len(heard) == 1, timeout=30, what="the cancel heard")
+        assert b.nc.stats["out_msgs"] == before + 1  # and not published again by the waiting task
+        assert heard[0]["target_id"] == aid and heard[0]["cause"]["who"] == "test"
     finally:
         await sub.unsubscribe()

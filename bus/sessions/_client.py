@@ -18,6 +18,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import logging
 import re
 import uuid
@@ -234,6 +235,9 @@ class _Call:
     #: That answer: stored (True), not stored or not in time (False), not yet (None).
     stored: bool | None = None
     overdue: asyncio.TimerHandle | None = None
+    #: The cancel of the remote activity, sent the moment the caller's token was cancelled (the
+    #: future of its acknowledgement), or None.
+    cancel_sent: asyncio.Future[Any] | None = None
 
 
 @dataclass(eq=False)
@@ -550,10 +554,12 @@ class SessionClient:
         now = loop_time()
         deadline = now + timeout
         check = now + self.bus.timeouts.task_store_check
+        on_cancel = functools.partial(self._cancel_at_once, call, aid)
         try:
             while True:
-                # One scope for the context's cancel, the deadline and the store check.
-                with token.scope(deadline=min(check, deadline)):
+                # One scope for the context's cancel, the deadline and the store check; a cancel of
+                # the context goes out to the worker as it happens, not once this task has woken.
+                with token.scope(deadline=min(check, deadline), on_cancel=on_cancel):
                     await call.done.wait()
                 if call.ack_to and call.result is not None and call.session_failed is None:
                     if await self._settle_task(call):
@@ -609,7 +615,7 @@ class SessionClient:
                 raise
         if token.cancelled:
             assert token.cause is not None
-            await self._cancel_remote(aid, token.cause)
+            await self._cancel_remote(aid, token.cause, call.cancel_sent)
             if token.cause.kind is CancelKind.SESSION_FAILED and live is not None:
                 raise SessionFailedError(sid, live.info.cause, live.info.message)
             raise ActivityCancelledError(token.cause)
@@ -620,9 +626,21 @@ class SessionClient:
             f"activity {task.name} ({aid}) returned no result within {timeout:g}s; it was cancelled"
         )
 
-    async def _cancel_remote(self, aid: str, cause: CancelCause) -> None:
+    def _cancel_at_once(self, call: _Call, aid: str, cause: CancelCause) -> None:
+        """The waiting call's token was cancelled (its scope's hook, run where the cancel happened):
+        the cancel of the activity is on the connection before the loop turns. Nothing if the
+        result is in already (the waiting task returns it)."""
+        if not call.done.is_set() and call.cancel_sent is None:
+            call.cancel_sent = self.bus.start_publish(CancelRequested(target="activity", target_id=aid, cause=cause))
+
+    async def _cancel_remote(self, aid: str, cause: CancelCause, sent: asyncio.Future[Any] | None = None) -> None:
+        """Cancel activity ``aid`` on its worker: wait for the store of the cancel already ``sent``
+        (:meth:`_cancel_at_once`), or publish it; best effort, bounded by the shutdown timeout."""
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.bus.timeouts.shutdown):
             with contextlib.suppress(CadenzaError):
+                if sent is not None and not sent.cancelled():
+                    await sent
+                    return
                 await self.bus.publish(CancelRequested(target="activity", target_id=aid, cause=cause))
 
     async def _stored_result(self, aid: str) -> ActivityResult | None:

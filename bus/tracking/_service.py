@@ -33,6 +33,7 @@ from schemas import (
     ActivityStarted,
     ActivityStatus,
     ActivityUpdated,
+    CancelCause,
     CancelKind,
     Event,
     MessageEntry,
@@ -679,8 +680,8 @@ class BusActivityService:
         self.router.add(activity_id, work.token)
         track.routed.append(work.token)
         track.token = work.token
-        # No task per activity: the warning is scheduled only if the token is cancelled.
-        work.token.on_cancel(lambda _cause: self._cancelled(track))
+        # No task per activity: the warning is scheduled only if a user cancelled the token.
+        work.token.on_cancel(lambda cause: self._cancelled(track, cause))
         if check_stored and track.fresh_id:
             # An id made by start_activity cannot have been cancelled before it existed: if the router
             # was listening then, it heard (and keeps) every cancel for it; no look-up needed.
@@ -693,7 +694,14 @@ class BusActivityService:
             tg.start_soon(self.router.check_stored, activity_id, work.token, name=f"activity-stored-{activity_id}")
         return work
 
-    def _cancelled(self, track: _Track) -> None:
+    def _cancelled(self, track: _Track, cause: CancelCause) -> None:
+        """The token's callback, run where the cancel is delivered (often the connection's read
+        loop, before the activity's own task has seen it): the warning's task is started on the
+        loop's next turn, after the activity's wake that the cancel scheduled first."""
+        if cause.kind is CancelKind.USER and not track.warned:
+            asyncio.get_running_loop().call_soon(self._start_warning, track)
+
+    def _start_warning(self, track: _Track) -> None:
         if self._tg is not None and self.state is ServiceState.OPEN and track.id in self._tracks:
             self._tg.start_soon(self._warn_cancelled, track, name=f"activity-cancel-{track.id}")
 

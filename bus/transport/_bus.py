@@ -112,6 +112,7 @@ class Bus:
     # The jobs, each in its module (see the module doc).
     subject_of = _publish.subject_of
     publish = _publish.publish
+    start_publish = _publish.start_publish
     send_stored_to = _publish.send_stored_to
     settle_handed = _publish.settle_handed
     _publish_raw = _publish.publish_raw

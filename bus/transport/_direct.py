@@ -1,23 +1,31 @@
-"""Subscriptions whose messages are taken as the connection reads them, without a task in between.
+"""Subscriptions whose messages are taken as the connection reads them, without a task in between;
+work started now rather than on the loop's next turn.
 
 nats-py runs a subscription's callback in a task of the subscription's, which its read loop wakes
 through a queue: one more trip through the event loop for every message. On the hot paths (a
 worker's pull consumer, a caller's results) the message is taken by a plain function instead, in the
 read loop itself, in order: it must not block (it starts a task, or sets a future).
+
+:func:`start_now` runs a coroutine up to where it first waits in the caller's frame, as Python
+3.12's eager tasks do (cadenza supports 3.11): a publish from plain code (a token's callback) is
+on the connection's buffer before the loop turns, not one task wake later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine, Generator
+from typing import Any, Generic, TypeVar
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-__all__ = ("in_background", "subscribe_direct", "take_directly")
+__all__ = ("in_background", "start_now", "subscribe_direct", "take_directly", "write_now")
+
+T = TypeVar("T")
 
 _log = logging.getLogger("cadenza.bus")
 
@@ -63,3 +71,79 @@ async def subscribe_direct(nc: NatsClient, subject: str, take: Callable[[Msg], N
     sub = await nc.subscribe(subject, pending_bytes_limit=0)
     take_directly(sub, take)
     return sub
+
+
+def start_now(work: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+    """Run ``work`` now, in the caller's frame, up to where it first waits; the rest in a task.
+
+    The future of its result is done already if ``work`` never waited. Every step runs in one copy of
+    the caller's context (a span entered before the first wait is left after it in the same one).
+    An exception raised before the first wait is the future's, as it would be a task's.
+    """
+    loop = asyncio.get_running_loop()
+    ctx = contextvars.copy_context()
+    try:
+        first = ctx.run(work.send, None)
+    except StopIteration as stop:
+        done: asyncio.Future[T] = loop.create_future()
+        done.set_result(stop.value)
+        return done
+    except asyncio.CancelledError:
+        cancelled: asyncio.Future[T] = loop.create_future()
+        cancelled.cancel()
+        return cancelled
+    except Exception as exc:
+        failed: asyncio.Future[T] = loop.create_future()
+        failed.set_exception(exc)
+        return failed
+    rest = _resume(work, first)
+    rest.send(None)  # to its first stop, inside _Resumed: a cancel before the task's first step goes into ``work``
+    return loop.create_task(rest, context=ctx)
+
+
+async def _resume(work: Coroutine[Any, Any, T], first: Any) -> T:
+    return await _Resumed(work, first)
+
+
+class _Resumed(Generic[T]):
+    """Awaiting it goes on with a coroutine stepped elsewhere up to its first wait: what that step
+    waits on (``first``, a future or a bare yield) is handed to the task that awaits this, and so on."""
+
+    __slots__ = ("_first", "_work")
+
+    def __init__(self, work: Coroutine[Any, Any, T], first: Any) -> None:
+        self._work, self._first = work, first
+
+    def __await__(self) -> Generator[Any, Any, T]:
+        work, waiting = self._work, self._first
+        try:
+            yield None  # where the task's first step resumes (start_now stepped the task's coroutine here)
+        except BaseException as exc:  # cancelled before that step: into ``work``, where it waits
+            try:
+                waiting = work.throw(exc)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+        while True:
+            try:
+                sent = yield waiting
+            except BaseException as exc:  # a cancel of the task (or an error thrown in): into ``work``
+                try:
+                    waiting = work.throw(exc)
+                except StopIteration as stop:
+                    return stop.value  # type: ignore[no-any-return]
+            else:
+                try:
+                    waiting = work.send(sent)
+                except StopIteration as stop:
+                    return stop.value  # type: ignore[no-any-return]
+
+
+def write_now(nc: NatsClient) -> None:
+    """Hand what the connection has buffered to its socket now, as its flusher task would on the
+    loop's next turn (it then finds nothing to write; its wait for the socket's drain stays the
+    back-pressure). Nothing while not connected: the flusher writes after the reconnect."""
+    transport = nc._transport
+    if nc._pending_data_size and transport is not None and nc.is_connected:
+        transport.writelines(nc._pending[:])
+        nc._pending = []
+        nc._pending_data_size = 0

@@ -25,6 +25,7 @@ from schemas import Event
 
 from .._exceptions import PublishError, ValidationError
 from ._codec import HDR_MSG_ID, encode
+from ._direct import start_now, write_now
 from ._retry import backoff_delay, is_transient
 from ._tracing import NO_SPAN, SYSTEM, inject_headers, instruments, traced_send, tracer
 
@@ -72,6 +73,11 @@ class _PubAcks:
         #: One timer for every wait (a timer per publish costs more than the sweep): it times out the
         #: waits past their deadline, :data:`_SWEEP` seconds late at most.
         self._sweeping: asyncio.TimerHandle | None = None
+
+    @property
+    def ready(self) -> bool:
+        """The answer inbox is open: a publish's first wait is for its answer."""
+        return bool(self._prefix)
 
     async def _open(self) -> None:
         async with self._opening:
@@ -247,6 +253,33 @@ async def publish(
         bus.stats.published += 1
         instruments.on_published(event)
         return result
+
+
+def start_publish(bus: Bus, event: Event) -> asyncio.Future[PublishResult] | None:
+    """:func:`publish` ``event`` from plain code (a token's callback): its message is written to
+    the connection's socket when this returns, not on the loop's next turn; the future is the
+    acknowledgement's, with :func:`publish`'s retries. None when that would wait before sending
+    (this connection has not opened its answer inbox yet): :func:`publish` it then.
+
+    Raises:
+        ValidationError: the event is too large or its subject id is not a valid token.
+    """
+    js = bus.js
+    if not isinstance(js, _JetStream) or not js.acks.ready or not bus.nc.is_connected:
+        return None
+    started = start_now(publish(bus, event))
+    write_now(bus.nc)
+    if started.done() and not started.cancelled() and isinstance(problem := started.exception(), ValidationError):
+        raise problem
+    started.add_done_callback(_retrieved)
+    return started
+
+
+def _retrieved(done: asyncio.Future[Any]) -> None:
+    """Whoever started a publish may not wait for its end (the result came first): its error is
+    not left for asyncio to report as never retrieved."""
+    if not done.cancelled():
+        done.exception()
 
 
 async def send_stored_to(bus: Bus, event: Event, reply: str, headers: Mapping[str, str] | None = None) -> None:
