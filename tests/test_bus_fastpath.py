@@ -55,6 +55,10 @@ def test_without_a_tracer_provider_nothing_is_traced_but_carried_context_travels
     assert provider["handler_span_valid"] is True
     assert provider["spans"] == ["process", "send"]
 
+    # Metrics likewise: nothing built while no meter provider is set; counted from when one is.
+    assert got["metrics"]["installed_before"] is False and got["metrics"]["installed_after"] is True
+    assert got["metrics"]["published"] == 2  # the ping and its handler's pong, after the provider
+
 
 # ---------------------------------------------------------------- handlers run as a task group's children would
 

@@ -4,7 +4,8 @@
 configures OpenTelemetry does, and prints one JSON object saying what went on the wire and what the
 handler saw in three steps: a plain publish and consume; a message that arrives carrying a
 ``traceparent`` and whose handler publishes an answer; the same after an SDK provider is installed
-(after import and after the first sends, as an application may do).
+(after import and after the first sends, as an application may do); then the same for a meter
+provider (nothing counted before it, every stored publish after).
 """
 
 from __future__ import annotations
@@ -71,6 +72,29 @@ async def _main(url: str, prefix: str) -> dict[str, Any]:
                 "handler_span_valid": pings[2][2],
                 "spans": sorted({s.name.split(" ")[0] for s in exporter.get_finished_spans()}),
             }
+            # The same for metrics: none recorded (nor built) until a meter provider is set, then counted.
+            from opentelemetry import metrics
+            from opentelemetry.sdk.metrics import MeterProvider
+            from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+            from bus.transport._tracing import meter_installed
+
+            before = meter_installed()
+            reader = InMemoryMetricReader()
+            metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+            await b.publish(Ping(n=4))
+            await until(4)
+            data = reader.get_metrics_data()
+            published = [
+                point.value
+                for rm in (data.resource_metrics if data else [])
+                for sm in rm.scope_metrics
+                for metric in sm.metrics
+                if metric.name == "cadenza.messages.published"
+                for point in metric.data.data_points
+            ]
+            out["metrics"] = {"installed_before": before, "installed_after": meter_installed(),
+                              "published": sum(published)}  # fmt: skip
             tg.cancel_scope.cancel()
     return out
 

@@ -28,6 +28,7 @@ Metrics recorded here (by every process that uses the bus):
 
 from __future__ import annotations
 
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -37,7 +38,9 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
+from opentelemetry.environment_variables import OTEL_PYTHON_METER_PROVIDER
 from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.metrics import _internal as metrics_internal
 
 __all__ = (
     "NO_SPAN",
@@ -95,7 +98,10 @@ class _Instruments:
         return [Observation(n, {"consumer": c}) for c, n in list(self.in_flight.items())]
 
     def on_published(self, event: Any) -> None:
-        """Count a stored event; an activity's start and end give its duration and outcome."""
+        """Count a stored event; an activity's start and end give its duration and outcome (nothing
+        while no meter provider is set: the API's instruments would record nothing)."""
+        if not (_metering or meter_installed()):
+            return
         kind = getattr(event, "type", "")
         self.published.add(1, {"messaging.destination.name": kind})
         if kind == "activity.started":
@@ -112,6 +118,8 @@ class _Instruments:
 
     def on_cancel_delivered(self, requested_at: datetime, target: str) -> None:
         """A cancel requested at ``requested_at`` reached running work in this process."""
+        if not (_metering or meter_installed()):
+            return
         seconds = (datetime.now(UTC) - requested_at).total_seconds()
         self.cancel_latency.record(max(seconds, 0.0), {"cancel.target": target})
 
@@ -133,6 +141,25 @@ SYSTEM = "nats"
 _MISSING = object()
 _installed = False
 _fields: tuple[object, tuple[str, ...]] = (None, ())
+
+
+_metering = False
+
+
+def meter_installed() -> bool:
+    """True once the process has a meter provider (set, or named by ``OTEL_PYTHON_METER_PROVIDER``):
+    until then the API's instruments record nothing, so the bus does not build their attributes. A
+    True answer is kept; until then the check is one attribute look-up, as for the tracer."""
+    global _metering
+    if _metering:
+        return True
+    provider = getattr(metrics_internal, "_METER_PROVIDER", _MISSING)
+    if provider is None and OTEL_PYTHON_METER_PROVIDER not in os.environ:
+        return False
+    if isinstance(provider, metrics.NoOpMeterProvider):
+        return False
+    _metering = True  # a provider, one named in the environment, or an API without that global
+    return True
 
 
 def tracer_installed() -> bool:
