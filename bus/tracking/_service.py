@@ -139,6 +139,12 @@ def _start_record(req: StartRequest, now: datetime, worker_id: str) -> ActivityR
     )  # fmt: skip
 
 
+def _warns(track: _Track, cause: CancelCause) -> bool:
+    """Whether ``cause`` still owes the activity its "Cancellation requested by" warning (a user's
+    cancel, not warned yet)."""
+    return cause.kind is CancelKind.USER and not track.warned
+
+
 class BusActivityService:
     """Tracks activities on the bus (implements ``Service``, ``MessageAppender`` and ``Tracker``).
 
@@ -698,7 +704,7 @@ class BusActivityService:
         """The token's callback, run where the cancel is delivered (often the connection's read
         loop, before the activity's own task has seen it): the warning's task is started on the
         loop's next turn, after the activity's wake that the cancel scheduled first."""
-        if cause.kind is CancelKind.USER and not track.warned:
+        if _warns(track, cause):
             asyncio.get_running_loop().call_soon(self._start_warning, track)
 
     def _start_warning(self, track: _Track) -> None:
@@ -708,7 +714,7 @@ class BusActivityService:
     async def _warn_cancelled(self, track: _Track) -> None:
         """Append "Cancellation requested by <name>" once, when a user cancelled the activity."""
         cause = track.token.cause if track.token is not None else None
-        if cause is None or cause.kind is not CancelKind.USER or track.warned:
+        if cause is None or not _warns(track, cause):
             return
         track.warned = True
         try:

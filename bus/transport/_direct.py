@@ -115,27 +115,24 @@ class _Resumed(Generic[T]):
         self._work, self._first = work, first
 
     def __await__(self) -> Generator[Any, Any, T]:
-        work, waiting = self._work, self._first
-        try:
-            yield None  # where the task's first step resumes (start_now stepped the task's coroutine here)
-        except BaseException as exc:  # cancelled before that step: into ``work``, where it waits
-            try:
-                waiting = work.throw(exc)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
+        work, waiting, primed = self._work, None, False
         while True:
+            # The first yield (None) is where start_now stepped the task's coroutine to; the task's
+            # first step resumes it, or throws a cancel that came before that step.
+            thrown: BaseException | None = None
             try:
                 sent = yield waiting
             except BaseException as exc:  # a cancel of the task (or an error thrown in): into ``work``
-                try:
-                    waiting = work.throw(exc)
-                except StopIteration as stop:
-                    return stop.value  # type: ignore[no-any-return]
+                thrown = exc
             else:
-                try:
-                    waiting = work.send(sent)
-                except StopIteration as stop:
-                    return stop.value  # type: ignore[no-any-return]
+                if not primed:
+                    waiting, primed = self._first, True
+                    continue
+            primed = True
+            try:
+                waiting = work.send(sent) if thrown is None else work.throw(thrown)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
 
 
 def write_now(nc: NatsClient) -> None:
