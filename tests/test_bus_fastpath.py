@@ -176,7 +176,36 @@ def test_decode_answers_as_the_full_rules_do_for_every_mix_of_body_and_headers(m
     monkeypatch.setattr(_codec, "_plain", lambda *args: False)  # every message through the full checks
     full = [_outcome(*case) for case in cases]
     assert fast == full
+
+    def refuse(data: object) -> object:
+        raise ValueError("pydantic-core's parser left out")
+
+    monkeypatch.setattr(_codec.pydantic_core, "from_json", refuse)  # json.loads alone, as before
+    assert [_outcome(*case) for case in cases] == full
     assert sum(o.startswith("ok") for o in fast) > 50 and sum(o.startswith("error") for o in fast) > 500
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(st.characters(codec=None)),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(value=_JSON, ascii=st.booleans(), noise=st.binary(max_size=3), at=st.integers(0, 64))
+def test_pydantic_cores_parser_agrees_with_json_loads_wherever_it_parses(
+    value: object, ascii: bool, noise: bytes, at: int
+) -> None:
+    # decode parses with pydantic-core first and takes json.loads' answer for what that refuses, so
+    # every body either parses the same in both or is json.loads' alone (lone surrogates, NaN, noise).
+    text = json.dumps(value, ensure_ascii=ascii)
+    for data in (text.encode(errors="surrogatepass"), text.encode(errors="surrogatepass")[:at] + noise):
+        try:
+            fast = _codec.pydantic_core.from_json(data)
+        except ValueError:
+            continue
+        assert repr(fast) == repr(json.loads(data))
 
 
 # ---------------------------------------------------------------- CancelToken.scope (a class now, not a generator)

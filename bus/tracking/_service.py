@@ -610,6 +610,12 @@ class BusActivityService:
             self.router.discard(activity_id, token)
         if track.token is not None:
             track.token.release()
+        # The token's callback holds the track: unlinked here, the track and what hangs on it are
+        # freed when the last reference goes (the deferred-announcement queue's, at most
+        # announce_after later), not left as a cycle for the garbage collector to find (under load a
+        # worker spent a quarter of its CPU in the collector, most of it walking such cycles).
+        track.routed.clear()
+        track.token = track.context = None
 
     # ------------------------------------------------------------ MessageAppender
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final, TypeVar, cast
 
 import pydantic
+import pydantic_core
 
 from schemas import Event
 
@@ -182,10 +183,11 @@ def decode(
         raise ValidationError(f"message is {len(data)} bytes, more than the {max_bytes} allowed", kind="oversize")
     raw: Any
     try:
-        # The bytes as UTF-8 text first (json.loads of bytes sniffs for UTF-16/32 every time); what
-        # that refuses gets json.loads' own answer, so what is accepted and every error stay its own.
-        raw = json.loads(data.decode()) if type(data) is bytes else None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        # pydantic-core's parser first (a third of json.loads' time); what it refuses (not UTF-8,
+        # a lone surrogate escape, deep nesting, bad JSON) gets json.loads' own answer, so what is
+        # accepted and every error stay json.loads'. Where both parse, they agree (tests say so).
+        raw = pydantic_core.from_json(data) if type(data) is bytes else None
+    except ValueError:
         raw = None
     if raw is None:
         try:

@@ -144,18 +144,25 @@ _fields: tuple[object, tuple[str, ...]] = (None, ())
 
 
 _metering = False
+#: Whether the environment names a meter provider: read once (``in os.environ`` raises and catches a
+#: KeyError when it does not: 6% of a loaded worker's CPU when asked per stored publish).
+_meter_in_env: bool | None = None
 
 
 def meter_installed() -> bool:
     """True once the process has a meter provider (set, or named by ``OTEL_PYTHON_METER_PROVIDER``):
     until then the API's instruments record nothing, so the bus does not build their attributes. A
-    True answer is kept; until then the check is one attribute look-up, as for the tracer."""
-    global _metering
+    True answer is kept; until then the check is one attribute look-up, as for the tracer (the
+    environment is read on the first call)."""
+    global _metering, _meter_in_env
     if _metering:
         return True
     provider = getattr(metrics_internal, "_METER_PROVIDER", _MISSING)
-    if provider is None and OTEL_PYTHON_METER_PROVIDER not in os.environ:
-        return False
+    if provider is None:
+        if _meter_in_env is None:
+            _meter_in_env = OTEL_PYTHON_METER_PROVIDER in os.environ
+        if not _meter_in_env:
+            return False
     if isinstance(provider, metrics.NoOpMeterProvider):
         return False
     _metering = True  # a provider, one named in the environment, or an API without that global
