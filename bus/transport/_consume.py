@@ -162,25 +162,31 @@ class _Handlers:
 
     def __init__(self) -> None:
         self.group: anyio.abc.TaskGroup | None = None
-        self._running: dict[asyncio.Task[None], anyio.CancelScope] = {}
+        #: Each running handler's scope, and its task (kept: the loop holds tasks only weakly).
+        self._running: dict[anyio.CancelScope, asyncio.Task[None]] = {}
         self._errors: list[BaseException] = []
         self._idle: anyio.Event | None = None
 
     def spawn(self, coro: Coroutine[Any, Any, None], context: contextvars.Context | None = None) -> None:
         scope = cancel_scope()
-        task = asyncio.get_running_loop().create_task(_in_scope(scope, coro), context=context)
-        self._running[task] = scope
-        task.add_done_callback(self._done)
+        self._running[scope] = asyncio.get_running_loop().create_task(self._run(scope, coro), context=context)
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._running.pop(task, None)
-        if not self._running and self._idle is not None:
-            self._idle.set()
-        if task.cancelled():  # not through its scope: the loop itself is going away
-            return
-        exc = task.exception()
-        if exc is None:
-            return
+    async def _run(self, scope: anyio.CancelScope, coro: Coroutine[Any, Any, None]) -> None:
+        """One handler in its scope; what escapes it goes to :attr:`group`. The bookkeeping is done
+        here, in the task's last step, not in a done callback (one more turn of the loop per message)."""
+        try:
+            with scope:
+                await coro
+        except asyncio.CancelledError:
+            raise  # not through its scope: the loop itself is going away
+        except BaseException as exc:
+            self._failed(exc)
+        finally:
+            self._running.pop(scope, None)
+            if not self._running and self._idle is not None:
+                self._idle.set()
+
+    def _failed(self, exc: BaseException) -> None:
         group = self.group
         if group is not None:
             try:
@@ -193,7 +199,7 @@ class _Handlers:
     async def close(self) -> None:
         """Cancel every running handler and wait until all have ended; raise what escaped them."""
         self.group = None
-        for scope in self._running.values():
+        for scope in list(self._running):
             scope.cancel()
         while self._running:
             self._idle = anyio.Event()
@@ -201,11 +207,6 @@ class _Handlers:
         if self._errors:
             errors, self._errors = self._errors, []
             raise BaseExceptionGroup("unhandled errors in the handlers of a consumer", errors)
-
-
-async def _in_scope(scope: anyio.CancelScope, coro: Coroutine[Any, Any, None]) -> None:
-    with scope:
-        await coro
 
 
 async def _reraise(exc: BaseException) -> None:
