@@ -37,3 +37,27 @@ def test_a_completion_with_its_announcement_folds_like_the_two_events(
     assert one_step.model_dump() == two_steps.model_dump()
     # Folding the same completion again changes nothing (first terminal wins, a redelivery is stale).
     assert fold_activity_event(one_step, done) is None
+
+
+def test_a_quick_activity_kept_as_its_body_holds_nothing_the_collector_walks_and_folds_the_same() -> None:
+    """A reader keeps a quick activity's one event as the bytes it came in (given them): nothing the
+    garbage collector walks (the model would be seven objects it does), decoded again on first use,
+    and folded into the same record as the model would be."""
+    import gc
+
+    from bus.tracking._fold import FirstEvent, StreamFold
+
+    start = ActivityStart(started_at=utcnow(), activity_type="t", environment_id="env", session_id="s1",
+                          metadata={"k": [1, 2]})  # fmt: skip
+    done = ActivityCompleted(event_id="q.completed", activity_id="q", status=ActivityStatus.SUCCESS,
+                             result={"x": [1.5, "é", None]}, start=start)  # fmt: skip
+    body = done.model_dump_json().encode()
+    as_body, as_model = StreamFold(keep_finished=None), StreamFold(keep_finished=None)
+    kept, model_kept = as_body.apply(done, 1, body), as_model.apply(done, 1)
+    assert isinstance(kept, FirstEvent) and isinstance(model_kept, FirstEvent)
+    assert [o for o in gc.get_referents(kept) if gc.is_tracked(o) and not isinstance(o, type)] == []
+    assert [o for o in gc.get_referents(model_kept) if gc.is_tracked(o) and not isinstance(o, type)] != []  # can fail
+    assert (kept.activity_id, kept.environment_id, kept.ended_at) == ("q", "env", done.time)
+    assert not kept.folded_yet
+    assert kept.event == done
+    assert kept.record == model_kept.record and kept.fold == model_kept.fold

@@ -24,13 +24,14 @@ __all__ = ("follow_activity_events",)
 
 async def follow_activity_events(
     bus: Bus,
-    on_event: Callable[[ActivityEvent | None, int], None],
+    on_event: Callable[[ActivityEvent | None, int, bytes], None],
     *,
     after: Callable[[], int] = lambda: 0,
     consumer: str | None = None,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Call ``on_event(event, stream_seq)`` for each stored activity event after ``after()``, then live.
+    """Call ``on_event(event, stream_seq, body)`` for each stored activity event after ``after()``,
+    then live (``body``: the bytes the event was decoded from).
 
     An ordered consumer (no acks, no state on the server): one delivery per event. ``after`` is read
     at each (re)start, so a follower started again by :func:`run_restarting` resumes where its
@@ -43,7 +44,7 @@ async def follow_activity_events(
     def on_msg(msg: Received, event: Event | None) -> None:
         seq = msg.seq
         if event is None:
-            on_event(None, seq)
+            on_event(None, seq, msg.data)
             return
         assert isinstance(event, ACTIVITY_EVENTS)
         instruments.pending[name] = msg.pending
@@ -51,7 +52,7 @@ async def follow_activity_events(
         # as bus.consume gives its handlers.
         headers = msg.headers or {}
         if not traced_receive(headers):
-            on_event(event, seq)  # nothing would be traced: no span (see bus.transport._tracing)
+            on_event(event, seq, msg.data)  # nothing would be traced: no span (see bus.transport._tracing)
         else:
             with tracer.start_as_current_span(
                 f"process {msg.subject}", context=extract_context(headers), kind=SpanKind.CONSUMER,
@@ -59,7 +60,7 @@ async def follow_activity_events(
                             "messaging.destination.name": msg.subject, "messaging.consumer.group.name": name,
                             "messaging.message.id": event.event_id, "messaging.nats.stream_sequence": seq},
             ):  # fmt: skip
-                on_event(event, seq)
+                on_event(event, seq, msg.data)
         instruments.handled.add(1, {"consumer": name})
 
     await follow_events(bus, "activity", ACTIVITY_EVENTS, on_msg, after=after(), consumer=consumer,

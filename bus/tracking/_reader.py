@@ -195,8 +195,8 @@ async def watch_activities(bus: Bus) -> AsyncIterator[ActivityRecord]:
     folded = StreamFold(keep_finished=_WATCH_FINISHED)  # bounded: a dashboard runs for good
     send, receive = anyio.create_memory_object_stream[ActivityRecord](100_000)
 
-    def on_event(event: Any, seq: int) -> None:
-        new = folded.apply(event, seq)
+    def on_event(event: Any, seq: int, body: bytes) -> None:
+        new = folded.apply(event, seq, body)
         if new is not None and new.fold.announced:
             try:
                 send.send_nowait(new.record)

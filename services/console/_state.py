@@ -207,9 +207,9 @@ class ConsoleState:
         if self.worker_records.pop(key, None) is not None:
             self._notify("workers")
 
-    def _on_activity_event(self, event: ActivityEvent | None, seq: int) -> None:
+    def _on_activity_event(self, event: ActivityEvent | None, seq: int, body: bytes | None = None) -> None:
         """Fold the activity stream here, as the recorder does (the stream is the activities' store)."""
-        new = self._folded.apply(event, seq)
+        new = self._folded.apply(event, seq, body)
         if new is not None and new.fold.announced:
             self._put_activity(new.record)
 

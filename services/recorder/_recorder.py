@@ -190,10 +190,10 @@ class Recorder:
 
     # ------------------------------------------------------------ the records (every replica)
 
-    def _on_stored(self, event: ActivityEvent | None, seq: int) -> None:
+    def _on_stored(self, event: ActivityEvent | None, seq: int, body: bytes | None = None) -> None:
         if seq <= self.position:
             return  # delivered again after a restart of the follower: folded already
-        new = self.folded.apply(event, seq)
+        new = self.folded.apply(event, seq, body)
         if new is not None:
             self._index(new)
         if self._waiting:
@@ -230,8 +230,8 @@ class Recorder:
     def _index(self, stored: Entry) -> None:
         """Keep the index the sweep uses (no scans of the records) up to date with a new record state."""
         if isinstance(stored, FirstEvent):  # finished, and not folded for this
-            self._open.discard(stored.event.activity_id)
-            self._finalising.pop(stored.event.activity_id, None)
+            self._open.discard(stored.activity_id)
+            self._finalising.pop(stored.activity_id, None)
             return
         aid = stored.record.id
         if stored.record.terminal:
