@@ -613,7 +613,7 @@ class BusActivityService:
         # The token's callback holds the track: unlinked here, the track and what hangs on it are
         # freed when the last reference goes (the deferred-announcement queue's, at most
         # announce_after later), not left as a cycle for the garbage collector to find (under load a
-        # worker spent a quarter of its CPU in the collector, most of it walking such cycles).
+        # worker spent 16-19% of its CPU in the collector, 7-8% since).
         track.routed.clear()
         track.token = track.context = None
 
