@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import nats.errors
+import nats.js.api
 import nats.js.errors
 import pydantic_core
 import pytest
@@ -498,3 +499,98 @@ async def test_a_cancelled_call_sends_its_cancel_inside_token_cancel_once(cadenz
         assert heard[0]["target_id"] == aid and heard[0]["cause"]["who"] == "test"
     finally:
         await sub.unsubscribe()
+
+
+#: Subjects, header names and values as they come: cadenza's own and what nats-py changes or refuses.
+_SUBJECT_TEXT = st.text(alphabet=string.ascii_letters + string.digits + ".$_->*\t \r\né\x00", max_size=24)
+_HEADER_NAMES = st.one_of(
+    st.sampled_from(["Nats-Msg-Id", "Cadenza-Task-Ack", "Cadenza-Store-Ack-To", "traceparent", "", " X", "a b", "é"]),
+    st.sampled_from(list(nats.js.api.Header)),  # nats-py's own (a str enum: KV writes send them)
+    st.text(alphabet=string.ascii_letters + "-_ :\t", max_size=8),
+)
+_HEADER_VALUES = st.text(alphabet=string.ascii_letters + string.digits + "$.-_ :\t\r\né\x7f\u2028", max_size=24)
+
+
+async def _as_nats_py_buffers(subject: str, body: bytes, reply: str, headers: dict[str, str] | None) -> bytes:
+    """The command ``nc.publish`` puts on a connection's buffer (a client never connected: its
+    buffer is all there is)."""
+    from nats.aio.client import Client, _validate_subject
+
+    _validate_subject(subject)
+    if reply:
+        _validate_subject(reply)
+    client = Client()
+    await client._send_publish(subject, reply, body, len(body), headers)
+    assert len(client._pending) == 1
+    return bytes(client._pending[0])
+
+
+@settings(max_examples=400, deadline=None)
+@given(subject=_SUBJECT_TEXT, reply=_SUBJECT_TEXT, body=st.binary(max_size=40),
+       headers=st.one_of(st.none(), st.dictionaries(_HEADER_NAMES, _HEADER_VALUES, max_size=3)))  # fmt: skip
+def test_a_message_sent_directly_is_the_bytes_nats_py_would_send(
+    subject: str, reply: str, body: bytes, headers: dict[str, str] | None
+) -> None:
+    ours = _direct.publish_command(subject, body, reply, headers)
+    if ours is not None:  # taken here: exactly what nats-py would buffer (and nats-py takes it)
+        assert ours == asyncio.run(_as_nats_py_buffers(subject, body, reply, headers))
+
+
+@pytest.mark.parametrize("reply", ["", "_INBOX.abc.s.0123456789abcdef"])
+def test_the_messages_of_every_activity_are_sent_directly(reply: str) -> None:
+    # What a task, a result, a completion and a task's ack carry: none is left to nats-py's publish.
+    for headers in (None, {}, {"Nats-Msg-Id": new_event_id(), "Cadenza-Store-Ack-To": "_INBOX.a.s.b"},
+                    {"Cadenza-Task-Ack": "$JS.ACK.p_task.inbox-worker-w1.1.7.7.1765000000000000000.0"}):  # fmt: skip
+        body = b'{"ok":true}'
+        subject = "p.task.worker.w1.run"
+        ours = _direct.publish_command(subject, body, reply, headers)
+        assert ours is not None and ours == asyncio.run(_as_nats_py_buffers(subject, body, reply, headers))
+    # What nats-py would change goes to nats-py.
+    assert _direct.publish_command("p.x", b"", "", {"A": "line\r\nbreak"}) is None
+    assert _direct.publish_command("p.x", b"", "", {"A": " padded"}) is None
+    assert _direct.publish_command("p x", b"") is None and _direct.publish_command("", b"") is None
+
+
+async def test_a_direct_send_arrives_as_nats_py_sends_it_and_falls_back_when_it_cannot_buffer(
+    cadenza_bus: bus.Bus,
+) -> None:
+    nc = cadenza_bus.nc
+    subject = f"{cadenza_bus.topology.prefix}.direct.send"
+    got: list[Msg] = []
+    sub = await _direct.subscribe_direct(nc, subject + ".*", got.append)
+    try:
+        headers = {"Nats-Msg-Id": "m-1", "Cadenza-Task-Ack": "$JS.ACK.x.y.1.2.3.4.0"}
+        sent_before = nc.stats["out_msgs"]
+        await _direct.send(nc, subject + ".direct", b"body", "reply.to", dict(headers))
+        assert nc.stats["out_msgs"] == sent_before + 1  # counted as nats-py counts
+        await nc.publish(subject + ".nats", b"body", reply="reply.to", headers=dict(headers))
+        # A value nats-py changes (its line break into a space): sent by nats-py, changed so.
+        await _direct.send(nc, subject + ".changed", b"x", "", {"A": "two\nlines"})
+        await eventually(lambda: len(got) == 3, timeout=10)
+    finally:
+        await sub.unsubscribe()
+    direct, plain, changed = got
+    assert (direct.reply, direct.data, direct.headers) == (plain.reply, plain.data, plain.headers)
+    assert direct.headers == headers
+    assert changed.headers == {"A": "two lines"}
+
+
+def _header_blocks() -> st.SearchStrategy[bytes]:
+    piece = st.one_of(
+        st.sampled_from([b"Nats-Msg-Id", b"Cadenza-Task-Ack", b"a b", b" X ", b"\x1cY", b"\xff", b"", b":"]),
+        st.binary(max_size=6),
+    )
+    line = st.tuples(piece, st.sampled_from([b":", b": ", b"", b"::"]), st.one_of(piece, st.binary(max_size=6)))
+    return st.lists(line.map(b"".join), max_size=4).map(b"\r\n".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(raw=st.one_of(_header_blocks(), st.binary(max_size=40)))
+def test_headers_are_read_as_nats_py_reads_them(raw: bytes) -> None:
+    from nats.aio.client import Client
+
+    assert _direct.parse_header_lines(raw) == Client._parse_header_lines(raw)
+
+
+async def test_cadenzas_connection_reads_headers_with_the_quicker_parser(cadenza_bus: bus.Bus) -> None:
+    assert cadenza_bus.nc._parse_header_lines is _direct.parse_header_lines

@@ -16,6 +16,7 @@ from nats.aio.client import Client as NatsClient
 
 from .._config import ConnectOptions, Timeouts
 from .._exceptions import ConnectError
+from ._direct import speed_up
 
 __all__ = ("check_urls", "hostname", "open_nats", "resolve_options", "split_urls")
 
@@ -145,4 +146,5 @@ async def open_nats(opts: ConnectOptions, timeouts: Timeouts) -> NatsClient:
     except (nats.errors.Error, OSError) as exc:
         raise ConnectError(f"cannot connect to NATS at {urls}: {exc}") from exc
     callbacks.client = nc
+    speed_up(nc)
     return nc

@@ -9,6 +9,15 @@ read loop itself, in order: it must not block (it starts a task, or sets a futur
 :func:`start_now` runs a coroutine up to where it first waits in the caller's frame, as Python
 3.12's eager tasks do (cadenza supports 3.11): a publish from plain code (a token's callback) is
 on the connection's buffer before the loop turns, not one task wake later.
+
+:func:`send` buffers a message as ``nc.publish`` does, the same bytes, without the work nats-py does
+again for every call (two regular expressions on the subjects, one per header name, a strip and a
+translate per value, a future made by way of ``asyncio.Future()`` and four coroutines): about 5 µs of
+its 7 µs per publish, on the messages every activity sends (a task, its ack, a result, a completion).
+Whatever it cannot send so (not connected, draining, a header nats-py would change or refuse, a full
+buffer) goes through ``nc.publish``. :func:`parse_header_lines` reads a message's headers as nats-py
+does, without its per-character generator (a sixth of a worker's Python calls per task);
+:func:`speed_up` makes a connection use it.
 """
 
 from __future__ import annotations
@@ -16,14 +25,25 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import Callable, Coroutine, Generator
+import re
+from collections.abc import Callable, Coroutine, Generator, Mapping
 from typing import Any, Generic, TypeVar
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-__all__ = ("in_background", "start_now", "subscribe_direct", "take_directly", "write_now")
+__all__ = (
+    "in_background",
+    "parse_header_lines",
+    "publish_command",
+    "send",
+    "speed_up",
+    "start_now",
+    "subscribe_direct",
+    "take_directly",
+    "write_now",
+)
 
 T = TypeVar("T")
 
@@ -144,3 +164,106 @@ def write_now(nc: NatsClient) -> None:
         transport.writelines(nc._pending[:])
         nc._pending = []
         nc._pending_data_size = 0
+
+
+#: nats-py's rule for a header name (a token); the names that passed it are remembered (a few).
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_NAMES_SEEN: set[str] = set()
+_HEADER_LINE = b"NATS/1.0\r\n"
+
+
+def _unchanged(value: str) -> bool:
+    """nats-py sends a header value as it is: printable (no line break, which it turns into a space)
+    and no space at either end (which it strips)."""
+    return value.isprintable() and (not value or (value[0] != " " and value[-1] != " "))
+
+
+def _plain_subject(subject: str) -> bool:
+    """No whitespace (which nats-py refuses) and nothing else unprintable (left to ``nc.publish``)."""
+    return subject.isprintable() and " " not in subject
+
+
+def publish_command(
+    subject: str, body: bytes, reply: str = "", headers: Mapping[str, str] | None = None
+) -> bytes | None:
+    """The bytes ``nc.publish(subject, body, reply=reply, headers=headers)`` puts on the connection's
+    buffer, or None where nats-py would do otherwise than copy them there (refuse a subject, drop or
+    change a header): ``nc.publish`` is the one to call then."""
+    if not subject or not _plain_subject(subject) or (reply and not _plain_subject(reply)):
+        return None
+    if headers is None:
+        return b"PUB %b %b %d\r\n%b\r\n" % (subject.encode(), reply.encode(), len(body), body)
+    lines: list[str] = []
+    for name, value in headers.items():
+        if name not in _NAMES_SEEN:
+            if not _HEADER_NAME.fullmatch(name):
+                return None
+            if len(_NAMES_SEEN) < 256:
+                _NAMES_SEEN.add(name)
+        if not _unchanged(value):
+            return None
+        lines += (name, ": ", value, "\r\n")  # joined as text (a str enum's format would be its name)
+    block = _HEADER_LINE + "".join(lines).encode() + b"\r\n"
+    return b"HPUB %b %b %d %d\r\n%b%b\r\n" % (
+        subject.encode(), reply.encode(), len(block), len(block) + len(body), block, body,
+    )  # fmt: skip
+
+
+async def send(
+    nc: NatsClient, subject: str, body: bytes, reply: str = "", headers: dict[str, str] | None = None
+) -> None:
+    """``await nc.publish(subject, body, reply=reply, headers=headers)``: the same message, buffered
+    here when nats-py would only buffer it (connected, its flusher running, the buffer not full),
+    and the flusher woken as nats-py wakes it; else nats-py's own publish (its errors, its waits).
+
+    Raises:
+        nats.errors.Error: what ``nc.publish`` raises.
+    """
+    flusher = nc._flusher_task
+    queue = nc._flush_queue
+    if (
+        nc.is_connected
+        and not nc.is_draining_pubs
+        and queue is not None
+        and flusher is not None
+        and not flusher.done()
+        and len(body) <= nc._max_payload
+        and (command := publish_command(subject, body, reply, headers)) is not None
+        and (nc._max_pending_size <= 0 or nc._pending_data_size + len(command) <= nc._max_pending_size)
+    ):
+        nc._pending.append(command)
+        nc._pending_data_size += len(command)
+        stats = nc.stats
+        stats["out_msgs"] += 1
+        stats["out_bytes"] += len(body)
+        if queue.empty():
+            queue.put_nowait(asyncio.get_running_loop().create_future())
+        return
+    await nc.publish(subject, body, reply=reply, headers=headers)
+
+
+def parse_header_lines(raw: bytes) -> dict[str, str]:
+    """What nats-py's ``Client._parse_header_lines`` makes of a header block (``Name: Value`` lines):
+    the same dict, a name with whitespace in it left out with one ``split`` instead of a generator
+    step per character (tests/test_bus_fastpath.py checks the two agree)."""
+    out: dict[str, str] = {}
+    for line in raw.split(b"\r\n"):
+        if not line:
+            continue
+        name, sep, value = line.partition(b":")
+        if not sep:
+            continue
+        try:
+            key = name.strip().decode("ascii")
+        except UnicodeDecodeError:
+            continue
+        if key and key.split() != [key]:
+            continue
+        out[key] = value.strip().decode("utf-8", "replace")
+    return out
+
+
+def speed_up(nc: NatsClient) -> None:
+    """Make ``nc`` read headers with :func:`parse_header_lines` (it calls ``self._parse_header_lines``:
+    this connection's attribute, not the class's, so other clients of the process keep nats-py's)."""
+    nc._parse_header_lines = parse_header_lines  # type: ignore[method-assign]

@@ -25,7 +25,7 @@ from schemas import Event
 
 from .._exceptions import PublishError, ValidationError
 from ._codec import HDR_MSG_ID, encode
-from ._direct import start_now, write_now
+from ._direct import send, start_now, write_now
 from ._retry import backoff_delay, is_transient
 from ._tracing import NO_SPAN, SYSTEM, inject_headers, instruments, traced_send, tracer
 
@@ -127,7 +127,7 @@ class _PubAcks:
         if self._sweeping is None:
             self._sweeping = loop.call_later(_SWEEP, self._sweep, loop)
         try:
-            await self.nc.publish(subject, body, reply=self._prefix + token, headers=headers)
+            await send(self.nc, subject, body, self._prefix + token, headers)
         except BaseException:
             self._waiting.pop(token, None)
             raise
@@ -306,7 +306,7 @@ async def send_stored_to(bus: Bus, event: Event, reply: str, headers: Mapping[st
         if traced:
             inject_headers(hdrs)
         try:
-            await bus.nc.publish(subject, body, reply=reply, headers=hdrs)
+            await send(bus.nc, subject, body, reply, hdrs)
         except nats.errors.Error as exc:
             raise PublishError(f"publish to {subject} failed: {exc}") from exc
     bus.stats.published += 1
@@ -317,7 +317,7 @@ async def settle_handed(bus: Bus, ack_subject: str, stored: bool) -> None:
     """Ack a task another process received and handed the ack of to this one (``stored``), or
     give it back for redelivery; best effort (an ack lost is a redelivery after the ack wait)."""
     with contextlib.suppress(nats.errors.Error):
-        await bus.nc.publish(ack_subject, b"+ACK" if stored else b"-NAK")
+        await send(bus.nc, ack_subject, b"+ACK" if stored else b"-NAK")
 
 
 async def publish_raw(bus: Bus, subject: str, body: bytes, headers: dict[str, str], timeout: float) -> PublishResult:
@@ -364,7 +364,7 @@ async def publish_core(
     if headers:
         hdrs.update(headers)
     if not traced_send():
-        await bus.nc.publish(subject, body, headers=hdrs)
+        await send(bus.nc, subject, body, "", hdrs)
         return
     with tracer.start_as_current_span(
         f"send {subject}", kind=SpanKind.PRODUCER,
@@ -372,4 +372,4 @@ async def publish_core(
                     "messaging.operation.type": "send"},
     ):  # fmt: skip
         inject_headers(hdrs)
-        await bus.nc.publish(subject, body, headers=hdrs)
+        await send(bus.nc, subject, body, "", hdrs)
