@@ -280,3 +280,22 @@ def test_the_consoles_fold_keeps_a_bounded_number_of_finished_activities() -> No
     state._on_activity_event(ActivityStarted(activity_id="r1", activity_type="t", session_id="s1"), 6)
     assert set(state.activities) == {"c2", "c3", "c4", "r1"}
     assert state.by_session["s1"] == {"c2", "c3", "c4", "r1"} and state.open_activities == {"r1"}
+
+
+@pytest.mark.parametrize("session_id", [None, "s-1"])
+async def test_a_plain_start_is_announced_as_the_full_build_would_announce_it(
+    cadenza_bus: bus.Bus, session_id: str | None
+) -> None:
+    # The quick build passes only what differs from the defaults; it must be the same announcement.
+    from bus.tracking._service import _Track
+
+    async with bus.BusActivityService(cadenza_bus, heartbeat=False) as svc:
+        plain = bus.StartRequest(id="p-1", type="quick", worker_id="w-1", session_id=session_id)
+        given = bus.StartRequest(id="p-2", type="quick", worker_id="w-1", session_id=session_id, step="")
+        track = _Track(id="p-1", started_at=utcnow())
+        quick, full = svc._start_fields(track, plain), svc._start_fields(track, given)
+        assert quick == full and quick.model_dump_json() == full.model_dump_json()
+        assert full == ActivityStart(started_at=track.started_at, environment_id="", activity_type="quick",
+                                     resource_type=None, resource_id=None, resource_name=None, step="", message="",
+                                     progress=0.0, started_by=None, metadata={}, batch_id=None, worker_id="w-1",
+                                     session_id=session_id)  # fmt: skip
