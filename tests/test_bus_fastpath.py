@@ -594,3 +594,22 @@ def test_headers_are_read_as_nats_py_reads_them(raw: bytes) -> None:
 
 async def test_cadenzas_connection_reads_headers_with_the_quicker_parser(cadenza_bus: bus.Bus) -> None:
     assert cadenza_bus.nc._parse_header_lines is _direct.parse_header_lines
+
+
+async def test_a_direct_send_that_would_overfill_the_buffer_is_nats_pys_forced_flush(cadenza_bus: bus.Bus) -> None:
+    nc = cadenza_bus.nc
+    subject = f"{cadenza_bus.topology.prefix}.direct.full"
+    got: list[Msg] = []
+    sub = await _direct.subscribe_direct(nc, subject, got.append)
+    limit = nc._max_pending_size
+    nc._max_pending_size = 8  # any message overfills it: nats-py's publish flushes and waits for it
+    try:
+        await _direct.send(nc, subject, b"past the limit", "", {"Nats-Msg-Id": "m-2"})
+        assert not any(b"past the limit" in bytes(c) for c in nc._pending)  # written by nats-py's forced flush
+    finally:
+        nc._max_pending_size = limit
+    try:
+        await eventually(lambda: len(got) == 1, timeout=10)
+    finally:
+        await sub.unsubscribe()
+    assert got[0].data == b"past the limit" and got[0].headers == {"Nats-Msg-Id": "m-2"}
