@@ -640,7 +640,9 @@ class SessionClient:
         the cancel of the activity is on the connection before the loop turns. Nothing if the
         result is in already (the waiting task returns it)."""
         if not call.done.is_set() and call.cancel_sent is None:
-            call.cancel_sent = self.bus.start_publish(CancelRequested(target="activity", target_id=aid, cause=cause))
+            # With its source: no copy of the event to add it (on the way to the socket).
+            cancel = CancelRequested(target="activity", target_id=aid, cause=cause, source=self.bus.source)
+            call.cancel_sent = self.bus.start_publish(cancel)
 
     async def _cancel_remote(self, aid: str, cause: CancelCause, sent: asyncio.Future[Any] | None = None) -> None:
         """Cancel activity ``aid`` on its worker: wait for the store of the cancel already ``sent``
