@@ -139,6 +139,10 @@ async def test_an_in_session_activity_stays_within_its_message_budget(nats_serve
                 return
             if subject.startswith("$JS.EVENT.") and not any(s + "." in subject + "." for s in ours):
                 return
+            if subject.startswith("$JS.ACK.") and not any(subject.startswith(f"$JS.ACK{s}.") for s in ours):
+                # An ack of another test's consumer on this shared server ($JS.ACK.<stream>.…): one
+                # was counted here once, under load in CI (1.01 acks per activity, no extra delivery).
+                return
             if not msg.data and (msg.headers or {}).get("Status") in ("408", "409"):
                 # The end of a pull request (it expired, or was renewed): with the request, a cost
                 # per batch and per expiry period, not per activity (counted with the pulls below;
