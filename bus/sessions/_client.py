@@ -498,19 +498,10 @@ class SessionClient:
         live = self.live(ctx)
         route = self._route(ctx, live, tasklist)
         aid = activity_id or new_event_id()  # a UUID4 string, without the UUID object
-        # What is left at its default is not passed: pydantic validates only what it is given.
-        given: dict[str, Any] = {}
-        if args:
-            given["args"] = list(args)
-        if kwargs:
-            given["kwargs"] = kwargs
-        if route.worker_id:
-            given["worker_id"] = route.worker_id
-        if route.session_id:
-            given["session_id"] = route.session_id
         task = ActivityTask(
-            activity_id=aid, name=name, tasklist=route.tasklist, reply_to=f"{self.inbox}.{aid}",
-            deadline=utcnow() + timedelta(seconds=start_to_close_timeout), source=self.bus.source, **given,
+            activity_id=aid, name=name, args=list(args), kwargs=kwargs, tasklist=route.tasklist,
+            worker_id=route.worker_id, session_id=route.session_id, reply_to=f"{self.inbox}.{aid}",
+            deadline=utcnow() + timedelta(seconds=start_to_close_timeout), source=self.bus.source,
         )  # fmt: skip
         call = _Call(session_id=route.session_id)
         self.calls[aid] = call

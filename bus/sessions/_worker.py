@@ -492,11 +492,7 @@ class Worker:
                 # Announced only if it is still running after announce_after (or publishes an event
                 # first); a quick activity is announced by its completion alone. An early cancel is
                 # looked for in the background: the task's round trip waits for neither.
-                req = (
-                    StartRequest(id=aid, type=task.name, worker_id=self.worker_id, session_id=task.session_id)
-                    if task.session_id
-                    else StartRequest(id=aid, type=task.name, worker_id=self.worker_id)
-                )
+                req = StartRequest(id=aid, type=task.name, worker_id=self.worker_id, session_id=task.session_id or None)
                 svc._start_deferred(req, self.announce_after)
             except ActivityAlreadyStartedError:
                 # A redelivery of a task this process runs or ran: the first run answers.
@@ -635,13 +631,10 @@ class Worker:
     ) -> None:
         if not task.reply_to:
             return
-        # Only what is not at its default is passed (pydantic validates only what it is given).
-        if error is not None:
-            reply = ActivityResult(activity_id=task.activity_id, worker_id=self.worker_id, ok=False, error=error)
-        elif result is not None:
-            reply = ActivityResult(activity_id=task.activity_id, worker_id=self.worker_id, ok=True, result=result)
-        else:
-            reply = ActivityResult(activity_id=task.activity_id, worker_id=self.worker_id, ok=True)
+        reply = ActivityResult(
+            activity_id=task.activity_id,
+            worker_id=self.worker_id, ok=error is None, result=result if error is None else None, error=error,
+        )  # fmt: skip
         headers = {HDR_TASK_ACK: ack} if ack else None
         # A core reply with a producer span and the trace context in its headers, like every send.
         with contextlib.suppress(CadenzaError), engine_errors(f"replying to {task.reply_to}"):

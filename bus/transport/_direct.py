@@ -12,8 +12,9 @@ on the connection's buffer before the loop turns, not one task wake later.
 
 :func:`send` buffers a message as ``nc.publish`` does, the same bytes, without the work nats-py does
 again for every call (two regular expressions on the subjects, one per header name, a strip and a
-translate per value, a future made by way of ``asyncio.Future()`` and four coroutines): about 5 µs of
-its 7 µs per publish, on the messages every activity sends (a task, its ack, a result, a completion).
+translate per value, a future made by way of ``asyncio.Future()`` and four coroutines): 3.2 µs a
+message where ``nc.publish`` takes 6.7 (each with its share of the flusher's writes), on the messages
+every activity sends (a task, its ack, a result, a completion).
 Whatever it cannot send so (not connected, draining, a header nats-py would change or refuse, a full
 buffer) goes through ``nc.publish``. :func:`parse_header_lines` reads a message's headers as nats-py
 does, without its per-character generator (a sixth of a worker's Python calls per task);
