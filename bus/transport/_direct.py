@@ -26,10 +26,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import re
 from collections.abc import Callable, Coroutine, Generator, Mapping
 from typing import Any, Generic, TypeVar
 
+from nats.aio.client import _HEADER_KEY_RE
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -167,8 +167,7 @@ def write_now(nc: NatsClient) -> None:
         nc._pending_data_size = 0
 
 
-#: nats-py's rule for a header name (a token); the names that passed it are remembered (a few).
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: The header names that passed nats-py's own rule for one (a token, ``_HEADER_KEY_RE``): a few.
 _NAMES_SEEN: set[str] = set()
 _HEADER_LINE = b"NATS/1.0\r\n"
 
@@ -197,7 +196,7 @@ def publish_command(
     lines: list[str] = []
     for name, value in headers.items():
         if name not in _NAMES_SEEN:
-            if not _HEADER_NAME.fullmatch(name):
+            if not _HEADER_KEY_RE.fullmatch(name):
                 return None
             if len(_NAMES_SEEN) < 256:
                 _NAMES_SEEN.add(name)
