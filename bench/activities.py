@@ -27,6 +27,7 @@ import nats
 
 import bus
 from bench._common import percentile
+from bench._common import run as run_loop
 from bus.testing import embedded_server, unique_prefix
 from schemas import CancelRequested
 
@@ -161,7 +162,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="small run (CI smoke)")
     p.add_argument("--out", default="bench/results/activities.json", help="JSON output file")
     args = p.parse_args()
-    result = anyio.run(run, args.quick)
+    result = run_loop(run, args.quick)
     print(table(result))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

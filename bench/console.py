@@ -29,6 +29,7 @@ import httpx
 
 import bus
 from bench._common import percentile
+from bench._common import run as run_loop
 from bus.testing import embedded_server, unique_prefix
 from schemas import (
     ActivityCompleted,
@@ -221,7 +222,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=200, help="requests per page")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     args = p.parse_args()
-    result = anyio.run(run, args.activities, args.sessions, args.samples)
+    result = run_loop(run, args.activities, args.sessions, args.samples)
     print(
         f"console API latency, {result['activities']:,} activities ({result['listed']:,} listed in the local "
         f"environment), {result['sessions']:,} sessions; one client, {result['samples']} requests per page"

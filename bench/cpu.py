@@ -41,7 +41,7 @@ from typing import Any
 
 import anyio
 
-from ._common import Sizes
+from ._common import Sizes, run
 from ._count import GROUPS, MessageCounter
 from ._peer import Peer
 from ._servers import Servers
@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ops < args.sessions or args.count_ops < args.sessions:
         ap.error("--ops and --count-ops must be at least --sessions (one activity per caller)")
     os.environ.setdefault("CADENZA_LOG", "WARNING")
-    doc = anyio.run(_main, args)
+    doc = run(_main, args)
     if args.json is not None:
         args.json.write_text(json.dumps(doc, indent=1))
         print(f"figures: {args.json}", file=sys.stderr)

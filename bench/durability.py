@@ -27,6 +27,7 @@ from bus.testing import EmbeddedCluster
 from schemas import ActivityUpdated
 
 from ._common import percentile
+from ._common import run as run_loop
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def run(samples: int, burst: int, concurrency: int, progress: bool = True) -> li
         for sync in (None, "always"):
             label = f"{'1 node' if nodes == 1 else '3 nodes, R3'}, sync_interval {sync or 'default (2m)'}"
             with tempfile.TemporaryDirectory(prefix="cadenza-bench-") as root, _servers(nodes, sync, Path(root)) as url:
-                rtts, per_s = anyio.run(_measure, url, 3 if nodes == 3 else 1, samples, burst, concurrency)
+                rtts, per_s = run_loop(_measure, url, 3 if nodes == 3 else 1, samples, burst, concurrency)
             row = Row(label, percentile(rtts, 50) * 1e3, percentile(rtts, 99) * 1e3, per_s)
             rows.append(row)
             if progress:

@@ -74,6 +74,7 @@ CASES: list[tuple[str, list[str], dict[str, str] | None, str]] = [
         "cannot connect to NATS",
     ),
     ("no server", ["activities", "ls"], {"NATS_URL": ""}, "no server given"),
+    ("unknown event loop", ["sessions", "ls"], {"CADENZA_EVENT_LOOP": "tokio"}, "use uvloop or asyncio"),
 ]
 
 
