@@ -19,6 +19,7 @@ __all__ = (
     "Sizes",
     "concurrently",
     "count_probes",
+    "event_loop",
     "new_event_loop",
     "now",
     "percentile",
@@ -34,18 +35,25 @@ __all__ = (
 T = TypeVar("T")
 
 
-def run(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-    """``anyio.run`` on the event loop cadenza's services run on (``services._runtime.event_loop``:
-    uvloop where installed), so every process of a run, the limit's as cadenza's, has the same loop."""
-    from services._runtime import event_loop
+def event_loop() -> str:
+    """The event loop of every process of a run: the one cadenza's services run on
+    (``services._runtime.event_loop``: uvloop where installed, ``CADENZA_EVENT_LOOP`` to choose), so
+    the limit's processes run on the same loop as cadenza's. A bad ``CADENZA_EVENT_LOOP`` is one line."""
+    from services._runtime import event_loop as services_loop
 
+    try:
+        return services_loop()
+    except ValueError as exc:
+        raise SystemExit(f"bench: {exc}") from None
+
+
+def run(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``anyio.run`` on the run's :func:`event_loop`."""
     return anyio.run(fn, *args, backend_options={"use_uvloop": event_loop() == "uvloop"})
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
-    """A new loop of the kind :func:`run` runs on (the limit's worker drives its own)."""
-    from services._runtime import event_loop
-
+    """A new loop of the run's :func:`event_loop` (for a process that drives its own)."""
     if event_loop() == "uvloop":
         import uvloop
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import anyio
 
-from ._common import NotAvailable, Sizes, percentile
+from ._common import NotAvailable, Sizes, event_loop, percentile
 from ._peer import Peer
 from ._servers import Servers
 
@@ -379,9 +379,7 @@ def _version(dist: str) -> str:
 
 
 def _event_loop() -> str:
-    """The loop of every process of the run (services._runtime.event_loop), with its version."""
-    from services._runtime import event_loop
-
+    """The loop of every process of the run (:func:`bench._common.event_loop`), with its version."""
     loop = event_loop()
     return f"uvloop {_version('uvloop')}" if loop == "uvloop" else "asyncio"
 
