@@ -141,6 +141,35 @@ async def test_a_finished_activity_leaves_no_reference_cycle(cadenza_bus: bus.Bu
         tg.cancel_scope.cancel()
 
 
+async def test_a_finished_activity_is_freed_before_its_announcement_falls_due(cadenza_bus: bus.Bus) -> None:
+    """The deferred-announcement queue holds activity ids, not what the worker knew of them: a quick
+    activity's track is freed when it ends, not announce_after later. (Held by the queue, tracks
+    were freed in bursts, and a loaded worker ran the garbage collector every 80 activities.)"""
+    from bus.tracking._service import _Track
+
+    b, gate = cadenza_bus, anyio.Event()
+    async with _worker(b, gate, announce_after=60) as w, anyio.create_task_group() as tg:
+        await tg.start(Broker(b, BrokerConfig(token_key=KEY)).run)
+        sctx = await bus.create_session(b.context(), _opts())
+        for i in range(20):
+            assert await bus.execute_activity(sctx, "quick", i) == 2 * i
+        assert len(w.service._due) == 20  # none due yet: all 20 still queued
+        info = bus.get_session_info(sctx)
+        assert info is not None
+        session_id = info.session_id
+
+        def none_left() -> bool:
+            # (A look-up for an early cancel still running in the background holds its activity's
+            # token a moment longer, and with it the track: hence a bounded wait, not a snapshot.)
+            gc.collect()
+            return not [o for o in gc.get_objects()
+                        if isinstance(o, _Track) and o.req is not None and o.req.session_id == session_id]  # fmt: skip
+
+        await eventually(none_left, timeout=10, what="the finished activities' tracks freed")
+        assert len(w.service._due) == 20  # and still none due
+        tg.cancel_scope.cancel()
+
+
 async def test_the_stream_keeps_the_first_completion(cadenza_bus: bus.Bus) -> None:
     b = cadenza_bus
     start = ActivityStart(started_at=utcnow(), activity_type="t")
