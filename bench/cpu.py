@@ -1,7 +1,7 @@
 """CPU time and NATS messages per activity, by process and by message kind, for each activity pattern.
 
-``python -m bench.cpu [--ops N] [--sessions S] [--systems limit,cadenza,cadenza-untracked] [--cluster]
-[--json PATH]`` runs, on each system, each of its activity patterns with ``S`` callers at once:
+``python -m bench.cpu [--ops N] [--sessions S] [--rounds R] [--systems limit,cadenza,cadenza-untracked]
+[--cluster] [--json PATH]`` runs, on each system, each of its activity patterns with ``S`` callers at once:
 
 - ``in-session``: ``execute_activity`` in ``S`` open sessions (scenario (c)); the limit runs its
   raw nats-py version of the same pattern (its only row);
@@ -9,12 +9,21 @@
 - ``handler helper``: ``bus.run_handler_activity`` in this process (a service tracking its own work
   through a ``BusActivityService``, no worker), tracked by the recorder (cadenza only).
 
-Each pattern is warmed first (sessions opened, one pass), then timed over ``N`` activities: for every
-process of the system (this driver, nats-server, or the three nodes of a cluster, the broker, the
-recorder, the workers) the CPU time it used (user + system, from ``/proc``), divided by the
-activities, and each server's ``/varz`` message counters; then a second pass of ``--count-ops``
-activities (at least 200 by default) is counted by a ``>`` subscriber on its own connection, by kind,
-until no message has come for 0.5 s. The CPU pass has no subscriber, because counting costs CPU.
+First each system runs alone: each of its patterns is warmed (sessions opened, one pass), then a
+pass of ``--count-ops`` activities is counted by a ``>`` subscriber on its own connection, by kind,
+until no message has come for 0.5 s (alone, because such a subscriber cannot tell one system's
+replies from another's, and a system at rest still sends: heartbeats and their PubAcks). Then every
+system runs at once (each with its own prefix, on the same servers), each pattern warmed again on
+each, and timed ``R`` times over ``N`` activities, the systems taking turns round by round (in the
+order A B, B A, A B, ...: a machine whose speed drifts over the minutes favours none of them): for
+every process of the system (this driver, nats-server, or the three nodes of a cluster, the broker,
+the recorder, the workers) the CPU time it used (user + system, from ``/proc``), divided by the
+activities, and each server's ``/varz`` message counters. A figure is the median of the rounds (a
+process's CPU, the activities/s, the total CPU); a system's CPU against the limit's is also given
+round by round (each round against the limit's round next to it) with the median of those ratios.
+The timed rounds have no subscriber, because counting costs CPU; the systems not taking their turn
+are at rest meanwhile (their heartbeats reach the servers, whose CPU is in the figures: a few
+messages a second against thousands).
 On a machine with few cores the sum of the CPU times is what bounds activities per second; unlike a
 wall-clock figure it hardly moves when other programs load the machine.
 
@@ -31,6 +40,7 @@ import contextlib
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -103,10 +113,24 @@ class Figures:
     quiet: bool = True
     #: Slow consumers the servers noted during the counted pass (the counter may have missed messages).
     slow_consumers: int = 0
+    #: Each timed round: its activities/s and CPU ms per activity by process (``rate`` and ``cpu_ms``
+    #: are their medians).
+    rounds: list[tuple[float, dict[str, float]]] = field(default_factory=list)
+
+    def add_round(self, rate: float, cpu_ms: dict[str, float]) -> None:
+        self.rounds.append((rate, cpu_ms))
+        self.rate = statistics.median(r for r, _ in self.rounds)
+        self.cpu_ms = {k: statistics.median(c[k] for _, c in self.rounds) for k in cpu_ms}
+
+    @property
+    def round_totals(self) -> list[float]:
+        """Each round's CPU ms per activity, all processes."""
+        return [sum(c.values()) for _, c in self.rounds]
 
     @property
     def cpu_all(self) -> float:
-        return sum(self.cpu_ms.values())
+        """CPU ms per activity, all processes: the median of the rounds' totals."""
+        return statistics.median(self.round_totals) if self.rounds else sum(self.cpu_ms.values())
 
     @property
     def per_activity(self) -> float:
@@ -121,6 +145,10 @@ class Figures:
             "timed_activities": self.timed,
             "cpu_ms_per_activity": self.cpu_ms,
             "cpu_ms_per_activity_all": self.cpu_all,
+            "rounds": [
+                {"activities_per_s": r, "cpu_ms_per_activity": c, "cpu_ms_per_activity_all": sum(c.values())}
+                for r, c in self.rounds
+            ],
             "varz_per_activity_by_node": [{k: v / self.timed for k, v in n.items()} for n in self.varz]
             if self.timed
             else [],
@@ -192,25 +220,19 @@ async def _settle(servers: Servers, quiet: float = 0.5, bound: float = 10.0) -> 
             last, since = sent, time.monotonic()
 
 
-async def _measure_pattern(
-    peer: Any, servers: Servers, counter: MessageCounter, pattern: str, args: argparse.Namespace
+async def _count_pattern(
+    system: str, peer: Any, servers: Servers, pattern: str, args: argparse.Namespace
 ) -> Figures:
+    """One pattern of a system running alone, warmed, then counted by a `>` subscriber on its own
+    connection (which costs CPU: never during a timed round). Alone because the subscriber cannot
+    tell one system's replies from another's (every ``_INBOX``), and a system at rest still sends
+    (heartbeats, their PubAcks)."""
     fig = Figures()
     lanes = args.sessions
-    async with _pattern(peer, pattern, lanes) as run:
+    prefix, replies = (peer.main.prefix, (peer.reply,)) if system == "limit" else (peer.prefix, ())
+    async with _pattern(peer, pattern, lanes) as run, MessageCounter(servers.urls, prefix, replies) as counter:
         await run(max(lanes, min(args.ops, 200)))  # warm
         await _settle(servers)
-        procs = _processes(peer, servers)
-        before = {k: cpu_seconds(pid) for k, pid in procs.items()}
-        v0 = _varz(servers)
-        fig.rate = await run(args.ops)
-        await _settle(servers)
-        after = {k: cpu_seconds(pid) for k, pid in procs.items()}
-        v1 = _varz(servers)
-        fig.timed = max(1, args.ops // lanes) * lanes
-        fig.cpu_ms = {k: (after[k] - before[k]) / fig.timed * 1000 for k in procs}
-        fig.varz = [{k: b[k] - a[k] for k in a} for a, b in zip(v0, v1, strict=True)]
-        # The counted pass: a `>` subscriber on its own connection (it costs CPU, so not in the pass above).
         slow = sum(int(v.get("slow_consumers", 0)) for v in servers.varz())
         await counter.start()
         await run(args.count_ops)
@@ -222,30 +244,81 @@ async def _measure_pattern(
     return fig
 
 
+async def _time_pattern(
+    peers: dict[str, Any], figs: dict[str, Figures], servers: Servers, pattern: str, args: argparse.Namespace
+) -> None:
+    """One pattern on every system in ``peers`` (all running): warmed, then timed ``args.rounds``
+    times, the systems taking turns (A B, B A, ...); the rounds go into ``figs``."""
+    lanes = args.sessions
+    async with contextlib.AsyncExitStack() as stack:
+        runs = {
+            system: await stack.enter_async_context(_pattern(peer, pattern, lanes)) for system, peer in peers.items()
+        }
+        for run in runs.values():
+            await run(max(lanes, min(args.ops, 200)))  # warm
+        order = list(peers)
+        for r in range(args.rounds):
+            for system in order if r % 2 == 0 else order[::-1]:
+                fig, peer = figs[system], peers[system]
+                await _settle(servers)
+                procs = _processes(peer, servers)
+                before = {k: cpu_seconds(pid) for k, pid in procs.items()}
+                v0 = _varz(servers)
+                rate = await runs[system](args.ops)
+                await _settle(servers)
+                after = {k: cpu_seconds(pid) for k, pid in procs.items()}
+                v1 = _varz(servers)
+                timed = max(1, args.ops // lanes) * lanes
+                fig.timed += timed
+                fig.add_round(rate, {k: (after[k] - before[k]) / timed * 1000 for k in procs})
+                delta = [{k: b[k] - a[k] for k in a} for a, b in zip(v0, v1, strict=True)]
+                fig.varz = delta if not fig.varz else [
+                    {k: n[k] + d[k] for k in n} for n, d in zip(fig.varz, delta, strict=True)
+                ]  # fmt: skip
+
+
 async def _stream_replicas(nc: Any, prefix: str) -> dict[str, int]:
     """The replicas of every stream (buckets included) of a system, as the server has them."""
     infos = await nc.jetstream().streams_info()
     return {i.config.name: i.config.num_replicas for i in infos if prefix.upper() in i.config.name.upper()}
 
 
-async def _measure(
-    system: str, servers: Servers, args: argparse.Namespace
-) -> tuple[dict[str, Figures], dict[str, int]]:
+@contextlib.asynccontextmanager
+async def _started(system: str, servers: Servers) -> AsyncIterator[Any]:
+    """One system, running until the block exits."""
     workdir = Path(tempfile.mkdtemp(prefix="cadenza-bench-cpu-"))
     peer: Any = _make_peer(system, workdir, servers)
-    out: dict[str, Figures] = {}
     await peer.start()
     try:
-        prefix, replies = (peer.main.prefix, (peer.reply,)) if system == "limit" else (peer.prefix, ())
-        streams = await _stream_replicas(peer.nc if system == "limit" else peer.bus.nc, prefix)
-        # The counting connection on node 1; a probe connection on each node.
-        async with MessageCounter(servers.urls, prefix, replies) as counter:
-            for pattern, systems in PATTERNS.items():
-                if system in systems and pattern in args.patterns:
-                    out[pattern] = await _measure_pattern(peer, servers, counter, pattern, args)
+        yield peer
     finally:
         await peer.close()
-    return out, streams
+
+
+async def _measure(
+    servers: Servers, args: argparse.Namespace
+) -> tuple[dict[str, dict[str, Figures]], dict[str, dict[str, int]]]:
+    """Every pattern on every system that runs it: the figures and the stream replicas, by system.
+    First each system alone (its streams, its counted passes), then all at once (the timed rounds)."""
+    results: dict[str, dict[str, Figures]] = {system: {} for system in args.systems}
+    streams: dict[str, dict[str, int]] = {}
+
+    def patterns(system: str) -> list[str]:
+        return [p for p, systems in PATTERNS.items() if system in systems and p in args.patterns]
+
+    for system in args.systems:
+        async with _started(system, servers) as peer:
+            prefix = peer.main.prefix if system == "limit" else peer.prefix
+            streams[system] = await _stream_replicas(peer.nc if system == "limit" else peer.bus.nc, prefix)
+            for pattern in patterns(system):
+                results[system][pattern] = await _count_pattern(system, peer, servers, pattern, args)
+    async with contextlib.AsyncExitStack() as stack:
+        peers = {system: await stack.enter_async_context(_started(system, servers)) for system in args.systems}
+        for pattern in PATTERNS:
+            here = {system: peer for system, peer in peers.items() if pattern in patterns(system)}
+            if here:
+                await _time_pattern(here, {system: results[system][pattern] for system in here}, servers, pattern, args)
+    return results, streams
 
 
 # ---------------------------------------------------------------- output
@@ -274,16 +347,22 @@ def _cpu_lines(
         procs += [p for p in f.cpu_ms if p not in procs]
     replicas = ", ".join(str(r) for r in sorted(set(streams.values()))) or "?"
     lines = [
-        f"\n### {system}: {args.ops} timed activities, {args.sessions} callers at once, on {servers.description()}",
+        f"\n### {system}: {args.rounds} x {args.ops} timed activities, {args.sessions} callers at once, "
+        f"on {servers.description()}",
         "",
         f"{len(streams)} stream{'' if len(streams) == 1 else 's'} (key-value buckets included), replicas {replicas}.",
         "",
-        "CPU ms per activity, by process:",
+        "CPU ms per activity, by process (the median of the rounds; **all**: the median of the rounds' totals):",
         "",
         head,
     ]
     lines += [f"| {p} | " + " | ".join(_cell(figs[x].cpu_ms.get(p, math.nan)) for x in patterns) + " |" for p in procs]
     lines.append("| **all** | " + " | ".join(f"**{figs[x].cpu_all:.2f}**" for x in patterns) + " |")
+    lines.append(
+        "| all, round by round | "
+        + " | ".join(", ".join(f"{t:.2f}" for t in figs[x].round_totals) for x in patterns)
+        + " |"
+    )
     lines.append("| activities/s | " + " | ".join(f"{figs[x].rate:,.0f}" for x in patterns) + " |")
     lines.append(
         "| **NATS messages per activity** (counted) | "
@@ -400,6 +479,33 @@ def summary_table(results: dict[str, dict[str, Figures]]) -> str:
     return "\n".join(lines)
 
 
+def cpu_ratios(results: dict[str, dict[str, Figures]]) -> dict[str, dict[str, Any]]:
+    """Each system's CPU per activity against the limit's (in-session, the limit's one pattern):
+    round by round (each against the limit's round next to it) and the median of those."""
+    limit = results.get("limit", {}).get("in-session")
+    out: dict[str, dict[str, Any]] = {}
+    if limit is None or not limit.rounds:
+        return out
+    for system, figs in results.items():
+        f = figs.get("in-session")
+        if system == "limit" or f is None or not f.rounds:
+            continue
+        by_round = [c / lim for c, lim in zip(f.round_totals, limit.round_totals, strict=False) if lim > 0]
+        if by_round:
+            out[system] = {"by_round": by_round, "median": statistics.median(by_round),
+                           "of_medians": f.cpu_all / limit.cpu_all if limit.cpu_all > 0 else None}  # fmt: skip
+    return out
+
+
+def ratio_lines(ratios: dict[str, dict[str, Any]]) -> str:
+    return "\n".join(
+        f"CPU per activity, {system} / limit (in-session), round by round: "
+        + ", ".join(f"{x:.2f}x" for x in r["by_round"])
+        + f"; median {r['median']:.2f}x"
+        for system, r in ratios.items()
+    )
+
+
 def counting_note(cluster: bool) -> str:
     """How the messages were counted (printed under the summary, kept in the JSON)."""
     if not cluster:
@@ -423,17 +529,19 @@ def counting_note(cluster: bool) -> str:
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
     servers = Servers(Path(tempfile.mkdtemp(prefix="cadenza-bench-cpu-store-")), cluster=args.cluster)
     servers.start()
-    results: dict[str, dict[str, Figures]] = {}
-    streams: dict[str, dict[str, int]] = {}
     try:
-        print(f"bench.cpu on {servers.description()}: {args.ops} timed + {args.count_ops} counted activities "
-              f"per pattern, {args.sessions} callers at once", flush=True)  # fmt: skip
+        print(f"bench.cpu on {servers.description()}: {args.rounds} timed round(s) of {args.ops} activities per "
+              f"pattern and system (the systems taking turns), then {args.count_ops} counted; {args.sessions} "
+              "callers at once", flush=True)  # fmt: skip
+        results, streams = await _measure(servers, args)
         for system in args.systems:
-            results[system], streams[system] = await _measure(system, servers, args)
             print(system_table(system, results[system], streams[system], args, servers), flush=True)
     finally:
         servers.stop()
     print(summary_table(results))
+    ratios = cpu_ratios(results)
+    if ratios:
+        print("\n" + ratio_lines(ratios))
     print("\n" + counting_note(args.cluster))
     sys.stdout.flush()
     from ._harness import machine
@@ -447,9 +555,11 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             "ops": args.ops,
             "count_ops": args.count_ops,
             "sessions": args.sessions,
+            "rounds": args.rounds,
             "counting": counting_note(args.cluster),
         },
         "results": {s: {p: f.to_json() for p, f in figs.items()} for s, figs in results.items()},
+        "cpu_to_limit": ratios,
         "stream_replicas": streams,
     }
 
@@ -461,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
     # second) were 0.1 per activity over 200 activities.
     ap.add_argument("--count-ops", type=int, default=1000, help="activities of the counted pass (default 1000)")
     ap.add_argument("--sessions", type=int, default=10, help="callers (sessions) at once")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="timed rounds per pattern and system, the systems taking turns (default 3)")  # fmt: skip
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, from: " + ", ".join(SYSTEMS))
     ap.add_argument("--patterns", default=",".join(PATTERNS), help="comma-separated, from: " + ", ".join(PATTERNS))
     ap.add_argument("--cluster", action="store_true", help="on a 3-node nats-server cluster (replicas 3)")
@@ -473,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in args.systems if s not in SYSTEMS] + [p for p in args.patterns if p not in PATTERNS]
     if bad:
         ap.error(f"unknown: {', '.join(bad)}")
-    for name in ("ops", "count_ops", "sessions"):
+    for name in ("ops", "count_ops", "sessions", "rounds"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.ops < args.sessions or args.count_ops < args.sessions:

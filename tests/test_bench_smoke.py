@@ -66,10 +66,11 @@ def test_cpu_seconds_reads_proc() -> None:
 def _bench_cpu(tmp_path: Path, *extra: str) -> tuple[str, dict[str, Any]]:
     """``python -m bench.cpu`` with tiny sizes on the limit and cadenza; its printed output and its JSON."""
     out = tmp_path / "cpu.json"
-    argv = ["--ops", "20", "--count-ops", "20", "--sessions", "2", "--systems", "limit,cadenza", "--json", str(out)]
+    argv = ["--ops", "20", "--count-ops", "20", "--sessions", "2", "--rounds", "2", "--systems", "limit,cadenza",
+            "--json", str(out)]  # fmt: skip
     run = subprocess.run(
         [sys.executable, "-m", "bench.cpu", *argv, *extra],
-        capture_output=True, text=True, timeout=110, cwd=Path(__file__).parent.parent,
+        capture_output=True, text=True, timeout=240, cwd=Path(__file__).parent.parent,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run.stdout, json.loads(out.read_text())
@@ -107,6 +108,13 @@ def _check_counts(stdout: str, doc: dict[str, Any]) -> None:
             counted = sum(v for k, v in kinds.items() if figs["kind_groups"][k] not in NOT_COUNTED)
             assert abs(counted - figs["messages_per_activity"]) < 1e-9, figs
     assert "| task publish |" in stdout and "NATS messages per activity by kind" in stdout
+    # Two timed rounds per system (--rounds 2), taken in turns; the CPU against the limit's, round by round.
+    assert doc["meta"]["rounds"] == 2 and len(limit["rounds"]) == 2, limit
+    cad = doc["results"]["cadenza"]["in-session"]
+    assert [r["cpu_ms_per_activity_all"] > 0 for r in cad["rounds"]] == [True] * 2, cad
+    ratio = doc["cpu_to_limit"]["cadenza"]
+    assert len(ratio["by_round"]) == 2 and min(ratio["by_round"]) <= ratio["median"] <= max(ratio["by_round"])
+    assert "CPU per activity, cadenza / limit (in-session), round by round:" in stdout
 
 
 def test_bench_cpu_counts_messages_by_kind_on_one_server(tmp_path: Path) -> None:
