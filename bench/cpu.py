@@ -220,6 +220,19 @@ async def _settle(servers: Servers, quiet: float = 0.5, bound: float = 10.0) -> 
             last, since = sent, time.monotonic()
 
 
+#: A cancel router asks the stream for early cancels of the activities it sees in its first 2 s
+#: (``CancelRouter.seen_since``'s margin): start-up, not steady state, kept out of every figure.
+_START_UP = 2.5
+
+
+async def _warm(run: Callable[[int], Awaitable[float]], lanes: int, args: argparse.Namespace) -> None:
+    """One pass, and on until the pattern's start-up is over (its routers listening for ``_START_UP``)."""
+    t0 = time.monotonic()
+    await run(max(lanes, min(args.ops, 200)))
+    while time.monotonic() - t0 < _START_UP:
+        await run(lanes)
+
+
 async def _count_pattern(
     system: str, peer: Any, servers: Servers, pattern: str, args: argparse.Namespace
 ) -> Figures:
@@ -231,7 +244,7 @@ async def _count_pattern(
     lanes = args.sessions
     prefix, replies = (peer.main.prefix, (peer.reply,)) if system == "limit" else (peer.prefix, ())
     async with _pattern(peer, pattern, lanes) as run, MessageCounter(servers.urls, prefix, replies) as counter:
-        await run(max(lanes, min(args.ops, 200)))  # warm
+        await _warm(run, lanes, args)
         await _settle(servers)
         slow = sum(int(v.get("slow_consumers", 0)) for v in servers.varz())
         await counter.start()
@@ -255,7 +268,7 @@ async def _time_pattern(
             system: await stack.enter_async_context(_pattern(peer, pattern, lanes)) for system, peer in peers.items()
         }
         for run in runs.values():
-            await run(max(lanes, min(args.ops, 200)))  # warm
+            await _warm(run, lanes, args)
         order = list(peers)
         for r in range(args.rounds):
             for system in order if r % 2 == 0 else order[::-1]:
