@@ -221,3 +221,51 @@ async def test_abandoned_activity_whose_host_stopped_heartbeating_is_finalised_f
         got, _ = await wait_record(b, "x-silent", terminal)
     assert got.status is ActivityStatus.FAILED and got.error and "no heartbeat" in got.error
     assert anyio.current_time() - t0 < 3 * 0.2 + 2.0  # 3 x interval, plus sweep and fold
+
+
+@pytest.mark.parametrize("long_first", [False, True], ids=["one-purge", "a-long-activity-holds-the-floor"])
+async def test_pruning_purges_below_the_oldest_kept_activity_in_one_request(
+    cadenza_bus: bus.Bus, long_first: bool
+) -> None:
+    """Everything stored before the first event of every kept activity is purged by one request; an
+    activity still running since before them holds that floor back, and the pruned ones are purged
+    one subject each (as before). Kept activities lose nothing either way."""
+    b = cadenza_bus
+    stream = b.topology.stream_name("activity")
+    purges: list[str] = []
+
+    async def seen(msg: object) -> None:
+        purges.append(getattr(msg, "subject", ""))
+
+    sub = await b.nc.subscribe(f"$JS.API.STREAM.PURGE.{stream}", cb=seen)
+    config = RecorderConfig(retention_days=0, retention_count=5, prune_interval=3600, sweep_interval=3600)
+    now = utcnow()
+    quick = [f"q-{i:02d}" for i in range(20)]
+    async with running_recorder(b, config) as rec:
+        if long_first:
+            await b.publish(ActivityStarted(activity_id="r-long", time=now - timedelta(hours=1), activity_type="t"))
+        for i, aid in enumerate(quick):  # oldest first
+            t = now - timedelta(minutes=30 - i)
+            await b.publish(ActivityStarted(activity_id=aid, time=t, activity_type="t"))
+            await b.publish(ActivityMessage(activity_id=aid, seq=1, entries=[MessageEntry(message="hi")]))
+            await b.publish(ActivityCompleted(activity_id=aid, time=t, status=ActivityStatus.SUCCESS))
+        await b.publish(ActivityStarted(activity_id="r-new", activity_type="t"))
+        await b.publish(ActivityMessage(activity_id="r-new", seq=1, entries=[MessageEntry(message="on")]))
+        total = len(quick) + 1 + long_first
+        await eventually(lambda: len(rec.cache) == total and sum(s.record.terminal for s in rec.cache.values()) == 20)
+        assert await rec.prune() == 15
+        await b.nc.flush()
+        await eventually(lambda: len(purges) >= (15 if long_first else 1), what="the purge requests")
+        await sub.unsubscribe()
+        assert len(purges) == (15 if long_first else 1), purges
+        client = bus.ActivityClient(b)
+        for aid in quick[:15]:
+            assert (await bus.read_activity_messages(b, aid)).messages == [], aid  # gone, messages too
+            with pytest.raises(bus.RemoteError, match="not found"):
+                await client.get(aid)
+        for aid in [*quick[15:], "r-new", *(["r-long"] if long_first else [])]:
+            got = await client.get(aid)
+            assert got.activity.id == aid
+            if aid != "r-long":
+                assert len(got.messages) == 1, aid
+        assert await rec.prune() == 0  # nothing more beyond the limits

@@ -67,6 +67,7 @@ if _typing.TYPE_CHECKING:
     from ._streams import ensure_topology as ensure_topology
     from ._streams import follow_events as follow_events
     from ._streams import open_reader as open_reader
+    from ._streams import purge_below as purge_below
     from ._streams import purge_subject as purge_subject
     from ._streams import stored_events as stored_events
     from ._streams import stream_status as stream_status

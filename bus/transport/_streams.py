@@ -8,8 +8,8 @@
 * :func:`stored_events`: what a stream still stores on one subject, oldest first, by "next message
   on this subject from sequence N" gets, without a consumer (a work-queue stream allows one consumer
   per subject, and a worker's inbox has its own): the recorder reads a lost worker's leftover tasks so.
-* :func:`purge_subject`, :func:`delete_consumer`, :func:`ensure_topology`: the few management calls
-  the services make.
+* :func:`purge_subject`, :func:`purge_below`, :func:`delete_consumer`, :func:`ensure_topology`: the few
+  management calls the services make.
 
 A message comes out as a :class:`Received` (not nats-py's ``Msg``) and an engine error as a
 :class:`~bus.BusError` (:class:`~bus.NotFoundError` for a missing message, stream or consumer) raised
@@ -52,6 +52,7 @@ __all__ = (
     "ensure_topology",
     "follow_events",
     "open_reader",
+    "purge_below",
     "purge_subject",
     "stored_events",
     "stream_status",
@@ -171,6 +172,17 @@ async def purge_subject(bus: Bus, domain: str, subject: str) -> None:
     """
     with engine_errors(f"purging {subject}"):
         await bus.js.purge_stream(bus.topology.stream_name(domain), subject=subject)
+
+
+async def purge_below(bus: Bus, domain: str, seq: int) -> None:
+    """Remove every message ``domain``'s stream stores below sequence ``seq`` (one request, whatever
+    their number and subjects).
+
+    Raises:
+        BusError: the server did not do it.
+    """
+    with engine_errors(f"purging {domain} below sequence {seq}"):
+        await bus.js.purge_stream(bus.topology.stream_name(domain), seq=seq)
 
 
 async def delete_consumer(bus: Bus, domain: str, name: str) -> None:
