@@ -216,16 +216,15 @@ async def test_activity_stream_sends_new_messages_and_resumes_after_last_event_i
                     if ev.get("event") == "message":
                         assert int(ev["id"]) == 6
                         break
-        # To the end: the last event is "end", after every message.
-        last: dict[str, str] = {}
+        # To the end: the last event is "end", after every message, and right before it the final record
+        # (a page that closes its stream on "end" must not be left showing "running").
         with anyio.fail_after(30):
             async with s.http.stream("GET", f"/api/activities/{aid}/stream?after=50") as r:
-                got = []
-                async for ev in sse_events(r):
-                    if ev.get("event") == "message":
-                        got.append(int(ev["id"]))
-                    last = ev
-        assert last.get("event") == "end" and json.loads(last["data"])["status"] == "success"
+                events = [ev async for ev in sse_events(r)]
+        got = [int(ev["id"]) for ev in events if ev.get("event") == "message"]
+        assert [ev.get("event") for ev in events[-2:]] == ["activity", "end"], events[-3:]
+        assert json.loads(events[-1]["data"])["status"] == "success"
+        assert json.loads(events[-2]["data"])["status"] == "success"
         assert got == list(range(51, 61))
         await bus.complete_session(ctx)
 

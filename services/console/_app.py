@@ -12,7 +12,8 @@ Routes:
   anything changed, at most four a second, and a comment every 15 s to keep proxies from closing it.
 * ``/api/activities/{id}/stream``: server-sent events of one activity: ``message`` events with
   ``id: <seq>`` (a reconnecting browser sends ``Last-Event-ID`` and resumes after it), ``activity``
-  events when its record changes, and ``end`` once it ended and every message was sent.
+  events when its record changes, and ``end`` once it ended and every message was sent, right after
+  an ``activity`` event with the recorder's final record.
 * ``POST /api/activities/{id}/cancel`` ``{"reason", "name"}``: the recorder's cancel, with
   ``who = "<name> (console)"``; 403 when the console runs ``--read-only``.
 
@@ -24,6 +25,7 @@ loopback name (a web page elsewhere cannot reach it through DNS rebinding).
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import logging
@@ -499,14 +501,25 @@ class _Views:
                     await send.send(_event("message", m.model_dump(mode="json"), m.seq))
                 seq, cursor = max(seq, reply.last_seq), reply.cursor
                 if reply.done:
+                    # The record as the recorder holds it at the end, before "end" closes the page's stream:
+                    # the console's own fold of the stream may follow a moment later, and a page shown
+                    # "running" after "ended cancelled" was seen once in CI.
+                    with contextlib.suppress(bus.CadenzaError):
+                        final = await self.client.get(aid, limit=0)
+                        await send.send(_event("activity", _activity_json(final.activity)))
                     await send.send(_event("end", {"status": reply.status.value, "last_seq": seq}))
                     return
 
     async def _follow_record(self, record: ActivityRecord, send: anyio.abc.ObjectSendStream[str]) -> None:
         last = (record.updated_at, record.status, record.progress)
+        seen = self.state.versions["activities"]
         async with send:
             while True:
-                await self.state.wait_change(15.0)
+                # By version, not by wake-up: a change made while the last send waited is not missed.
+                if self.state.versions["activities"] == seen:
+                    await self.state.wait_change(15.0)
+                    continue
+                seen = self.state.versions["activities"]
                 cur = self.state.activities.get(record.id)
                 if cur is None:
                     continue

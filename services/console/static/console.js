@@ -437,9 +437,13 @@ function activityView() {
     es.addEventListener("activity", (e) => renderRecord(JSON.parse(e.data)));
     es.addEventListener("message", (e) => addMessage(JSON.parse(e.data)));
     es.addEventListener("problem", (e) => { note.textContent = JSON.parse(e.data).error; });
-    es.addEventListener("end", (e) => {
-      note.textContent = `ended ${JSON.parse(e.data).status}; every message is shown`;
+    es.addEventListener("end", async (e) => {
+      const status = JSON.parse(e.data).status;
+      note.textContent = `ended ${status}; every message is shown`;
       es.close();
+      if (record && record.status !== status) {  // the final record did not come: ask for it once
+        try { renderRecord((await api(`/api/activities/${encodeURIComponent(ITEM)}`)).activity); } catch (err) { /* the note says the end */ }
+      }
     });
     es.addEventListener("error", async () => {
       if (es.readyState === EventSource.CLOSED) {
