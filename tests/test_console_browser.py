@@ -167,7 +167,7 @@ async def test_the_console_shows_live_work_and_cancels_it_in_a_browser(
                     await page.locator("#cancel-confirm").click()
                     try:
                         await expect(page.locator("#activity-head h1 .badge")).to_have_text("cancelled", timeout=WAIT)
-                    except AssertionError as exc:  # failed once in a full run: say where the cancel stopped
+                    except AssertionError as exc:  # say where the cancel stopped (once: a stream ended early)
                         api = await (await page.request.get(f"{base}/api/activities/{aid}")).text()
                         tails = {n: "".join(p.output[-30:]) for n, p in procs.items()}
                         raise AssertionError(f"{exc}\nthe console's API: {api}\nthe call: {outcome}\n"
