@@ -226,7 +226,7 @@ class ActivityCompleted(_ActivityEvent):
     EVENT = "completed"
     SCHEMA_VERSION = 2
 
-    schema_version: int = Field(default=2, ge=1)
+    schema_version: int = Field(default=2, ge=1, strict=True)
     start: ActivityStart | None = Field(
         default=None,
         description="the announcement of an activity that was not announced by a started event (version 2)",

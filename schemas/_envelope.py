@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -19,10 +20,31 @@ _REGISTRY: dict[str, type[Event]] = {}
 _EVENT_MODULES = ("_activity", "_cancel", "_dlq", "_session", "_task", "_worker")
 
 
+#: The random bytes of the next event ids, 16 for each: one ``os.urandom`` call per 256 ids, not
+#: one per id (a system call, a third of an id's cost; a caller makes two per activity). Taken with
+#: ``next``, which is atomic in CPython: two threads never get the same bytes (both may refill; the
+#: ids one of them leaves are dropped). A forked child starts with none of its parent's.
+_RANDOM: Iterator[bytes] = iter(())
+
+
+def _forget_random() -> None:
+    global _RANDOM
+    _RANDOM = iter(())
+
+
+os.register_at_fork(after_in_child=_forget_random)
+
+
 def new_event_id() -> str:
     """A fresh event id (UUID4, lower-case hex with dashes): ``str(uuid.uuid4())`` without the UUID
     object, which costs twice as much, for every event made."""
-    raw = bytearray(os.urandom(16))
+    global _RANDOM
+    block = next(_RANDOM, None)
+    if block is None:
+        pool = os.urandom(4096)
+        _RANDOM = iter([pool[i : i + 16] for i in range(0, 4096, 16)])
+        block = next(_RANDOM)
+    raw = bytearray(block)
     raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
     raw[8] = (raw[8] & 0x3F) | 0x80  # the RFC 4122 variant
     h = raw.hex()
@@ -58,7 +80,7 @@ class Event(BaseModel):
 
     event_id: str = Field(default_factory=new_event_id, min_length=1, max_length=128)
     type: str = Field(default="", description="'<domain>.<event>', fixed per event class")
-    schema_version: int = Field(default=1, ge=1)
+    schema_version: int = Field(default=1, ge=1, strict=True)
     time: datetime = Field(default_factory=utcnow)
     source: str = Field(default="", max_length=256, description="who published it (service or host)")
 

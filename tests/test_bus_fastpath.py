@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import os
 import string
 import subprocess
 import sys
@@ -167,15 +168,32 @@ def test_decode_answers_as_the_full_rules_do_for_every_mix_of_body_and_headers(m
             body["type"] = kind
         headers = {name: str(value) for name, value in (("Cadenza-Schema-Version", hversion),
                    ("Cadenza-Event-Type", hkind), ("Nats-Msg-Id", msg_id)) if value is not _ABSENT}  # fmt: skip
-        data = json.dumps(body).encode()
-        cases += [(data, headers, accept) for accept in ([Ping], [Ping, Pong])]
+        # As another publisher lays it out (spaces, any key order), and as cadenza's encoder does:
+        # compact, the id first and the type second (the layout decode validates in one pass).
+        laid = {"event_id": body["event_id"], **({"type": body["type"]} if "type" in body else {}), **body}
+        for data in (json.dumps(body).encode(), json.dumps(laid, separators=(",", ":")).encode()):
+            cases += [(data, headers, accept) for accept in ([Ping], [Ping, Pong])]
     base = '{"event_id": "same", "time": "2026-12-02T00:00:00Z", "n": 1}'
     cases += [(b"\xef\xbb\xbf" + base.encode(), {}, [Ping]),  # a UTF-8 byte-order mark
               (base.encode("utf-16"), {}, [Ping]),  # UTF-16, which json.loads takes
               (b'{"n": 1, "key": "\\ud800"}', {}, [Ping]), (b'{"n": NaN}', {}, [Ping]), (b"null", {}, [Ping]),
               (b'{"n": 1}\xff', {}, [Ping]), (b"[" * 100_000, {}, [Ping])]  # fmt: skip
+    # The one pass's own edges: an escaped quote in the id, an empty or unknown type, the type twice
+    # (the last one counts, as in a parsed object), a version that is a JSON float, no closing quote.
+    t = '"time":"2026-12-02T00:00:00Z"'
+    laid_out = ['{"event_id":"a\\"b","type":"session.ping","n":1,%s}', '{"event_id":"same","type":"","n":1,%s}',
+                '{"event_id":"same","type":"session.ping","n":1,"type":"session.pong",%s}',
+                '{"event_id":"same","type":"session.pong","n":1,"type":"session.ping",%s}',
+                '{"event_id":"same","type":"session.ping","n":1,"schema_version":1.0,%s}',
+                '{"event_id":"same","type":"session.ping","n":1,"schema_version":true,%s}',
+                '{"event_id":"same","type":"session.pin%s', '{"event_id":"same","type":"session.ping","n":-1,%s}']
+    laid_out = [body % t for body in laid_out]
+    cases += [(body.encode(), {}, accept) for body in laid_out for accept in ([Ping], [Ping, Pong])]
+    by_bytes = {b"session.ping": Ping, b"session.pong": Pong}
+    assert sum(_codec._laid_out(data, by_bytes) is not None for data, _, _ in cases) > 500  # the one pass is tried
     fast = [_outcome(*case) for case in cases]
     monkeypatch.setattr(_codec, "_plain", lambda *args: False)  # every message through the full checks
+    monkeypatch.setattr(_codec, "_laid_out", lambda *args: None)  # and the long way: parsed, then validated
     full = [_outcome(*case) for case in cases]
     assert fast == full
 
@@ -258,6 +276,33 @@ def test_event_ids_are_fresh_uuid4_strings() -> None:
         parsed = uuid.UUID(text)
         assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
     assert Ping(n=1).event_id != Ping(n=1).event_id
+
+
+def test_event_ids_stay_fresh_across_threads_and_in_a_forked_child() -> None:
+    # Drawn from a pool of random bytes: threads racing on it, and a child forked with some of it
+    # left, must still never make an id another made.
+    import threading
+
+    new_event_id()  # the pool is part used: a child would inherit the rest
+    made: list[list[str]] = [[] for _ in range(4)]
+    threads = [threading.Thread(target=lambda out=out: out.extend(new_event_id() for _ in range(3000))) for out in made]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    ids = [i for out in made for i in out]
+    assert len(ids) == 12_000 and len(set(ids)) == len(ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, then out at once
+        os.write(write, ",".join(new_event_id() for _ in range(300)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        child = pipe.read().decode().split(",")
+    os.waitpid(pid, 0)
+    ours = [new_event_id() for _ in range(300)]
+    assert len(child) == 300 and not set(child) & set(ours)
 
 
 # ---------------------------------------------------------------- stored publishes: nats-py's answers, our own inbox

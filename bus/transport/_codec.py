@@ -165,6 +165,44 @@ def _plain(cls: type[Event], name: str, raw: dict[str, Any], headers: Mapping[st
     )
 
 
+#: The accepted classes by the bytes of their type name, per ``accept`` sequence seen (bounded).
+_FAST: dict[tuple[type[Event], ...], dict[bytes, type[Event]]] = {}
+_EVENT_ID_FIRST: Final = b'{"event_id":"'
+_TYPE_NEXT: Final = b'","type":"'
+
+
+def _laid_out(data: bytes, by_type: Mapping[bytes, type[Event]]) -> type[Event] | None:
+    """The accepted class named by a body that begins as :func:`encode` writes one,
+    ``{"event_id":"<id>","type":"<name>",`` (so ``type`` is the object's own key, not one nested in
+    a value), or None: no such beginning (another publisher's key order, an escape in the id), or
+    a type not accepted here."""
+    if not data.startswith(_EVENT_ID_FIRST):
+        return None
+    end = data.find(b'"', len(_EVENT_ID_FIRST))
+    if end < 0 or data[end - 1] == 0x5C or not data.startswith(_TYPE_NEXT, end):  # 0x5C: a backslash
+        return None
+    start = end + len(_TYPE_NEXT)
+    return by_type.get(data[start : data.find(b'"', start)])
+
+
+def _plain_event(cls: type[Event], event: Event, headers: Mapping[str, str] | None) -> bool:
+    """:func:`_plain` for an event validated from its bytes (the body's version is a JSON integer
+    there: ``schema_version`` is a strict int): a version this code knows, headers that repeat the
+    body."""
+    if event.schema_version > cls.SCHEMA_VERSION:
+        return False
+    if not headers:
+        return True
+    header = headers.get(HDR_SCHEMA_VERSION)
+    kind = headers.get(HDR_EVENT_TYPE)
+    msg_id = headers.get(HDR_MSG_ID)
+    return (
+        (header is None or ("schema_version" in event.model_fields_set and header == str(event.schema_version)))
+        and (kind is None or kind == cls.type_name())
+        and (msg_id is None or msg_id == event.event_id)
+    )
+
+
 def decode(
     data: bytes,
     headers: Mapping[str, str] | None,
@@ -181,6 +219,31 @@ def decode(
     """
     if len(data) > max_bytes:
         raise ValidationError(f"message is {len(data)} bytes, more than the {max_bytes} allowed", kind="oversize")
+    key = tuple(accept)
+    fast = _FAST.get(key)
+    if fast is None:
+        fast = {cls.type_name().encode(): cls for cls in accept}
+        if len(_FAST) < 1024:
+            _FAST[key] = fast
+    cls = _laid_out(data, fast)
+    if cls is not None:
+        # Laid out as cadenza writes it: validated in one pass from the bytes (3-6 µs less than
+        # parsing, then validating the dict), and taken only if it passes every rule below at a
+        # glance; anything else (an error included) goes the long way, which says what is wrong.
+        try:
+            event = cls.model_validate_json(data)
+        except pydantic.ValidationError:
+            pass
+        else:
+            if _plain_event(cls, event, headers):
+                return cast(E, event)
+    return _decode_parsed(data, headers, accept, key)
+
+
+def _decode_parsed(data: bytes, headers: Mapping[str, str] | None, accept: Sequence[type[E]],
+                   key: tuple[type[Event], ...]) -> E:  # fmt: skip
+    """:func:`decode` the long way: parsed, the class chosen by the parsed ``type``, every rule
+    checked, then validated (what the one pass takes, this takes too: tests/test_bus_fastpath.py)."""
     raw: Any
     try:
         raw = parse_json(data)
@@ -188,7 +251,6 @@ def decode(
         raise ValidationError(f"not JSON: {exc}", kind="bad_json") from None
     if not isinstance(raw, dict):
         raise ValidationError(f"expected a JSON object, got {type(raw).__name__}", kind="bad_shape")
-    key = tuple(accept)
     by_type = _BY_TYPE.get(key)
     if by_type is None:
         by_type = {cls.type_name(): cls for cls in accept}

@@ -39,7 +39,7 @@ from schemas import Event
 from .._context import cancel_scope
 from .._exceptions import CadenzaError, ValidationError
 from ._codec import decode
-from ._direct import subscribe_direct
+from ._direct import ack_fields, subscribe_direct
 from ._retry import backoff_delay, retry_transient
 from ._topology import ConsumerSpec
 from ._tracing import NO_SPAN, SYSTEM, extract_context, instruments, traced_receive, tracer
@@ -465,19 +465,12 @@ async def _handle(
 
 
 def _ack_fields(msg: Msg) -> tuple[int, int, int]:
-    """The stream sequence, delivery count and pending count a JetStream delivery's ack subject
-    carries: ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>``,
-    or the 12-token form with domain and account hash before the stream (and a random last token).
-    nats-py's ``msg.metadata`` builds two dataclasses and a datetime for it, on every task; any
-    other reply subject goes to it (and its ``NotJSMessageError``)."""
-    tokens = (msg.reply or "").split(".")
-    n = len(tokens)
-    at = 2 if n == 9 else 4 if n in (11, 12) else 0
-    if at and tokens[0] == "$JS" and tokens[1] == "ACK":
-        try:
-            return int(tokens[at + 3]), int(tokens[at + 2]), int(tokens[at + 6])
-        except ValueError:
-            pass
+    """The stream sequence, delivery count and pending count of a delivery (:func:`ack_fields`;
+    nats-py's ``msg.metadata`` for a reply subject that is not an ack subject, and its
+    ``NotJSMessageError``)."""
+    fields = ack_fields(msg.reply)
+    if fields is not None:
+        return fields[0], fields[1], fields[2]
     meta = msg.metadata
     return meta.sequence.stream, meta.num_delivered, meta.num_pending
 

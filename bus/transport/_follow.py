@@ -28,7 +28,7 @@ from .._exceptions import CadenzaError, NotFoundError, ValidationError
 from ._bucket import IDLE_HEARTBEAT, RawBucket, Stored, ended
 from ._bus import Bus
 from ._codec import decode
-from ._direct import in_background, take_directly
+from ._direct import ack_fields, in_background, take_directly
 from ._errors import engine_errors
 
 __all__ = ("WORKER_EVENTS", "follow_bucket", "follow_stream", "follow_worker_events", "last_stored_seq")
@@ -108,16 +108,20 @@ async def follow_stream(
                                   stream=meta.stream, stream_seq=meta.sequence.stream)  # fmt: skip
 
     def handle(msg: Msg) -> None:
-        meta = msg.metadata
         try:
             event: Event | None = decode(msg.data, msg.headers, accept)
         except ValidationError as exc:
             event = None
             if consumer is not None:  # in a task of its own: this runs in the connection's read loop
-                in_background(dead_letter(msg, exc, meta))
+                in_background(dead_letter(msg, exc, msg.metadata))
         on_msg(msg, event)
-        if meta.sequence.stream >= last or meta.num_pending == 0:
-            caught_up.set()
+        if not caught_up.is_set():  # the delivery's position is read only until then
+            fields = ack_fields(msg.reply)
+            if fields is None:
+                meta = msg.metadata
+                fields = (meta.sequence.stream, 0, meta.num_pending, 0)
+            if fields[0] >= last or fields[2] == 0:
+                caught_up.set()
 
     # No callback (nats-py would run it in a task of the subscription's): the subscription's queue
     # hands each message to ``handle`` as it is read; no byte limit, since nothing waits there.

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -36,6 +36,7 @@ from schemas import Event
 from .._exceptions import NotFoundError, ValidationError
 from ._bus import Bus
 from ._codec import decode
+from ._direct import ack_fields
 from ._errors import engine_errors, translate
 from ._follow import follow_stream
 from ._retry import retry_transient
@@ -85,8 +86,12 @@ class Received:
 
 def received(msg: Msg) -> Received:
     """The :class:`Received` of a message a JetStream consumer delivered."""
-    meta = msg.metadata
-    return Received(msg.subject, msg.data, msg.headers, meta.sequence.stream, meta.num_pending, meta.timestamp)
+    fields = ack_fields(msg.reply)
+    if fields is None:
+        meta = msg.metadata
+        return Received(msg.subject, msg.data, msg.headers, meta.sequence.stream, meta.num_pending, meta.timestamp)
+    seq, _, pending, ns = fields
+    return Received(msg.subject, msg.data, msg.headers, seq, pending, datetime.fromtimestamp(ns / 1e9, UTC))
 
 
 @dataclass(frozen=True, slots=True)
