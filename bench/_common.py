@@ -116,6 +116,10 @@ class Sizes:
     mem_sessions: int  # (g)
     fixed_rounds: int  # (f) and (g)
     workers: int  # worker processes of (a)-(d)
+    #: (c) at least this many activities per session and round: a round of ``throughput_ops`` over
+    #: 100 sessions was 10 activities each, so the sessions' first tasks and the ramp up and down of
+    #: 100 lanes weighed in as much as the steady state (the limit's round lasted 60 ms).
+    throughput_per_session: int = 1
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -132,7 +136,7 @@ class Sizes:
             rounds=5, create_samples=20, rtt_samples=200, concurrency=(1, 10, 100), throughput_ops=1000,
             throughput_rounds=3, cancel_samples=60, loss_samples=2, loss_heartbeat_timeout=2.0, loss_rounds=3,
             hb_sessions=1000, hb_workers=10, hb_heartbeat_timeout=3.0, hb_window=9.0, mem_sessions=10_000,
-            fixed_rounds=1, workers=2,
+            fixed_rounds=1, workers=2, throughput_per_session=100,
         )  # fmt: skip
 
 

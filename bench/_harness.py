@@ -116,7 +116,8 @@ async def _measure(res: Results, peer: Peer, scenario: str, round_no: int, budge
         elif scenario == "b":
             res.add("round_trip", name, [x * 1000 for x in await peer.round_trip(s.rtt_samples)])
         elif scenario == "c":
-            res.add(f"throughput_{concurrency}", name, [await peer.throughput(concurrency, s.throughput_ops)])
+            ops = max(s.throughput_ops, s.throughput_per_session * concurrency)
+            res.add(f"throughput_{concurrency}", name, [await peer.throughput(concurrency, ops)])
         elif scenario == "d":
             res.add("cancel", name, [x * 1000 for x in await peer.cancel(s.cancel_samples)])
         elif scenario == "e":

@@ -135,3 +135,17 @@ def test_bench_cpu_on_a_three_node_cluster_with_replicas_3(tmp_path: Path) -> No
     assert len(doc["stream_replicas"]["cadenza"]) > 1 and set(doc["stream_replicas"]["cadenza"].values()) == {3}
     nodes = doc["results"]["limit"]["in-session"]["varz_per_activity_by_node"]
     assert len(nodes) == 3 and all(n["in_msgs"] > 0 for n in nodes)
+
+
+def test_hotpath_measures_a_worker_and_the_recorder_per_message() -> None:
+    """``python -m bench.hotpath`` runs its modes end to end (a real server, a feeder process) and
+    prints a positive figure for each; a bad mode is one line (never a figure asserted)."""
+    cmd = [sys.executable, "-m", "bench.hotpath", "--modes", "worker,recorder", "--ops", "400", "--warm", "100",
+           "--rounds", "1"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    figures = dict(re.findall(r"^\| (worker|recorder) \| \*\*([0-9.]+)\*\*", out.stdout, re.M))
+    assert set(figures) == {"worker", "recorder"} and all(float(v) > 0 for v in figures.values()), out.stdout
+    bad = subprocess.run([sys.executable, "-m", "bench.hotpath", "--modes", "nope"], capture_output=True, text=True,
+                         timeout=60, cwd=Path(__file__).parents[1])  # fmt: skip
+    assert bad.returncode == 2 and "unknown mode: nope" in bad.stderr and "Traceback" not in bad.stderr
