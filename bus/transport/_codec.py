@@ -49,8 +49,9 @@ MAX_EVENT_BYTES: Final = 256 * 1024
 
 E = TypeVar("E", bound=Event)
 
-#: The accepted classes by type name, per ``accept`` sequence seen (bounded: consumers pass a few).
-_BY_TYPE: dict[tuple[type[Event], ...], dict[str, type[Event]]] = {}
+#: The accepted classes by type name, as text and as bytes (:func:`_laid_out`), per ``accept``
+#: sequence seen (bounded: consumers pass a few).
+_BY_TYPE: dict[tuple[type[Event], ...], tuple[dict[str, type[Event]], dict[bytes, type[Event]]]] = {}
 
 
 def encode(event: Event) -> tuple[bytes, dict[str, str]]:
@@ -152,21 +153,25 @@ def _plain(cls: type[Event], name: str, raw: dict[str, Any], headers: Mapping[st
     version = raw.get("schema_version", 1)
     if type(version) is not int or not 1 <= version <= cls.SCHEMA_VERSION:
         return False
+    return _headers_repeat(headers, name, version, "schema_version" in raw, raw.get("event_id"))
+
+
+def _headers_repeat(headers: Mapping[str, str] | None, name: str, version: int, version_given: bool,
+                    event_id: object) -> bool:  # fmt: skip
+    """Whether each cadenza header given repeats the body: the version (only if the body gives one),
+    the type, the event id (if the body has one)."""
     if not headers:
         return True
     header = headers.get(HDR_SCHEMA_VERSION)
     kind = headers.get(HDR_EVENT_TYPE)
     msg_id = headers.get(HDR_MSG_ID)
-    event_id = raw.get("event_id")
     return (
-        (header is None or ("schema_version" in raw and header == str(version)))
+        (header is None or (version_given and header == str(version)))
         and (kind is None or kind == name)
         and (msg_id is None or event_id is None or msg_id == event_id)
     )
 
 
-#: The accepted classes by the bytes of their type name, per ``accept`` sequence seen (bounded).
-_FAST: dict[tuple[type[Event], ...], dict[bytes, type[Event]]] = {}
 _EVENT_ID_FIRST: Final = b'{"event_id":"'
 _TYPE_NEXT: Final = b'","type":"'
 
@@ -191,16 +196,8 @@ def _plain_event(cls: type[Event], event: Event, headers: Mapping[str, str] | No
     body."""
     if event.schema_version > cls.SCHEMA_VERSION:
         return False
-    if not headers:
-        return True
-    header = headers.get(HDR_SCHEMA_VERSION)
-    kind = headers.get(HDR_EVENT_TYPE)
-    msg_id = headers.get(HDR_MSG_ID)
-    return (
-        (header is None or ("schema_version" in event.model_fields_set and header == str(event.schema_version)))
-        and (kind is None or kind == cls.type_name())
-        and (msg_id is None or msg_id == event.event_id)
-    )
+    return _headers_repeat(headers, cls.type_name(), event.schema_version,
+                           "schema_version" in event.model_fields_set, event.event_id)  # fmt: skip
 
 
 def decode(
@@ -220,12 +217,12 @@ def decode(
     if len(data) > max_bytes:
         raise ValidationError(f"message is {len(data)} bytes, more than the {max_bytes} allowed", kind="oversize")
     key = tuple(accept)
-    fast = _FAST.get(key)
-    if fast is None:
-        fast = {cls.type_name().encode(): cls for cls in accept}
-        if len(_FAST) < 1024:
-            _FAST[key] = fast
-    cls = _laid_out(data, fast)
+    classes = _BY_TYPE.get(key)
+    if classes is None:
+        classes = ({c.type_name(): c for c in accept}, {c.type_name().encode(): c for c in accept})
+        if len(_BY_TYPE) < 1024:
+            _BY_TYPE[key] = classes
+    cls = _laid_out(data, classes[1])
     if cls is not None:
         # Laid out as cadenza writes it: validated in one pass from the bytes (3-6 µs less than
         # parsing, then validating the dict), and taken only if it passes every rule below at a
@@ -237,11 +234,10 @@ def decode(
         else:
             if _plain_event(cls, event, headers):
                 return cast(E, event)
-    return _decode_parsed(data, headers, accept, key)
+    return cast(E, _decode_parsed(data, headers, classes[0]))
 
 
-def _decode_parsed(data: bytes, headers: Mapping[str, str] | None, accept: Sequence[type[E]],
-                   key: tuple[type[Event], ...]) -> E:  # fmt: skip
+def _decode_parsed(data: bytes, headers: Mapping[str, str] | None, by_type: Mapping[str, type[Event]]) -> Event:
     """:func:`decode` the long way: parsed, the class chosen by the parsed ``type``, every rule
     checked, then validated (what the one pass takes, this takes too: tests/test_bus_fastpath.py)."""
     raw: Any
@@ -251,11 +247,6 @@ def _decode_parsed(data: bytes, headers: Mapping[str, str] | None, accept: Seque
         raise ValidationError(f"not JSON: {exc}", kind="bad_json") from None
     if not isinstance(raw, dict):
         raise ValidationError(f"expected a JSON object, got {type(raw).__name__}", kind="bad_shape")
-    by_type = _BY_TYPE.get(key)
-    if by_type is None:
-        by_type = {cls.type_name(): cls for cls in accept}
-        if len(_BY_TYPE) < 1024:
-            _BY_TYPE[key] = by_type
     claimed = raw.get("type") or (headers.get(HDR_EVENT_TYPE) if headers else None)
     if len(by_type) == 1 and not claimed:
         name, cls = next(iter(by_type.items()))
@@ -270,6 +261,6 @@ def _decode_parsed(data: bytes, headers: Mapping[str, str] | None, accept: Seque
         _check_version(cls, raw, headers)
         _check_headers(cls, raw, headers)
     try:
-        return cast(E, cls.model_validate(raw))
+        return cls.model_validate(raw)
     except pydantic.ValidationError as exc:
         raise ValidationError(f"not a valid {cls.type_name()} event: {_short(exc)}", kind="bad_shape") from None
