@@ -26,6 +26,7 @@ __all__ = (
     "read_probe",
     "rss_mb",
     "run",
+    "tune_gc",
     "wait_probe",
     "wait_probes",
     "write_probe",
@@ -47,13 +48,29 @@ def event_loop() -> str:
         raise SystemExit(f"bench: {exc}") from None
 
 
+def tune_gc() -> int:
+    """This process's garbage collector set as cadenza's services set theirs
+    (``services._runtime.tune_gc``: ``CADENZA_GC_THRESHOLD``), so every system's processes of a run
+    (the driver, the limit's stand-ins, Temporal's worker) collect alike; the threshold in force.
+    A bad ``CADENZA_GC_THRESHOLD`` is one line."""
+    from services._runtime import tune_gc as services_gc
+
+    try:
+        return services_gc()
+    except ValueError as exc:
+        raise SystemExit(f"bench: {exc}") from None
+
+
 def run(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-    """``anyio.run`` on the run's :func:`event_loop`."""
+    """``anyio.run`` on the run's :func:`event_loop`, with the run's garbage collector (:func:`tune_gc`)."""
+    tune_gc()
     return anyio.run(fn, *args, backend_options={"use_uvloop": event_loop() == "uvloop"})
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
-    """A new loop of the run's :func:`event_loop` (for a process that drives its own)."""
+    """A new loop of the run's :func:`event_loop` (for a process that drives its own), with the
+    run's garbage collector (:func:`tune_gc`)."""
+    tune_gc()
     if event_loop() == "uvloop":
         import uvloop
 

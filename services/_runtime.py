@@ -12,6 +12,7 @@ under 2 s); services with :func:`service_bus` (reconnect forever).
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -398,6 +399,41 @@ def event_loop(env: Mapping[str, str] | None = None) -> str:
     return "uvloop"
 
 
+#: ``CADENZA_GC_THRESHOLD``'s default: the cyclic garbage collector's first-generation threshold in
+#: cadenza's processes (Python's is 700).
+GC_THRESHOLD = 20_000
+
+
+def tune_gc(env: Mapping[str, str] | None = None) -> int:
+    """Set this process's cyclic garbage collector as cadenza's processes run it: objects alive now
+    (the modules, start-up state) are frozen out of its scans and a young collection comes after
+    ``CADENZA_GC_THRESHOLD`` (default :data:`GC_THRESHOLD`; ``0``: Python's defaults, untouched)
+    net new container objects instead of 700. Returns the threshold in force.
+
+    Why: every message makes short-lived containers (a task, its frames, dicts, futures) that
+    reference counting frees; under load a worker collected 15 times a second and spent 5-6% of
+    its CPU there (bench.hotpath with a ``gc.callbacks`` timer), 0.6% at 20,000. What the collector
+    exists for (cycles) waits at most that many allocations longer: a few MB at most.
+
+    Raises:
+        ValueError: the variable is not a whole number >= 0.
+    """
+    raw = (os.environ if env is None else env).get("CADENZA_GC_THRESHOLD", "").strip()
+    if not raw:
+        threshold = GC_THRESHOLD
+    elif raw.isascii() and raw.isdigit():
+        threshold = int(raw)
+    else:
+        raise ValueError(
+            f"CADENZA_GC_THRESHOLD={raw!r} is not a whole number: use e.g. 20000, or 0 for Python's default"
+        )
+    if threshold == 0:
+        return gc.get_threshold()[0]
+    gc.freeze()
+    gc.set_threshold(threshold, *gc.get_threshold()[1:])
+    return threshold
+
+
 def run_service(main: Callable[[], Awaitable[None]]) -> int:
     """Run ``main`` until it returns or SIGTERM/SIGINT arrives (then cancel it: graceful stop).
 
@@ -409,6 +445,7 @@ def run_service(main: Callable[[], Awaitable[None]]) -> int:
 
     try:
         loop = event_loop()
+        tune_gc()
     except ValueError as exc:
         print(f"cadenza: {exc}", file=sys.stderr)
         return 2

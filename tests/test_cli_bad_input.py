@@ -75,6 +75,7 @@ CASES: list[tuple[str, list[str], dict[str, str] | None, str]] = [
     ),
     ("no server", ["activities", "ls"], {"NATS_URL": ""}, "no server given"),
     ("unknown event loop", ["sessions", "ls"], {"CADENZA_EVENT_LOOP": "tokio"}, "use uvloop or asyncio"),
+    ("bad gc threshold", ["sessions", "ls"], {"CADENZA_GC_THRESHOLD": "lots"}, "is not a whole number"),
 ]
 
 
