@@ -23,6 +23,7 @@ __all__ = (
     "new_event_loop",
     "now",
     "percentile",
+    "quiet_machine",
     "read_probe",
     "rss_mb",
     "run",
@@ -112,6 +113,38 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(rank, len(ordered)) - 1]
 
 
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, all) clock ticks of every CPU since boot (``/proc/stat``), or None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    busy = user + nice + system + irq + softirq + steal
+    return busy, busy + idle + iowait
+
+
+async def quiet_machine(*, below: float = 0.25, window: float = 0.3, bound: float = 20.0) -> tuple[float, float]:
+    """Wait until the whole machine uses less than ``below`` CPUs over ``window`` seconds, at most
+    ``bound`` seconds: what one system left running after its round (a Temporal server busy for
+    seconds after its last workflow, a recorder pruning) is not measured as the next one's noise.
+    Returns the seconds waited and the CPUs in use over the last window (NaN: no ``/proc/stat``)."""
+    cpus = os.cpu_count() or 1
+    t0 = now()
+    used = math.nan
+    while True:
+        before = _cpu_jiffies()
+        await anyio.sleep(window)
+        after = _cpu_jiffies()
+        if before is None or after is None:
+            return now() - t0, math.nan
+        total = after[1] - before[1]
+        used = cpus * (after[0] - before[0]) / total if total > 0 else 0.0
+        if used < below or now() - t0 >= bound:
+            return now() - t0, used
+
+
 @dataclass(frozen=True)
 class Sizes:
     """How much each scenario does. ``quick`` is the CI smoke test; ``full`` is the published run."""
@@ -137,6 +170,8 @@ class Sizes:
     #: 100 sessions was 10 activities each, so the sessions' first tasks and the ramp up and down of
     #: 100 lanes weighed in as much as the steady state (the limit's round lasted 60 ms).
     throughput_per_session: int = 1
+    #: Seconds a round waits at most for a quiet machine before it starts (:func:`quiet_machine`).
+    quiet_wait: float = 2.0
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -153,7 +188,7 @@ class Sizes:
             rounds=5, create_samples=20, rtt_samples=200, concurrency=(1, 10, 100), throughput_ops=1000,
             throughput_rounds=3, cancel_samples=60, loss_samples=2, loss_heartbeat_timeout=2.0, loss_rounds=3,
             hb_sessions=1000, hb_workers=10, hb_heartbeat_timeout=3.0, hb_window=9.0, mem_sessions=10_000,
-            fixed_rounds=1, workers=2, throughput_per_session=100,
+            fixed_rounds=1, workers=2, throughput_per_session=300, quiet_wait=20.0,
         )  # fmt: skip
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import anyio
 
-from ._common import NotAvailable, Sizes, event_loop, percentile
+from ._common import NotAvailable, Sizes, event_loop, percentile, quiet_machine
 from ._peer import Peer
 from ._servers import Servers
 
@@ -145,6 +145,8 @@ async def _measure(res: Results, peer: Peer, scenario: str, round_no: int, budge
     label = f"({scenario}){' x' + str(concurrency) if concurrency else ''} round {round_no + 1} {name}"
     try:
         await peer.check()
+        _note_quiet(res, label, *await quiet_machine(below=QUIET_BELOW, bound=s.quiet_wait))
+        t0 = time.monotonic()
         with anyio.move_on_after(budget) as scope:
             await go()
         res.meta.update({f"{name}_{k}": v for k, v in getattr(peer, "meta", {}).items()})
@@ -166,6 +168,27 @@ async def _measure(res: Results, peer: Peer, scenario: str, round_no: int, budge
         for k in keys:
             res.miss(k, name, f"failed: {type(exc).__name__}: {str(exc)[:160]}")
         _log.warning("%s failed:\n%s", label, traceback.format_exc())
+
+
+#: CPUs in use (all processes) under which the machine counts as quiet before a round.
+QUIET_BELOW = 0.25
+
+
+def _note_quiet(res: Results, label: str, waited: float, used: float) -> None:
+    """Count, in ``meta.quiet_before_rounds``, how long the rounds waited for a quiet machine and
+    how many started without one (after :func:`quiet_machine`'s bound)."""
+    q = res.meta.setdefault("quiet_before_rounds", {"below_cpus": QUIET_BELOW, "rounds": 0, "not_quiet": 0,
+                                                    "waited_s": 0.0, "longest_wait_s": 0.0})  # fmt: skip
+    assert isinstance(q, dict)
+    q["rounds"] += 1
+    q["waited_s"] = round(q["waited_s"] + waited, 1)
+    q["longest_wait_s"] = round(max(q["longest_wait_s"], waited), 1)
+    if not used < QUIET_BELOW:  # (NaN: not measurable here, counted as not quiet)
+        q["not_quiet"] += 1
+        _log.warning("%s: the machine was not quiet after %.0fs (%.2f CPUs in use); measuring anyway",
+                     label, waited, used)  # fmt: skip
+    elif waited > 1:
+        _log.info("%s: waited %.1fs for the machine to be quiet", label, waited)
 
 
 def _budget(s: Sizes, scenario: str) -> float:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench._common import Sizes, percentile
+from bench._common import Sizes, percentile, quiet_machine
 from bench._count import NOT_COUNTED
 from bench._harness import Results, markdown, run
 from bench._limit import LimitPeer
@@ -22,6 +22,17 @@ def test_percentile_by_nearest_rank() -> None:
     assert percentile(xs, 50) == 50
     assert percentile(xs, 99) == 99
     assert math.isnan(percentile([], 50))
+
+
+async def test_quiet_machine_waits_at_most_its_bound_and_reports_the_cpus_in_use() -> None:
+    # Quiet at once under any load: one window, and the CPUs it saw in use.
+    waited, used = await quiet_machine(below=math.inf, window=0.05, bound=5.0)
+    assert 0.05 <= waited < 5.0
+    assert 0.0 <= used <= (os.cpu_count() or 1) + 0.5
+    # Never quiet (no machine uses fewer than 0 CPUs): it gives up after its bound, not later.
+    waited, used = await quiet_machine(below=0.0, window=0.05, bound=0.3)
+    assert 0.3 <= waited < 5.0
+    assert used >= 0.0
 
 
 async def test_limit_round_trip_and_cancel_produce_samples(tmp_path: Path) -> None:
@@ -36,6 +47,8 @@ async def test_limit_round_trip_and_cancel_produce_samples(tmp_path: Path) -> No
         await peer.close()
     assert len(res.samples["round_trip"]["limit"]) == 5, res.missing
     assert len(res.samples["cancel"]["limit"]) == 2, res.missing
+    quiet = res.meta["quiet_before_rounds"]
+    assert isinstance(quiet, dict) and quiet["rounds"] == 2  # every round waited for a quiet machine first
     assert "(b) activity round trip in a session" in markdown(res)
 
 
