@@ -171,7 +171,7 @@ class Sizes:
     #: 100 lanes weighed in as much as the steady state (the limit's round lasted 60 ms).
     throughput_per_session: int = 1
     #: Seconds a round waits at most for a quiet machine before it starts (:func:`quiet_machine`).
-    quiet_wait: float = 2.0
+    quiet_wait: float = 1.0
 
     @classmethod
     def quick(cls) -> Sizes:
