@@ -44,6 +44,11 @@ __all__ = ("CadenzaPeer", "UntrackedCadenzaPeer")
 _log = logging.getLogger("bench")
 #: Seconds after the workers are up before the first measured activity (see :meth:`CadenzaPeer.start`).
 _ROUTER_MARGIN = 2.5
+#: Seconds between the recorder's prune passes (its default is 60): in steady state every quick
+#: activity is pruned once, and a pass every minute fell inside few of the bench's rounds of a few
+#: seconds, so their figures mostly left that cost out (docs/performance.md, "The recorder's prune
+#: pass"). Every 5 s, each round carries about its own activities' share of it.
+PRUNE_INTERVAL = 5.0
 _USER_CANCEL = bus.CancelCause(kind=bus.CancelKind.USER, who="bench", reason="cancel latency")
 
 
@@ -61,7 +66,7 @@ class CadenzaPeer(Peer):
         self.procs: list[Proc] = []
         self.probe = workdir / "probes"
         self.prefix = f"bench{uuid.uuid4().hex[:8]}"
-        self.meta: dict[str, object] = {}
+        self.meta: dict[str, object] = {"recorder_prune_interval_s": PRUNE_INTERVAL}
         self._stack = contextlib.AsyncExitStack()
         # A fresh signing key for recreate tokens, per run (the broker would otherwise make one in KV).
         self._env = {"CADENZA_TOKEN_KEY": secrets.token_hex(32), "CADENZA_LOG": "WARNING"}
@@ -80,7 +85,7 @@ class CadenzaPeer(Peer):
         args = ("--server", self.url, "--prefix", self.prefix)
         self.procs += await start_all([
             Proc.module("services.broker", *args, env=self._env),
-            Proc.module("services.recorder", *args, env=self._env),
+            Proc.module("services.recorder", *args, "--prune-interval", str(PRUNE_INTERVAL), env=self._env),
         ])  # fmt: skip
         self.procs += await start_all([self._worker() for _ in range(self.sizes.workers)])
         # A worker's cancel router asks the cancel stream about each task sent within 2 s of its own
