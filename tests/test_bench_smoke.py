@@ -27,11 +27,11 @@ def test_percentile_by_nearest_rank() -> None:
 async def test_quiet_machine_waits_at_most_its_bound_and_reports_the_cpus_in_use() -> None:
     # Quiet at once under any load: one window, and the CPUs it saw in use.
     waited, used = await quiet_machine(below=math.inf, window=0.05, bound=5.0)
-    assert 0.05 <= waited < 5.0
+    assert 0.04 <= waited < 5.0  # (a loop's timer may fire a millisecond early)
     assert 0.0 <= used <= (os.cpu_count() or 1) + 0.5
     # Never quiet (no machine uses fewer than 0 CPUs): it gives up after its bound, not later.
     waited, used = await quiet_machine(below=0.0, window=0.05, bound=0.3)
-    assert 0.3 <= waited < 5.0
+    assert 0.29 <= waited < 5.0
     assert used >= 0.0
 
 
