@@ -132,7 +132,6 @@ async def quiet_machine(*, below: float = 0.25, window: float = 0.3, bound: floa
     Returns the seconds waited and the CPUs in use over the last window (NaN: no ``/proc/stat``)."""
     cpus = os.cpu_count() or 1
     t0 = now()
-    used = math.nan
     while True:
         before = _cpu_jiffies()
         await anyio.sleep(window)
