@@ -70,7 +70,7 @@ class CancelToken:
         self.parent = parent
         self._cause: CancelCause | None = None
         self._children: list[CancelToken] = []
-        self._scopes: list[anyio.CancelScope | _Hooked] = []
+        self._scopes: list[anyio.CancelScope | _Waker] = []
         self._event: anyio.Event | None = None
         self._callbacks: list[Callable[[CancelCause], None]] | None = None
         if parent is not None:
@@ -101,7 +101,7 @@ class CancelToken:
             return False
         self._cause = cause
         for scope in self._scopes:
-            scope.cancel()  # a _Hooked one calls its hook too
+            scope.cancel()  # a _Waker calls its hook and wakes its sleeper
         children, self._children = self._children, []
         for child in children:
             child.cancel(cause)
@@ -136,17 +136,40 @@ class CancelToken:
             except ValueError:
                 pass
 
-    def scope(self, deadline: float = math.inf, on_cancel: Callable[[CancelCause], None] | None = None) -> _TokenScope:
+    def scope(self, deadline: float = math.inf) -> _TokenScope:
         """A cancel scope bound to this token: cancelled at once if the token already is, or when it is.
 
         Use as ``with token.scope() as scope:`` (``scope`` is the anyio cancel scope). ``deadline``
         (``anyio.current_time()`` units) ends it then as well, as ``anyio.move_on_after`` would around
-        it, with one scope instead of two. ``on_cancel(cause)`` is called (plain, not awaited) when
-        the token cancels the scope, where it is cancelled, before the scope is: what
-        must go out at once (the session client's cancel of a remote activity). Not for a deadline,
-        nor for a token already cancelled on entry.
+        it, with one scope instead of two.
         """
-        return _TokenScope(self, deadline, on_cancel)
+        return _TokenScope(self, deadline)
+
+    async def sleep(
+        self, wake: asyncio.Future[None], deadline: float, on_cancel: Callable[[CancelCause], None] | None = None
+    ) -> None:
+        """Wait until ``wake`` is done (whoever completes it), this token is cancelled, or the loop's
+        clock (:func:`loop_time`) reaches ``deadline``, whichever comes first. Returns in every one
+        of these cases (the caller looks at what happened); raises only when the waiting task
+        itself is cancelled (an enclosing scope), as any wait does.
+
+        ``on_cancel(cause)`` is called (plain, not awaited) inside :meth:`cancel`, before the wait
+        wakes: what must go out at once (the session client's cancel of a remote activity). Not
+        for a deadline, nor for a token already cancelled (then this returns at once).
+
+        What ``with token.scope(deadline=...)`` around one wait does, without an anyio cancel scope:
+        a future and one timer (the session client waits so once per call).
+        """
+        if self._cause is not None or wake.done():
+            return
+        waker = _Waker(wake, self, on_cancel)
+        self._scopes.append(waker)
+        timer = asyncio.get_running_loop().call_at(deadline, _wake, wake)
+        try:
+            await wake
+        finally:
+            timer.cancel()
+            self._scopes.remove(waker)
 
     async def wait(self) -> CancelCause:
         """Wait until cancelled; returns the cause. Callers bound it with ``anyio.fail_after``."""
@@ -158,53 +181,58 @@ class CancelToken:
         return self._cause
 
 
-class _Hooked:
-    """A scope in a token's list with a hook: cancelling it calls the hook, then cancels the scope
-    (in that order: what the hook starts, a publish, is then ahead of the scope's wake in the loop)."""
+class _Waker:
+    """A :meth:`CancelToken.sleep` in its token's list: the token's cancel calls its hook, then wakes
+    it (in that order: what the hook starts, a publish, is then ahead of the sleeper's wake)."""
 
-    __slots__ = ("hook", "scope", "token")
+    __slots__ = ("hook", "token", "wake")
 
-    def __init__(self, scope: anyio.CancelScope, token: CancelToken, hook: Callable[[CancelCause], None]) -> None:
-        self.scope, self.token, self.hook = scope, token, hook
+    def __init__(
+        self, wake: asyncio.Future[None], token: CancelToken, hook: Callable[[CancelCause], None] | None
+    ) -> None:
+        self.wake, self.token, self.hook = wake, token, hook
 
     def cancel(self) -> None:
         assert self.token._cause is not None
-        try:
-            self.hook(self.token._cause)
-        except Exception:  # the scope, the token's other scopes and children are cancelled all the same
-            _log.exception("a cancel scope's hook failed")
-        self.scope.cancel()
+        if self.hook is not None:
+            try:
+                self.hook(self.token._cause)
+            except Exception:  # the sleeper, the token's scopes and children are cancelled all the same
+                _log.exception("a token sleeper's cancel hook failed")
+        _wake(self.wake)
+
+
+def _wake(wake: asyncio.Future[None]) -> None:
+    if not wake.done():
+        wake.set_result(None)
 
 
 class _TokenScope:
     """What :meth:`CancelToken.scope` returns: an anyio cancel scope registered with the token while
-    the block runs (a class, not a generator context manager: one is entered per activity and call)."""
+    the block runs (a class, not a generator context manager: one is entered per activity)."""
 
-    __slots__ = ("_entry", "_scope", "_token")
+    __slots__ = ("_scope", "_token")
 
-    def __init__(
-        self, token: CancelToken, deadline: float = math.inf, hook: Callable[[CancelCause], None] | None = None
-    ) -> None:
+    def __init__(self, token: CancelToken, deadline: float = math.inf) -> None:
         self._token = token
-        self._scope = scope = cancel_scope(deadline=deadline)
-        self._entry: anyio.CancelScope | _Hooked = scope if hook is None else _Hooked(scope, token, hook)
+        self._scope = cancel_scope(deadline=deadline)
 
     def __enter__(self) -> anyio.CancelScope:
         scope = self._scope
         if self._token._cause is not None:
             scope.cancel()
-        self._token._scopes.append(self._entry)
+        self._token._scopes.append(scope)
         try:
             return scope.__enter__()
         except BaseException:
-            self._token._scopes.remove(self._entry)
+            self._token._scopes.remove(scope)
             raise
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool | None:
         try:
             return self._scope.__exit__(exc_type, exc, tb)
         finally:
-            self._token._scopes.remove(self._entry)
+            self._token._scopes.remove(self._scope)
 
 
 @dataclass(frozen=True, slots=True)

@@ -472,37 +472,56 @@ async def test_a_task_started_now_is_cancelled_where_it_waits_and_cleans_up() ->
             await started
 
 
-async def test_a_token_scopes_hook_runs_in_the_cancel_before_the_scope_wakes_never_on_a_deadline() -> None:
+async def test_a_token_sleeps_hook_runs_in_the_cancel_before_the_sleeper_wakes_never_on_a_deadline() -> None:
+    loop = asyncio.get_running_loop()
     token = bus.CancelToken()
     calls: list[tuple[str, bool]] = []
-    scopes: list[anyio.CancelScope] = []
+    wakes: list[asyncio.Future[None]] = []
+    ended: list[str] = []
 
     def hook(cause: bus.CancelCause) -> None:
-        calls.append((cause.who, scopes[0].cancel_called))
+        calls.append((cause.who, wakes[0].done()))
         raise RuntimeError("a failing hook")  # logged; the cancel goes on
 
-    async def work() -> None:
-        with token.scope(on_cancel=hook) as scope:
-            scopes.append(scope)
-            entered.set()
-            await anyio.sleep(10)
+    async def sleeper() -> None:
+        wakes.append(loop.create_future())
+        entered.set()
+        await token.sleep(wakes[0], loop.time() + 60, hook)
+        ended.append("woken")
 
     entered = anyio.Event()
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(work)
+            tg.start_soon(sleeper)
             await entered.wait()
             child = token.child()
             token.cancel(_CAUSE)
-            assert calls == [("test", False)]  # in token.cancel itself, before its scope is cancelled
-    assert scopes[0].cancelled_caught and child.cancelled  # the failing hook stopped nothing
+            assert calls == [("test", False)]  # in token.cancel itself, before the sleeper is woken
+    assert ended == ["woken"] and child.cancelled  # the failing hook stopped nothing
+    assert token._scopes == []  # the sleeper left its token's list
 
+    # A deadline wakes it and is no cancel of the token; nor is a cancel after it ended.
     other = bus.CancelToken()
-    with other.scope(deadline=anyio.current_time() + 0.01, on_cancel=hook) as timed:
-        await anyio.sleep(10)
-    assert timed.cancelled_caught and calls == [("test", False)]  # a deadline is no cancel of the token
+    with anyio.fail_after(5):
+        await other.sleep(loop.create_future(), loop.time() + 0.01, hook)
     other.cancel(_CAUSE)
-    assert calls == [("test", False)]  # nor is a cancel after the scope ended
+    assert calls == [("test", False)] and other._scopes == []
+
+    # Whoever completes the future wakes it; a token cancelled before returns at once, no hook.
+    third, wake = bus.CancelToken(), loop.create_future()
+    loop.call_soon(wake.set_result, None)
+    with anyio.fail_after(5):
+        await third.sleep(wake, loop.time() + 60, hook)
+    third.cancel(_CAUSE)
+    with anyio.fail_after(5):
+        await third.sleep(loop.create_future(), loop.time() + 60, hook)
+    assert calls == [("test", False)]
+
+    # Cancelling the sleeping task itself (an enclosing scope) raises, and leaves the list too.
+    fourth = bus.CancelToken()
+    with anyio.move_on_after(0.01) as scope:
+        await fourth.sleep(loop.create_future(), loop.time() + 60, hook)
+    assert scope.cancelled_caught and fourth._scopes == [] and calls == [("test", False)]
 
 
 async def test_a_cancelled_call_sends_its_cancel_inside_token_cancel_once(cadenza_bus: bus.Bus) -> None:

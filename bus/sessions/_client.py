@@ -221,12 +221,31 @@ class _Live:
         return True
 
 
+class _Done:
+    """Whether a call is over, and the wake-up of its waiting task, if one waits (what an asyncio
+    event would be, without its list of waiters: one task waits for a call, through its token's
+    :meth:`~bus.CancelToken.sleep`)."""
+
+    __slots__ = ("_set", "waiter")
+
+    def __init__(self) -> None:
+        self._set = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
 @dataclass(eq=False)
 class _Call:
     session_id: str
-    #: An asyncio event, not anyio's: one is made per call, and anyio's looks up the backend each
-    #: time (cadenza runs on asyncio; anyio's scopes cancel a wait on it as on anyio's own).
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    done: _Done = field(default_factory=_Done)
     result: ActivityResult | None = None
     session_failed: SessionFailedError | None = None
     #: The task's ack subject, when the worker handed the task's ack to this caller (with its result,
@@ -551,16 +570,22 @@ class SessionClient:
         # once): a task the server did not take is known then, one message per call saved now.
         handoff = {HDR_STORE_ACK_TO: f"{self.inbox}.s.{aid}"}
         await self.bus.send_stored_to(task, "", handoff)
-        now = loop_time()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         deadline = now + timeout
         check = now + self.bus.timeouts.task_store_check
         on_cancel = functools.partial(self._cancel_at_once, call, aid)
         try:
             while True:
-                # One scope for the context's cancel, the deadline and the store check; a cancel of
-                # the context goes out to the worker as it happens, not once this task has woken.
-                with token.scope(deadline=min(check, deadline), on_cancel=on_cancel):
-                    await call.done.wait()
+                # One wait for the result, the context's cancel, the deadline and the store check
+                # (a future and a timer: no cancel scope per call); a cancel of the context goes
+                # out to the worker as it happens, not once this task has woken.
+                if not call.done.is_set():
+                    call.done.waiter = loop.create_future()
+                    try:
+                        await token.sleep(call.done.waiter, min(check, deadline), on_cancel)
+                    finally:
+                        call.done.waiter = None
                 if call.ack_to and call.result is not None and call.session_failed is None:
                     if await self._settle_task(call):
                         break
@@ -592,7 +617,7 @@ class SessionClient:
         if stored or not call.done.is_set():
             return True
         _log.info("activity call: the completion's store was not acknowledged; its worker stores it again")
-        call.result, call.stored, call.done = None, None, asyncio.Event()
+        call.result, call.stored, call.done = None, None, _Done()
         return False
 
     async def _outcome(
