@@ -55,7 +55,7 @@ from schemas import (
     utcnow,
 )
 
-from .._context import BUS_KEY, CancelToken, Context, loop_time
+from .._context import BUS_KEY, CancelToken, Context
 from .._exceptions import ActivityError, CadenzaError, SessionError, UsageError, ValidationError
 from ..tracking._api import ActivityCancelledError, completed_already
 from ..transport._bucket import Bucket, last_event
@@ -590,7 +590,7 @@ class SessionClient:
                     if await self._settle_task(call):
                         break
                     continue
-                if call.done.is_set() or token.cancelled or check >= deadline or loop_time() >= deadline:
+                if call.done.is_set() or token.cancelled or check >= deadline or loop.time() >= deadline:
                     break
                 check = deadline
                 await self.bus.publish(task, headers=handoff)
