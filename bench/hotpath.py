@@ -6,7 +6,8 @@ a change to the hot path saved a few µs, this measures one process at a time, i
 own thread CPU time (``time.thread_time``), while another process feeds it over a real nats-server:
 
 - ``worker``: a session worker (:class:`bus.Worker`, activities tracked) takes tasks from its
-  inbox as a caller sends them, runs a quick activity, stores its completion and answers;
+  inbox as a caller sends them (asking for the completion republished, as the session client does),
+  runs a quick activity, stores its completion and acks the task on the store's answer;
   ``worker-untracked`` the same with ``track_activities=False``;
 - ``recorder``: the recorder folds completions as a worker stores them;
 - ``driver``: the caller (``bus.execute_activity`` in 100 open sessions at once, as bench (c)),
@@ -35,8 +36,12 @@ __all__ = ("main",)
 _PREFIX = "hp"
 _WORKER = "w_hotpath0"
 _SESSION = "s-hotpath"
-#: The header a caller names its inbox in for the completion's store acknowledgement (docs/wire.md).
+#: The header a caller names its inbox in for the completion's store acknowledgement, and the one
+#: that asks for the stored completion republished instead of a result (docs/wire.md).
 _STORE_ACK_TO = "Cadenza-Store-Ack-To"
+_DONE = "Cadenza-Done"
+#: The start of a caller-made activity id (``<user>~<client>~``), as the session client makes them.
+_ROUTE = "hp~feeder~"
 _MODES = ("worker", "worker-untracked", "recorder", "driver")
 
 
@@ -52,7 +57,7 @@ async def _feed(url: str, mode: str, n: int) -> None:
         limit = anyio.Semaphore(200)
 
         async def one(i: int) -> None:
-            aid = f"a-{i:08d}"
+            aid = f"a-{i:08d}" if mode == "recorder" else f"{_ROUTE}a-{i:08d}"
             async with limit:
                 if mode == "recorder":
                     start = ActivityStart(started_at=utcnow(), activity_type="work", worker_id=_WORKER,
@@ -63,7 +68,7 @@ async def _feed(url: str, mode: str, n: int) -> None:
                     return
                 task = ActivityTask(activity_id=aid, name="work", tasklist="hotpath", worker_id=_WORKER,
                                     session_id=_SESSION, reply_to=f"_INBOX.hotpath.s.{aid}")  # fmt: skip
-                await b.publish(task, headers={_STORE_ACK_TO: f"_INBOX.hotpath.s.{aid}"}
+                await b.publish(task, headers={_STORE_ACK_TO: f"_INBOX.hotpath.s.{aid}", _DONE: "1"}
                                 if mode == "worker" else None)  # fmt: skip
 
         async with anyio.create_task_group() as tg:

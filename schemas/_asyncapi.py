@@ -38,6 +38,8 @@ _PARAMETERS: Final = {
     "target_id": "the activity or session to cancel (a subject token)",
     "consumer": "the durable consumer or listener that refused the input",
     "tasklist": "the tasklist (a subject token)",
+    "route": "the activity id with each '~' as a dot: <user>.<client>.<unique> for a caller's id "
+             "<user>~<client>~<unique> (docs/wire.md, section 6)",
 }
 
 #: Who sends (``send``) and who receives (``receive``) each channel, per role. Channels are named by
@@ -49,7 +51,8 @@ ROLES: Final[dict[str, dict[str, tuple[str, ...]]]] = {
                  "rpc_recorder_list", "rpc_recorder_get", "rpc_recorder_tail", "rpc_recorder_cancel",
                  "rpc_services_info", "cancel_requested", "activity_started", "activity_updated", "activity_message",
                  "activity_completed"),
-        "receive": ("session_assigned", "session_rejected", "session_completed", "session_failed"),
+        "receive": ("session_assigned", "session_rejected", "session_completed", "session_failed",
+                    "activity_done"),
     },
     "worker": {
         "send": ("worker_started", "worker_heartbeat", "worker_stopped", "activity_started", "activity_updated",
@@ -84,6 +87,10 @@ _HEADERS: Final[dict[str, Any]] = {
         "Cadenza-Store-Ack-To": {"type": "string", "maxLength": 512,
                                  "description": "on a task: the subject the worker routes its stored "
                                                 "completion's PubAck to; the caller then acks the task"},
+        "Cadenza-Done": {"type": "string", "const": "1",
+                         "description": "on a task: the caller hears the stored completion republished on "
+                                        "{prefix}.done.{route}; a success is then answered by it alone, the "
+                                        "worker acking the task"},
         "Cadenza-Task-Ack": {"type": "string", "pattern": "^\\$JS\\.ACK\\.",
                              "description": "on a result: the task's ack subject, to ack once that "
                                             "PubAck says stored (docs/wire.md)"},
@@ -174,6 +181,13 @@ def asyncapi_document() -> dict[str, Any]:
             "address": None, "description": f"the requester's reply inbox for {ep.name}",
             "messages": {_key(rep.name): {"$ref": f"#/components/messages/{_key(rep.name)}"}},
         }  # fmt: skip
+    # Not a subject of its own schema: the activity stream republishes each stored completion here.
+    channels["activity_done"] = {
+        "address": "{prefix}.done.{route}",
+        "description": "each stored activity.completed, republished by the activity stream once stored, with "
+                       "its headers, for the caller whose activity id it carries (not stored again)",
+        "messages": {"activity_completed": {"$ref": "#/components/messages/activity_completed"}},
+    }  # fmt: skip
     for ch in channels.values():
         params = _params(ch["address"])
         if params:

@@ -103,6 +103,13 @@ async def _delivered(
         ("admin", "broker", "cadenza.rpc.broker.create", False),  # the broker serves no core endpoint
         ("admin", "worker", "cadenza.rpc.recorder.list", False),
         ("admin", "worker", "cadenza.session.s1.assigned", False),  # workers learn of sessions from their inbox
+        # The stored completions republished to their callers: each caller reads its own, nobody forges one.
+        ("admin", "caller", "cadenza.done.caller.c1.a1", True),
+        ("admin", "worker", "cadenza.done.caller.c1.a1", False),
+        ("admin", "recorder", "cadenza.done.caller.c1.a1", False),
+        ("worker", "caller", "cadenza.done.caller.c1.a1", False),
+        ("recorder", "caller", "cadenza.done.caller.c1.a1", False),
+        ("broker", "caller", "cadenza.done.caller.c1.a1", False),
     ],
 )
 async def test_each_service_user_has_only_the_permissions_it_needs(

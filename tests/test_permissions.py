@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 
 import bus
 from bus import EmbeddedServer
+from bus.sessions._client import client_of
 from bus.testing import eventually, unique_prefix
 from schemas import (
     ActivityResult,
@@ -45,9 +46,11 @@ def _with_second_caller(accounts: str) -> str:
     end = accounts.index("\n      }\n", start) + len("\n      }\n")
     block = accounts[start:end]
     assert block.count("user: caller,") == 1 and block.count("_INBOX_caller.>") == 1, block
+    assert block.count('"cadenza.done.caller.>"') == 1, block
     copy = (block.replace("user: caller,", "user: caller2,")
             .replace("$CADENZA_CALLER_PASSWORD", "$CADENZA_CALLER2_PASSWORD")
-            .replace("_INBOX_caller.>", "_INBOX_caller2.>"))  # fmt: skip
+            .replace("_INBOX_caller.>", "_INBOX_caller2.>")
+            .replace('"cadenza.done.caller.>"', '"cadenza.done.caller2.>"'))  # fmt: skip
     worker_replies = '"cadenza.dlq.>", "_INBOX_caller.>",'
     assert accounts.count(worker_replies) == 1, "the worker's reply permission moved: update this test"
     out = accounts[:end] + copy + accounts[end:]
@@ -238,6 +241,10 @@ async def test_a_user_may_subscribe_to_its_own_inbox_prefix_only(
     private: EmbeddedServer, role_passwords: dict[str, str], user: str
 ) -> None:
     others = [f"_INBOX_{o}.>" for o in ROLES if o != user]
+    # The completions the activity stream republishes to callers: each caller its own, nobody else any.
+    # (The admin reads all of cadenza.>.)
+    if user != "admin":
+        others += [f"cadenza.done.{o}.>" for o in ROLES if o != user] + ["cadenza.done.>"]
     async with _raw(private, role_passwords, user) as c:
         assert c.nc is not None
         for subject in ["_INBOX.>", "_INBOX.abc.def", ">", *others]:
@@ -248,6 +255,8 @@ async def test_a_user_may_subscribe_to_its_own_inbox_prefix_only(
         own = f"_INBOX_{user}.>"
         before = len(c.errors)
         await c.nc.subscribe(own)
+        if user.startswith("caller"):
+            await c.nc.subscribe(f"cadenza.done.{user}.>")
         with anyio.fail_after(10):
             reply = await c.nc.request("$JS.API.INFO", b"", timeout=5)
         assert b"jetstream" in reply.data.lower() or b"account" in reply.data.lower()
@@ -350,7 +359,7 @@ async def test_each_role_does_its_job_and_no_caller_reads_another_callers_result
             async def listen(msg: Msg) -> None:
                 heard.append(msg.data)
 
-            for subject in ("_INBOX_caller.>", "_INBOX.>", ">"):
+            for subject in ("_INBOX_caller.>", "_INBOX.>", ">", "cadenza.done.caller.>", "cadenza.done.>"):
                 await spy.nc.subscribe(subject, cb=listen)
                 await spy.nc.flush()
                 await spy.denied("subscription", subject)
@@ -365,6 +374,8 @@ async def test_each_role_does_its_job_and_no_caller_reads_another_callers_result
                     info = bus.get_session_info(sctx)
                     assert info is not None and info.worker_id == worker.worker_id
                     assert await bus.execute_activity(sctx, "secret", start_to_close_timeout=20) == secret
+                    # Its result came as the stored completion, republished to the caller's own subject.
+                    assert (await client_of(cb)).route.startswith("caller~")
                 assert await bus.execute_activity(cb.context(), "secret", tasklist=tasklist,
                                                   start_to_close_timeout=20) == secret  # fmt: skip
             # A tracked activity of a service: it heartbeats as a worker, so it connects as one.
@@ -392,7 +403,7 @@ async def test_each_role_does_its_job_and_no_caller_reads_another_callers_result
             tg.cancel_scope.cancel()
     logged = [line for line in server_log(private)[log_from:].splitlines() if "Violation" in line]
     expected = [line for line in logged if "user:caller2" in line and "Subscription" in line]
-    assert len(expected) == 3, logged
+    assert len(expected) == 5, logged
     unexpected = [line for line in logged if line not in expected]
     assert not unexpected, "permission violations:\n" + "\n".join(unexpected)
 

@@ -16,11 +16,11 @@ import nats.js.errors
 from nats.aio.msg import Msg
 
 import bus
-from bus.sessions._client import client_of
+from bus.sessions._client import SessionClient, client_of
 from bus.testing import eventually
-from bus.transport._codec import HDR_STORE_ACK_TO, HDR_TASK_ACK, decode, encode
+from bus.transport._codec import HDR_DONE, HDR_STORE_ACK_TO, HDR_TASK_ACK, decode, encode
 from schemas import ActivityCompleted, ActivityResult, ActivityStatus, ActivityTask
-from tests._helpers import running_broker
+from tests._helpers import dead_letters, running_broker
 
 TASKLIST = "handoff"
 
@@ -293,3 +293,172 @@ async def test_a_completion_left_to_the_outbox_is_stored_once_the_stream_is_back
             return await _completions(b, "h-8") == 1
 
         await eventually(stored, timeout=30, what="the completion stored by the outbox")
+
+
+# ---------------------------------------------------------------- the completion republished to its caller
+
+
+class _DoneCaller(_Caller):
+    """A caller in plain NATS that asks for its completions republished (``Cadenza-Done``): its ids
+    start with ``<user>~<client>~`` and it listens on ``<prefix>.done.<user>.<client>.>``."""
+
+    ROUTE = "t~c1~"
+
+    def __init__(self, b: bus.Bus) -> None:
+        super().__init__(b)
+        self.done: list[Msg] = []
+
+    async def start(self) -> None:
+        await super().start()
+
+        async def on_done(msg: Msg) -> None:
+            self.done.append(msg)
+
+        await self.b.nc.subscribe(self.b.topology.done_filter(self.ROUTE), cb=on_done)
+        await self.b.nc.flush()
+
+    async def send(self, activity_id: str, store_ack_to: str | None = None) -> None:
+        task = ActivityTask(activity_id=activity_id, name="quick", args=[21], tasklist=TASKLIST,
+                            reply_to=f"{self.inbox}.r")  # fmt: skip
+        body, headers = encode(task)
+        headers[HDR_STORE_ACK_TO] = f"{self.inbox}.s"
+        headers[HDR_DONE] = "1"
+        await self.b.js.publish(self.b.subjects.build("task", TASKLIST, "queued"), body, headers=headers)
+
+    def completion(self, i: int) -> ActivityCompleted:
+        event = decode(self.done[i].data, self.done[i].headers, [ActivityCompleted])
+        assert isinstance(event, ActivityCompleted)
+        return event
+
+
+async def test_a_caller_that_asks_hears_its_stored_completion_republished_and_no_result(cadenza_bus: bus.Bus) -> None:
+    """A success: the completion, stored, comes to the caller from the stream (its result and the
+    proof it is stored in one message); the worker acks the task on the store's answer, which it
+    takes itself; no result and no store answer go to the caller."""
+    b = cadenza_bus
+    aid = f"{_DoneCaller.ROUTE}h-20"
+    async with _worker(b) as w:
+        caller = _DoneCaller(b)
+        await caller.start()
+        await caller.send(aid)
+        await eventually(lambda: caller.done, what="the stored completion republished to its caller")
+        done = caller.completion(0)
+        assert done.activity_id == aid and done.status is ActivityStatus.SUCCESS and done.result == 42
+        assert caller.done[0].subject == f"{b.topology.prefix}.done.t.c1.h-20"
+        await eventually(lambda: _acked(b), what="the task acked by its worker")
+        assert aid not in w._settle
+        await b.nc.flush()
+        assert caller.results == [] and caller.stored == []
+        assert await _completions(b, aid) == 1
+
+
+async def test_a_republished_completion_whose_store_is_refused_is_given_back_and_answered(cadenza_bus: bus.Bus) -> None:
+    """Another completion of the activity is stored first (first completion wins): no success is
+    republished, the worker gives the task back on the store's refusal, and its redelivery answers
+    the caller with a result, as when the caller judged the store (its worker's result)."""
+    b = cadenza_bus
+    aid = f"{_DoneCaller.ROUTE}h-21"
+    async with _worker(b):
+        caller = _DoneCaller(b)
+        await caller.start()
+        first = ActivityCompleted(event_id=f"{aid}.completed", activity_id=aid, rev=1, status=ActivityStatus.FAILED,
+                                  error="ended elsewhere first")  # fmt: skip
+        await b.publish(first, headers=dict(bus.FIRST_COMPLETION))
+        await eventually(lambda: caller.done, what="the first completion republished")
+        await caller.send(aid)
+        await eventually(lambda: caller.results, timeout=30, what="the result of the task given back")
+        assert caller.result(0).ok and caller.result(0).result == 42
+        await eventually(lambda: _acked(b), what="the task acked")
+        assert [caller.completion(i).status for i in range(len(caller.done))] == [ActivityStatus.FAILED]
+        assert await _completions(b, aid) == 1
+
+
+async def test_the_session_client_hears_completions_republished_where_the_stream_does_it(
+    cadenza_bus: bus.Bus, nats_server: Any
+) -> None:
+    """The client's ids carry its route when the activity stream republishes completions, and its
+    calls return from them; a client of a stream set up without the republish (an older cadenza's)
+    makes plain ids and takes replies."""
+    b = cadenza_bus
+    async with running_broker(b), _worker(b):
+        opts = bus.SessionOptions(creation_timeout=10, execution_timeout=120, heartbeat_timeout=10, tasklist=TASKLIST)
+        client = await client_of(b)
+        assert client.route.startswith("_~"), client.route  # a server without users: "_"
+        async with bus.session(b.context(), opts) as sctx:
+            assert await bus.execute_activity(sctx, "quick", 4, start_to_close_timeout=30) == 8
+        stream = b.topology.stream_name("activity")
+        cfg = (await b.js.stream_info(stream)).config
+        cfg.republish = None
+        await b.js.update_stream(cfg)
+        async with bus.connect(nats_server.url, prefix=b.topology.prefix, name="old-stream",
+                               ensure_topology=False) as old:  # fmt: skip
+            assert (await client_of(old)).route == ""
+            async with bus.session(old.context(), opts) as sctx:
+                assert await bus.execute_activity(sctx, "quick", 5, start_to_close_timeout=30) == 10
+        await b.topology.ensure(b.js)  # the republish is put back by the next set-up
+        assert (await b.js.stream_info(stream)).config.republish == b.topology.done_republish()
+
+
+@contextlib.asynccontextmanager
+async def _gated_call(b: bus.Bus, timeout: float) -> AsyncIterator[tuple[SessionClient, list[Any]]]:
+    """A session of ``b``'s with one call of ``gated`` on its way: the client, and the list its result goes to."""
+    opts = bus.SessionOptions(creation_timeout=10, execution_timeout=300, heartbeat_timeout=10, tasklist=TASKLIST)
+    client = await client_of(b)
+    got: list[Any] = []
+    async with bus.session(b.context(), opts) as sctx, anyio.create_task_group() as tg:
+
+        async def call() -> None:
+            got.append(await bus.execute_activity(sctx, "gated", start_to_close_timeout=timeout))
+
+        tg.start_soon(call)
+        await eventually(lambda: client.calls, what="the call sent")
+        yield client, got
+
+
+async def test_a_call_whose_answer_was_lost_with_its_connection_reads_the_stored_outcome_after_the_reconnect(
+    cadenza_bus: bus.Bus, nats_server: Any, monkeypatch: Any
+) -> None:
+    """The republished completion does not reach the caller (dropped here, as a connection lost at
+    that moment drops it); once the caller's connection has reconnected, the call reads the stored
+    completion and returns, long before its deadline."""
+    b, gate = cadenza_bus, anyio.Event()
+    lost: list[Any] = []
+    monkeypatch.setattr(SessionClient, "_on_done_msg", lambda self, msg: lost.append(msg))
+    async with (
+        running_broker(b), _worker(b, gate),
+        bus.connect(nats_server.url, prefix=b.topology.prefix, name="lossy-caller") as cb,
+    ):  # fmt: skip
+        async with _gated_call(cb, 240) as (client, got):
+            assert client.route
+            gate.set()
+            await eventually(lambda: lost, timeout=30, what="the stored completion republished (and lost)")
+            before = cb.nc.stats["reconnects"]
+            await cb.nc.force_reconnect()
+            await eventually(lambda: cb.nc.stats["reconnects"] > before and cb.nc.is_connected, timeout=30,
+                             what="the caller reconnected")  # fmt: skip
+            await eventually(lambda: got == ["done"], timeout=30, what="the result read from the stream")
+
+
+async def test_a_republished_message_that_is_no_completion_is_dead_lettered_and_the_call_goes_on(
+    cadenza_bus: bus.Bus,
+) -> None:
+    """Bad input on a caller's ``done`` subject (here published by hand; deploy's permissions let
+    only the server publish there): a dead letter with the reason, and the call returns its result."""
+    b, gate = cadenza_bus, anyio.Event()
+    async with running_broker(b), _worker(b, gate):
+        async with _gated_call(b, 60) as (client, got):
+            aid = next(iter(client.calls))
+            subject = f"{b.topology.prefix}.done.{aid.replace('~', '.')}"
+            await b.nc.publish(subject, b'{"type": "activity.completed", "activity_id": 7}')
+            await b.nc.publish(subject, b"not json")
+
+            async def dead() -> bool:
+                return len(await dead_letters(b, "session-client")) >= 2
+
+            await eventually(dead, timeout=20, what="both dead-lettered")
+            assert got == [] and aid in client.calls
+            gate.set()
+            await eventually(lambda: got == ["done"], timeout=30, what="the result")
+        letters = await dead_letters(b, "session-client")
+        assert {d.error_type for d in letters} <= {"bad_json", "bad_shape"}, letters
+        assert all(d.subject == subject for d in letters)

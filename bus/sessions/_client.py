@@ -26,9 +26,10 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import anyio
+import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from schemas import (
@@ -36,6 +37,7 @@ from schemas import (
     DEFAULT_TASKLIST,
     ActivityCompleted,
     ActivityResult,
+    ActivityStatus,
     ActivityTask,
     CancelCause,
     CancelKind,
@@ -60,7 +62,7 @@ from .._exceptions import ActivityError, CadenzaError, SessionError, UsageError,
 from ..tracking._api import ActivityCancelledError, completed_already
 from ..transport._bucket import Bucket, last_event
 from ..transport._bus import Bus
-from ..transport._codec import HDR_STORE_ACK_TO, HDR_TASK_ACK, decode
+from ..transport._codec import HDR_DONE, HDR_STORE_ACK_TO, HDR_TASK_ACK, decode
 from ..transport._direct import in_background
 from ..transport._publish import answer_error
 from ..transport._streams import Received
@@ -83,6 +85,9 @@ __all__ = (
 )
 
 _log = logging.getLogger("cadenza.session")
+#: Seconds between a long call's looks at whether its connection was lost meanwhile (then the stored
+#: outcome is read: the answer may have been lost with the connection).
+_LOST_LOOK = 2.0
 
 _TOKEN = r"^[A-Za-z0-9_\-:=+@~]{1,200}$"
 
@@ -259,6 +264,18 @@ class _Call:
     cancel_sent: asyncio.Future[Any] | None = None
 
 
+class _DoneView(BaseModel):
+    """The fields of a republished ``activity.completed`` a call needs (the rest is not read)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["activity.completed"] = "activity.completed"
+    schema_version: int = Field(default=1, ge=1)
+    activity_id: str
+    status: str
+    result: Any = None
+
+
 @dataclass(eq=False)
 class _Route:
     """Where one activity call goes, and the token that cancels it."""
@@ -284,6 +301,9 @@ class SessionClient:
         self._creating: dict[str, tuple[anyio.Event, list[SessionAssigned | SessionRejected]]] = {}
         self.sessions: OrderedDict[str, _Live] = OrderedDict()
         self.calls: dict[str, _Call] = {}
+        #: ``<user>~<client>~``: the start of the ids of this client's activities whose stored
+        #: completions the activity stream republishes to it ('' while it does not listen for them).
+        self.route = ""
 
     async def start(self) -> None:
         """Subscribe to the session announcements and to this process's reply inbox.
@@ -300,7 +320,42 @@ class SessionClient:
         # this caller: one subscription, taken as the connection reads them, in arrival order (no
         # task in between); what must wait (a dead letter, a task given back) gets a task of its own.
         await subscribe_now(self.bus, f"{inbox}.>", self._on_inbox_msg)
+        route = await self._done_route()
+        if route:
+            await subscribe_now(self.bus, self.bus.topology.done_filter(route), self._on_done_msg)
         await flush(self.bus)
+        if route:
+            refused = self.bus.nc.last_error
+            if refused is not None and self.bus.topology.done_filter(route) in str(refused):
+                _log.warning("session client: not allowed to subscribe to %s (%s); activity results come as "
+                             "replies instead (deploy/README.md, 'Private replies')",
+                             self.bus.topology.done_filter(route), refused)  # fmt: skip
+            else:
+                self.route = route
+
+    async def _done_route(self) -> str:
+        """``<user>~<client>~`` if the activity stream republishes completions to callers and this
+        client's inboxes name a user (``_INBOX_<user>``, or ``_INBOX`` on a server without users: ``_``),
+        else '' (its results come as replies, as from a stream set up by an older cadenza)."""
+        prefix, _, client = self.inbox.rpartition(".")
+        if prefix == "_INBOX":
+            user = "_"
+        elif prefix.startswith("_INBOX_") and "." not in prefix:
+            user = prefix[len("_INBOX_"):]
+        else:
+            return ""
+        if len(user) + len(client) + 2 + 36 > 200:  # the ids would not be subject tokens
+            return ""
+        try:
+            info = await self.bus.js.stream_info(self.bus.topology.stream_name("activity"))
+        except Exception as exc:  # any failure: no republish to rely on
+            _log.info("session client: cannot read the activity stream's settings (%s); results come as replies", exc)
+            return ""
+        want = self.bus.topology.done_republish()
+        have = info.config.republish
+        if have is None or have.src != want.src or have.dest != want.dest or have.headers_only:
+            return ""
+        return f"{user}~{client}~"
 
     def _on_inbox_msg(self, msg: Received) -> None:
         rest = msg.subject[len(self.inbox) + 1 :]
@@ -308,6 +363,35 @@ class SessionClient:
             self._on_stored(rest[2:], msg)
         elif "." not in rest:  # <inbox>.<activity id>: a result
             self._on_result_msg(msg)
+
+    def _on_done_msg(self, msg: Received) -> None:
+        """A stored completion of one of this client's activities, republished by the stream: the
+        result of a call that succeeded, and the proof that it is stored. (Any other outcome comes
+        as a reply with its error; a completion stored by someone else first is then answered too.)"""
+        aid = self.route + msg.subject.rpartition(".")[2]
+        call = self.calls.get(aid)
+        if call is None or call.result is not None or call.done.is_set():
+            return
+        try:
+            # What the call needs, read in one pass (2 µs where the whole event's decode takes 9);
+            # anything this does not take is decoded in full, for the dead letter's reason.
+            view = _DoneView.model_validate_json(msg.data)
+        except pydantic.ValidationError:
+            view = None
+        if view is None or view.schema_version > ActivityCompleted.SCHEMA_VERSION or view.activity_id != aid:
+            try:
+                event = decode(msg.data, msg.headers, (ActivityCompleted,))
+            except ValidationError as exc:
+                in_background(self._dead_letter(msg, exc))
+                return
+            if not isinstance(event, ActivityCompleted) or event.activity_id != aid:
+                return
+            view = _DoneView(activity_id=aid, status=event.status.value, result=event.result)
+        if view.status != ActivityStatus.SUCCESS.value:
+            return
+        call.result = ActivityResult(activity_id=aid, ok=True, result=view.result)
+        call.stored = True
+        call.done.set()
 
     async def _on_session_msg(self, msg: Received) -> None:
         event = await self._decode(msg, _SESSION_EVENTS)
@@ -516,7 +600,8 @@ class SessionClient:
         """Send the task where ``ctx`` says, wait for its result, and return it or raise what it means."""
         live = self.live(ctx)
         route = self._route(ctx, live, tasklist)
-        aid = activity_id or new_event_id()  # a UUID4 string, without the UUID object
+        # A UUID4 string (without the UUID object), after the route its stored completion comes back by.
+        aid = activity_id or self.route + new_event_id()
         task = ActivityTask(
             activity_id=aid, name=name, args=list(args), kwargs=kwargs, tasklist=route.tasklist,
             worker_id=route.worker_id, session_id=route.session_id, reply_to=f"{self.inbox}.{aid}",
@@ -562,38 +647,54 @@ class SessionClient:
 
     async def _send_and_wait(self, task: ActivityTask, call: _Call, token: CancelToken, timeout: float) -> None:
         """Publish ``task`` and wait until its call is done, ``token`` is cancelled or ``timeout``
-        passed; then one look at the stored outcome, in case the reply was lost on a reconnect."""
+        passed; the stored outcome is read after a reconnect meanwhile, and once more at the end, in
+        case the answer was lost with the connection."""
         aid = task.activity_id
         # Sent without asking for the server's acknowledgement: the worker's answer can only come
         # once the task is stored, so it says stored. With no answer within ``task_store_check`` the
         # task is published again, awaited (PublishError if that fails; its Nats-Msg-Id stores it
         # once): a task the server did not take is known then, one message per call saved now.
         handoff = {HDR_STORE_ACK_TO: f"{self.inbox}.s.{aid}"}
+        if self.route and aid.startswith(self.route):
+            handoff[HDR_DONE] = "1"
         await self.bus.send_stored_to(task, "", handoff)
         loop = asyncio.get_running_loop()
         now = loop.time()
         deadline = now + timeout
         check = now + self.bus.timeouts.task_store_check
         on_cancel = functools.partial(self._cancel_at_once, call, aid)
+        published, reconnects = False, self.bus.nc.stats["reconnects"]
         try:
             while True:
                 # One wait for the result, the context's cancel, the deadline and the store check
                 # (a future and a timer: no cancel scope per call); a cancel of the context goes
                 # out to the worker as it happens, not once this task has woken.
+                wake = min(check, deadline)
                 if not call.done.is_set():
                     call.done.waiter = loop.create_future()
                     try:
-                        await token.sleep(call.done.waiter, min(check, deadline), on_cancel)
+                        await token.sleep(call.done.waiter, wake, on_cancel)
                     finally:
                         call.done.waiter = None
                 if call.ack_to and call.result is not None and call.session_failed is None:
                     if await self._settle_task(call):
                         break
                     continue
-                if call.done.is_set() or token.cancelled or check >= deadline or loop.time() >= deadline:
+                if call.done.is_set() or token.cancelled or wake >= deadline or loop.time() >= deadline:
                     break
-                check = deadline
-                await self.bus.publish(task, headers=handoff)
+                if not published:
+                    published = True
+                    await self.bus.publish(task, headers=handoff)
+                elif self.bus.nc.stats["reconnects"] != reconnects:
+                    # The connection was lost meanwhile, and the answer (a result, a republished
+                    # completion) may have been lost with it: the stream has the outcome if it is stored.
+                    reconnects = self.bus.nc.stats["reconnects"]
+                    stored = await self._stored_result(aid)
+                    if stored is not None:
+                        call.result = stored
+                        call.done.set()
+                        break
+                check = loop.time() + _LOST_LOOK
         except anyio.get_cancelled_exc_class():
             # The caller's own task was cancelled (not the context): the work is not wanted any more.
             if not call.done.is_set():

@@ -61,9 +61,11 @@ from ..tracking._service import BusActivityService
 from ..tracking._writer import flush_writer
 from ..transport._bucket import Bucket
 from ..transport._bus import Bus, Delivery
-from ..transport._codec import HDR_STORE_ACK_TO, HDR_TASK_ACK, encode
+from ..transport._codec import HDR_DONE, HDR_STORE_ACK_TO, HDR_TASK_ACK, encode
 from ..transport._errors import engine_errors
-from ..transport._streams import delete_consumer
+from ..transport._publish import answer_error, settle_now
+from ..transport._streams import Received, delete_consumer
+from ..transport._subscriptions import new_inbox, subscribe_now
 from ..transport._topology import ConsumerSpec
 from ._activity import _current, _Running
 from ._client import SessionInfo, stored_result
@@ -202,6 +204,10 @@ class Worker:
         self._running = 0
         #: Completions handed off to their callers, by activity id (see :meth:`_answer_again`).
         self._handed: OrderedDict[str, tuple[ActivityCompleted, Any, TaskError | None]] = OrderedDict()
+        #: Where the server acknowledges the stores of completions whose callers hear them
+        #: republished (``Cadenza-Done``), and the tasks to ack on each, by activity id.
+        self._stored_inbox = ""
+        self._settle: OrderedDict[str, str] = OrderedDict()
         self._root = CancelToken()
         self.router = CancelRouter(bus)
         self.service = BusActivityService(bus, self.worker_id, heartbeat=False, router=self.router)
@@ -252,6 +258,8 @@ class Worker:
                 self.bus.serve, self.bus.rpc_subject(self.worker_id, "ping"), WorkerPing, self._pong,
                 name=f"ping-{self.worker_id}"))  # fmt: skip
             await stack.enter_async_context(self.service)
+            self._stored_inbox = new_inbox(self.bus)
+            await subscribe_now(self.bus, f"{self._stored_inbox}.>", self._on_completion_stored)
             subjects = self.bus.subjects
             shared = ConsumerSpec(
                 durable=f"tasks-{self.tasklist}", filter_subject=subjects.build("task", self.tasklist, "queued"),
@@ -538,16 +546,44 @@ class Worker:
         # A cancelled activity's caller has most often stopped waiting (its own cancel, its deadline):
         # its completion is stored here before the answer, so no task waits for an ack that would not
         # come (until the ack wait's redelivery).
-        store_ack_to = "" if error is not None and error.cause is not None else _store_ack_to(task, delivery)
+        # A caller that hears its stored completions republished (Cadenza-Done) is sent no result when
+        # the activity succeeds: the server acknowledges the store to this worker, which acks the
+        # task on it (or gives it back, to be stored and answered again, see _answer_again).
+        aid = task.activity_id
+        done = (error is None and HDR_DONE in delivery.headers and bool(delivery.ack_subject)
+                and bool(self._stored_inbox))  # fmt: skip
+        if done:
+            store_ack_to = f"{self._stored_inbox}.{aid}"
+            self._settle[aid] = delivery.ack_subject  # before the send: the answer may come at once
+            while len(self._settle) > _HANDED_KEPT:  # never answered: the task's ack wait redelivers it
+                self._settle.popitem(last=False)
+        else:
+            store_ack_to = "" if error is not None and error.cause is not None else _store_ack_to(task, delivery)
         completion = await self._complete(task, result, error, store_ack_to)
         if completion is None:
+            if done:
+                self._settle.pop(aid, None)
             await self._reply(task, result=result, error=error)
             return
-        self._handed[task.activity_id] = (completion, result, error)
+        self._handed[aid] = (completion, result, error)
         while len(self._handed) > _HANDED_KEPT:
             self._handed.popitem(last=False)
         delivery.handed_off = True
-        await self._reply(task, result=result, error=error, ack=delivery.ack_subject)
+        if not done:
+            await self._reply(task, result=result, error=error, ack=delivery.ack_subject)
+
+    def _on_completion_stored(self, msg: Received) -> None:
+        """The server's answer to the store of a completion its caller hears republished: the task
+        acked if stored, else given back at once (its redelivery stores the completion with retries
+        and answers the caller, :meth:`_answer_again`)."""
+        ack = self._settle.pop(msg.subject[len(self._stored_inbox) + 1 :], None)
+        if ack is None:
+            return
+        problem = answer_error(msg.headers, msg.data)
+        if problem is not None:
+            _log.info("worker %s: a completion was not stored (%s); its task is redelivered to store it again",
+                      self.worker_id, problem)  # fmt: skip
+        settle_now(self.bus, ack, problem is None)
 
     async def _answer_again(self, task: ActivityTask) -> None:
         """A redelivery of a task whose activity ended here: its caller gave it back (the store of

@@ -21,6 +21,7 @@ from .._exceptions import ValidationError
 
 __all__ = (
     "CONTENT_TYPE",
+    "HDR_DONE",
     "HDR_EVENT_TYPE",
     "HDR_SCHEMA_VERSION",
     "HDR_STORE_ACK_TO",
@@ -41,6 +42,11 @@ HDR_STORE_ACK_TO: Final = "Cadenza-Store-Ack-To"
 #: On a result: the task's ack subject (``$JS.ACK.…``), which the caller acks once the completion's
 #: store is acknowledged. A result without it means the completion is stored (or not tracked).
 HDR_TASK_ACK: Final = "Cadenza-Task-Ack"
+#: On a task: the caller hears the activity's stored completion where the activity stream republishes
+#: it (``<prefix>.done.…``, from the id's ``~``-separated route): a worker whose activity succeeds
+#: stores the completion with the acknowledgement routed to itself, acks the task on it and sends
+#: no result (docs/wire.md). Any other outcome is answered as without it.
+HDR_DONE: Final = "Cadenza-Done"
 #: The ``error_type`` of a dead letter for input that did not decode (what :func:`decode` raises).
 INPUT_ERRORS: Final = frozenset({"oversize", "bad_json", "bad_shape", "unknown_type", "bad_version",
                                  "unknown_version", "version_mismatch", "type_mismatch", "id_mismatch"})  # fmt: skip

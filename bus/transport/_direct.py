@@ -225,6 +225,15 @@ async def send(
     Raises:
         nats.errors.Error: what ``nc.publish`` raises.
     """
+    if not send_now(nc, subject, body, reply, headers):
+        await nc.publish(subject, body, reply=reply, headers=headers)
+
+
+def send_now(
+    nc: NatsClient, subject: str, body: bytes, reply: str = "", headers: dict[str, str] | None = None
+) -> bool:
+    """:func:`send` without waiting: the message buffered as nats-py would buffer it (True), or
+    nothing done where nats-py would do otherwise (False: :func:`send` is the one to call then)."""
     flusher = nc._flusher_task
     queue = nc._flush_queue
     if (
@@ -243,8 +252,12 @@ async def send(
         stats["out_bytes"] += len(body)
         if queue.empty():
             queue.put_nowait(asyncio.get_running_loop().create_future())
-        return
-    await nc.publish(subject, body, reply=reply, headers=headers)
+        return True
+    return False
+
+
+#: What ``bytes.strip()`` strips (``str.strip()`` strips more: ``\x1c``-``\x1f`` too).
+_ASCII_SPACE: Final = " \t\n\r\x0b\x0c"
 
 
 def parse_header_lines(raw: bytes) -> dict[str, str]:
@@ -252,6 +265,17 @@ def parse_header_lines(raw: bytes) -> dict[str, str]:
     the same dict, a name with whitespace in it left out with one ``split`` instead of a generator
     step per character (tests/test_bus_fastpath.py checks the two agree)."""
     out: dict[str, str] = {}
+    if raw.isascii():
+        # Decoded once, not per name and value (a republished completion has seven headers).
+        for text in raw.decode("ascii").split("\r\n"):
+            head, colon, tail = text.partition(":")
+            if not colon:
+                continue
+            head = head.strip(_ASCII_SPACE)
+            if head and head.split() != [head]:
+                continue
+            out[head] = tail.strip(_ASCII_SPACE)
+        return out
     for line in raw.split(b"\r\n"):
         if not line:
             continue

@@ -25,7 +25,7 @@ from schemas import Event
 
 from .._exceptions import PublishError, ValidationError
 from ._codec import HDR_MSG_ID, encode
-from ._direct import send, start_now, write_now
+from ._direct import in_background, send, send_now, start_now, write_now
 from ._retry import backoff_delay, is_transient
 from ._tracing import NO_SPAN, SYSTEM, inject_headers, instruments, traced_send, tracer
 
@@ -318,6 +318,13 @@ async def settle_handed(bus: Bus, ack_subject: str, stored: bool) -> None:
     give it back for redelivery; best effort (an ack lost is a redelivery after the ack wait)."""
     with contextlib.suppress(nats.errors.Error):
         await send(bus.nc, ack_subject, b"+ACK" if stored else b"-NAK")
+
+
+def settle_now(bus: Bus, ack_subject: str, stored: bool) -> None:
+    """:func:`settle_handed` from a callback that cannot wait: buffered at once where it can be,
+    else sent from a task of its own."""
+    if not send_now(bus.nc, ack_subject, b"+ACK" if stored else b"-NAK"):
+        in_background(settle_handed(bus, ack_subject, stored))
 
 
 async def publish_raw(bus: Bus, subject: str, body: bytes, headers: dict[str, str], timeout: float) -> PublishResult:

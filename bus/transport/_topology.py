@@ -28,6 +28,7 @@ from nats.js.api import (
     DeliverPolicy,
     DiscardPolicy,
     KeyValueConfig,
+    RePublish,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -259,7 +260,21 @@ class Topology:
             max_msg_size=spec.max_msg_size,
             duplicate_window=spec.duplicate_window,
             num_replicas=self.replicas or 1,
+            republish=self.done_republish() if spec.domain == "activity" else None,
         )
+
+    def done_republish(self) -> RePublish:
+        """The activity stream's republish of each stored completion to its caller (docs/DESIGN.md, "The
+        completion republished to its caller"): ``<prefix>.activity.<id>.completed`` goes on to
+        ``<prefix>.done.<id with ~ as dots>`` once stored, so the completion of a caller-made id
+        ``<user>~<client>~<uuid>`` reaches ``<prefix>.done.<user>.<client>.<uuid>``, which only that
+        user may read; an id without ``~`` goes to ``<prefix>.done.<id>``, where nobody listens."""
+        return RePublish(src=f"{self.prefix}.activity.*.completed", dest=f"{self.prefix}.done.{{{{split(1,~)}}}}")
+
+    def done_filter(self, route: str) -> str:
+        """The subject a caller whose activity ids start with ``route`` (``<user>~<client>~``) hears
+        their stored completions on."""
+        return f"{self.prefix}.done.{route.rstrip('~').replace('~', '.')}.>"
 
     def table(self) -> list[tuple[str, str, str, str]]:
         """(subject filter, stream, limits, what) rows for docs and ``cadenza subjects``."""
@@ -274,6 +289,8 @@ class Topology:
                          spec.description))  # fmt: skip
         rows.append((self.subjects.domain_wildcard("rpc"), "(core request/reply)", "not stored",
                      "service endpoints"))  # fmt: skip
+        rows.append((f"{self.prefix}.done.>", f"(republished by {self.stream_name('activity')})", "not stored",
+                     "each stored completion, for the caller whose id it carries"))  # fmt: skip
         rows += [
             (f"$KV.{self.bucket_name(b.key)}.>", f"KV_{self.bucket_name(b.key)}",
              f"history {b.history}, {format_size(self.max_bytes(b.max_bytes))}", b.description)
@@ -383,7 +400,7 @@ def format_size(n: float) -> str:
 def _same_limits(have: StreamConfig, want: StreamConfig, *, replicas: bool, size: bool) -> bool:
     """Does ``have`` match ``want``? Replicas and max_bytes count only when they were set explicitly."""
     fields = ["subjects", "max_age", "max_msgs_per_subject", "max_msg_size", "duplicate_window", "description",
-              "discard"]  # fmt: skip
+              "discard", "republish"]  # fmt: skip
     fields += ["num_replicas"] if replicas else []
     fields += ["max_bytes"] if size else []
     return all(getattr(have, f) == getattr(want, f) for f in fields)
