@@ -57,6 +57,7 @@ from schemas import (
     utcnow,
 )
 
+from .._config import DEFAULT_INBOX_PREFIX
 from .._context import BUS_KEY, CancelToken, Context
 from .._exceptions import ActivityError, CadenzaError, SessionError, UsageError, ValidationError
 from ..tracking._api import ActivityCancelledError, completed_already
@@ -321,15 +322,15 @@ class SessionClient:
         # task in between); what must wait (a dead letter, a task given back) gets a task of its own.
         await subscribe_now(self.bus, f"{inbox}.>", self._on_inbox_msg)
         route = await self._done_route()
-        if route:
-            await subscribe_now(self.bus, self.bus.topology.done_filter(route), self._on_done_msg)
+        done = self.bus.topology.done_filter(route) if route else ""
+        if done:
+            await subscribe_now(self.bus, done, self._on_done_msg)
         await flush(self.bus)
-        if route:
+        if done:
             refused = self.bus.nc.last_error
-            if refused is not None and self.bus.topology.done_filter(route) in str(refused):
+            if refused is not None and done in str(refused):
                 _log.warning("session client: not allowed to subscribe to %s (%s); activity results come as "
-                             "replies instead (deploy/README.md, 'Private replies')",
-                             self.bus.topology.done_filter(route), refused)  # fmt: skip
+                             "replies instead (deploy/README.md, 'Private replies')", done, refused)  # fmt: skip
             else:
                 self.route = route
 
@@ -338,10 +339,10 @@ class SessionClient:
         client's inboxes name a user (``_INBOX_<user>``, or ``_INBOX`` on a server without users: ``_``),
         else '' (its results come as replies, as from a stream set up by an older cadenza)."""
         prefix, _, client = self.inbox.rpartition(".")
-        if prefix == "_INBOX":
+        if prefix == DEFAULT_INBOX_PREFIX:
             user = "_"
-        elif prefix.startswith("_INBOX_") and "." not in prefix:
-            user = prefix[len("_INBOX_"):]
+        elif prefix.startswith(f"{DEFAULT_INBOX_PREFIX}_") and "." not in prefix:
+            user = prefix[len(DEFAULT_INBOX_PREFIX) + 1 :]
         else:
             return ""
         if len(user) + len(client) + 2 + 36 > 200:  # the ids would not be subject tokens
@@ -351,9 +352,7 @@ class SessionClient:
         except Exception as exc:  # any failure: no republish to rely on
             _log.info("session client: cannot read the activity stream's settings (%s); results come as replies", exc)
             return ""
-        want = self.bus.topology.done_republish()
-        have = info.config.republish
-        if have is None or have.src != want.src or have.dest != want.dest or have.headers_only:
+        if info.config.republish != self.bus.topology.done_republish():
             return ""
         return f"{user}~{client}~"
 

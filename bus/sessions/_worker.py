@@ -550,8 +550,7 @@ class Worker:
         # the activity succeeds: the server acknowledges the store to this worker, which acks the
         # task on it (or gives it back, to be stored and answered again, see _answer_again).
         aid = task.activity_id
-        done = (error is None and HDR_DONE in delivery.headers and bool(delivery.ack_subject)
-                and bool(self._stored_inbox))  # fmt: skip
+        done = error is None and HDR_DONE in delivery.headers and bool(delivery.ack_subject)
         if done:
             store_ack_to = f"{self._stored_inbox}.{aid}"
             self._settle[aid] = delivery.ack_subject  # before the send: the answer may come at once
