@@ -225,6 +225,9 @@ class ActivityCompleted(_ActivityEvent):
     DOMAIN = "activity"
     EVENT = "completed"
     SCHEMA_VERSION = 2
+    #: Stored without ``Nats-Msg-Id``: a publish of it again (a retry whose first try was stored)
+    #: is refused as a second completion (10071), which every sender takes as "stored first".
+    DEDUPE = False
 
     schema_version: int = Field(default=2, ge=1, strict=True)
     start: ActivityStart | None = Field(

@@ -77,6 +77,10 @@ class Event(BaseModel):
     #: task, result and ``activity.*`` events): nats-py parses every header of a message it receives
     #: character by character (a sixth of a worker's Python calls per task, half the recorder's).
     TYPE_HEADERS: ClassVar[bool] = True
+    #: False: cadenza stores it without ``Nats-Msg-Id`` (the stream's duplicate check costs its
+    #: server about 3.5 µs a message, measured): for an event whose store refuses a second copy by
+    #: itself (an activity's completion: the first one wins, docs/wire.md).
+    DEDUPE: ClassVar[bool] = True
 
     event_id: str = Field(default_factory=new_event_id, min_length=1, max_length=128)
     type: str = Field(default="", description="'<domain>.<event>', fixed per event class")

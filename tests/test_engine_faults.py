@@ -34,6 +34,7 @@ from tests._helpers import (
     dead_letters,
     process_opts,
     records_of,
+    running_broker,
     running_recorder,
     session_of,
     started,
@@ -411,6 +412,67 @@ async def test_an_activity_longer_than_the_store_check_is_published_again_and_ru
 
             await eventually(none_left, timeout=30, what="no task of the tasklist left in the stream")
             assert runs == 1
+
+
+@pytest.mark.parametrize("tracked", [True, False])
+async def test_a_session_activity_longer_than_the_store_check_is_stored_twice_and_runs_once(
+    cadenza_bus: bus.Bus, nats_server: Any, tracked: bool
+) -> None:
+    # A session's task is sent without Nats-Msg-Id: still running at task_store_check, it is
+    # published again and stored as a second copy, which its worker takes without running it.
+    prefix = cadenza_bus.topology.prefix
+    quick = bus.Timeouts(task_store_check=0.2)
+    runs, release, copies = 0, anyio.Event(), [0]
+    async with bus.connect(nats_server.url, prefix=prefix, timeouts=quick) as b, running_broker(cadenza_bus):
+        w = bus.Worker(cadenza_bus, tasklist="longer-s", track_activities=tracked, heartbeat_interval=0.5)
+
+        @w.activity()
+        async def slow(x: int) -> int:
+            nonlocal runs
+            runs += 1
+            await release.wait()
+            return x
+
+        async with w:
+            inbox = f"{prefix}.task.{w.worker_id}.inbox"
+
+            async def on_task(msg: Any) -> None:
+                if b'"name":"slow"' in msg.data:
+                    copies[0] += 1
+
+            watch = await cadenza_bus.nc.subscribe(inbox, cb=on_task)
+            await cadenza_bus.nc.flush()
+            opts = bus.SessionOptions(creation_timeout=10, execution_timeout=120, heartbeat_timeout=10,
+                                      tasklist="longer-s")  # fmt: skip
+            sctx = await bus.create_session(b.context(), opts)
+            handled = cadenza_bus.stats.handled
+            try:
+                with anyio.fail_after(60):
+                    async with anyio.create_task_group() as tg:
+                        got: list[int] = []
+
+                        async def call() -> None:
+                            got.append(await bus.execute_activity(sctx, "slow", 3, start_to_close_timeout=50))
+
+                        tg.start_soon(call)
+                        await eventually(lambda: copies[0] == 2, timeout=30, what="the task published again")
+                        # The second copy is stored and taken (nothing deduped it), the activity not run again.
+                        await eventually(lambda: cadenza_bus.stats.handled > handled, timeout=30,
+                                         what="the second copy taken")  # fmt: skip
+                        assert runs == 1
+                        release.set()
+            finally:
+                await watch.unsubscribe()
+            assert got == [3] and runs == 1
+            stream = cadenza_bus.topology.stream_name("task")
+
+            async def none_left() -> bool:
+                info = await b.js.stream_info(stream, subjects_filter=inbox)
+                return not info.state.subjects
+
+            await eventually(none_left, timeout=30, what="no task of the session left in the stream")
+            assert runs == 1
+            await bus.complete_session(sctx)
 
 
 # ---------------------------------------------------------------- nothing a worker or the broker skips is silent

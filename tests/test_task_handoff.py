@@ -13,11 +13,13 @@ from typing import Any
 
 import anyio
 import nats.js.errors
+import pytest
 from nats.aio.msg import Msg
 
 import bus
 from bus.sessions._client import SessionClient, client_of
 from bus.testing import eventually
+from bus.tracking._api import store_first_completion
 from bus.transport._codec import HDR_DONE, HDR_STORE_ACK_TO, HDR_TASK_ACK, decode, encode
 from schemas import ActivityCompleted, ActivityResult, ActivityStatus, ActivityTask
 from tests._helpers import dead_letters, running_broker
@@ -176,14 +178,14 @@ async def test_a_task_given_back_is_stored_by_its_worker_and_answered_again(cade
         assert len(caller.stored) == 1 and "h-2" not in w._handed
 
         await eventually(lambda: _acked(b), what="the task acked by the worker")
-        assert await _completions(b, "h-2") == 1  # the same Nats-Msg-Id: stored once
+        assert await _completions(b, "h-2") == 1  # the first completion stays: stored once
 
 
 async def test_a_caller_that_never_acks_gets_the_task_stored_and_acked_by_the_worker_after_the_ack_wait(
     cadenza_bus: bus.Bus,
 ) -> None:
     """What a caller killed between the result and its ack leaves: the task comes back to the worker
-    after the ack wait, which stores the completion (the same Nats-Msg-Id: once) and acks it."""
+    after the ack wait, which stores the completion (the first one stays: once) and acks it."""
     b = cadenza_bus
     async with _worker(b, task_ack_wait=2.0) as w:
         caller = await _Caller.answered(b, "h-7")
@@ -462,3 +464,56 @@ async def test_a_republished_message_that_is_no_completion_is_dead_lettered_and_
         letters = await dead_letters(b, "session-client")
         assert {d.error_type for d in letters} <= {"bad_json", "bad_shape"}, letters
         assert all(d.subject == subject for d in letters)
+
+
+@pytest.mark.parametrize("tracked", [True, False])
+async def test_a_sessions_task_stored_twice_runs_once(cadenza_bus: bus.Bus, tracked: bool) -> None:
+    """A session's task is sent without ``Nats-Msg-Id`` (the stream's duplicate check is server CPU
+    per task); a copy its caller sends again (no answer within ``task_store_check``) is stored as a
+    second message, which the worker takes without running the activity again, tracked or not."""
+    b, runs = cadenza_bus, [0]
+    async with running_broker(b), _worker(b, track_activities=tracked) as w:
+
+        @w.activity()
+        async def counted() -> int:
+            runs[0] += 1
+            return runs[0]
+
+        opts = bus.SessionOptions(creation_timeout=10, execution_timeout=120, heartbeat_timeout=10, tasklist=TASKLIST)
+        sctx = await bus.create_session(b.context(), opts)
+        info = sctx.session
+        assert isinstance(info, bus.SessionInfo)
+        replies: list[Msg] = []
+        inbox = b.nc.new_inbox()
+
+        async def on_reply(msg: Msg) -> None:
+            replies.append(msg)
+
+        await b.nc.subscribe(inbox, cb=on_reply)
+        task = ActivityTask(activity_id=f"twice-{tracked}", name="counted", tasklist=TASKLIST, worker_id=info.worker_id,
+                            session_id=info.session_id, reply_to=inbox)  # fmt: skip
+        handled = w.bus.stats.handled
+        for _ in range(2):
+            await b.send_stored_to(task, "", None, dedupe=False)
+        # Both copies stored and taken (the server deduped neither), the activity run once.
+        await eventually(lambda: w.bus.stats.handled >= handled + 2, timeout=30, what="both copies taken")
+        await eventually(lambda: replies, timeout=30, what="the answer")
+        await b.nc.flush(timeout=10)
+        assert runs == [1]
+        assert len(replies) == 1 and json.loads(replies[0].data)["result"] == 1
+        await bus.complete_session(sctx)
+
+
+async def test_a_completion_is_stored_without_a_dedupe_id_and_stored_once(cadenza_bus: bus.Bus) -> None:
+    """A completion carries no ``Nats-Msg-Id`` (the first one wins in the stream anyway): the same
+    completion published again (a retry whose first try was stored) is refused as a second one,
+    which its sender takes as stored first."""
+    b = cadenza_bus
+    event = ActivityCompleted(event_id="once-1.completed", activity_id="once-1", rev=1, status=ActivityStatus.SUCCESS,
+                              result=1)  # fmt: skip
+    assert await store_first_completion(b, event) is True
+    assert await store_first_completion(b, event) is False
+    assert await _completions(b, "once-1") == 1
+    stored = await b.js.get_last_msg(b.topology.stream_name("activity"), b.subjects.build("activity", "once-1",
+                                                                                          "completed"))  # fmt: skip
+    assert "Nats-Msg-Id" not in (stored.headers or {}), stored.headers

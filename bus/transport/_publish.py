@@ -282,12 +282,16 @@ def _retrieved(done: asyncio.Future[Any]) -> None:
         done.exception()
 
 
-async def send_stored_to(bus: Bus, event: Event, reply: str, headers: Mapping[str, str] | None = None) -> None:
+async def send_stored_to(
+    bus: Bus, event: Event, reply: str, headers: Mapping[str, str] | None = None, *, dedupe: bool = True
+) -> None:
     """Store ``event`` with the server's acknowledgement routed to ``reply`` (another process's
     inbox, which judges it), without waiting: one publish, no answer here. With ``reply`` empty no
     acknowledgement is asked for at all: whoever sends so learns otherwise that it was stored (the
     session client's task: a worker answers it only once it is stored) and :func:`publish`-es the
-    same event when in doubt (its ``Nats-Msg-Id`` stores it once).
+    same event when in doubt (its ``Nats-Msg-Id`` stores it once). ``dedupe=False``: without
+    ``Nats-Msg-Id`` (a second copy is stored as one more message: for a receiver that tells copies
+    apart itself, a session's worker).
 
     Raises:
         ValidationError: the event is too large or its subject id is not a valid token.
@@ -295,6 +299,8 @@ async def send_stored_to(bus: Bus, event: Event, reply: str, headers: Mapping[st
     """
     bus._check_open()
     event, subject, body, hdrs = _outgoing(bus, event, None, headers)
+    if not dedupe:
+        hdrs.pop(HDR_MSG_ID, None)
     traced = traced_send()
     span = tracer.start_as_current_span(
         f"send {subject}", kind=SpanKind.PRODUCER,
@@ -367,7 +373,7 @@ async def publish_core(
     bus._check_open()
     subject = subject or subject_of(bus, event)
     body, hdrs = encode(event)
-    del hdrs[HDR_MSG_ID]
+    hdrs.pop(HDR_MSG_ID, None)
     if headers:
         hdrs.update(headers)
     if not traced_send():
