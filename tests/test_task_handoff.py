@@ -498,10 +498,16 @@ async def test_a_sessions_task_stored_twice_runs_once(cadenza_bus: bus.Bus, trac
         # Both copies stored and taken (the server deduped neither), the activity run once.
         await eventually(lambda: w.bus.stats.handled >= handled + 2, timeout=30, what="both copies taken")
         await eventually(lambda: replies, timeout=30, what="the answer")
+        # A third copy after the session ended is not answered from the session's state either
+        # ("completed before the activity started" would beat a long activity's own answer).
+        await bus.complete_session(sctx)
+        await eventually(lambda: info.session_id in w._ended, timeout=30, what="the worker heard of the end")
+        await b.send_stored_to(task, "", None, dedupe=False)
+        await eventually(lambda: w.bus.stats.handled >= handled + 3, timeout=30, what="the third copy taken")
+        await w.bus.nc.flush(timeout=10)  # whatever it answered is routed before its PONG
         await b.nc.flush(timeout=10)
         assert runs == [1]
-        assert len(replies) == 1 and json.loads(replies[0].data)["result"] == 1
-        await bus.complete_session(sctx)
+        assert len(replies) == 1 and json.loads(replies[0].data)["result"] == 1, [m.data for m in replies]
 
 
 async def test_a_completion_is_stored_without_a_dedupe_id_and_stored_once(cadenza_bus: bus.Bus) -> None:

@@ -83,8 +83,8 @@ _COMPLETION_TIMEOUT = 0.75
 #: that this worker keeps for a redelivery of their task: the caller gave it back (the store failed)
 #: or died before its ack.
 _HANDED_KEPT = 4096
-#: Untracked session activities whose ids this worker keeps, to run a second copy of a task not again.
-_RAN_KEPT = 100_000
+#: Session tasks whose ids this worker keeps, to take a second copy of one without running it again.
+_ARRIVED_KEPT = 100_000
 #: Seconds a full worker keeps trying to read the record of a session it holds, when the broker gives
 #: it one more (a node restart's elections took up to about 15 s on a loaded machine).
 _RECONCILE_READ_BUDGET = 25.0
@@ -210,8 +210,9 @@ class Worker:
         #: republished (``Cadenza-Done``), and the tasks to ack on each, by activity id.
         self._stored_inbox = ""
         self._settle: OrderedDict[str, str] = OrderedDict()
-        #: The session activities run here untracked, by id (tracked ones are known to the service).
-        self._ran: OrderedDict[str, None] = OrderedDict()
+        #: The ids of the session tasks that came here (first deliveries), to take a second copy of one
+        #: without running or answering it.
+        self._arrived: OrderedDict[str, None] = OrderedDict()
         self._root = CancelToken()
         self.router = CancelRouter(bus)
         self.service = BusActivityService(bus, self.worker_id, heartbeat=False, router=self.router)
@@ -456,6 +457,16 @@ class Worker:
         if delivery.deliveries > 1 and (aid in self._handed or self.service.ended(aid) is not None):
             await self._answer_again(task)
             return
+        if task.session_id and delivery.deliveries == 1:
+            # A session's task is sent without Nats-Msg-Id: a copy its caller sent again (no answer
+            # within task_store_check) is stored twice. The first copy answers, or answered: the
+            # second neither runs nor answers (an answer from the session's state by then, "not
+            # open" after it ended, could reach the caller before the activity's own).
+            if aid in self._arrived:
+                return
+            self._arrived[aid] = None
+            while len(self._arrived) > _ARRIVED_KEPT:
+                self._arrived.popitem(last=False)
         if task.deadline is not None and task.deadline <= utcnow():
             await self._refuse(task, delivery, TaskError(type="ActivityTimeoutError", non_retryable=True,
                                                          message="the task arrived after its deadline"))  # fmt: skip
@@ -512,14 +523,6 @@ class Worker:
             work = await svc.track(ctx, aid, check_now=False, check_stored=ask_stream)
             await self._body(task, fn, work, delivery)
             return
-        if task.session_id and delivery.deliveries == 1:
-            # A session's task is sent without Nats-Msg-Id: a copy sent again (its caller heard
-            # nothing within task_store_check) is stored twice, and runs once (as tracked ones do).
-            if aid in self._ran:
-                return
-            self._ran[aid] = None
-            while len(self._ran) > _RAN_KEPT:
-                self._ran.popitem(last=False)
         work = ctx.child(activity_id=aid)
         with svc.router.register(aid, work.token):
             if ask_stream:
