@@ -651,8 +651,9 @@ class SessionClient:
         aid = task.activity_id
         # Sent without asking for the server's acknowledgement: the worker's answer can only come
         # once the task is stored, so it says stored. With no answer within ``task_store_check`` the
-        # task is published again, awaited (PublishError if that fails; its Nats-Msg-Id stores it
-        # once): a task the server did not take is known then, one message per call saved now.
+        # task is published again, awaited (PublishError if that fails; a shared queue's task is
+        # stored once by its Nats-Msg-Id, a second copy of a session's is taken by its worker without
+        # a second run): a task the server did not take is known then, one message per call saved now.
         handoff = {HDR_STORE_ACK_TO: f"{self.inbox}.s.{aid}"}
         if self.route and aid.startswith(self.route):
             handoff[HDR_DONE] = "1"

@@ -407,16 +407,21 @@ class BusActivityService:
     def _started_event(self, track: _Track, req: StartRequest) -> ActivityStarted:
         return announcement(req.id, self._start_fields(track, req), req.status)
 
+    def _plain_start(self, track: _Track, req: StartRequest) -> dict[str, Any] | None:
+        """The fields of :meth:`_start_fields` for a request that sets nothing but the plain ones (a
+        session worker's every activity), only those that differ from the defaults (pydantic
+        validates what it is given: the same event in 2.2 µs instead of 3.2); None for another."""
+        if not req.model_fields_set <= _PLAIN_START:
+            return None
+        return {"started_at": track.started_at, "activity_type": req.type,
+                "worker_id": req.worker_id or self.worker_id, "session_id": req.session_id}  # fmt: skip
+
     def _start_fields(self, track: _Track, req: StartRequest) -> ActivityStart:
         """The announcement a completion carries for an activity that was never announced (what its
         start record says, from the request it was started with)."""
-        if req.model_fields_set <= _PLAIN_START:
-            # Only what differs from the defaults is passed (the same event, in 2.2 µs instead of 3.2:
-            # pydantic validates what it is given, not the defaults): a session worker's every activity.
-            return ActivityStart(
-                started_at=track.started_at, activity_type=req.type, worker_id=req.worker_id or self.worker_id,
-                session_id=req.session_id,
-            )  # fmt: skip
+        plain = self._plain_start(track, req)
+        if plain is not None:
+            return ActivityStart(**plain)
         return ActivityStart(
             started_at=track.started_at, environment_id=req.environment_id, activity_type=req.type,
             resource_type=req.resource_type, resource_id=req.resource_id, resource_name=req.resource_name,
@@ -599,13 +604,8 @@ class BusActivityService:
         if track.deferred is not None and not track.pending:
             req = track.deferred
             track.deferred = None
-            if req.model_fields_set <= _PLAIN_START:
-                fields["start"] = {
-                    "started_at": track.started_at, "activity_type": req.type,
-                    "worker_id": req.worker_id or self.worker_id, "session_id": req.session_id,
-                }  # fmt: skip
-            else:
-                fields["start"] = self._start_fields(track, req)
+            plain = self._plain_start(track, req)
+            fields["start"] = plain if plain is not None else self._start_fields(track, req)
         else:
             self._undefer(track)
         if final is not None:
